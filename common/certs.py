@@ -1,0 +1,1031 @@
+"""Certificate tooling for a cipherhive federation.
+
+Every participant (aggregation server, training nodes, operators) talks gRPC
+over mutual TLS. Certificates carry the participant's role and name, so the
+server can authorise a call from the TLS handshake alone, and a signed CRL
+lets an operator cut a participant off without restarting anything. Only the
+``cryptography`` library is used, so no ``openssl`` binary (and none of its
+version quirks) is needed.
+
+CA directory layout::
+
+    ca.key       EC P-256 private key of the CA (mode 0600)
+    ca.crt       self-signed CA certificate
+    issued.json  index of issued certificates (source of truth for the CRL)
+    crl.pem      signed X.509 CRL, rewritten on CA creation and every revoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "CRL",
+    "INDEX",
+    "ROLES",
+    "CertificateError",
+    "Identity",
+    "IssuedCert",
+    "IssuedRecord",
+    "RevocationList",
+    "check_key_permissions",
+    "create_ca",
+    "issue",
+    "list_issued",
+    "peer_identity",
+    "register",
+    "revoke",
+    "validate_name",
+    "validate_role",
+]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("server", "node", "admin")
+
+CA_KEY = "ca.key"
+CA_CERT = "ca.crt"
+INDEX = "issued.json"
+CRL = "crl.pem"
+
+URI_SCHEME = "cipherhive"
+DEFAULT_SERVER_HOSTS = ("localhost", "127.0.0.1")
+CRL_VALIDITY = timedelta(days=30)
+# Back-date notBefore a little so peers with a slightly slow clock accept new certs.
+_CLOCK_SKEW = timedelta(minutes=5)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_RE = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
+_HEX_RE = re.compile(r"[0-9a-fA-F]{1,64}")
+
+
+class CertificateError(ValueError):
+    """A certificate or CRL is unusable for cipherhive (bad role, name or signature)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCert:
+    """Result of issuing (or revoking) a certificate: where its files live."""
+
+    serial: int
+    role: str
+    name: str
+    cert_path: Path
+    key_path: Path
+    not_after: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedRecord:
+    """One row of ``issued.json``, as operators see it in ``certs list``."""
+
+    serial: int
+    role: str
+    name: str
+    not_after: datetime
+    revoked_at: datetime | None
+
+    def status(self, now: datetime | None = None) -> str:
+        """Return "revoked", "expired" or "valid" so callers need not repeat the rules."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.not_after <= (now or _now()):
+            return "expired"
+        return "valid"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is on the other end of a mutual-TLS connection."""
+
+    name: str
+    role: str
+    serial: int
+    fingerprint: str
+
+
+# --------------------------------------------------------------------------
+# validation helpers
+
+
+def validate_name(name: str) -> str:
+    """Reject names that could not be used safely as CN, URI part and file name."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid name {name!r}: use 1-64 characters from A-Z, a-z, 0-9, '.', '_' and '-'")
+    return name
+
+
+def validate_role(role: str) -> str:
+    """Reject roles the server would not know how to authorise."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+    return role
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"invalid validity {days!r}: days must be a whole number >= 1")
+
+
+def _role_uri(role: str, name: str) -> str:
+    return f"{URI_SCHEME}://{role}/{name}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.astimezone(UTC).isoformat()
+
+
+def _parse_dt(text: str) -> datetime:
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _parse_serial(text: str) -> int | None:
+    """Accept serials as printed by ``certs list`` and by openssl (0x prefix, colons)."""
+    cleaned = text.strip().replace(":", "")
+    if cleaned[:2].lower() == "0x":
+        cleaned = cleaned[2:]
+    if not _HEX_RE.fullmatch(cleaned):
+        return None
+    return int(cleaned, 16)
+
+
+def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """Turn host strings into SAN entries; IPs must be IPAddress for TLS to match them."""
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for raw in hosts:
+        host = raw.strip() if isinstance(raw, str) else ""
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            host = host.rstrip(".").lower()
+            if len(host) > 253 or not _DNS_RE.fullmatch(host):
+                raise ValueError(
+                    f"invalid host {raw!r}: use a DNS name such as 'agg.example.org' "
+                    "or an IP address such as '10.0.0.5'"
+                ) from None
+            if host not in seen:
+                seen.add(host)
+                names.append(x509.DNSName(host))
+            continue
+        key = str(ip)
+        if key not in seen:
+            seen.add(key)
+            names.append(x509.IPAddress(ip))
+    return names
+
+
+def check_key_permissions(path: Path) -> None:
+    """Refuse private keys others can read: a leaked key defeats mutual TLS."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"private key {path} is accessible by group/others (mode {mode:04o}); "
+            f"restrict it with 'chmod 600 {path}'"
+        )
+
+
+# --------------------------------------------------------------------------
+# file helpers
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename; best effort because some filesystems refuse directory fsync."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _stage(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a synced temp file next to ``path``; the caller renames it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically so readers (e.g. RevocationList) never see half a file."""
+    tmp = _stage(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` exclusively so two concurrent ``init`` runs cannot both win."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@contextlib.contextmanager
+def _ca_lock(ca_dir: Path) -> Iterator[None]:
+    """Serialise index/CRL updates between concurrent CLI runs (flock on ca.key)."""
+    fd = os.open(ca_dir / CA_KEY, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# CA state
+
+
+@dataclass
+class _Entry:
+    serial: int
+    role: str
+    name: str
+    not_after: datetime
+    revoked_at: datetime | None
+    cert_path: str | None = None
+    key_path: str | None = None
+
+    def is_valid(self, now: datetime) -> bool:
+        return self.revoked_at is None and self.not_after > now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": f"{self.serial:x}",
+            "role": self.role,
+            "name": self.name,
+            "not_after": _iso(self.not_after),
+            "revoked_at": _iso(self.revoked_at),
+            "cert_path": self.cert_path,
+            "key_path": self.key_path,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> _Entry:
+        if not isinstance(raw, dict):
+            raise ValueError("entry is not an object")
+        revoked = raw.get("revoked_at")
+        cert_path = raw.get("cert_path")
+        key_path = raw.get("key_path")
+        return cls(
+            serial=int(str(raw["serial"]), 16),
+            role=str(raw["role"]),
+            name=str(raw["name"]),
+            not_after=_parse_dt(str(raw["not_after"])),
+            revoked_at=None if revoked is None else _parse_dt(str(revoked)),
+            cert_path=None if cert_path is None else str(cert_path),
+            key_path=None if key_path is None else str(key_path),
+        )
+
+    def record(self) -> IssuedRecord:
+        return IssuedRecord(self.serial, self.role, self.name, self.not_after, self.revoked_at)
+
+    def issued(self) -> IssuedCert:
+        return IssuedCert(
+            serial=self.serial,
+            role=self.role,
+            name=self.name,
+            cert_path=Path(self.cert_path or ""),
+            key_path=Path(self.key_path or ""),
+            not_after=self.not_after,
+        )
+
+
+def _read_index(ca_dir: Path) -> list[_Entry]:
+    """Load issued.json; a missing index is an error because the CRL is rebuilt from it."""
+    path = ca_dir / INDEX
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if not (ca_dir / CA_CERT).exists():
+            raise FileNotFoundError(
+                f"no CA in {ca_dir}; create one with 'cipherhive certs init --ca {ca_dir}'"
+            ) from None
+        raise FileNotFoundError(
+            f"{path} is missing; restore it from a backup (regenerating it would un-revoke "
+            "every revoked certificate)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt ({exc}); restore it from a backup") from exc
+    try:
+        if not isinstance(raw, list):
+            raise ValueError("top level is not a list")
+        return [_Entry.from_json(item) for item in raw]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is corrupt ({exc!r}); restore it from a backup") from exc
+
+
+def _write_index(ca_dir: Path, entries: Sequence[_Entry]) -> None:
+    data = json.dumps([e.to_json() for e in entries], indent=2) + "\n"
+    _atomic_write(ca_dir / INDEX, data.encode("utf-8"), 0o644)
+
+
+def _load_ca(ca_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """Load and sanity-check the CA key pair before signing anything with it."""
+    key_path, cert_path = ca_dir / CA_KEY, ca_dir / CA_CERT
+    if not key_path.is_file() or not cert_path.is_file():
+        raise FileNotFoundError(
+            f"no CA in {ca_dir} (expected {CA_KEY} and {CA_CERT}); "
+            f"create one with 'cipherhive certs init --ca {ca_dir}'"
+        )
+    check_key_permissions(key_path)
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cannot load the CA from {ca_dir}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path} is not an EC private key; was this CA made by cipherhive?")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ValueError(f"{key_path} does not belong to {cert_path}; restore the matching pair")
+    return key, cert
+
+
+def _authority_key_id(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _next_crl_number(crl_path: Path) -> int:
+    """CRL numbers must grow; derive from the current CRL, else from the clock."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+        current = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except FileNotFoundError:
+        return 1
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return int(time.time())
+    return current + 1
+
+
+def _write_crl(
+    ca_dir: Path,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    entries: Sequence[_Entry],
+) -> None:
+    """Rebuild crl.pem from the index so the CRL can never drift from issued.json."""
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(_next_crl_number(ca_dir / CRL)), critical=False)
+        .add_extension(_authority_key_id(ca_key, ca_cert), critical=False)
+    )
+    for entry in entries:
+        if entry.revoked_at is not None:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry.serial)
+                .revocation_date(entry.revoked_at)
+                .build()
+            )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _atomic_write(ca_dir / CRL, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+# --------------------------------------------------------------------------
+# public CA operations
+
+
+def create_ca(ca_dir: Path, name: str = "cipherhive-ca", days: int = 3650) -> Path:
+    """Create a new federation CA in ``ca_dir`` and return the path of ``ca.crt``."""
+    validate_name(name)
+    _check_days(days)
+    ca_dir = Path(ca_dir)
+    for fname in (CA_KEY, CA_CERT, INDEX):
+        if (ca_dir / fname).exists():
+            raise FileExistsError(
+                f"a CA already exists in {ca_dir} (found {fname}); keep using it, or pick "
+                "another directory (delete this one only if you mean to discard the CA and "
+                "every certificate it issued)"
+            )
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    try:
+        _write_new(ca_dir / CA_KEY, _key_pem(key), 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"a CA already exists in {ca_dir} (found {CA_KEY}); keep using it or pick another directory"
+        ) from None
+    _atomic_write(ca_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_index(ca_dir, [])
+    _write_crl(ca_dir, key, cert, [])
+    log.info("created CA %r in %s", name, ca_dir)
+    return ca_dir / CA_CERT
+
+
+def issue(
+    ca_dir: Path,
+    role: str,
+    name: str,
+    out_dir: Path,
+    hosts: Sequence[str] = (),
+    days: int = 825,
+    *,
+    replace: bool = False,
+) -> IssuedCert:
+    """Issue a key pair + certificate for ``role``/``name`` into ``out_dir``.
+
+    Refuses a second valid certificate for the same role and name (two live
+    certificates for one identity make revocation error-prone) unless
+    ``replace=True``, which revokes the old one in the same step.
+    """
+    validate_role(role)
+    validate_name(name)
+    _check_days(days)
+    if name == "ca":
+        raise ValueError("the name 'ca' is reserved (out_dir/ca.crt holds the CA certificate); pick another")
+    if isinstance(hosts, str):
+        hosts = (hosts,)
+    if role == "server":
+        san: list[x509.GeneralName] = _host_names(hosts or DEFAULT_SERVER_HOSTS)
+    elif hosts:
+        raise ValueError(f"hosts only apply to server certificates, not to role {role!r}")
+    else:
+        san = []
+    san.append(x509.UniformResourceIdentifier(_role_uri(role, name)))
+
+    ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    ca_key, ca_cert = _load_ca(ca_dir)
+    ca_pem = (ca_dir / CA_CERT).read_bytes()
+    key_path = out_dir / f"{name}.key"
+    cert_path = out_dir / f"{name}.crt"
+    ca_copy = out_dir / CA_CERT
+
+    with _ca_lock(ca_dir):
+        entries = _read_index(ca_dir)
+        now = _now()
+        ca_not_after = ca_cert.not_valid_after_utc
+        if ca_not_after <= now:
+            raise ValueError(f"the CA in {ca_dir} expired on {ca_not_after:%Y-%m-%d}; create a new CA")
+        current = [e for e in entries if e.role == role and e.name == name and e.is_valid(now)]
+        if current and not replace:
+            serials = ", ".join(f"{e.serial:x}" for e in current)
+            raise FileExistsError(
+                f"a valid {role} certificate for {name!r} already exists (serial {serials}); "
+                "pass --replace (replace=True) to revoke it and issue a new one"
+            )
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        # A leaf outliving its CA would fail chain validation anyway; cap it.
+        not_after = min(now + timedelta(days=days), ca_not_after)
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                        x509.NameAttribute(NameOID.COMMON_NAME, name),
+                    ]
+                )
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(_authority_key_id(ca_key, ca_cert), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        entry = _Entry(
+            serial=cert.serial_number,
+            role=role,
+            name=name,
+            not_after=cert.not_valid_after_utc,
+            revoked_at=None,
+            cert_path=str(cert_path.absolute()),
+            key_path=str(key_path.absolute()),
+        )
+
+        # Stage the files first, record the certificate, then rename into place:
+        # a certificate never reaches disk without being in the index (revocable).
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staged: list[tuple[Path, Path]] = []
+        try:
+            staged.append((_stage(key_path, _key_pem(key), 0o600), key_path))
+            cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+            staged.append((_stage(cert_path, cert_pem, 0o644), cert_path))
+            if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
+                staged.append((_stage(ca_copy, ca_pem, 0o644), ca_copy))
+            for old in current:
+                old.revoked_at = now
+            entries.append(entry)
+            _write_index(ca_dir, entries)
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        _fsync_dir(out_dir)
+        if current:
+            _write_crl(ca_dir, ca_key, ca_cert, entries)
+            log.info("revoked %d previous %s certificate(s) for %r", len(current), role, name)
+    return entry.issued()
+
+
+def _revoke(
+    ca_dir: Path, text: str, role: str | None, mode: Literal["auto", "serial", "name"]
+) -> list[IssuedCert]:
+    if role is not None:
+        validate_role(role)
+    ca_dir = Path(ca_dir)
+    ca_key, ca_cert = _load_ca(ca_dir)
+    hint = f"see 'cipherhive certs list --ca {ca_dir}'"
+    with _ca_lock(ca_dir):
+        entries = _read_index(ca_dir)
+        now = _now()
+        targets: list[_Entry] = []
+        serial = _parse_serial(text) if mode != "name" and role is None else None
+        if mode == "serial" and serial is None:
+            raise ValueError(f"invalid serial {text!r}: give it in hex as shown by 'certs list'")
+        by_serial = [e for e in entries if e.serial == serial] if serial is not None else []
+        if by_serial:
+            entry = by_serial[0]
+            if entry.revoked_at is not None:
+                raise LookupError(
+                    f"certificate {entry.serial:x} ({entry.role} {entry.name!r}) was already "
+                    f"revoked at {_iso(entry.revoked_at)}; nothing to do"
+                )
+            targets = [entry]
+        elif mode == "serial":
+            raise LookupError(f"no certificate with serial {text!r} in {ca_dir}; {hint}")
+        else:
+            named = [e for e in entries if e.name == text and (role is None or e.role == role)]
+            targets = [e for e in named if e.is_valid(now)]
+            what = f"{role} certificate" if role else "certificate"
+            if named and not targets:
+                raise LookupError(f"every {what} named {text!r} is already revoked or expired; {hint}")
+            if not targets:
+                label = "name" if mode == "name" else "serial or name"
+                raise LookupError(f"no {what} with {label} {text!r} in {ca_dir}; {hint}")
+        for entry in targets:
+            entry.revoked_at = now
+        _write_index(ca_dir, entries)
+        _write_crl(ca_dir, ca_key, ca_cert, entries)
+    for entry in targets:
+        log.info("revoked %s %r (serial %x)", entry.role, entry.name, entry.serial)
+    return [e.issued() for e in targets]
+
+
+def revoke(ca_dir: Path, serial_or_name: str, role: str | None = None) -> list[IssuedCert]:
+    """Revoke by hex serial, or every valid certificate with that name (optionally of a role).
+
+    With ``role`` given the argument is always treated as a name.
+    """
+    return _revoke(Path(ca_dir), serial_or_name, role, "auto")
+
+
+def list_issued(ca_dir: Path) -> list[IssuedRecord]:
+    """Return every certificate the CA has issued, in issue order."""
+    return [e.record() for e in _read_index(Path(ca_dir))]
+
+
+# --------------------------------------------------------------------------
+# peer side
+
+
+def _single_attr(cert: x509.Certificate, oid: x509.ObjectIdentifier, label: str) -> str:
+    attrs = cert.subject.get_attributes_for_oid(oid)
+    if len(attrs) != 1 or not isinstance(attrs[0].value, str):
+        raise CertificateError(
+            f"peer certificate must carry exactly one {label}; "
+            f"found {len(attrs)} (subject {cert.subject.rfc4514_string()!r})"
+        )
+    return attrs[0].value
+
+
+@functools.lru_cache(maxsize=1024)
+def peer_identity(pem: bytes) -> Identity:
+    """Extract role/name from a peer certificate (cached: gRPC repeats the PEM per call).
+
+    The TLS layer has already verified the chain; this only maps the verified
+    certificate to an identity and rejects ones not made for cipherhive.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise CertificateError(f"peer certificate is not a valid PEM certificate: {exc}") from exc
+    role = _single_attr(cert, NameOID.ORGANIZATIONAL_UNIT_NAME, "role (OU)")
+    if role not in ROLES:
+        raise CertificateError(
+            f"peer certificate has unknown role {role!r} (OU); expected one of {', '.join(ROLES)}"
+        )
+    name = _single_attr(cert, NameOID.COMMON_NAME, "name (CN)")
+    if not _NAME_RE.fullmatch(name):
+        raise CertificateError(f"peer certificate has an invalid name {name!r} (CN)")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [
+            u
+            for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith(f"{URI_SCHEME}://")
+        ]
+    except x509.ExtensionNotFound:
+        uris = []
+    if uris and uris != [_role_uri(role, name)]:
+        raise CertificateError(
+            f"peer certificate SAN URI {uris} disagrees with OU/CN {_role_uri(role, name)!r}"
+        )
+    return Identity(
+        name=name,
+        role=role,
+        serial=cert.serial_number,
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+_IssuerKey = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
+
+
+class RevocationList:
+    """Live view of crl.pem for a running server.
+
+    The file is re-read when its identity (mtime, size, inode) changes, checked at
+    most every ``check_interval`` seconds, so ``cipherhive certs revoke`` takes
+    effect without a restart. Every CRL is verified against ``ca_cert``.
+    """
+
+    def __init__(self, crl_path: Path, ca_cert: Path, *, check_interval: float = 1.0) -> None:
+        self._path = Path(crl_path)
+        try:
+            ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+        except ValueError as exc:
+            raise CertificateError(f"cannot parse CA certificate {ca_cert}: {exc}") from exc
+        public_key = ca.public_key()
+        if not isinstance(public_key, _IssuerKey):
+            raise CertificateError(f"CA certificate {ca_cert} has an unsupported key type")
+        self._ca_subject = ca.subject
+        self._ca_key = public_key
+        self._interval = max(0.0, check_interval)
+        self._lock = threading.Lock()
+        self._revoked: frozenset[int] = frozenset()
+        self._stamp: tuple[int, int, int] | None = None
+        self._loaded = False
+        self._warned_missing = False
+        self._next_check = time.monotonic() + self._interval
+        with self._lock:
+            self._refresh_locked(initial=True)
+
+    @property
+    def path(self) -> Path:
+        """The CRL file being watched."""
+        return self._path
+
+    def is_revoked(self, serial: int) -> bool:
+        """True if ``serial`` is on the current CRL (reloading it if the file changed)."""
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self._interval
+                self._refresh_locked(initial=False)
+            return serial in self._revoked
+
+    def refresh(self) -> None:
+        """Check the file now, ignoring the rate limit (e.g. right after a revoke)."""
+        with self._lock:
+            self._next_check = time.monotonic() + self._interval
+            self._refresh_locked(initial=False)
+
+    def revoked_serials(self) -> frozenset[int]:
+        """Snapshot of the revoked serials as last loaded."""
+        with self._lock:
+            return self._revoked
+
+    def _refresh_locked(self, *, initial: bool) -> None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            if not self._warned_missing:
+                self._warned_missing = True
+                if self._loaded:
+                    log.warning(
+                        "CRL %s disappeared; keeping the %d revocations loaded before",
+                        self._path,
+                        len(self._revoked),
+                    )
+                else:
+                    log.warning("CRL %s not found; treating no certificate as revoked", self._path)
+            self._stamp = None
+            return
+        except OSError as exc:
+            if initial:
+                raise
+            log.warning("cannot stat CRL %s (%s); keeping the previous list", self._path, exc)
+            return
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return
+        self._warned_missing = False
+        try:
+            revoked = self._load()
+        except (CertificateError, OSError) as exc:
+            if initial:
+                raise
+            # Remember the stamp so one bad file is reported once, not every second.
+            self._stamp = stamp
+            log.warning("ignoring unusable CRL %s (%s); keeping the previous list", self._path, exc)
+            return
+        self._revoked = revoked
+        self._stamp = stamp
+        self._loaded = True
+
+    def _load(self) -> frozenset[int]:
+        data = self._path.read_bytes()
+        try:
+            crl = x509.load_pem_x509_crl(data)
+        except ValueError as exc:
+            raise CertificateError(f"CRL {self._path} is not a valid PEM CRL: {exc}") from exc
+        if crl.issuer != self._ca_subject or not crl.is_signature_valid(self._ca_key):
+            raise CertificateError(
+                f"CRL {self._path} is not signed by the configured CA; "
+                "copy crl.pem from the CA that issued the federation certificates"
+            )
+        next_update = crl.next_update_utc
+        if next_update is not None and next_update < _now():
+            log.warning(
+                "CRL %s is stale (next update was %s); regenerate it on the CA",
+                self._path,
+                next_update.isoformat(),
+            )
+        return frozenset(r.serial_number for r in crl)
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+_ERROR_PREFIX = "cipherhive certs: error:"
+_Command = Callable[[argparse.Namespace], int]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename} (check the path and its permissions)"
+    if isinstance(exc, LookupError) and len(exc.args) == 1:
+        return str(exc.args[0])  # KeyError would otherwise add quotes
+    return str(exc) or type(exc).__name__
+
+
+def _cli(fn: _Command) -> _Command:
+    """Turn expected failures into one stderr line and exit code 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, LookupError, OSError) as exc:
+            print(f"{_ERROR_PREFIX} {_describe(exc)}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _fmt_time(dt: datetime | None) -> str:
+    return "-" if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@_cli
+def _cmd_init(args: argparse.Namespace) -> int:
+    ca_dir: Path = args.ca
+    cert = create_ca(ca_dir, name=args.name, days=args.days)
+    print(f"created CA {args.name!r} in {ca_dir}")
+    print(f"  certificate: {cert} (distribute to every server and node)")
+    print(f"  private key: {ca_dir / CA_KEY} (keep secret, ideally offline)")
+    print(f"  CRL:         {ca_dir / CRL}")
+    return 0
+
+
+@_cli
+def _cmd_issue(args: argparse.Namespace) -> int:
+    hosts: list[str] = args.host or []
+    before = (
+        {
+            r.serial
+            for r in list_issued(args.ca)
+            if r.role == args.role and r.name == args.name and r.status() == "valid"
+        }
+        if args.replace
+        else set()
+    )
+    cert = issue(args.ca, args.role, args.name, args.out, hosts=hosts, days=args.days, replace=args.replace)
+    print(
+        f"issued {cert.role} certificate {cert.name!r} (serial {cert.serial:x}), "
+        f"valid until {_fmt_time(cert.not_after)}"
+    )
+    print(f"  key:            {cert.key_path}")
+    print(f"  certificate:    {cert.cert_path}")
+    print(f"  CA certificate: {Path(args.out) / CA_CERT}")
+    for serial in sorted(before):
+        print(f"revoked previous certificate {serial:x}; CRL updated: {Path(args.ca) / CRL}")
+    return 0
+
+
+@_cli
+def _cmd_list(args: argparse.Namespace) -> int:
+    records = list_issued(args.ca)
+    now = _now()
+    if args.json:
+        rows = [
+            {
+                "serial": f"{r.serial:x}",
+                "role": r.role,
+                "name": r.name,
+                "not_after": _iso(r.not_after),
+                "revoked_at": _iso(r.revoked_at),
+                "status": r.status(now),
+            }
+            for r in records
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not records:
+        print(f"no certificates issued by the CA in {args.ca} yet")
+        return 0
+    table = [("SERIAL", "ROLE", "NAME", "NOT AFTER", "STATUS")] + [
+        (f"{r.serial:x}", r.role, r.name, _fmt_time(r.not_after), r.status(now)) for r in records
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+@_cli
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    if args.serial is not None:
+        if args.role is not None:
+            raise ValueError("--role only applies with --name; a serial is already unique")
+        revoked = _revoke(args.ca, args.serial, None, "serial")
+    else:
+        revoked = _revoke(args.ca, args.name, args.role, "name")
+    for cert in revoked:
+        print(f"revoked {cert.role} certificate {cert.name!r} (serial {cert.serial:x})")
+    print(f"CRL updated: {Path(args.ca) / CRL} (servers reload it within seconds)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``certs`` command (init/issue/list/revoke) to the cipherhive CLI."""
+    certs = subparsers.add_parser(
+        "certs",
+        help="manage the federation CA and mutual-TLS certificates",
+        description="Create a CA, issue role certificates, list and revoke them.",
+    )
+    sub = certs.add_subparsers(dest="certs_command", metavar="COMMAND", required=True)
+    ca_help = "CA directory (holds ca.key, ca.crt, issued.json, crl.pem)"
+
+    p = sub.add_parser("init", help="create a new CA", description="Create a new CA.")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help=ca_help)
+    p.add_argument("--name", default="cipherhive-ca", help="CA common name")
+    p.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("issue", help="issue a certificate", description="Issue a certificate.")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help=ca_help)
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--name", required=True, help="participant name, 1-64 of [A-Za-z0-9._-]")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="H",
+        help="DNS name or IP for server certificates (repeatable; default localhost, 127.0.0.1)",
+    )
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument("--replace", action="store_true", help="revoke an existing valid certificate first")
+    p.set_defaults(func=_cmd_issue)
+
+    p = sub.add_parser("list", help="list issued certificates", description="List certificates.")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help=ca_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("revoke", help="revoke certificates", description="Revoke certificates.")
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help=ca_help)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", metavar="HEX", help="serial number as shown by 'certs list'")
+    which.add_argument("--name", help="revoke every valid certificate with this name")
+    p.add_argument("--role", choices=ROLES, help="with --name: only this role")
+    p.set_defaults(func=_cmd_revoke)

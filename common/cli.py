@@ -1,0 +1,108 @@
+"""The `cipherhive` command: one entry point, one sub-command per job.
+
+Heavy imports (torch, the daemons) happen inside each sub-command so that
+`cipherhive --help` and `cipherhive keygen` start fast. Every error a user
+can fix is printed as one line, ``cipherhive <command>: error: …``, with
+exit code 2; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cipherhive import __version__, certs
+from cipherhive.errors import UserError
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from cipherhive import keys
+
+    files = keys.keygen(args.out, force=args.force)
+    print(f"secret context (member nodes only, mode 0600): {files.secret}")
+    print(f"public context (the server):                   {files.public}")
+    print(f"fingerprint: {files.fingerprint}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.server.config import ServerConfig
+    from cipherhive.server.daemon import Server
+
+    cfg = config.load(ServerConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    return Server(cfg).serve_forever()
+
+
+def _node(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.daemon import Node
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    return Node(cfg).serve_forever()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cipherhive.demo.run import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cipherhive import config
+    from cipherhive.demo.options import add_demo_arguments
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.server.config import ServerConfig
+
+    parser = argparse.ArgumentParser(
+        prog="cipherhive",
+        description="Secure aggregation for federated learning: the server only adds ciphertexts.",
+    )
+    parser.add_argument("--version", action="version", version=f"cipherhive {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="create the federation's secret and public contexts")
+    p.add_argument("--out", type=Path, required=True, help="directory to write secret.ctx and public.ctx to")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite existing keys (locks members out of history)",
+    )
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("server", help="run the aggregator daemon")
+    config.add_arguments(p, ServerConfig)
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("node", help="run a member node daemon")
+    config.add_arguments(p, NodeConfig)
+    p.set_defaults(func=_node)
+
+    p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
+    add_demo_arguments(p)
+    p.set_defaults(func=_demo)
+
+    certs.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (UserError, FileExistsError, FileNotFoundError, PermissionError) as exc:
+        print(f"cipherhive {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Seeded, complex-packed CKKS: the one place that turns floats into ciphertexts.
+
+Why this encoding (design.md, "Measured facts"): CKKS at N=8192 with a single
+60-bit data prime ([60, 60]) and scale 2^40 needs no multiplicative depth,
+which is all an aggregator needs; packing two reals into each complex slot
+carries 8192 values per ciphertext; and SEAL's symmetric encryption saves the
+ciphertext *seeded* (its random half replaced by a PRNG seed), so an upload
+costs about 8 bytes per value. A sum the server returns is a full ciphertext
+(about 16 bytes per value).
+
+Three roles use this module:
+
+* node, encode + encrypt: :class:`SecretCodec.encrypt`;
+* server, load + add: :class:`PublicCodec.load` / :class:`RunningSum`;
+* node, decrypt + decode: :class:`SecretCodec.decrypt`.
+
+SEAL's Python bindings only save to and load from a path, so each codec
+keeps an in-memory file (``memfd``) per thread for that.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as seal
+
+from cipherhive.errors import UserError
+
+POLY_MODULUS_DEGREE = 8192
+COEFF_MOD_BIT_SIZES = (60, 60)
+SCALE_BITS = 40
+SCALE = float(2**SCALE_BITS)
+SLOTS = POLY_MODULUS_DEGREE // 2
+VALUES_PER_CIPHERTEXT = 2 * SLOTS
+
+#: Largest magnitude a decrypted *sum* may reach and still decode exactly:
+#: the data prime is 60 bits and the scale 40, leaving 2^19 with one bit of
+#: margin for the sign and noise. Nodes check their share of it before encrypting.
+VALUE_RANGE = float(2**18)
+
+_SEAL_MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, reserved, size
+#: A seeded upload is ~65.7 KB; a full ciphertext ~131 KB. Anything larger is refused
+#: before SEAL reads it.
+MAX_CIPHERTEXT_BYTES = 140_000
+
+
+class CodecError(UserError, ValueError):
+    """A ciphertext or key that does not belong to this federation's encoding."""
+
+
+def num_ciphertexts(num_values: int) -> int:
+    """Ciphertexts needed to carry ``num_values`` reals."""
+    return -(-num_values // VALUES_PER_CIPHERTEXT)
+
+
+class _MemFile:
+    """A per-thread anonymous in-memory file that SEAL can save to and load from."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _fd(self) -> int:
+        fd: int | None = getattr(self._local, "fd", None)
+        if fd is None:
+            fd = os.memfd_create("cipherhive-seal", os.MFD_CLOEXEC)
+            self._local.fd = fd
+        return fd
+
+    def path(self) -> str:
+        return f"/proc/self/fd/{self._fd()}"
+
+    def write(self, data: bytes) -> str:
+        fd = self._fd()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        return self.path()
+
+    def saved(self, obj: object) -> bytes:
+        """Bytes of ``obj.save(path)`` for any SEAL object."""
+        fd = self._fd()
+        os.ftruncate(fd, 0)
+        obj.save(self.path())  # type: ignore[attr-defined]
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def check_header(data: bytes) -> None:
+    """Refuse bytes that are not one plausible SEAL ciphertext, before SEAL parses them."""
+    if len(data) < _HEADER.size:
+        raise CodecError(f"ciphertext of {len(data)} bytes is shorter than a SEAL header")
+    if len(data) > MAX_CIPHERTEXT_BYTES:
+        raise CodecError(
+            f"ciphertext of {len(data)} bytes exceeds {MAX_CIPHERTEXT_BYTES}; "
+            "it was not made with this federation's parameters"
+        )
+    magic, header_size, _major, _minor, compr, _res, size = _HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or header_size != _HEADER.size:
+        raise CodecError("bytes are not a SEAL object (bad magic or header size)")
+    if size != len(data):
+        raise CodecError(f"SEAL header announces {size} bytes but {len(data)} arrived")
+    if compr not in (0, 1, 2):
+        raise CodecError(f"unknown SEAL compression mode {compr}")
+
+
+def _ckks_context(data: bytes, n_threads: int) -> ts.Context:
+    try:
+        return ts.context_from(data, n_threads=n_threads)
+    except Exception as exc:
+        raise CodecError(f"not a TenSEAL context: {exc}") from exc
+
+
+def _check_parameters(ctx: ts.Context) -> None:
+    parms = ctx.seal_context().data.key_context_data().parms()
+    bits = tuple(m.bit_count() for m in parms.coeff_modulus())
+    if parms.poly_modulus_degree() != POLY_MODULUS_DEGREE or bits != COEFF_MOD_BIT_SIZES:
+        raise CodecError(
+            f"context has N={parms.poly_modulus_degree()} and coefficient moduli {list(bits)}; "
+            f"this version needs N={POLY_MODULUS_DEGREE} and {list(COEFF_MOD_BIT_SIZES)} "
+            "(make keys with `cipherhive keygen`)"
+        )
+
+
+@dataclass(frozen=True)
+class _Seal:
+    """The SEAL objects shared by both codecs."""
+
+    context: ts.Context
+    seal_context: seal.SEALContext
+    evaluator: seal.Evaluator
+
+
+def _open(data: bytes, n_threads: int) -> _Seal:
+    ctx = _ckks_context(data, n_threads)
+    _check_parameters(ctx)
+    sc = ctx.seal_context().data
+    return _Seal(ctx, sc, seal.Evaluator(sc))
+
+
+class PublicCodec:
+    """Server side: load and add ciphertexts with a context that holds no secret key."""
+
+    def __init__(self, public_context: bytes) -> None:
+        s = _open(public_context, n_threads=1)
+        if s.context.has_secret_key() or s.context.is_private():
+            raise CodecError(
+                "this context holds the federation's SECRET key; the server must only be "
+                "given the public context (public.ctx from `cipherhive keygen`)"
+            )
+        self._s = s
+        self._parms_id = list(s.seal_context.first_parms_id())
+        self._mem = _MemFile()
+
+    def load(self, data: bytes) -> seal.Ciphertext:
+        """Parse and validate one ciphertext against the federation's parameters."""
+        check_header(data)
+        ct = seal.Ciphertext()
+        try:
+            ct.load(self._s.seal_context, self._mem.write(data))
+        except Exception as exc:
+            raise CodecError(f"SEAL refused the ciphertext: {exc}") from exc
+        if ct.size() != 2:
+            raise CodecError(f"ciphertext has {ct.size()} polynomials; a fresh one has 2")
+        if list(ct.parms_id()) != self._parms_id or not ct.is_ntt_form():
+            raise CodecError("ciphertext was made with other encryption parameters")
+        if ct.scale != SCALE:
+            raise CodecError(f"ciphertext scale {ct.scale} differs from 2^{SCALE_BITS}")
+        return ct
+
+    def add_inplace(self, acc: seal.Ciphertext, ct: seal.Ciphertext) -> None:
+        self._s.evaluator.add_inplace(acc, ct)
+
+    def sub_inplace(self, acc: seal.Ciphertext, ct: seal.Ciphertext) -> None:
+        """Exact inverse of :meth:`add_inplace` (arithmetic mod q), used for rollback."""
+        self._s.evaluator.sub_inplace(acc, ct)
+
+    def dump(self, ct: seal.Ciphertext) -> bytes:
+        return self._mem.saved(ct)
+
+
+class SecretCodec:
+    """Node side: encrypt update blocks and decrypt sums with the federation's secret key."""
+
+    def __init__(self, secret_context: bytes) -> None:
+        s = _open(secret_context, n_threads=1)
+        if not s.context.has_secret_key():
+            raise CodecError(
+                "this context holds no secret key; nodes need the federation's secret "
+                "context (secret.ctx from `cipherhive keygen`)"
+            )
+        sk = s.context.secret_key().data
+        self._s = s
+        self._encoder = seal.CKKSEncoder(s.seal_context)
+        self._encryptor = seal.Encryptor(s.seal_context, sk)
+        self._decryptor = seal.Decryptor(s.seal_context, sk)
+        self._mem = _MemFile()
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        """Encrypt up to VALUES_PER_CIPHERTEXT reals into one seeded ciphertext."""
+        n = values.shape[0]
+        if n > VALUES_PER_CIPHERTEXT:
+            raise ValueError(f"{n} values do not fit one ciphertext")
+        block = np.zeros(VALUES_PER_CIPHERTEXT, dtype=np.float64)
+        block[:n] = values
+        plain = seal.Plaintext()
+        self._encoder.encode(block.view(np.complex128).tolist(), SCALE, plain)
+        return self._mem.saved(self._encryptor.encrypt_symmetric(plain))
+
+    def encrypt_all(self, values: np.ndarray) -> Iterable[bytes]:
+        for start in range(0, values.shape[0], VALUES_PER_CIPHERTEXT):
+            yield self.encrypt(values[start : start + VALUES_PER_CIPHERTEXT])
+
+    def decrypt(self, data: bytes) -> np.ndarray:
+        """Decrypt one (sum) ciphertext into VALUES_PER_CIPHERTEXT float64 values."""
+        check_header(data)
+        ct = seal.Ciphertext()
+        try:
+            ct.load(self._s.seal_context, self._mem.write(data))
+        except Exception as exc:
+            raise CodecError(f"SEAL refused the ciphertext: {exc}") from exc
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(ct, plain)
+        decoded = np.asarray(self._encoder.decode_complex(plain), dtype=np.complex128)
+        return decoded.view(np.float64)
+
+
+def new_secret_context() -> ts.Context:
+    """A fresh federation key: CKKS with this module's parameters, no evaluation keys."""
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        POLY_MODULUS_DEGREE,
+        coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES),
+        n_threads=1,
+    )
+    ctx.global_scale = SCALE
+    return ctx

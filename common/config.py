@@ -1,0 +1,165 @@
+"""Configuration for the daemons: a TOML file, overridden by environment, overridden by flags.
+
+Each daemon declares one flat dataclass whose fields carry their TOML section
+and help text; this module derives the command-line flags
+(``--min-participants``), the environment variables
+(``CIPHERHIVE_ROUNDS_MIN_PARTICIPANTS``) and the TOML keys
+(``[rounds] min_participants``) from it, so the three can never drift apart,
+and `README.md`'s reference table is generated from the same source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cipherhive.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that is missing, mistyped or out of range."""
+
+
+def setting(default: Any, section: str, help: str, **kw: Any) -> Any:
+    """Declare one configuration field."""
+    meta = {"section": section, "help": help}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _field_type(cls: type, field: dataclasses.Field[Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[field.name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def env_name(field: dataclasses.Field[Any]) -> str:
+    return f"CIPHERHIVE_{field.metadata['section']}_{field.name}".upper()
+
+
+def flag_name(field: dataclasses.Field[Any]) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if tp is Path:
+            return Path(os.path.expanduser(str(value)))
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected a whole number, got {value}")
+            return tp(value)
+        if typing.get_origin(tp) is dict or tp is dict:
+            if not isinstance(value, dict):
+                raise ValueError("expected a table")
+            return dict(value)
+        if typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config`` and one flag per field of ``cls`` (defaults left to the loader)."""
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    for field in dataclasses.fields(cls):
+        tp = _field_type(cls, field)
+        if tp is dict:
+            continue
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": None,
+            "help": f"{field.metadata['help']} [{env_name(field)}]",
+        }
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        parser.add_argument(flag_name(field), **kwargs)
+
+
+def load(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from defaults < TOML file < environment < flags."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_path: Path | None = getattr(args, "config", None) if args else None
+    if config_path is None and environ.get("CIPHERHIVE_CONFIG"):
+        config_path = Path(environ["CIPHERHIVE_CONFIG"])
+    base = Path.cwd()
+    if config_path is not None:
+        try:
+            document = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {config_path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path} is not valid TOML: {exc}") from exc
+        base = config_path.resolve().parent
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        sections = {f.metadata["section"] for f in known.values()}
+        for section, table in document.items():
+            if section not in sections or not isinstance(table, dict):
+                raise ConfigError(
+                    f"{config_path}: unknown section [{section}]; known: {', '.join(sorted(sections))}"
+                )
+            for key, value in table.items():
+                field = known.get(key)
+                if field is None or field.metadata["section"] != section:
+                    raise ConfigError(f"{config_path}: unknown key {key!r} in [{section}]")
+                values[key] = (value, f"{config_path} [{section}] {key}")
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = env_name(field)
+        if name in environ:
+            values[field.name] = (environ[name], f"environment {name}")
+        flag_value = getattr(args, field.name, None) if args else None
+        if flag_value is not None:
+            values[field.name] = (flag_value, f"flag {flag_name(field)}")
+    converted: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name in values:
+            raw, where = values[field.name]
+            value = _convert(raw, _field_type(cls, field), where)
+            if isinstance(value, Path) and not value.is_absolute() and where.startswith(str(config_path)):
+                value = base / value  # paths in a file are relative to the file
+            converted[field.name] = value
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def reference(cls: type) -> str:
+    """A Markdown table of every setting, for the README."""
+    rows = ["| TOML | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else ""
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        rows.append(
+            f"| `[{field.metadata['section']}] {field.name}` | `{flag_name(field)}` | "
+            f"`{env_name(field)}` | `{default}` | {field.metadata['help']} |"
+        )
+    return "\n".join(rows)

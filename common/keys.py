@@ -1,0 +1,102 @@
+"""Federation key material: `cipherhive keygen`, loading and fingerprints.
+
+The secret context (for member nodes only) holds the CKKS secret key; the
+public context (for the server) holds the parameters and the public key and
+nothing that decrypts. Both sides compute the same fingerprint from the
+public parameters and public key, and compare it at join time, so a node
+with another federation's key is refused before it sends anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tenseal as ts
+
+from cipherhive import codec
+from cipherhive.fsutil import atomic_write
+
+SECRET_FILE = "secret.ctx"
+PUBLIC_FILE = "public.ctx"
+FINGERPRINT_FILE = "fingerprint"
+_FP_DOMAIN = b"cipherhive/key-fingerprint/v1\0"
+
+
+def fingerprint(ctx: ts.Context) -> str:
+    """SHA-256 over the encryption parameters and the public key (hex)."""
+    mem = codec._MemFile()
+    parms = ctx.seal_context().data.key_context_data().parms()
+    if not ctx.has_public_key():
+        raise codec.CodecError("context has no public key; it cannot be fingerprinted")
+    digest = hashlib.sha256(_FP_DOMAIN)
+    digest.update(mem.saved(parms))
+    digest.update(mem.saved(ctx.public_key().data))
+    return digest.hexdigest()
+
+
+def fingerprint_of_file(path: Path) -> str:
+    return fingerprint(ts.context_from(path.read_bytes()))
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    secret: Path
+    public: Path
+    fingerprint: str
+
+
+def keygen(out_dir: Path, *, force: bool = False) -> KeyFiles:
+    """Create a new federation key in ``out_dir``; refuse to overwrite one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    secret_path, public_path = out_dir / SECRET_FILE, out_dir / PUBLIC_FILE
+    if not force and (secret_path.exists() or public_path.exists()):
+        raise FileExistsError(
+            f"{out_dir} already holds federation keys; a new key would lock every member "
+            "out of the federation's history. Choose another --out or pass --force."
+        )
+    ctx = codec.new_secret_context()
+    secret = ctx.serialize(
+        save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+    )
+    public_ctx = ctx.copy()
+    public_ctx.make_context_public()
+    public = public_ctx.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    fp = fingerprint(ctx)
+    atomic_write(secret_path, secret, mode=0o600)
+    atomic_write(public_path, public, mode=0o644)
+    atomic_write(out_dir / FINGERPRINT_FILE, (fp + "\n").encode(), mode=0o644)
+    return KeyFiles(secret_path, public_path, fp)
+
+
+def read_secret_context(path: Path) -> bytes:
+    """Read a node's secret context, refusing one that others can read."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"secret context {path} not found; copy secret.ctx from `cipherhive keygen` here"
+        )
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(
+            f"secret context {path} has mode {mode:o}; other users could read the federation's "
+            f"secret key. Run: chmod 600 {path}"
+        )
+    return path.read_bytes()
+
+
+def read_public_context(path: Path) -> bytes:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"public context {path} not found; copy public.ctx from `cipherhive keygen` here"
+        )
+    return path.read_bytes()
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create a directory only its owner can enter (state that may hold key-derived data)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)

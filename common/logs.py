@@ -1,0 +1,64 @@
+"""Logging for the daemons: readable lines by default, JSON lines on request.
+
+Every record may carry structured fields (``round``, ``node``, ``event``, …)
+passed as ``extra={"fields": {...}}``; :func:`event` is the short form. The
+server's audit trail is the ``cipherhive.audit`` logger: one line per join,
+submission accepted or refused, round opened, closed or failed, and admin action.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+AUDIT = logging.getLogger("cipherhive.audit")
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        if self.as_json:
+            doc = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+                **fields,
+            }
+            if record.exc_info:
+                doc["exc"] = self.formatException(record.exc_info)
+            return json.dumps(doc, default=str)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if extra:
+            line += f" [{extra}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(level: str = "INFO", as_json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(as_json))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    try:
+        root.setLevel(level.upper())
+    except ValueError as exc:
+        raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR") from exc
+
+
+def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(level, msg, extra={"fields": fields})
+
+
+def audit(action: str, actor: str, **fields: Any) -> None:
+    event(AUDIT, action, action=action, actor=actor, **fields)

@@ -1,0 +1,1 @@
+"""`cipherhive demo`: a real local federation (one server, three nodes) on real data."""

@@ -1,0 +1,245 @@
+"""A federation on one machine: keys, certificates, configs and real processes.
+
+The demo and the integration tests both use this, so what the tests check
+is exactly what a user sees with `cipherhive demo`: a real server process
+and real node processes talking gRPC with mutual TLS over loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cipherhive import certs, keys
+from cipherhive.transport import ClientTLS, channel
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@dataclass
+class LocalFederation:
+    workdir: Path
+    nodes: int = 3
+    insecure: bool = False
+    plugin: str = "cipherhive.demo.digits:DigitsTrainer"
+    node_options: dict[str, Any] = field(default_factory=dict)
+    rounds: dict[str, Any] = field(default_factory=dict)
+    port: int = 0
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Keys, a CA with server, node and admin certificates, and config files."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        keydir = self.workdir / "keys"
+        if not (keydir / keys.SECRET_FILE).exists():
+            keys.keygen(keydir)
+        ca = self.workdir / "ca"
+        if not self.insecure and not (ca / certs.CA_KEY).exists():
+            certs.create_ca(ca)
+            certs.issue(ca, "server", "server", self.workdir / "server", hosts=["localhost", "127.0.0.1"])
+            certs.issue(ca, "admin", "operator", self.workdir / "admin")
+            for i in range(self.nodes):
+                certs.issue(ca, "node", self.node_name(i), self.workdir / self.node_name(i))
+        self.write_server_config()
+        for i in range(self.nodes):
+            self.write_node_config(i)
+
+    def node_name(self, index: int) -> str:
+        return f"node-{index + 1}"
+
+    def _tls(self, who: str) -> dict[str, Any]:
+        if self.insecure:
+            return {}
+        d = self.workdir / who
+        return {
+            "tls_cert": str(d / f"{who}.crt"),
+            "tls_key": str(d / f"{who}.key"),
+            "tls_ca": str(d / "ca.crt"),
+        }
+
+    def write_server_config(self) -> None:
+        rounds = {
+            "min_participants": min(self.nodes, 3),
+            "timeout_seconds": 120.0,
+            "interval_seconds": 0.2,
+            **self.rounds,
+        }
+        tls = self._tls("server")
+        if tls and (self.workdir / "ca" / certs.CRL).exists():
+            tls["tls_crl"] = str(self.workdir / "ca" / certs.CRL)
+        write_toml(
+            self.workdir / "server.toml",
+            {
+                "server": {
+                    "listen": f"127.0.0.1:{self.port}",
+                    "state_dir": str(self.workdir / "server-state"),
+                    "public_context": str(self.workdir / "keys" / keys.PUBLIC_FILE),
+                    "insecure": self.insecure,
+                    "grace_seconds": 5.0,
+                },
+                **({"tls": tls} if tls else {}),
+                "rounds": rounds,
+            },
+        )
+
+    def write_node_config(self, index: int, **options: Any) -> None:
+        name = self.node_name(index)
+        opts = {"shard": index, "shards": self.nodes, **self.node_options, **options}
+        tls = self._tls(name)
+        if tls:
+            tls["tls_server_name"] = "localhost"
+        write_toml(
+            self.workdir / f"{name}.toml",
+            {
+                "node": {
+                    "server": f"127.0.0.1:{self.port}",
+                    "secret_context": str(self.workdir / "keys" / keys.SECRET_FILE),
+                    "state_dir": str(self.workdir / f"{name}-state"),
+                    "workers": 1,
+                    "insecure": self.insecure,
+                    "name": name,
+                    "max_backoff_seconds": 2.0,
+                },
+                **({"tls": tls} if tls else {}),
+                "trainer": {"plugin": self.plugin, "options": opts},
+            },
+        )
+
+    # ------------------------------------------------------------ processes
+
+    def _spawn(self, key: str, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / log_name, "ab")  # noqa: SIM115 - owned by the child
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cipherhive", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+        )
+        log.close()
+        self.procs[key] = proc
+        return proc
+
+    def start_server(self) -> subprocess.Popen[bytes]:
+        return self._spawn("server", ["server", "--config", str(self.workdir / "server.toml")], "server.log")
+
+    def start_node(self, index: int) -> subprocess.Popen[bytes]:
+        name = self.node_name(index)
+        return self._spawn(name, ["node", "--config", str(self.workdir / f"{name}.toml")], f"{name}.log")
+
+    def start(self) -> None:
+        self.start_server()
+        self.wait_serving()
+        for i in range(self.nodes):
+            self.start_node(i)
+
+    def stop(self, key: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        proc = self.procs.get(key)
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop_all(self) -> dict[str, int | None]:
+        codes = {key: self.stop(key) for key in list(self.procs) if key != "server"}
+        codes["server"] = self.stop("server")
+        return codes
+
+    def log(self, key: str) -> str:
+        path = self.workdir / ("server.log" if key == "server" else f"{key}.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # ------------------------------------------------------------ operator view
+
+    def admin_channel(self) -> grpc.Channel:
+        tls = None
+        if not self.insecure:
+            d = self.workdir / "admin"
+            tls = ClientTLS(d / "operator.crt", d / "operator.key", d / "ca.crt", "localhost")
+        return channel(f"127.0.0.1:{self.port}", tls)
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with self.admin_channel() as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                server = self.procs.get("server")
+                if server is not None and server.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited with {server.returncode}:\n{self.log('server')[-3000:]}"
+                    )
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"server not serving after {timeout}s:\n{self.log('server')[-3000:]}")
+
+    def list_rounds(self) -> list[pb.RoundInfo]:
+        with self.admin_channel() as ch:
+            return list(pb_grpc.AdminStub(ch).ListRounds(pb.ListRoundsRequest(), timeout=10).rounds)
+
+    def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for key, proc in self.procs.items():
+                if proc.poll() is not None and proc.returncode not in (
+                    0,
+                    -signal.SIGTERM,
+                    -signal.SIGKILL,
+                ):
+                    raise RuntimeError(f"{key} exited with {proc.returncode}:\n{self.log(key)[-3000:]}")
+            try:
+                value = predicate()
+            except grpc.RpcError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.25)
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,17 @@
+"""Command-line flags of `cipherhive demo` (kept apart so `--help` needs no torch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="member nodes to start (at least 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds to run")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data split and the model")
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument("--workdir", type=Path, help="keep keys, certificates, state and logs here")
+    parser.add_argument("--insecure", action="store_true", help="run without TLS (not recommended)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")

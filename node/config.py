@@ -1,0 +1,50 @@
+"""Settings of `cipherhive node` (TOML sections [node], [tls], [trainer], [log])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cipherhive.config import ConfigError, setting
+
+
+@dataclass
+class NodeConfig:
+    server: str = setting("127.0.0.1:7443", "node", "aggregator address:port")
+    secret_context: Path = setting(Path("secret.ctx"), "node", "the federation's SECRET context (mode 0600)")
+    state_dir: Path = setting(Path("node-state"), "node", "directory for this node's checkpoint")
+    workers: int = setting(0, "node", "processes for encryption and decryption (0: all cores)")
+    name: str = setting(
+        "", "node", "node name; only used with --insecure (TLS takes it from the certificate)"
+    )
+    insecure: bool = setting(False, "node", "connect without TLS (development only)")
+    max_backoff_seconds: float = setting(30.0, "node", "longest wait between reconnect attempts")
+    tls_cert: Path | None = setting(
+        None, "tls", "this node's certificate (PEM) from `cipherhive certs issue --role node`"
+    )
+    tls_key: Path | None = setting(None, "tls", "this node's private key (PEM)")
+    tls_ca: Path | None = setting(None, "tls", "federation CA certificate (PEM)")
+    tls_server_name: str = setting(
+        "", "tls", "host name to expect in the server certificate, if not the address"
+    )
+    plugin: str = setting("", "trainer", "training plug-in as package.module:object")
+    options: dict[str, Any] = setting({}, "trainer", "keyword arguments for the plug-in factory (TOML table)")
+    log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
+    log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
+
+    def __post_init__(self) -> None:
+        if not self.plugin:
+            raise ConfigError("no trainer: set [trainer] plugin = 'package.module:object' or --plugin")
+        if self.workers < 0:
+            raise ConfigError("workers must be 0 (all cores) or more")
+        if self.insecure:
+            if not self.name:
+                raise ConfigError("--insecure needs a node --name (there is no certificate to take it from)")
+        else:
+            missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(
+                    f"mutual TLS needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
+                    "(make them with `cipherhive certs`), or pass --insecure for a local test"
+                )

@@ -1,0 +1,66 @@
+"""Download a round's encrypted sum, resuming where a broken stream stopped."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from cipherhive.transport import describe_rpc_error
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cipherhive.node.fetch")
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def fetch_sum(
+    stub: pb_grpc.AggregationStub,
+    round_number: int,
+    expected_ciphertexts: int,
+    layout_hash: str,
+    metadata: Sequence[tuple[str, str]] = (),
+    attempts: int = 5,
+) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(ciphertext, participants)`` of the sum in order."""
+    received = 0
+    failures = 0
+    while received < expected_ciphertexts:
+        try:
+            for chunk in stub.FetchAggregate(
+                pb.FetchRequest(round=round_number, first_ciphertext=received), metadata=metadata
+            ):
+                if chunk.layout_hash != layout_hash or chunk.num_ciphertexts != expected_ciphertexts:
+                    raise FetchError(
+                        f"sum of round {round_number} has {chunk.num_ciphertexts} ciphertexts for layout "
+                        f"{chunk.layout_hash[:12]}; this node expects {expected_ciphertexts} for "
+                        f"{layout_hash[:12]}"
+                    )
+                if chunk.first_ciphertext != received:
+                    raise FetchError(f"sum chunk starts at {chunk.first_ciphertext}, expected {received}")
+                for blob in chunk.ciphertexts:
+                    yield blob, chunk.participants
+                    received += 1
+            if received < expected_ciphertexts:
+                raise FetchError(f"sum stream ended after {received} of {expected_ciphertexts} ciphertexts")
+        except grpc.RpcError as exc:
+            if exc.code() not in _TRANSIENT or failures >= attempts:
+                raise
+            failures += 1
+            log.warning(
+                "download of round %d interrupted (%s); resuming at ciphertext %d",
+                round_number,
+                describe_rpc_error(exc),
+                received,
+            )
+            time.sleep(min(0.5 * 2**failures, 5.0))

@@ -1,0 +1,113 @@
+"""The training plug-in interface: how a data scientist's code plugs into a node.
+
+A trainer is named in the node's configuration as ``package.module:object``.
+The object is either a trainer instance, or a callable (class or function)
+that the node calls with the ``[trainer] options`` table as keyword
+arguments to get one. A trainer provides:
+
+``build_model() -> torch.nn.Module``
+    The initial global model. Every member must build the *same* model
+    (same architecture and same initial values: use a fixed seed, or load
+    a local file), because members only ever exchange differences.
+
+``train(model, info: RoundInfo) -> TrainResult``
+    Train ``model`` in place on local data, starting from the current global
+    model; return the number of samples used (the FedAvg weight, encrypted
+    before it leaves the node) and rounded local metrics.
+
+Optional:
+
+``federated_tensors(model) -> list[tuple[str, torch.Tensor]]``
+    Which tensors are federated, in order. Default: every parameter with
+    ``requires_grad`` plus floating-point buffers (e.g. batch-norm running
+    statistics, which are averaged like weights); integer buffers such as
+    ``num_batches_tracked`` stay local.
+
+``base_model_hash() -> str``
+    Hash of a frozen base the federated tensors sit on (adapters); members
+    with a different base are refused at join.
+
+``after_round(model, applied: AppliedRound) -> None``
+    Called after the decrypted average has been applied (evaluate, export).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from cipherhive.errors import UserError
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round: int
+    base_round: int
+    node_name: str
+
+
+@dataclass
+class TrainResult:
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AppliedRound:
+    round: int
+    participants: int
+    #: The decrypted average update per federated tensor (float64). Stays on this node.
+    mean_update: dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    def build_model(self) -> torch.nn.Module: ...
+
+    def train(self, model: torch.nn.Module, info: RoundInfo) -> TrainResult: ...
+
+
+class TrainerError(UserError, RuntimeError):
+    """The plug-in cannot be loaded or misbehaved; the message names what to fix."""
+
+
+def load_trainer(spec: str, options: dict[str, Any] | None = None) -> Trainer:
+    """Import ``package.module:object`` and return a trainer instance."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TrainerError(f"trainer {spec!r} must look like 'package.module:object'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TrainerError(f"cannot import trainer module {module_name!r}: {exc}") from exc
+    try:
+        obj: Any = getattr(module, attr)
+    except AttributeError as exc:
+        raise TrainerError(f"module {module_name!r} has no attribute {attr!r}") from exc
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Trainer)):
+        factory: Callable[..., Any] = obj
+        try:
+            obj = factory(**(options or {}))
+        except TypeError as exc:
+            raise TrainerError(f"{spec} does not accept the options {sorted(options or {})}: {exc}") from exc
+    elif options:
+        raise TrainerError(f"{spec} is an instance; [trainer] options are only for factories")
+    if not isinstance(obj, Trainer):
+        raise TrainerError(f"{spec} provides no build_model() and train(model, info)")
+    return obj
+
+
+def federated_tensors(trainer: Trainer, model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors this federation averages, in a fixed order."""
+    custom = getattr(trainer, "federated_tensors", None)
+    if custom is not None:
+        return list(custom(model))
+    tensors: list[tuple[str, torch.Tensor]] = [
+        (name, p) for name, p in model.named_parameters() if p.requires_grad
+    ]
+    tensors += [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    return tensors

@@ -1,0 +1,30 @@
+"""Stream an encrypted update to the server: a header, then chunks of ciphertexts.
+
+The chunks are produced lazily from the crypto pool's ordered output, so the
+first chunk is on the wire while later blocks are still being encrypted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from cipherhive.v1 import federation_pb2 as pb
+
+
+def submit_requests(
+    header: pb.SubmitHeader, ciphertexts: Iterable[bytes], per_chunk: int
+) -> Iterator[pb.SubmitRequest]:
+    yield pb.SubmitRequest(header=header)
+    batch: list[bytes] = []
+    index = first = 0
+    for blob in ciphertexts:
+        batch.append(blob)
+        if len(batch) == per_chunk:
+            yield pb.SubmitRequest(
+                chunk=pb.SubmitChunk(index=index, first_ciphertext=first, ciphertexts=batch)
+            )
+            index += 1
+            first += len(batch)
+            batch = []
+    if batch:
+        yield pb.SubmitRequest(chunk=pb.SubmitChunk(index=index, first_ciphertext=first, ciphertexts=batch))

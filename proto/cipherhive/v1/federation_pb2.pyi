@@ -1,0 +1,353 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_STATE_UNSPECIFIED: _ClassVar[RoundState]
+    ROUND_OPEN: _ClassVar[RoundState]
+    ROUND_SUM_READY: _ClassVar[RoundState]
+    ROUND_FAILED: _ClassVar[RoundState]
+ROUND_STATE_UNSPECIFIED: RoundState
+ROUND_OPEN: RoundState
+ROUND_SUM_READY: RoundState
+ROUND_FAILED: RoundState
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Layout(_message.Message):
+    __slots__ = ("tensors", "num_params", "base_model_hash")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    num_params: int
+    base_model_hash: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_params: _Optional[int] = ..., base_model_hash: _Optional[str] = ...) -> None: ...
+
+class EncodingParams(_message.Message):
+    __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "values_per_ciphertext")
+    POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
+    COEFF_MOD_BIT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_PER_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: _containers.RepeatedScalarFieldContainer[int]
+    scale_bits: int
+    values_per_ciphertext: int
+    def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., values_per_ciphertext: _Optional[int] = ...) -> None: ...
+
+class FederationSettings(_message.Message):
+    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants")
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_UNIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CIPHERTEXTS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    key_fingerprint: str
+    encoding: EncodingParams
+    min_participants: int
+    round_timeout_seconds: float
+    weight_unit: float
+    max_ciphertexts_per_chunk: int
+    layout_hash: str
+    max_participants: int
+    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("key_fingerprint", "layout", "node_name", "software_version")
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    key_fingerprint: str
+    layout: Layout
+    node_name: str
+    software_version: str
+    def __init__(self, key_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., node_name: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("node_name", "settings", "latest_round", "latest_sum_round")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    LATEST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LATEST_SUM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    settings: FederationSettings
+    latest_round: int
+    latest_sum_round: int
+    def __init__(self, node_name: _Optional[str] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("since_round",)
+    SINCE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    since_round: int
+    def __init__(self, since_round: _Optional[int] = ...) -> None: ...
+
+class RoundEvent(_message.Message):
+    __slots__ = ("kind", "round", "base_round", "reason", "deadline_unix", "expected", "participants", "replay", "time_unix")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[RoundEvent.Kind]
+        OPENED: _ClassVar[RoundEvent.Kind]
+        CLOSED: _ClassVar[RoundEvent.Kind]
+        SUM_READY: _ClassVar[RoundEvent.Kind]
+        FAILED: _ClassVar[RoundEvent.Kind]
+        HEARTBEAT: _ClassVar[RoundEvent.Kind]
+    KIND_UNSPECIFIED: RoundEvent.Kind
+    OPENED: RoundEvent.Kind
+    CLOSED: RoundEvent.Kind
+    SUM_READY: RoundEvent.Kind
+    FAILED: RoundEvent.Kind
+    HEARTBEAT: RoundEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    kind: RoundEvent.Kind
+    round: int
+    base_round: int
+    reason: str
+    deadline_unix: float
+    expected: int
+    participants: int
+    replay: bool
+    time_unix: float
+    def __init__(self, kind: _Optional[_Union[RoundEvent.Kind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., reason: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., replay: _Optional[bool] = ..., time_unix: _Optional[float] = ...) -> None: ...
+
+class SubmitHeader(_message.Message):
+    __slots__ = ("round", "base_round", "submission_id", "layout_hash", "key_fingerprint", "num_values", "num_ciphertexts", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    base_round: int
+    submission_id: str
+    layout_hash: str
+    key_fingerprint: str
+    num_values: int
+    num_ciphertexts: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., base_round: _Optional[int] = ..., submission_id: _Optional[str] = ..., layout_hash: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., num_values: _Optional[int] = ..., num_ciphertexts: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SubmitChunk(_message.Message):
+    __slots__ = ("index", "first_ciphertext", "ciphertexts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    first_ciphertext: int
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, index: _Optional[int] = ..., first_ciphertext: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SubmitHeader
+    chunk: SubmitChunk
+    def __init__(self, header: _Optional[_Union[SubmitHeader, _Mapping]] = ..., chunk: _Optional[_Union[SubmitChunk, _Mapping]] = ...) -> None: ...
+
+class SubmitReceipt(_message.Message):
+    __slots__ = ("round", "submission_id", "receipt", "duplicate", "num_ciphertexts", "num_bytes", "accepted_unix")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    submission_id: str
+    receipt: str
+    duplicate: bool
+    num_ciphertexts: int
+    num_bytes: int
+    accepted_unix: float
+    def __init__(self, round: _Optional[int] = ..., submission_id: _Optional[str] = ..., receipt: _Optional[str] = ..., duplicate: _Optional[bool] = ..., num_ciphertexts: _Optional[int] = ..., num_bytes: _Optional[int] = ..., accepted_unix: _Optional[float] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("round", "first_ciphertext")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    first_ciphertext: int
+    def __init__(self, round: _Optional[int] = ..., first_ciphertext: _Optional[int] = ...) -> None: ...
+
+class AggregateChunk(_message.Message):
+    __slots__ = ("round", "first_ciphertext", "ciphertexts", "num_ciphertexts", "num_values", "participants", "layout_hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    first_ciphertext: int
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    num_ciphertexts: int
+    num_values: int
+    participants: int
+    layout_hash: str
+    def __init__(self, round: _Optional[int] = ..., first_ciphertext: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., num_ciphertexts: _Optional[int] = ..., num_values: _Optional[int] = ..., participants: _Optional[int] = ..., layout_hash: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("version", "started_unix", "settings", "nodes_known", "nodes_online", "open_round", "latest_round", "latest_sum_round", "rounds_failed", "auto_start", "max_rounds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    NODES_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    NODES_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LATEST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LATEST_SUM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    AUTO_START_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    started_unix: float
+    settings: FederationSettings
+    nodes_known: int
+    nodes_online: int
+    open_round: int
+    latest_round: int
+    latest_sum_round: int
+    rounds_failed: int
+    auto_start: bool
+    max_rounds: int
+    def __init__(self, version: _Optional[str] = ..., started_unix: _Optional[float] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., nodes_known: _Optional[int] = ..., nodes_online: _Optional[int] = ..., open_round: _Optional[int] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., auto_start: _Optional[bool] = ..., max_rounds: _Optional[int] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    online: bool
+    first_seen_unix: float
+    last_seen_unix: float
+    last_round: int
+    submissions: int
+    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesReply(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class SubmissionInfo(_message.Message):
+    __slots__ = ("node_name", "accepted_unix", "num_bytes", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    accepted_unix: float
+    num_bytes: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, node_name: _Optional[str] = ..., accepted_unix: _Optional[float] = ..., num_bytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RoundInfo(_message.Message):
+    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    OPENED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    state: RoundState
+    base_round: int
+    opened_unix: float
+    deadline_unix: float
+    closed_unix: float
+    expected: int
+    participants: int
+    reason: str
+    submissions: _containers.RepeatedCompositeFieldContainer[SubmissionInfo]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ...) -> None: ...
+
+class ListRoundsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListRoundsReply(_message.Message):
+    __slots__ = ("rounds",)
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
+    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+
+class GetRoundRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class StartRoundRequest(_message.Message):
+    __slots__ = ("timeout_seconds",)
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    timeout_seconds: float
+    def __init__(self, timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class CloseRoundRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...

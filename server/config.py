@@ -1,0 +1,76 @@
+"""Settings of `cipherhive server` (TOML sections [server], [tls], [rounds], [limits], [log])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cipherhive.config import ConfigError, setting
+
+#: The privacy floor: a sum of one update *is* that update.
+MIN_PARTICIPANTS_FLOOR = 2
+
+
+@dataclass
+class ServerConfig:
+    listen: str = setting("127.0.0.1:7443", "server", "address:port to serve gRPC on")
+    state_dir: Path = setting(Path("server-state"), "server", "directory for the database, spool and sums")
+    public_context: Path = setting(
+        Path("public.ctx"), "server", "the federation's PUBLIC context from `cipherhive keygen`"
+    )
+    insecure: bool = setting(
+        False, "server", "serve without TLS; node names are self-declared (development only)"
+    )
+    grace_seconds: float = setting(10.0, "server", "how long shutdown waits for streams in flight")
+    tls_cert: Path | None = setting(
+        None, "tls", "server certificate (PEM) from `cipherhive certs issue --role server`"
+    )
+    tls_key: Path | None = setting(None, "tls", "server private key (PEM)")
+    tls_ca: Path | None = setting(
+        None, "tls", "federation CA certificate (PEM); clients must present a certificate it signed"
+    )
+    tls_crl: Path | None = setting(None, "tls", "revocation list (PEM), reloaded when it changes")
+    min_participants: int = setting(
+        3, "rounds", "distinct nodes a round needs before its sum is released (at least 2)"
+    )
+    timeout_seconds: float = setting(
+        600.0, "rounds", "a round closes this long after it opens, with whoever submitted"
+    )
+    auto_start: bool = setting(
+        True, "rounds", "open a round by itself when at least min_participants nodes are online"
+    )
+    interval_seconds: float = setting(2.0, "rounds", "pause between a round closing and the next one opening")
+    max_rounds: int = setting(0, "rounds", "stop opening rounds after this many published sums (0: never)")
+    weight_unit: float = setting(
+        1000.0, "rounds", "samples per unit of FedAvg weight (keeps encrypted values in range)"
+    )
+    max_participants: int = setting(64, "rounds", "most members one round may have (bounds encoded values)")
+    max_workers: int = setting(64, "limits", "gRPC worker threads (each open stream holds one)")
+    max_concurrent_rpcs: int = setting(256, "limits", "RPCs beyond this are refused with RESOURCE_EXHAUSTED")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "limits", "largest gRPC message accepted")
+    max_ciphertexts_per_chunk: int = setting(16, "limits", "ciphertexts one upload chunk may carry")
+    heartbeat_seconds: float = setting(10.0, "limits", "interval of heartbeat events on watch streams")
+    log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
+    log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
+
+    def __post_init__(self) -> None:
+        if self.min_participants < MIN_PARTICIPANTS_FLOOR:
+            raise ConfigError(
+                f"min_participants = {self.min_participants} would release a single member's "
+                f"update; it must be at least {MIN_PARTICIPANTS_FLOOR}"
+            )
+        if self.max_participants < self.min_participants:
+            raise ConfigError("max_participants must be at least min_participants")
+        if self.timeout_seconds <= 0 or self.weight_unit <= 0:
+            raise ConfigError("timeout_seconds and weight_unit must be positive")
+        if not 1 <= self.max_ciphertexts_per_chunk <= 60:
+            raise ConfigError("max_ciphertexts_per_chunk must be 1..60 (each is ~66 KB)")
+        if self.max_message_bytes < 70_000 * self.max_ciphertexts_per_chunk:
+            raise ConfigError("max_message_bytes is too small for max_ciphertexts_per_chunk")
+        if not self.insecure:
+            missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n) is None]
+            if missing:
+                raise ConfigError(
+                    f"mutual TLS needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
+                    "(make them with `cipherhive certs`), or pass --insecure for a local test"
+                )

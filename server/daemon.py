@@ -1,0 +1,166 @@
+"""`cipherhive server`: wire the pieces together and run until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cipherhive import certs, codec, keys
+from cipherhive.errors import UserError
+from cipherhive.logs import event
+from cipherhive.server.config import ServerConfig
+from cipherhive.server.identity import Authenticator
+from cipherhive.server.rounds import RoundManager
+from cipherhive.server.services import AdminService, AggregationService
+from cipherhive.server.spool import Spool
+from cipherhive.server.state import State
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cipherhive.server")
+
+
+class StartupError(UserError, RuntimeError):
+    """The server cannot start; the message says what to fix."""
+
+
+def _read(path: Path | None, what: str) -> bytes:
+    assert path is not None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+class Server:
+    """The aggregator: gRPC services, round scheduler, health status."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        try:
+            public_bytes = keys.read_public_context(config.public_context)
+            self.codec = codec.PublicCodec(public_bytes)
+        except (OSError, codec.CodecError) as exc:
+            raise StartupError(str(exc)) from exc
+        self.fingerprint = keys.fingerprint_of_file(config.public_context)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(config.state_dir / "state.db")
+        stored = self.state.get_meta("key_fingerprint")
+        if stored is not None and stored != self.fingerprint:
+            raise StartupError(
+                f"{config.public_context} is not the key this state directory was created with "
+                f"(fingerprint {self.fingerprint[:16]}… vs {stored[:16]}…); its stored sums could "
+                "not be decrypted by the members. Use the original public.ctx or a new --state-dir."
+            )
+        self.state.set_meta("key_fingerprint", self.fingerprint)
+        self.spool = Spool(config.state_dir)
+        self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
+        self.rounds.recover()
+        self._stop = threading.Event()
+        self.health = health.HealthServicer()
+        self.grpc_server = self._build()
+
+    def _build(self) -> grpc.Server:
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        revocations = None
+        if not cfg.insecure and cfg.tls_crl is not None:
+            assert cfg.tls_ca is not None
+            revocations = certs.RevocationList(cfg.tls_crl, ca_cert=cfg.tls_ca)
+        auth = Authenticator(insecure=cfg.insecure, revocations=revocations)
+        pb_grpc.add_AggregationServicer_to_server(
+            AggregationService(self.rounds, auth, self._stop.is_set), server
+        )
+        pb_grpc.add_AdminServicer_to_server(AdminService(self.rounds, auth, time.time()), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["Aggregation"].full_name,
+            pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.insecure:
+            log.warning(
+                "INSECURE MODE: no TLS, node names are self-declared and traffic is readable on "
+                "the network. Never use --insecure across machines."
+            )
+            port = server.add_insecure_port(cfg.listen)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
+                root_certificates=_read(cfg.tls_ca, "CA certificate"),
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(cfg.listen, creds)
+        if port == 0:
+            raise StartupError(f"cannot listen on {cfg.listen} (address in use or not local)")
+        self.port = port
+        return server
+
+    def _set_health(self, status: int) -> None:
+        for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin"):
+            self.health.set(service, status)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        self._scheduler = threading.Thread(
+            target=self.rounds.run_scheduler, args=(self._stop,), name="scheduler", daemon=True
+        )
+        self._scheduler.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        event(
+            log,
+            "server listening",
+            address=self.config.listen,
+            port=self.port,
+            fingerprint=self.fingerprint[:16],
+            min_participants=self.config.min_participants,
+            tls=not self.config.insecure,
+        )
+
+    def stop(self) -> None:
+        """Graceful: refuse new calls, let streams in flight finish within the grace period."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stop.set()
+        self.rounds.bus.close_all()
+        self.grpc_server.stop(self.config.grace_seconds).wait()
+        self._scheduler.join(timeout=5)
+        self.state.close()
+        event(log, "server stopped")
+
+    def serve_forever(self) -> int:
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            event(log, "shutting down", signal=signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()
+        return 0

@@ -1,0 +1,83 @@
+"""FetchAggregate: serve a finished round's encrypted sum, in chunks, resumable.
+
+Only sums are ever served: there is no path from here to an individual
+node's spooled ciphertext, and a round that did not reach the participation
+floor has no sum file at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from cipherhive.server.rounds import RoundError
+from cipherhive.server.spool import Spool, read_records
+from cipherhive.server.state import State
+from cipherhive.v1 import federation_pb2 as pb
+
+
+def stream_sum(
+    state: State, spool: Spool, request: pb.FetchRequest, layout_hash: str, per_chunk: int
+) -> Iterator[pb.AggregateChunk]:
+    row = state.round(request.round)
+    if row is None:
+        raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
+    if row.state != "sum_ready" or row.sum_file is None:
+        why = "is still open" if row.state == "open" else f"failed: {row.reason}"
+        raise RoundError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"round {request.round} has no published sum (it {why})",
+        )
+    if request.first_ciphertext >= max(row.num_ciphertexts, 1):
+        raise RoundError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"first_ciphertext {request.first_ciphertext} is past the end of the sum "
+            f"({row.num_ciphertexts} ciphertexts)",
+        )
+    batch: list[bytes] = []
+    first = request.first_ciphertext
+    for blob in read_records(spool.path(row.sum_file), skip=request.first_ciphertext):
+        batch.append(blob)
+        if len(batch) == per_chunk:
+            yield _chunk(
+                row.round,
+                first,
+                batch,
+                row.num_ciphertexts,
+                row.num_values,
+                row.participants,
+                layout_hash,
+            )
+            first += len(batch)
+            batch = []
+    if batch:
+        yield _chunk(
+            row.round,
+            first,
+            batch,
+            row.num_ciphertexts,
+            row.num_values,
+            row.participants,
+            layout_hash,
+        )
+
+
+def _chunk(
+    number: int,
+    first: int,
+    blobs: list[bytes],
+    total: int,
+    values: int,
+    participants: int,
+    layout_hash: str,
+) -> pb.AggregateChunk:
+    return pb.AggregateChunk(
+        round=number,
+        first_ciphertext=first,
+        ciphertexts=blobs,
+        num_ciphertexts=total,
+        num_values=values,
+        participants=participants,
+        layout_hash=layout_hash,
+    )

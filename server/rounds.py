@@ -1,0 +1,508 @@
+"""Round lifecycle: open, accept uploads into the running sum, close, publish or fail.
+
+One lock (``self._lock``) guards the open round, its running sum and the set
+of uploads in flight, so that closing a round and adding a block can never
+interleave: a close rolls back every upload still in flight before the sum
+is written, and an upload that finds its round closing stops.
+
+The participation floor lives here: a sum is written and announced only when
+at least ``min_participants`` distinct nodes' uploads were accepted;
+otherwise the round fails and its spool is deleted unread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import tenseal.sealapi as seal
+
+from cipherhive import codec
+from cipherhive.layout import Layout, describe_difference
+from cipherhive.logs import audit, event
+from cipherhive.server.config import ServerConfig
+from cipherhive.server.events import EventBus
+from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.spool import Spool, SubmissionWriter, read_records
+from cipherhive.server.state import RoundRow, State, SubmissionRow
+from cipherhive.v1 import federation_pb2 as pb
+
+log = logging.getLogger("cipherhive.server.rounds")
+
+STATE_NAMES = {"open": pb.ROUND_OPEN, "sum_ready": pb.ROUND_SUM_READY, "failed": pb.ROUND_FAILED}
+
+
+class RoundError(Exception):
+    """A refusal with the gRPC status the caller should receive."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Upload:
+    node: str
+    submission_id: str
+    writer: SubmissionWriter
+    added: int = 0
+    aborted: str | None = None
+
+
+@dataclass
+class OpenRound:
+    row: RoundRow
+    running: RunningSum
+    num_values: int
+    accepted: dict[str, SubmissionRow] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    closing: bool = False
+
+    @property
+    def number(self) -> int:
+        return self.row.round
+
+
+class RoundManager:
+    def __init__(
+        self,
+        config: ServerConfig,
+        state: State,
+        spool: Spool,
+        public: codec.PublicCodec,
+        fingerprint: str,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.spool = spool
+        self.codec = public
+        self.fingerprint = fingerprint
+        self.bus = EventBus()
+        self._lock = threading.RLock()
+        self._open: OpenRound | None = None
+        self._watchers: Counter[str] = Counter()
+        self._wake = threading.Event()
+        self._last_closed = 0.0
+        key = state.get_meta("receipt_key")
+        if key is None:
+            key = secrets.token_hex(32)
+            state.set_meta("receipt_key", key)
+        self._receipt_key = bytes.fromhex(key)
+
+    # ------------------------------------------------------------ federation
+
+    def layout(self) -> Layout | None:
+        text = self.state.get_meta("layout")
+        return None if text is None else Layout.from_canonical(text)
+
+    def settings(self) -> pb.FederationSettings:
+        layout = self.layout()
+        return pb.FederationSettings(
+            key_fingerprint=self.fingerprint,
+            encoding=pb.EncodingParams(
+                poly_modulus_degree=codec.POLY_MODULUS_DEGREE,
+                coeff_mod_bit_sizes=list(codec.COEFF_MOD_BIT_SIZES),
+                scale_bits=codec.SCALE_BITS,
+                values_per_ciphertext=codec.VALUES_PER_CIPHERTEXT,
+            ),
+            min_participants=self.config.min_participants,
+            round_timeout_seconds=self.config.timeout_seconds,
+            weight_unit=self.config.weight_unit,
+            max_ciphertexts_per_chunk=self.config.max_ciphertexts_per_chunk,
+            layout_hash=layout.hash if layout else "",
+            max_participants=self.config.max_participants,
+        )
+
+    def join(self, node: str, fingerprint: str, layout: Layout) -> None:
+        """Admit a node whose key and layout match the federation's."""
+        if fingerprint != self.fingerprint:
+            raise RoundError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"key fingerprint {fingerprint[:16]}… does not match the federation's "
+                f"{self.fingerprint[:16]}…: this node holds another federation's secret context",
+            )
+        if not layout.tensors or layout.num_params == 0:
+            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, "layout has no tensors")
+        with self._lock:
+            current = self.layout()
+            if current is None:
+                self.state.set_meta("layout", layout.canonical())
+                event(
+                    log,
+                    "federation layout fixed by first member",
+                    node=node,
+                    layout_hash=layout.hash[:16],
+                    params=layout.num_params,
+                )
+            elif current.hash != layout.hash:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"model layout differs from the federation's: {describe_difference(current, layout)}",
+                )
+        self.state.touch_node(node)
+
+    # ------------------------------------------------------------ presence
+
+    def watcher_enter(self, node: str) -> None:
+        with self._lock:
+            self._watchers[node] += 1
+        self.state.touch_node(node)
+        self._wake.set()
+
+    def watcher_exit(self, node: str) -> None:
+        with self._lock:
+            self._watchers[node] -= 1
+            if self._watchers[node] <= 0:
+                del self._watchers[node]
+        self.state.touch_node(node)
+
+    def online(self) -> list[str]:
+        with self._lock:
+            return sorted(self._watchers)
+
+    # ------------------------------------------------------------ rounds
+
+    def open_round_number(self) -> int:
+        with self._lock:
+            return self._open.number if self._open else 0
+
+    def start_round(self, timeout: float = 0.0, actor: str = "scheduler") -> RoundRow:
+        layout = self.layout()
+        if layout is None:
+            raise RoundError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no node has joined yet, so the model layout is unknown; start nodes first",
+            )
+        with self._lock:
+            if self._open is not None:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {self._open.number} is still open; close it first",
+                )
+            deadline = time.time() + (timeout or self.config.timeout_seconds)
+            row = self.state.open_round(self.state.latest_sum_round(), deadline, self.online())
+            self._open = OpenRound(
+                row,
+                RunningSum(self.codec, codec.num_ciphertexts(layout.num_values)),
+                layout.num_values,
+            )
+        audit(
+            "round opened",
+            actor,
+            round=row.round,
+            base_round=row.base_round,
+            expected=len(row.expected),
+            deadline=round(deadline, 3),
+        )
+        self.bus.publish(self._event(pb.RoundEvent.OPENED, row))
+        return row
+
+    def recover(self) -> None:
+        """After a restart: drop unacknowledged uploads, rebuild the open round's sum."""
+        for path in self.spool.drop_partials():
+            event(log, "discarded an unacknowledged upload from before the restart", path=str(path))
+        for done in self.state.rounds():
+            if done.state != "open":
+                self.spool.drop_round(done.round)
+        row = self.state.open_round_row()
+        layout = self.layout()
+        if row is None or layout is None:
+            return
+        running = RunningSum(self.codec, codec.num_ciphertexts(layout.num_values))
+        restored = OpenRound(row, running, layout.num_values)
+        for sub in self.state.submissions(row.round):
+            if sub.spool_file is None:
+                continue
+            for index, blob in enumerate(read_records(self.spool.path(sub.spool_file))):
+                running.add(index, self.codec.load(blob))
+            restored.accepted[sub.node] = sub
+        self._open = restored
+        event(
+            log,
+            "resumed open round after restart",
+            round=row.round,
+            accepted=len(restored.accepted),
+            deadline=round(row.deadline, 3),
+        )
+
+    def close_round(self, number: int, reason: str, actor: str = "scheduler") -> RoundRow:
+        """Close the open round: publish its sum if enough nodes are in, else fail it."""
+        with self._lock:
+            current = self._open
+            if current is None or current.number != number or current.closing:
+                row = self.state.round(number)
+                if row is None:
+                    raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {number} is not open (it is {row.state})",
+                )
+            current.closing = True
+            for upload in list(current.uploads.values()):
+                self._rollback(current, upload, "the round closed before the upload finished")
+            accepted = dict(current.accepted)
+        participants = len(accepted)
+        self.bus.publish(
+            self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
+        )
+        if participants >= self.config.min_participants:
+            sum_file, size = self.spool.write_sum(number, current.running.serialized())
+            self.state.finish_round(
+                number,
+                state="sum_ready",
+                reason=reason,
+                participants=participants,
+                sum_file=sum_file,
+                num_ciphertexts=len(current.running),
+                num_values=current.num_values,
+            )
+            audit(
+                "round closed",
+                actor,
+                round=number,
+                participants=participants,
+                reason=reason,
+                sum_bytes=size,
+            )
+            kind = pb.RoundEvent.SUM_READY
+        else:
+            reason = (
+                f"only {participants} of the required {self.config.min_participants} nodes "
+                f"submitted ({reason}); no sum is released"
+            )
+            self.state.finish_round(number, state="failed", reason=reason, participants=participants)
+            audit("round failed", actor, round=number, participants=participants, reason=reason)
+            kind = pb.RoundEvent.FAILED
+        self.spool.drop_round(number)
+        with self._lock:
+            self._open = None
+            self._last_closed = time.time()
+        row = self.state.round(number)
+        assert row is not None
+        self.bus.publish(self._event(kind, row))
+        self._wake.set()
+        return row
+
+    # ------------------------------------------------------------ uploads
+
+    def begin_upload(self, node: str, header: pb.SubmitHeader) -> tuple[OpenRound, Upload] | pb.SubmitReceipt:
+        """Check a header against the open round; a retry gets its first receipt back."""
+        layout = self.layout()
+        with self._lock:
+            current = self._open
+            previous = self.state.submission(header.round, node)
+            if previous is not None:
+                if previous.submission_id == header.submission_id:
+                    return self._receipt(previous, duplicate=True)
+                raise RoundError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"node {node!r} already submitted to round {header.round} "
+                    f"(submission {previous.submission_id}); one update per node per round",
+                )
+            if current is None or current.closing or current.number != header.round:
+                open_now = current.number if current and not current.closing else 0
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"round {header.round} is not open for submissions "
+                    + (f"(round {open_now} is)" if open_now else "(no round is open)"),
+                )
+            if header.base_round != current.row.base_round:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"update starts from round {header.base_round} but round {current.number} "
+                    f"builds on round {current.row.base_round}: catch up before submitting",
+                )
+            if header.key_fingerprint != self.fingerprint:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "key fingerprint differs from the federation's; nothing was added",
+                )
+            if layout is None or header.layout_hash != layout.hash:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "layout hash differs from the federation's; join again with the federation's model",
+                )
+            expected_cts = len(current.running)
+            if header.num_values != current.num_values or header.num_ciphertexts != expected_cts:
+                raise RoundError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"header announces {header.num_values} values in {header.num_ciphertexts} "
+                    f"ciphertexts; the layout needs {current.num_values} in {expected_cts}",
+                )
+            if node in current.uploads:
+                raise RoundError(
+                    grpc.StatusCode.ABORTED,
+                    f"another upload from {node!r} to round {current.number} is in progress; "
+                    "retry with the same submission id once it ends",
+                )
+            upload = Upload(node, header.submission_id, self.spool.writer(current.number, node))
+            current.uploads[node] = upload
+            return current, upload
+
+    def add_block(self, current: OpenRound, upload: Upload, blob: bytes, ct: seal.Ciphertext) -> None:
+        """Spool and add one validated ciphertext of an upload."""
+        with self._lock:
+            if upload.aborted is not None:
+                raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
+            upload.writer.append(blob)
+            current.running.add(upload.added, ct)
+            upload.added += 1
+
+    def finish_upload(
+        self, current: OpenRound, upload: Upload, metrics: dict[str, float]
+    ) -> pb.SubmitReceipt:
+        """Make the upload durable, then count it: only now is it acknowledged."""
+        spool_file = upload.writer.commit()
+        now = time.time()
+        row = SubmissionRow(
+            round=current.number,
+            node=upload.node,
+            submission_id=upload.submission_id,
+            receipt=self._receipt_token(current.number, upload.node, upload.submission_id),
+            accepted=now,
+            num_bytes=upload.writer.num_bytes,
+            spool_file=spool_file,
+            metrics=metrics,
+        )
+        with self._lock:
+            if upload.aborted is not None:
+                raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
+            try:
+                self.state.accept_submission(row)
+            except sqlite3.IntegrityError as exc:
+                raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
+            current.accepted[upload.node] = row
+            del current.uploads[upload.node]
+            everyone_in = set(current.row.expected) <= set(current.accepted)
+        audit(
+            "submission accepted",
+            upload.node,
+            round=current.number,
+            submission=upload.submission_id,
+            bytes=row.num_bytes,
+        )
+        if everyone_in:
+            self._wake.set()
+        return self._receipt(row, duplicate=False)
+
+    def abort_upload(self, current: OpenRound, upload: Upload, reason: str) -> None:
+        with self._lock:
+            self._rollback(current, upload, reason)
+
+    def _rollback(self, current: OpenRound, upload: Upload, reason: str) -> None:
+        """Subtract what an unfinished upload added and forget it (caller holds the lock)."""
+        if upload.aborted is None:
+            upload.aborted = reason
+            if upload.added:
+                blobs = upload.writer.written()
+                current.running.subtract(next(blobs) for _ in range(upload.added))
+            upload.writer.discard()
+            current.uploads.pop(upload.node, None)
+            audit(
+                "submission refused",
+                upload.node,
+                round=current.number,
+                submission=upload.submission_id,
+                reason=reason,
+            )
+
+    def _receipt_token(self, number: int, node: str, submission_id: str) -> str:
+        msg = f"{number}\0{node}\0{submission_id}".encode()
+        return hmac.new(self._receipt_key, msg, hashlib.sha256).hexdigest()[:32]
+
+    def _receipt(self, row: SubmissionRow, duplicate: bool) -> pb.SubmitReceipt:
+        layout = self.layout()
+        return pb.SubmitReceipt(
+            round=row.round,
+            submission_id=row.submission_id,
+            receipt=row.receipt,
+            duplicate=duplicate,
+            num_bytes=row.num_bytes,
+            accepted_unix=row.accepted,
+            num_ciphertexts=codec.num_ciphertexts(layout.num_values) if layout else 0,
+        )
+
+    # ------------------------------------------------------------ events
+
+    def _event(
+        self,
+        kind: pb.RoundEvent.Kind,
+        row: RoundRow,
+        *,
+        reason: str = "",
+        participants: int | None = None,
+        replay: bool = False,
+    ) -> pb.RoundEvent:
+        return pb.RoundEvent(
+            kind=kind,
+            round=row.round,
+            base_round=row.base_round,
+            reason=reason or row.reason,
+            deadline_unix=row.deadline,
+            expected=len(row.expected),
+            participants=row.participants if participants is None else participants,
+            replay=replay,
+            time_unix=time.time(),
+        )
+
+    def history(self, since_round: int) -> list[pb.RoundEvent]:
+        """Events a node that last saw ``since_round`` needs to catch up, oldest first."""
+        out = []
+        for row in self.state.rounds(after=since_round):
+            if row.state == "sum_ready":
+                out.append(self._event(pb.RoundEvent.SUM_READY, row, replay=True))
+            elif row.state == "failed":
+                out.append(self._event(pb.RoundEvent.FAILED, row, replay=True))
+        with self._lock:
+            if self._open is not None and not self._open.closing:
+                out.append(self._event(pb.RoundEvent.OPENED, self._open.row, replay=True))
+        return out
+
+    # ------------------------------------------------------------ scheduler
+
+    def run_scheduler(self, stop: threading.Event) -> None:
+        """Close rounds at their deadline or when all are in; open rounds when due."""
+        while not stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            try:
+                self._tick()
+            except RoundError as exc:
+                log.debug("scheduler: %s", exc.message)
+            except Exception:
+                log.exception("scheduler step failed; retrying")
+                stop.wait(1.0)
+
+    def _tick(self) -> None:
+        now = time.time()
+        with self._lock:
+            current = self._open
+            due: tuple[int, str] | None = None
+            if current is not None and not current.closing:
+                if now >= current.row.deadline:
+                    due = (current.number, "deadline reached")
+                elif current.row.expected and set(current.row.expected) <= set(current.accepted):
+                    due = (current.number, "every expected node submitted")
+        if due is not None:
+            self.close_round(*due)
+            return
+        if current is None and self._should_start(now):
+            self.start_round()
+
+    def _should_start(self, now: float) -> bool:
+        if not self.config.auto_start or self.layout() is None:
+            return False
+        if self.config.max_rounds and self.state.count_rounds("sum_ready") >= self.config.max_rounds:
+            return False
+        if now - self._last_closed < self.config.interval_seconds:
+            return False
+        return len(self.online()) >= self.config.min_participants

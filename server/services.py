@@ -1,0 +1,223 @@
+"""The gRPC servicers: thin adapters from RPCs to the round manager.
+
+Every handler identifies the caller first (certificate, role), validates
+what it received, and turns refusals into a gRPC status with a message a
+person can act on; an exception in one call never affects another.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from cipherhive import __version__
+from cipherhive.layout import Layout
+from cipherhive.logs import audit, event
+from cipherhive.server.identity import Authenticator
+from cipherhive.server.ingest import ingest
+from cipherhive.server.publish import stream_sum
+from cipherhive.server.rounds import STATE_NAMES, RoundError, RoundManager
+from cipherhive.server.state import RoundRow
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cipherhive.server")
+R = TypeVar("R")
+
+
+def _guard(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
+    """Run ``call``, turning a RoundError into the matching gRPC status."""
+    try:
+        return call()
+    except RoundError as exc:
+        context.abort(exc.code, exc.message)
+        raise  # unreachable: abort raises
+
+
+class AggregationService(pb_grpc.AggregationServicer):
+    def __init__(self, manager: RoundManager, auth: Authenticator, stopping: Callable[[], bool]) -> None:
+        self.m = manager
+        self.auth = auth
+        self._stopping = stopping
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        caller = self.auth.require(context, "node", claimed=request.node_name)
+        layout = Layout.from_proto(request.layout)
+        if request.layout.num_params != layout.num_params:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"layout.num_params {request.layout.num_params} is not the sum of its tensors' "
+                f"sizes ({layout.num_params})",
+            )
+        try:
+            self.m.join(caller.name, request.key_fingerprint, layout)
+        except RoundError as exc:
+            audit("join refused", caller.name, reason=exc.message)
+            context.abort(exc.code, exc.message)
+        audit("join", caller.name, version=request.software_version[:40])
+        return pb.JoinReply(
+            node_name=caller.name,
+            settings=self.m.settings(),
+            latest_round=self.m.state.rounds(limit=1)[-1].round if self.m.state.rounds(limit=1) else 0,
+            latest_sum_round=self.m.state.latest_sum_round(),
+        )
+
+    def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
+        caller = self.auth.require(context, "node")
+        q = self.m.bus.subscribe()
+        self.m.watcher_enter(caller.name)
+        event(log, "node online", node=caller.name)
+        try:
+            yield from self.m.history(request.since_round)
+            heartbeat = self.m.config.heartbeat_seconds
+            last = time.monotonic()
+            while context.is_active() and not self._stopping():
+                try:
+                    item = q.get(timeout=min(heartbeat, 0.5))
+                except queue.Empty:
+                    if time.monotonic() - last < heartbeat:
+                        continue
+                    item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
+                if item is None:
+                    return
+                last = time.monotonic()
+                yield item
+        finally:
+            self.m.bus.unsubscribe(q)
+            self.m.watcher_exit(caller.name)
+            event(log, "node offline", node=caller.name)
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitReceipt:
+        caller = self.auth.require(context, "node")
+        try:
+            return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
+        except RoundError as exc:
+            log.info(
+                "refused upload from %s: %s",
+                caller.name,
+                exc.message,
+                extra={"fields": {"node": caller.name}},
+            )
+            context.abort(exc.code, exc.message)
+            raise
+
+    def FetchAggregate(
+        self, request: pb.FetchRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AggregateChunk]:
+        caller = self.auth.require(context, "node")
+        layout = self.m.layout()
+        try:
+            yield from stream_sum(
+                self.m.state,
+                self.m.spool,
+                request,
+                layout.hash if layout else "",
+                self.m.config.max_ciphertexts_per_chunk,
+            )
+        except RoundError as exc:
+            context.abort(exc.code, exc.message)
+        event(log, "sum served", node=caller.name, round=request.round)
+
+
+def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = True) -> pb.RoundInfo:
+    info = pb.RoundInfo(
+        round=row.round,
+        state=STATE_NAMES[row.state],
+        base_round=row.base_round,
+        opened_unix=row.opened,
+        deadline_unix=row.deadline,
+        closed_unix=row.closed or 0.0,
+        expected=len(row.expected),
+        participants=row.participants,
+        reason=row.reason,
+    )
+    if with_submissions:
+        for sub in manager.state.submissions(row.round):
+            info.submissions.append(
+                pb.SubmissionInfo(
+                    node_name=sub.node,
+                    accepted_unix=sub.accepted,
+                    num_bytes=sub.num_bytes,
+                    metrics=sub.metrics,
+                )
+            )
+    return info
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, manager: RoundManager, auth: Authenticator, started: float) -> None:
+        self.m = manager
+        self.auth = auth
+        self.started = started
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        self.auth.require(context, "admin")
+        rounds = self.m.state.rounds(limit=1)
+        return pb.StatusReply(
+            version=__version__,
+            started_unix=self.started,
+            settings=self.m.settings(),
+            nodes_known=len(self.m.state.nodes()),
+            nodes_online=len(self.m.online()),
+            open_round=self.m.open_round_number(),
+            latest_round=rounds[-1].round if rounds else 0,
+            latest_sum_round=self.m.state.latest_sum_round(),
+            rounds_failed=self.m.state.count_rounds("failed"),
+            auto_start=self.m.config.auto_start,
+            max_rounds=self.m.config.max_rounds,
+        )
+
+    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesReply:
+        self.auth.require(context, "admin")
+        online = set(self.m.online())
+        return pb.ListNodesReply(
+            nodes=[
+                pb.NodeInfo(
+                    name=n.name,
+                    online=n.name in online,
+                    first_seen_unix=n.first_seen,
+                    last_seen_unix=n.last_seen,
+                    last_round=n.last_round,
+                    submissions=n.submissions,
+                )
+                for n in self.m.state.nodes()
+            ]
+        )
+
+    def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
+        self.auth.require(context, "admin")
+        return pb.ListRoundsReply(
+            rounds=[round_info(self.m, row) for row in self.m.state.rounds(limit=request.limit)]
+        )
+
+    def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
+        self.auth.require(context, "admin")
+        row = self.m.state.round(request.round)
+        if row is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
+            raise AssertionError("unreachable: abort raises")
+        return round_info(self.m, row)
+
+    def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
+        caller = self.auth.require(context, "admin")
+        if request.timeout_seconds < 0 or request.timeout_seconds > 7 * 86400:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
+            )
+        row = _guard(context, lambda: self.m.start_round(request.timeout_seconds, actor=caller.name))
+        return round_info(self.m, row)
+
+    def CloseRound(self, request: pb.CloseRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
+        caller = self.auth.require(context, "admin")
+        row = _guard(
+            context,
+            lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name),
+        )
+        return round_info(self.m, row)

@@ -1,0 +1,147 @@
+"""Ciphertext files on the server's disk: the submission spool and the published sums.
+
+Layout under the state directory::
+
+    spool/round-<R>/<node>.partial   an upload in progress (discarded on restart)
+    spool/round-<R>/<node>.ct        an acknowledged submission (until the sum is final)
+    sums/round-<R>.sum               a published encrypted sum (kept for catch-up)
+
+A file is a magic header followed by length-prefixed serialized ciphertexts.
+A submission becomes ``.ct`` only after fsync, and only then is it
+acknowledged; the spool of a round is deleted once its sum is final, so no
+individual ciphertext outlives its round.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from cipherhive.fsutil import atomic_write, fsync_dir
+
+MAGIC = b"CHCT\x01"
+_LEN = struct.Struct("<I")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class SpoolError(RuntimeError):
+    """A spool or sum file that is missing, truncated or not ours."""
+
+
+def encode_records(blobs: Iterable[bytes]) -> Iterator[bytes]:
+    yield MAGIC
+    for blob in blobs:
+        yield _LEN.pack(len(blob))
+        yield blob
+
+
+def read_records(path: Path, skip: int = 0) -> Iterator[bytes]:
+    """Yield the ciphertexts stored in ``path``, after the first ``skip``."""
+    with open(path, "rb") as fh:
+        if fh.read(len(MAGIC)) != MAGIC:
+            raise SpoolError(f"{path} is not a cipherhive ciphertext file")
+        index = 0
+        while True:
+            head = fh.read(_LEN.size)
+            if not head:
+                return
+            if len(head) != _LEN.size:
+                raise SpoolError(f"{path} is truncated")
+            (size,) = _LEN.unpack(head)
+            if index < skip:
+                fh.seek(size, os.SEEK_CUR)
+            else:
+                blob = fh.read(size)
+                if len(blob) != size:
+                    raise SpoolError(f"{path} is truncated")
+                yield blob
+            index += 1
+
+
+class Spool:
+    """Owns the ``spool/`` and ``sums/`` folders of one state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.spool_dir = state_dir / "spool"
+        self.sums_dir = state_dir / "sums"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.sums_dir.mkdir(parents=True, exist_ok=True)
+
+    def round_dir(self, number: int) -> Path:
+        return self.spool_dir / f"round-{number}"
+
+    def writer(self, number: int, node: str) -> SubmissionWriter:
+        if not _SAFE_NAME.match(node):
+            raise SpoolError(f"unsafe node name {node!r}")
+        return SubmissionWriter(self.round_dir(number), node, self.root)
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def write_sum(self, number: int, blobs: Iterable[bytes]) -> tuple[str, int]:
+        """Durably write a round's sum; returns (path relative to the state dir, bytes)."""
+        path = self.sums_dir / f"round-{number}.sum"
+        size = atomic_write(path, encode_records(blobs), mode=0o640)
+        return str(path.relative_to(self.root)), size
+
+    def drop_round(self, number: int) -> None:
+        """Delete every individual submission of a round (its sum is final)."""
+        shutil.rmtree(self.round_dir(number), ignore_errors=True)
+        fsync_dir(self.spool_dir)
+
+    def drop_partials(self) -> list[Path]:
+        """Remove uploads that were never acknowledged (after a crash)."""
+        removed = sorted(self.spool_dir.glob("round-*/*.partial"))
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
+
+class SubmissionWriter:
+    """Appends one node's ciphertexts; :meth:`commit` makes them durable."""
+
+    def __init__(self, directory: Path, node: str, root: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._root = root
+        self.partial = directory / f"{node}.partial"
+        self.final = directory / f"{node}.ct"
+        self._fh: BinaryIO | None = open(self.partial, "wb")  # noqa: SIM115 - closed in commit/discard
+        os.fchmod(self._fh.fileno(), 0o600)
+        self._fh.write(MAGIC)
+        self.count = 0
+        self.num_bytes = 0
+
+    def append(self, blob: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(_LEN.pack(len(blob)))
+        self._fh.write(blob)
+        self.count += 1
+        self.num_bytes += len(blob)
+
+    def written(self) -> Iterator[bytes]:
+        """Read back what was appended so far (for rollback of a partial addition)."""
+        if self._fh is not None:
+            self._fh.flush()
+        yield from read_records(self.partial if self._fh is not None else self.final)
+
+    def commit(self) -> str:
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        os.replace(self.partial, self.final)
+        fsync_dir(self.final.parent)
+        return str(self.final.relative_to(self._root))
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.partial.unlink(missing_ok=True)

@@ -1,0 +1,62 @@
+"""The package is ruff- and mypy-clean, and the generated protobuf code is current."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Folder of the repository -> import name (the same mapping as pyproject's package-dir).
+PACKAGES = {"common": "cipherhive", "server": "server", "node": "node", "demo": "demo"}
+
+
+def _import_tree(tmp_path: Path) -> Path:
+    """Lay the repository out under its import names so mypy sees `cipherhive.*`."""
+    top = tmp_path / "cipherhive"
+    top.mkdir()
+    for source in (ROOT / "common").iterdir():
+        if source.suffix in (".py", ".typed"):
+            (top / source.name).symlink_to(source)
+    for folder in ("server", "node", "demo"):
+        (top / folder).symlink_to(ROOT / folder, target_is_directory=True)
+    (top / "v1").symlink_to(ROOT / "proto" / "cipherhive" / "v1", target_is_directory=True)
+    return tmp_path
+
+
+def test_generated_protobuf_is_current() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_mypy_clean(tmp_path: Path) -> None:
+    tree = _import_tree(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            "-p",
+            "cipherhive",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tree,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
