@@ -1,0 +1,157 @@
+"""Integration: a real server and three real node processes on loopback, mutual TLS.
+
+Checks the product's central promise: after each round every node holds the
+same model, equal to a plaintext FedAvg over exactly the submitted updates,
+while the server process only ever held the public context.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import tenseal as ts
+import torch
+
+from cipherhive import keys
+from cipherhive.demo.federation import LocalFederation
+from cipherhive.transport import ClientTLS, channel
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def _records(workdir: Path, number: int, kind: str) -> list[dict[str, torch.Tensor]]:
+    folder = workdir / "records" / f"round-{number}"
+    return [torch.load(p, weights_only=True) for p in sorted(folder.glob(f"shard-*.{kind}.pt"))]
+
+
+def _checkpoint(workdir: Path, name: str) -> dict[str, object]:
+    data: dict[str, object] = torch.load(workdir / f"{name}-state" / "checkpoint.pt", weights_only=True)
+    return data
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    workdir = tmp_path_factory.mktemp("federation")
+    fed = LocalFederation(
+        workdir,
+        nodes=3,
+        node_options={"epochs": 1, "record_dir": str(workdir / "records")},
+        rounds={"max_rounds": 2},
+    )
+    fed.setup()
+    fed.start()
+    try:
+        fed.wait_for(
+            lambda: sum(r.state == pb.ROUND_SUM_READY for r in fed.list_rounds()) >= 2, 180, "two rounds"
+        )
+        fed.wait_for(lambda: len(_records(workdir, 2, "applied")) == 3, 60, "nodes to apply round 2")
+        yield fed
+    finally:
+        codes = fed.stop_all()
+        assert all(c in (0, None) for c in codes.values()), (codes, fed.log("server"))
+
+
+def test_nodes_match_plaintext_fedavg(federation: LocalFederation) -> None:
+    """Each round's applied average equals Σ nᵢΔᵢ / Σ nᵢ computed in the clear."""
+    workdir = federation.workdir
+    for number in (1, 2):
+        updates = _records(workdir, number, "update")
+        applied = _records(workdir, number, "applied")
+        assert len(updates) == 3 and len(applied) == 3
+        base = updates[0]["global"]
+        assert all(torch.equal(u["global"], base) for u in updates), "nodes trained from different bases"
+        total = sum(int(u["samples"]) for u in updates)
+        plain = sum(int(u["samples"]) * (u["local"] - u["global"]) for u in updates) / total
+        for record in applied:
+            assert float((record["mean"] - plain).abs().max()) < 1e-6
+            assert int(record["participants"]) == 3
+            expected = (base + plain).float().double()
+            assert float((record["global"] - expected).abs().max()) < 1e-6
+    # The final checkpoints are bit-identical across nodes.
+    checkpoints = [_checkpoint(workdir, federation.node_name(i)) for i in range(3)]
+    assert {c["round"] for c in checkpoints} == {2}
+    first = checkpoints[0]["tensors"]
+    for other in checkpoints[1:]:
+        assert all(torch.equal(first[k], other["tensors"][k]) for k in first)  # type: ignore[index]
+
+
+def test_rounds_are_recorded_with_metrics(federation: LocalFederation) -> None:
+    rounds = [r for r in federation.list_rounds() if r.state == pb.ROUND_SUM_READY]
+    assert [r.round for r in rounds][:2] == [1, 2]
+    assert rounds[0].base_round == 0 and rounds[1].base_round == 1
+    for info in rounds[:2]:
+        assert info.participants == 3
+        assert sorted(s.node_name for s in info.submissions) == ["node-1", "node-2", "node-3"]
+        for sub in info.submissions:
+            assert set(sub.metrics) == {"loss", "accuracy"}
+            assert 0.0 <= sub.metrics["accuracy"] <= 1.0
+
+
+def _memory_contains(pid: int, needle: bytes) -> bool:
+    """Scan a live process's readable memory for ``needle`` (we run as its owner)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addresses, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in addresses.split("-"))
+            if end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            if needle in chunk:
+                found = True
+                break
+    return found
+
+
+def test_server_memory_never_holds_the_secret_key(federation: LocalFederation) -> None:
+    """The secret key's coefficients are in a node's memory and nowhere in the server's.
+
+    The node half is the positive control: it shows the scan finds the key
+    where it is, so the server half is a real check, not one that cannot fail.
+    """
+    secret = ts.context_from((federation.workdir / "keys" / keys.SECRET_FILE).read_bytes())
+    poly = secret.secret_key().data.data()
+    needle = b"".join(int(poly[i]).to_bytes(8, "little") for i in range(100, 108))
+    node = federation.procs["node-1"]
+    server = federation.procs["server"]
+    assert node.poll() is None and server.poll() is None
+    assert _memory_contains(node.pid, needle), "control failed: the scan does not find the key in a node"
+    assert not _memory_contains(server.pid, needle), "the server process holds the secret key"
+
+
+def test_node_certificate_cannot_fetch_a_failed_or_missing_round(federation: LocalFederation) -> None:
+    d = federation.workdir / "node-1"
+    tls = ClientTLS(d / "node-1.crt", d / "node-1.key", d / "ca.crt", "localhost")
+    with channel(f"127.0.0.1:{federation.port}", tls) as ch:
+        stub = pb_grpc.AggregationStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchAggregate(pb.FetchRequest(round=99), timeout=10))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.AdminStub(ch).GetStatus(pb.StatusRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_server_refuses_a_secret_context(tmp_path: Path) -> None:
+    files = keys.keygen(tmp_path / "keys")
+    result = subprocess.run(
+        [sys.executable, "-m", "cipherhive", "server", "--insecure", "--public-context", str(files.secret),
+         "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "SECRET key" in result.stderr and "public.ctx" in result.stderr
+    assert not (tmp_path / "state").exists(), "the server created state before refusing"
