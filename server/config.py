@@ -21,6 +21,9 @@ class ServerConfig:
     insecure: bool = setting(
         False, "server", "serve without TLS; node names are self-declared (development only)"
     )
+    health_listen: str = setting(
+        "", "server", "extra plaintext address serving only grpc.health.v1 (for probes); empty: off"
+    )
     grace_seconds: float = setting(10.0, "server", "how long shutdown waits for streams in flight")
     tls_cert: Path | None = setting(
         None, "tls", "server certificate (PEM) from `cipherhive certs issue --role server`"

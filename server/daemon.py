@@ -92,7 +92,9 @@ class Server:
         pb_grpc.add_AggregationServicer_to_server(
             AggregationService(self.rounds, auth, self._stop.is_set), server
         )
-        pb_grpc.add_AdminServicer_to_server(AdminService(self.rounds, auth, time.time()), server)
+        pb_grpc.add_AdminServicer_to_server(
+            AdminService(self.rounds, auth, time.time(), self._stop.is_set), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             pb.DESCRIPTOR.services_by_name["Aggregation"].full_name,
@@ -118,6 +120,14 @@ class Server:
         if port == 0:
             raise StartupError(f"cannot listen on {cfg.listen} (address in use or not local)")
         self.port = port
+        self.health_server: grpc.Server | None = None
+        if cfg.health_listen:
+            # Kubernetes' native gRPC probes cannot present a client certificate; health
+            # status is all this plaintext port serves.
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if self.health_server.add_insecure_port(cfg.health_listen) == 0:
+                raise StartupError(f"cannot listen on health_listen {cfg.health_listen}")
         return server
 
     def _set_health(self, status: int) -> None:
@@ -126,6 +136,8 @@ class Server:
 
     def start(self) -> None:
         self.grpc_server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self._scheduler = threading.Thread(
             target=self.rounds.run_scheduler, args=(self._stop,), name="scheduler", daemon=True
         )
@@ -147,6 +159,8 @@ class Server:
         self._stop.set()
         self.rounds.bus.close_all()
         self.grpc_server.stop(self.config.grace_seconds).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self._scheduler.join(timeout=5)
         self.state.close()
         event(log, "server stopped")

@@ -69,26 +69,11 @@ class AggregationService(pb_grpc.AggregationServicer):
 
     def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
         caller = self.auth.require(context, "node")
-        q = self.m.bus.subscribe()
         self.m.watcher_enter(caller.name)
         event(log, "node online", node=caller.name)
         try:
-            yield from self.m.history(request.since_round)
-            heartbeat = self.m.config.heartbeat_seconds
-            last = time.monotonic()
-            while context.is_active() and not self._stopping():
-                try:
-                    item = q.get(timeout=min(heartbeat, 0.5))
-                except queue.Empty:
-                    if time.monotonic() - last < heartbeat:
-                        continue
-                    item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
-                if item is None:
-                    return
-                last = time.monotonic()
-                yield item
+            yield from follow_events(self.m, request.since_round, context, self._stopping)
         finally:
-            self.m.bus.unsubscribe(q)
             self.m.watcher_exit(caller.name)
             event(log, "node offline", node=caller.name)
 
@@ -126,6 +111,30 @@ class AggregationService(pb_grpc.AggregationServicer):
         event(log, "sum served", node=caller.name, round=request.round)
 
 
+def follow_events(
+    manager: RoundManager, since_round: int, context: grpc.ServicerContext, stopping: Callable[[], bool]
+) -> Iterator[pb.RoundEvent]:
+    """History after ``since_round``, then live events, with heartbeats, until the call ends."""
+    q = manager.bus.subscribe()
+    try:
+        yield from manager.history(since_round)
+        heartbeat = manager.config.heartbeat_seconds
+        last = time.monotonic()
+        while context.is_active() and not stopping():
+            try:
+                item = q.get(timeout=min(heartbeat, 0.5))
+            except queue.Empty:
+                if time.monotonic() - last < heartbeat:
+                    continue
+                item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
+            if item is None:
+                return
+            last = time.monotonic()
+            yield item
+    finally:
+        manager.bus.unsubscribe(q)
+
+
 def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = True) -> pb.RoundInfo:
     info = pb.RoundInfo(
         round=row.round,
@@ -152,10 +161,13 @@ def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = Tr
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, manager: RoundManager, auth: Authenticator, started: float) -> None:
+    def __init__(
+        self, manager: RoundManager, auth: Authenticator, started: float, stopping: Callable[[], bool]
+    ) -> None:
         self.m = manager
         self.auth = auth
         self.started = started
+        self._stopping = stopping
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         self.auth.require(context, "admin")
@@ -221,3 +233,7 @@ class AdminService(pb_grpc.AdminServicer):
             lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name),
         )
         return round_info(self.m, row)
+
+    def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
+        self.auth.require(context, "admin")
+        yield from follow_events(self.m, request.since_round, context, self._stopping)

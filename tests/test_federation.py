@@ -148,9 +148,22 @@ def test_node_certificate_cannot_fetch_a_failed_or_missing_round(federation: Loc
 def test_server_refuses_a_secret_context(tmp_path: Path) -> None:
     files = keys.keygen(tmp_path / "keys")
     result = subprocess.run(
-        [sys.executable, "-m", "cipherhive", "server", "--insecure", "--public-context", str(files.secret),
-         "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cipherhive",
+            "server",
+            "--insecure",
+            "--public-context",
+            str(files.secret),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "SECRET key" in result.stderr and "public.ctx" in result.stderr

@@ -30,9 +30,11 @@ def test_round_below_floor_fails_and_releases_nothing(tmp_path: Path) -> None:
             opened = admin.StartRound(pb.StartRoundRequest(timeout_seconds=6), timeout=10)
             assert opened.state == pb.ROUND_OPEN
             info = fed.wait_for(
-                lambda: (r := admin.GetRound(pb.GetRoundRequest(round=opened.round), timeout=5)).state
-                == pb.ROUND_FAILED
-                and r,
+                lambda: (
+                    (r := admin.GetRound(pb.GetRoundRequest(round=opened.round), timeout=5)).state
+                    == pb.ROUND_FAILED
+                    and r
+                ),
                 60,
                 "the round to fail",
             )
@@ -45,7 +47,11 @@ def test_round_below_floor_fails_and_releases_nothing(tmp_path: Path) -> None:
         tls = ClientTLS(d / "node-1.crt", d / "node-1.key", d / "ca.crt", "localhost")
         with channel(f"127.0.0.1:{fed.port}", tls) as ch:
             with pytest.raises(grpc.RpcError) as err:
-                list(pb_grpc.AggregationStub(ch).FetchAggregate(pb.FetchRequest(round=opened.round), timeout=10))
+                list(
+                    pb_grpc.AggregationStub(ch).FetchAggregate(
+                        pb.FetchRequest(round=opened.round), timeout=10
+                    )
+                )
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "no published sum" in (err.value.details() or "")
         fed.wait_for(lambda: "round failed" in fed.log("node-1"), 20, "the node to log the failure")

@@ -280,6 +280,11 @@ class AdminStub:
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.CloseRoundRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundInfo.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/cipherhive.v1.Admin/WatchEvents',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundEvent.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -323,6 +328,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Follow round events live (the operator's view of WatchRounds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +367,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CloseRound,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.CloseRoundRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundInfo.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.WatchRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +538,33 @@ class Admin:
             '/cipherhive.v1.Admin/CloseRound',
             cipherhive_dot_v1_dot_federation__pb2.CloseRoundRequest.SerializeToString,
             cipherhive_dot_v1_dot_federation__pb2.RoundInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cipherhive.v1.Admin/WatchEvents',
+            cipherhive_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.RoundEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1 @@
+"""`cipherhive ctl`: the operator's gRPC client for the Admin service."""

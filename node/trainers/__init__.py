@@ -1,0 +1,1 @@
+"""Ready-made trainer plug-ins (see node/trainer.py for the interface)."""

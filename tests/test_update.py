@@ -1,0 +1,239 @@
+"""Tests for cipherhive.node.update (weighting, FedAvg mean, model <-> vector) and cipherhive.layout."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from cipherhive import codec, keys
+from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.layout import Layout, TensorSpec, describe_difference
+from cipherhive.node import update
+from cipherhive.node.update import UpdateError
+from cipherhive.server.running_sum import RunningSum
+from cipherhive.v1 import federation_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def codecs(tmp_path_factory: pytest.TempPathFactory) -> tuple[SecretCodec, PublicCodec]:
+    files = keys.keygen(tmp_path_factory.mktemp("keys"))
+    return SecretCodec(files.secret.read_bytes()), PublicCodec(files.public.read_bytes())
+
+
+# --------------------------------------------------------------------------- weighted_vector
+
+
+def test_weighted_vector_layout() -> None:
+    local = np.array([1.0, 2.0, -3.0])
+    global_ = np.array([0.5, 2.0, 1.0])
+    out = update.weighted_vector(local, global_, num_samples=250, weight_unit=1000.0, max_participants=64)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, [0.125, 0.0, -1.0, 0.25])
+    # The inputs are left alone.
+    np.testing.assert_array_equal(local, [1.0, 2.0, -3.0])
+
+
+def test_weighted_vector_empty_update() -> None:
+    out = update.weighted_vector(np.zeros(0), np.zeros(0), 10, 10.0, 8)
+    np.testing.assert_array_equal(out, [1.0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_weighted_vector_refuses_non_finite(bad: float) -> None:
+    local = np.array([0.0, bad, 1.0])
+    with pytest.raises(UpdateError, match="NaN or infinite"):
+        update.weighted_vector(local, np.zeros(3), 10, 1000.0, 64)
+    with pytest.raises(UpdateError, match="NaN or infinite"):
+        update.weighted_vector(np.zeros(3), local, 10, 1000.0, 64)
+
+
+@pytest.mark.parametrize("samples", [0, -5])
+def test_weighted_vector_refuses_no_samples(samples: int) -> None:
+    with pytest.raises(UpdateError, match="at least one"):
+        update.weighted_vector(np.zeros(3), np.zeros(3), samples, 1000.0, 64)
+
+
+def test_weighted_vector_range_limit() -> None:
+    max_participants = 64
+    limit = VALUE_RANGE / max_participants
+    # weight 1: the weighted delta is the delta itself.
+    at_limit = np.array([limit, -limit])
+    out = update.weighted_vector(at_limit, np.zeros(2), 1000, 1000.0, max_participants)
+    assert np.abs(out).max() == limit
+
+    with pytest.raises(UpdateError, match="beyond the") as info:
+        update.weighted_vector(np.array([0.0, -limit * 1.01]), np.zeros(2), 1000, 1000.0, max_participants)
+    assert f"{max_participants} members" in str(info.value)
+
+    # A larger federation leaves each member a smaller share of the range.
+    update.weighted_vector(np.array([limit / 2]), np.zeros(1), 1000, 1000.0, max_participants)
+    with pytest.raises(UpdateError):
+        update.weighted_vector(np.array([limit / 2]), np.zeros(1), 1000, 1000.0, 4 * max_participants)
+
+
+def test_weighted_vector_weight_itself_is_range_checked() -> None:
+    # weight = samples / weight_unit; a tiny weight_unit makes the weight slot overflow.
+    with pytest.raises(UpdateError, match="beyond the"):
+        update.weighted_vector(np.zeros(3), np.zeros(3), 10_000, 1e-3, 64)
+
+
+# --------------------------------------------------------------------------- mean_from_sum
+
+
+@pytest.mark.parametrize("members", [3, 4, 5])
+def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], members: int) -> None:
+    secret, public = codecs
+    rng = np.random.default_rng(members)
+    num_params = codec.VALUES_PER_CIPHERTEXT + 1234  # the weight sits in the second block
+    global_ = rng.normal(0.0, 1.0, num_params)
+    locals_ = [global_ + rng.normal(0.0, 0.05, num_params) for _ in range(members)]
+    samples = [int(n) for n in rng.integers(200, 2000, members)]
+
+    blocks = codec.num_ciphertexts(num_params + 1)
+    running = RunningSum(public, blocks)
+    for local, n in zip(locals_, samples, strict=True):
+        vector = update.weighted_vector(local, global_, n, 1000.0, 64)
+        for index, blob in enumerate(secret.encrypt_all(vector)):
+            running.add(index, public.load(blob))
+    summed = np.concatenate([secret.decrypt(blob) for blob in running.serialized()])
+
+    mean = update.mean_from_sum(summed, num_params)
+    deltas = [local - global_ for local in locals_]
+    expected = sum(n * d for n, d in zip(samples, deltas, strict=True)) / sum(samples)
+    assert mean.shape == (num_params,)
+    assert np.abs(mean - expected).max() < 1e-7
+    assert abs(summed[num_params] - sum(samples) / 1000.0) < 1e-7
+
+
+@pytest.mark.parametrize("weight", [0.0, 1e-12, -1.0, np.nan, np.inf])
+def test_mean_from_sum_refuses_bad_weight(weight: float) -> None:
+    summed = np.array([1.0, 2.0, weight, 0.0])
+    with pytest.raises(UpdateError, match="total weight"):
+        update.mean_from_sum(summed, 2)
+
+
+# --------------------------------------------------------------------------- model <-> vector
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+
+def _tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    tensors = list(model.named_parameters())
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    return tensors
+
+
+def test_flatten_apply_split_round_trip() -> None:
+    model = _model()
+    tensors = _tensors(model)
+    layout = update.layout_of(tensors, "base")
+    base = update.flatten(tensors)
+    assert base.dtype == np.float64
+    assert base.shape == (layout.num_params,)
+    assert layout.num_params == sum(t.numel() for _, t in tensors)
+    assert layout.tensors[0] == TensorSpec("0.weight", (4, 3))
+    assert layout.base_model_hash == "base"
+
+    delta = np.random.default_rng(0).normal(0.0, 0.1, base.shape[0])
+    update.apply_vector(tensors, base, delta)
+    after = update.flatten(tensors)
+    np.testing.assert_array_equal(after, (base + delta).astype(np.float32).astype(np.float64))
+    # Tensors keep their identity and dtype (the optimizer still points at them).
+    assert [t for _, t in tensors] == [t for _, t in _tensors(model)]
+    assert all(t.dtype == torch.float32 for _, t in tensors)
+
+    parts = update.split(tensors, delta)
+    assert list(parts) == [name for name, _ in tensors]
+    offset = 0
+    for name, tensor in tensors:
+        assert parts[name].shape == tensor.shape
+        assert parts[name].dtype == torch.float64
+        n = tensor.numel()
+        np.testing.assert_array_equal(parts[name].reshape(-1).numpy(), delta[offset : offset + n])
+        offset += n
+    # split copies: changing the vector does not change the parts.
+    delta[:] = 0.0
+    assert float(parts["0.weight"].abs().sum()) > 0.0
+
+
+def test_flatten_empty() -> None:
+    assert update.flatten([]).shape == (0,)
+
+
+def test_flatten_float32_is_exact() -> None:
+    t = torch.tensor([0.1, 1e-30, 3.4e38], dtype=torch.float32)
+    out = update.flatten([("t", t)])
+    np.testing.assert_array_equal(out, t.numpy().astype(np.float64))
+
+
+# --------------------------------------------------------------------------- Layout
+
+
+def _layout(**changes: object) -> Layout:
+    tensors = changes.pop("tensors", (TensorSpec("a", (2, 3)), TensorSpec("b", (4,)), TensorSpec("c", ())))
+    return Layout(tensors, changes.pop("base_model_hash", ""))  # type: ignore[arg-type]
+
+
+def test_layout_sizes() -> None:
+    layout = _layout()
+    assert [t.size for t in layout.tensors] == [6, 4, 1]
+    assert layout.num_params == 11
+    assert layout.num_values == 12
+
+
+def test_layout_hash_stable() -> None:
+    layout = _layout()
+    assert layout.hash == _layout().hash
+    assert layout.hash == hashlib.sha256(layout.canonical().encode()).hexdigest()
+    assert len(layout.hash) == 64
+    assert Layout.from_canonical(layout.canonical()) == layout
+    assert Layout.from_canonical(layout.canonical()).hash == layout.hash
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        _layout(tensors=(TensorSpec("a", (3, 2)), TensorSpec("b", (4,)), TensorSpec("c", ()))),
+        _layout(tensors=(TensorSpec("a", (6,)), TensorSpec("b", (4,)), TensorSpec("c", ()))),
+        _layout(tensors=(TensorSpec("x", (2, 3)), TensorSpec("b", (4,)), TensorSpec("c", ()))),
+        _layout(tensors=(TensorSpec("b", (4,)), TensorSpec("a", (2, 3)), TensorSpec("c", ()))),
+        _layout(tensors=(TensorSpec("a", (2, 3)), TensorSpec("b", (4,)))),
+        _layout(base_model_hash="abc"),
+    ],
+    ids=["shape", "reshape", "name", "order", "missing", "base-hash"],
+)
+def test_layout_hash_changes(other: Layout) -> None:
+    assert other.hash != _layout().hash
+
+
+def test_describe_difference() -> None:
+    ours = _layout()
+    assert describe_difference(ours, _layout()) == "layouts are equal"
+
+    theirs = _layout(tensors=(TensorSpec("a", (2, 3)), TensorSpec("b", (5,)), TensorSpec("c", ())))
+    assert describe_difference(ours, theirs) == "tensor #1 is b[5] but the federation has b[4]"
+
+    fewer = _layout(tensors=(TensorSpec("a", (2, 3)),))
+    assert describe_difference(ours, fewer) == "1 tensors sent but the federation has 3"
+
+    message = describe_difference(_layout(base_model_hash="0123456789abcdefXYZ"), ours)
+    assert message == "base model hash (none) differs from the federation's 0123456789ab"
+    message = describe_difference(ours, _layout(base_model_hash="fedcba9876543210"))
+    assert message == "base model hash fedcba987654 differs from the federation's (none)"
+
+
+def test_layout_proto_round_trip() -> None:
+    layout = _layout(base_model_hash="h" * 64)
+    msg = layout.to_proto()
+    assert msg.num_params == layout.num_params
+    assert [t.name for t in msg.tensors] == ["a", "b", "c"]
+    wire = pb.Layout.FromString(msg.SerializeToString())
+    back = Layout.from_proto(wire)
+    assert back == layout
+    assert back.hash == layout.hash
