@@ -33,7 +33,7 @@ def _server(args: argparse.Namespace) -> int:
     from cipherhive.server.daemon import Server
 
     cfg = config.load(ServerConfig, args)
-    logs.setup(cfg.log_level, cfg.log_json)
+    logs.setup(cfg.log_level, cfg.log_json, cfg.audit_file)
     return Server(cfg).serve_forever()
 
 

@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     for field in dataclasses.fields(cls):
         tp = _field_type(cls, field)
-        if tp is dict:
-            continue
+        if tp is dict or typing.get_origin(tp) is dict:
+            continue  # tables only come from the TOML file
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "default": None,

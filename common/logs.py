@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 AUDIT = logging.getLogger("cipherhive.audit")
@@ -45,11 +46,17 @@ class _Formatter(logging.Formatter):
         return line
 
 
-def setup(level: str = "INFO", as_json: bool = False) -> None:
+def setup(level: str = "INFO", as_json: bool = False, audit_file: Path | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(as_json))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    AUDIT.handlers[:] = []
+    if audit_file is not None:
+        audit_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(audit_file, encoding="utf-8")
+        file_handler.setFormatter(_Formatter(as_json=True))
+        AUDIT.addHandler(file_handler)
     try:
         root.setLevel(level.upper())
     except ValueError as exc:

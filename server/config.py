@@ -52,9 +52,17 @@ class ServerConfig:
     max_concurrent_rpcs: int = setting(256, "limits", "RPCs beyond this are refused with RESOURCE_EXHAUSTED")
     max_message_bytes: int = setting(4 * 1024 * 1024, "limits", "largest gRPC message accepted")
     max_ciphertexts_per_chunk: int = setting(16, "limits", "ciphertexts one upload chunk may carry")
+    requests_per_second: float = setting(
+        20.0, "limits", "new calls per second one identity may make (token bucket refill)"
+    )
+    request_burst: int = setting(60, "limits", "calls one identity may make in a burst")
+    max_streams_per_identity: int = setting(
+        8, "limits", "calls one identity may have in progress at once (watch, upload, download, ...)"
+    )
     heartbeat_seconds: float = setting(10.0, "limits", "interval of heartbeat events on watch streams")
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
+    audit_file: Path | None = setting(None, "log", "also append the audit trail (JSON lines) to this file")
 
     def __post_init__(self) -> None:
         if self.min_participants < MIN_PARTICIPANTS_FLOOR:

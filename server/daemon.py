@@ -18,8 +18,9 @@ from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.identity import Authenticator
+from cipherhive.server.limits import Limiter
 from cipherhive.server.rounds import RoundManager
-from cipherhive.server.services import AdminService, AggregationService
+from cipherhive.server.services import AdminService, AggregationService, Gate
 from cipherhive.server.spool import Spool
 from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
@@ -85,15 +86,18 @@ class Server:
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         revocations = None
+        self._revocations: certs.RevocationList | None = None
         if not cfg.insecure and cfg.tls_crl is not None:
             assert cfg.tls_ca is not None
             revocations = certs.RevocationList(cfg.tls_crl, ca_cert=cfg.tls_ca)
+            self._revocations = revocations
         auth = Authenticator(insecure=cfg.insecure, revocations=revocations)
+        gate = Gate(auth, Limiter(cfg.requests_per_second, cfg.request_burst, cfg.max_streams_per_identity))
         pb_grpc.add_AggregationServicer_to_server(
-            AggregationService(self.rounds, auth, self._stop.is_set), server
+            AggregationService(self.rounds, gate, self._stop.is_set), server
         )
         pb_grpc.add_AdminServicer_to_server(
-            AdminService(self.rounds, auth, time.time(), self._stop.is_set), server
+            AdminService(self.rounds, gate, time.time(), self._stop.is_set), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
@@ -165,6 +169,32 @@ class Server:
         self.state.close()
         event(log, "server stopped")
 
+    def reload(self) -> bool:
+        """SIGHUP: re-read the revocation list and re-check the public context file.
+
+        A context file that now holds a secret key, or another federation's key,
+        is refused: the running server keeps the context it has.
+        """
+        if self._revocations is not None:
+            self._revocations.refresh()
+        try:
+            fresh = keys.read_public_context(self.config.public_context)
+            codec.PublicCodec(fresh)
+            fingerprint = keys.fingerprint_of_file(self.config.public_context)
+        except (OSError, codec.CodecError) as exc:
+            log.error("reload refused, keeping the loaded public context: %s", exc)
+            return False
+        if fingerprint != self.fingerprint:
+            log.error(
+                "reload refused: %s holds another federation's key (fingerprint %s…, serving %s…)",
+                self.config.public_context,
+                fingerprint[:16],
+                self.fingerprint[:16],
+            )
+            return False
+        event(log, "reloaded", fingerprint=fingerprint[:16])
+        return True
+
     def serve_forever(self) -> int:
         done = threading.Event()
 
@@ -174,6 +204,7 @@ class Server:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda _s, _f: self.reload())
         self.start()
         done.wait()
         self.stop()

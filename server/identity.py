@@ -57,6 +57,18 @@ class Authenticator:
             )
         return Caller(ident.name, ident.role)
 
+    def revoked(self, context: grpc.ServicerContext) -> str:
+        """For long streams: a reason to end the call if the caller's certificate was revoked since."""
+        if self.insecure or self._revocations is None:
+            return ""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            return ""
+        ident = certs.peer_identity(pems[0])
+        if self._revocations.is_revoked(ident.serial):
+            return f"certificate {ident.serial:x} of {ident.role} {ident.name!r} has been revoked"
+        return ""
+
     def _self_declared(self, context: grpc.ServicerContext, role: str, claimed: str) -> Caller:
         if role == "admin":
             return Caller("operator", "admin")

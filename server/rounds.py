@@ -249,6 +249,13 @@ class RoundManager:
             current.closing = True
             for upload in list(current.uploads.values()):
                 self._rollback(current, upload, "the round closed before the upload finished")
+                audit(
+                    "submission refused",
+                    upload.node,
+                    round=number,
+                    submission=upload.submission_id,
+                    reason="the round closed before the upload finished",
+                )
             accepted = dict(current.accepted)
         participants = len(accepted)
         self.bus.publish(
@@ -407,13 +414,6 @@ class RoundManager:
                 current.running.subtract(next(blobs) for _ in range(upload.added))
             upload.writer.discard()
             current.uploads.pop(upload.node, None)
-            audit(
-                "submission refused",
-                upload.node,
-                round=current.number,
-                submission=upload.submission_id,
-                reason=reason,
-            )
 
     def _receipt_token(self, number: int, node: str, submission_id: str) -> str:
         msg = f"{number}\0{node}\0{submission_id}".encode()

@@ -11,6 +11,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
@@ -18,8 +19,9 @@ import grpc
 from cipherhive import __version__
 from cipherhive.layout import Layout
 from cipherhive.logs import audit, event
-from cipherhive.server.identity import Authenticator
+from cipherhive.server.identity import Authenticator, Caller
 from cipherhive.server.ingest import ingest
+from cipherhive.server.limits import Limiter
 from cipherhive.server.publish import stream_sum
 from cipherhive.server.rounds import STATE_NAMES, RoundError, RoundManager
 from cipherhive.server.state import RoundRow
@@ -28,6 +30,20 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
 R = TypeVar("R")
+
+
+class Gate:
+    """Identify the caller, then hold one of its call slots (rate and concurrency limits)."""
+
+    def __init__(self, auth: Authenticator, limiter: Limiter) -> None:
+        self.auth = auth
+        self.limiter = limiter
+
+    @contextmanager
+    def enter(self, context: grpc.ServicerContext, role: str, claimed: str = "") -> Iterator[Caller]:
+        caller = self.auth.require(context, role, claimed)
+        with self.limiter.admit(caller.name, context):
+            yield caller
 
 
 def _guard(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
@@ -40,13 +56,16 @@ def _guard(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
 
 
 class AggregationService(pb_grpc.AggregationServicer):
-    def __init__(self, manager: RoundManager, auth: Authenticator, stopping: Callable[[], bool]) -> None:
+    def __init__(self, manager: RoundManager, gate: Gate, stopping: Callable[[], bool]) -> None:
         self.m = manager
-        self.auth = auth
+        self.gate = gate
         self._stopping = stopping
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        caller = self.auth.require(context, "node", claimed=request.node_name)
+        with self.gate.enter(context, "node", claimed=request.node_name) as caller:
+            return self._join(caller, request, context)
+
+    def _join(self, caller: Caller, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         layout = Layout.from_proto(request.layout)
         if request.layout.num_params != layout.num_params:
             context.abort(
@@ -60,59 +79,59 @@ class AggregationService(pb_grpc.AggregationServicer):
             audit("join refused", caller.name, reason=exc.message)
             context.abort(exc.code, exc.message)
         audit("join", caller.name, version=request.software_version[:40])
+        latest = self.m.state.rounds(limit=1)
         return pb.JoinReply(
             node_name=caller.name,
             settings=self.m.settings(),
-            latest_round=self.m.state.rounds(limit=1)[-1].round if self.m.state.rounds(limit=1) else 0,
+            latest_round=latest[-1].round if latest else 0,
             latest_sum_round=self.m.state.latest_sum_round(),
         )
 
     def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        caller = self.auth.require(context, "node")
-        self.m.watcher_enter(caller.name)
-        event(log, "node online", node=caller.name)
-        try:
-            yield from follow_events(self.m, request.since_round, context, self._stopping)
-        finally:
-            self.m.watcher_exit(caller.name)
-            event(log, "node offline", node=caller.name)
+        with self.gate.enter(context, "node") as caller:
+            self.m.watcher_enter(caller.name)
+            event(log, "node online", node=caller.name)
+            try:
+                yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
+            finally:
+                self.m.watcher_exit(caller.name)
+                event(log, "node offline", node=caller.name)
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SubmitReceipt:
-        caller = self.auth.require(context, "node")
-        try:
-            return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
-        except RoundError as exc:
-            log.info(
-                "refused upload from %s: %s",
-                caller.name,
-                exc.message,
-                extra={"fields": {"node": caller.name}},
-            )
-            context.abort(exc.code, exc.message)
-            raise
+        with self.gate.enter(context, "node") as caller:
+            try:
+                return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
+            except RoundError as exc:
+                audit("submission refused", caller.name, code=exc.code.name, reason=exc.message)
+                context.abort(exc.code, exc.message)
+                raise
 
     def FetchAggregate(
         self, request: pb.FetchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.AggregateChunk]:
-        caller = self.auth.require(context, "node")
-        layout = self.m.layout()
-        try:
-            yield from stream_sum(
-                self.m.state,
-                self.m.spool,
-                request,
-                layout.hash if layout else "",
-                self.m.config.max_ciphertexts_per_chunk,
-            )
-        except RoundError as exc:
-            context.abort(exc.code, exc.message)
-        event(log, "sum served", node=caller.name, round=request.round)
+        with self.gate.enter(context, "node") as caller:
+            layout = self.m.layout()
+            try:
+                yield from stream_sum(
+                    self.m.state,
+                    self.m.spool,
+                    request,
+                    layout.hash if layout else "",
+                    self.m.config.max_ciphertexts_per_chunk,
+                )
+            except RoundError as exc:
+                context.abort(exc.code, exc.message)
+            event(log, "sum served", node=caller.name, round=request.round)
 
 
 def follow_events(
-    manager: RoundManager, since_round: int, context: grpc.ServicerContext, stopping: Callable[[], bool]
+    manager: RoundManager,
+    since_round: int,
+    context: grpc.ServicerContext,
+    stopping: Callable[[], bool],
+    auth: Authenticator,
 ) -> Iterator[pb.RoundEvent]:
     """History after ``since_round``, then live events, with heartbeats, until the call ends."""
     q = manager.bus.subscribe()
@@ -129,6 +148,9 @@ def follow_events(
                 item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
             if item is None:
                 return
+            revoked = auth.revoked(context)
+            if revoked:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
             last = time.monotonic()
             yield item
     finally:
@@ -162,78 +184,76 @@ def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = Tr
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(
-        self, manager: RoundManager, auth: Authenticator, started: float, stopping: Callable[[], bool]
+        self, manager: RoundManager, gate: Gate, started: float, stopping: Callable[[], bool]
     ) -> None:
         self.m = manager
-        self.auth = auth
+        self.gate = gate
         self.started = started
         self._stopping = stopping
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        self.auth.require(context, "admin")
-        rounds = self.m.state.rounds(limit=1)
-        return pb.StatusReply(
-            version=__version__,
-            started_unix=self.started,
-            settings=self.m.settings(),
-            nodes_known=len(self.m.state.nodes()),
-            nodes_online=len(self.m.online()),
-            open_round=self.m.open_round_number(),
-            latest_round=rounds[-1].round if rounds else 0,
-            latest_sum_round=self.m.state.latest_sum_round(),
-            rounds_failed=self.m.state.count_rounds("failed"),
-            auto_start=self.m.config.auto_start,
-            max_rounds=self.m.config.max_rounds,
-        )
+        with self.gate.enter(context, "admin"):
+            rounds = self.m.state.rounds(limit=1)
+            return pb.StatusReply(
+                version=__version__,
+                started_unix=self.started,
+                settings=self.m.settings(),
+                nodes_known=len(self.m.state.nodes()),
+                nodes_online=len(self.m.online()),
+                open_round=self.m.open_round_number(),
+                latest_round=rounds[-1].round if rounds else 0,
+                latest_sum_round=self.m.state.latest_sum_round(),
+                rounds_failed=self.m.state.count_rounds("failed"),
+                auto_start=self.m.config.auto_start,
+                max_rounds=self.m.config.max_rounds,
+            )
 
     def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesReply:
-        self.auth.require(context, "admin")
-        online = set(self.m.online())
-        return pb.ListNodesReply(
-            nodes=[
-                pb.NodeInfo(
-                    name=n.name,
-                    online=n.name in online,
-                    first_seen_unix=n.first_seen,
-                    last_seen_unix=n.last_seen,
-                    last_round=n.last_round,
-                    submissions=n.submissions,
-                )
-                for n in self.m.state.nodes()
-            ]
-        )
+        with self.gate.enter(context, "admin"):
+            online = set(self.m.online())
+            return pb.ListNodesReply(
+                nodes=[
+                    pb.NodeInfo(
+                        name=n.name,
+                        online=n.name in online,
+                        first_seen_unix=n.first_seen,
+                        last_seen_unix=n.last_seen,
+                        last_round=n.last_round,
+                        submissions=n.submissions,
+                    )
+                    for n in self.m.state.nodes()
+                ]
+            )
 
     def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
-        self.auth.require(context, "admin")
-        return pb.ListRoundsReply(
-            rounds=[round_info(self.m, row) for row in self.m.state.rounds(limit=request.limit)]
-        )
+        with self.gate.enter(context, "admin"):
+            rows = self.m.state.rounds(limit=request.limit)
+            return pb.ListRoundsReply(rounds=[round_info(self.m, row) for row in rows])
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        self.auth.require(context, "admin")
-        row = self.m.state.round(request.round)
-        if row is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
-            raise AssertionError("unreachable: abort raises")
-        return round_info(self.m, row)
+        with self.gate.enter(context, "admin"):
+            row = self.m.state.round(request.round)
+            if row is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
+                raise AssertionError("unreachable: abort raises")
+            return round_info(self.m, row)
 
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        caller = self.auth.require(context, "admin")
-        if request.timeout_seconds < 0 or request.timeout_seconds > 7 * 86400:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
-            )
-        row = _guard(context, lambda: self.m.start_round(request.timeout_seconds, actor=caller.name))
-        return round_info(self.m, row)
+        with self.gate.enter(context, "admin") as caller:
+            if not 0 <= request.timeout_seconds <= 7 * 86400:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
+                )
+            row = _guard(context, lambda: self.m.start_round(request.timeout_seconds, actor=caller.name))
+            return round_info(self.m, row)
 
     def CloseRound(self, request: pb.CloseRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        caller = self.auth.require(context, "admin")
-        row = _guard(
-            context,
-            lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name),
-        )
-        return round_info(self.m, row)
+        with self.gate.enter(context, "admin") as caller:
+            row = _guard(
+                context, lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name)
+            )
+            return round_info(self.m, row)
 
     def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        self.auth.require(context, "admin")
-        yield from follow_events(self.m, request.since_round, context, self._stopping)
+        with self.gate.enter(context, "admin"):
+            yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)

@@ -42,6 +42,7 @@ def encode_records(blobs: Iterable[bytes]) -> Iterator[bytes]:
 
 def read_records(path: Path, skip: int = 0) -> Iterator[bytes]:
     """Yield the ciphertexts stored in ``path``, after the first ``skip``."""
+    size_on_disk = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(len(MAGIC)) != MAGIC:
             raise SpoolError(f"{path} is not a cipherhive ciphertext file")
@@ -54,7 +55,8 @@ def read_records(path: Path, skip: int = 0) -> Iterator[bytes]:
                 raise SpoolError(f"{path} is truncated")
             (size,) = _LEN.unpack(head)
             if index < skip:
-                fh.seek(size, os.SEEK_CUR)
+                if fh.seek(size, os.SEEK_CUR) > size_on_disk:
+                    raise SpoolError(f"{path} is truncated")
             else:
                 blob = fh.read(size)
                 if len(blob) != size:

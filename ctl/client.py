@@ -1,0 +1,197 @@
+"""The Admin and Health calls `cipherhive ctl` makes, with errors mapped to exit codes.
+
+Every failure leaves this module as a :class:`CtlError` carrying the exit
+code scripts rely on (see :mod:`cipherhive.ctl.cli`), so the command layer
+never has to inspect gRPC status codes itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cipherhive.transport import ClientTLS, channel, describe_rpc_error
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the server answered, with an error or a "no"
+EXIT_USAGE = 2  # bad arguments or local files
+EXIT_UNREACHABLE = 3  # no answer: network, TLS handshake, deadline
+
+DEFAULT_SERVER = "127.0.0.1:7443"
+ENV_SERVER = "CIPHERHIVE_CTL_SERVER"
+ENV_CERT = "CIPHERHIVE_CTL_CERT"
+ENV_KEY = "CIPHERHIVE_CTL_KEY"
+ENV_CA = "CIPHERHIVE_CTL_CA"
+
+#: Status codes that mean "no answer from the server" rather than "the server said no".
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class CtlError(Exception):
+    """A failure to report as one line on stderr, with the exit code it maps to."""
+
+    def __init__(self, message: str, exit_code: int, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to connect: resolved from flags, then environment, then defaults."""
+
+    address: str
+    tls: ClientTLS | None
+    timeout: float
+
+    @classmethod
+    def resolve(
+        cls,
+        server: str | None,
+        cert: str | None,
+        key: str | None,
+        ca: str | None,
+        server_name: str,
+        insecure: bool,
+        timeout: float,
+    ) -> Target:
+        """Check the certificate files up front so a typo is reported by name, not as a TLS failure."""
+        address = server or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+        if insecure:
+            return cls(address, None, timeout)
+        paths: dict[str, Path] = {}
+        for flag, value, env in (("--cert", cert, ENV_CERT), ("--key", key, ENV_KEY), ("--ca", ca, ENV_CA)):
+            chosen = value or os.environ.get(env)
+            if not chosen:
+                raise CtlError(
+                    f"{flag} is required (or {env}): the admin certificate, key and federation CA "
+                    "from `cipherhive certs issue --role admin`; use --insecure for a plaintext server",
+                    EXIT_USAGE,
+                )
+            path = Path(chosen).expanduser()
+            if not path.is_file():
+                what = "does not exist" if not path.exists() else "is not a file"
+                raise CtlError(f"{flag} file {str(path)!r} {what}", EXIT_USAGE)
+            if not os.access(path, os.R_OK):
+                raise CtlError(f"{flag} file {str(path)!r} is not readable", EXIT_USAGE)
+            paths[flag] = path
+        tls = ClientTLS(paths["--cert"], paths["--key"], paths["--ca"], server_name)
+        return cls(address, tls, timeout)
+
+
+def rpc_error(exc: grpc.RpcError, address: str) -> CtlError:
+    """Map a gRPC failure to exit 3 (no answer) or exit 1 (the server refused)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code in _UNREACHABLE:
+        return CtlError(
+            describe_rpc_error(exc),
+            EXIT_UNREACHABLE,
+            hint=f"could not reach the server at {address}: check --server, that the server is "
+            "running, and the TLS files (--cert/--key/--ca must come from the server's CA; "
+            "--server-name must match its certificate)",
+        )
+    return CtlError(describe_rpc_error(exc), EXIT_REFUSED)
+
+
+class Client:
+    """One channel to the server; each method is one call with the configured deadline."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        try:
+            self._channel: grpc.Channel = channel(target.address, target.tls)
+        except FileNotFoundError as exc:  # read after the check above, e.g. removed meanwhile
+            raise CtlError(str(exc), EXIT_USAGE) from exc
+        except ValueError as exc:  # grpc refuses malformed addresses and PEM files this way
+            raise CtlError(f"cannot set up the connection: {exc}", EXIT_USAGE) from exc
+        self._admin = pb_grpc.AdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.target.timeout)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target.address) from None
+
+    def status(self) -> pb.StatusReply:
+        reply: pb.StatusReply = self._unary(self._admin.GetStatus, pb.StatusRequest())
+        return reply
+
+    def nodes(self) -> list[pb.NodeInfo]:
+        reply: pb.ListNodesReply = self._unary(self._admin.ListNodes, pb.ListNodesRequest())
+        return list(reply.nodes)
+
+    def rounds(self, limit: int = 0) -> list[pb.RoundInfo]:
+        reply: pb.ListRoundsReply = self._unary(self._admin.ListRounds, pb.ListRoundsRequest(limit=limit))
+        return list(reply.rounds)
+
+    def round(self, number: int) -> pb.RoundInfo:
+        reply: pb.RoundInfo = self._unary(self._admin.GetRound, pb.GetRoundRequest(round=number))
+        return reply
+
+    def start_round(self, timeout_seconds: float = 0.0) -> pb.RoundInfo:
+        request = pb.StartRoundRequest(timeout_seconds=timeout_seconds)
+        reply: pb.RoundInfo = self._unary(self._admin.StartRound, request)
+        return reply
+
+    def close_round(self, number: int) -> pb.RoundInfo:
+        reply: pb.RoundInfo = self._unary(self._admin.CloseRound, pb.CloseRoundRequest(round=number))
+        return reply
+
+    def health(self, service: str = "") -> str:
+        """The status name (SERVING, NOT_SERVING, …) the server reports for ``service``."""
+        reply = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return name
+
+    def watch(self, since_round: int = 0) -> EventStream:
+        """Replay after ``since_round``, then live events; no deadline, the stream is meant to stay open."""
+        # A unary probe first: an unreachable server or a refused certificate fails within
+        # --timeout with the server's own message instead of the stream waiting to connect.
+        self.status()
+        try:
+            call = self._admin.WatchEvents(pb.WatchRequest(since_round=since_round))
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, self.target.address) from None
+        return EventStream(call, self.target.address)
+
+
+class EventStream:
+    """Iterates a WatchEvents call, mapping errors, and can be cancelled from the consumer."""
+
+    def __init__(self, call: Any, address: str) -> None:
+        self._call = call
+        self._address = address
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[pb.RoundEvent]:
+        try:
+            for item in self._call:
+                event: pb.RoundEvent = item
+                yield event
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                return  # we cancelled it ourselves (count reached, Ctrl-C)
+            raise rpc_error(exc, self._address) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
