@@ -58,6 +58,8 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+#: Round numbers arrive as uint64 from the wire; SQLite integers are signed 64-bit.
+_MAX_SQL_INT = 2**63 - 1
 
 
 @dataclass
@@ -197,11 +199,14 @@ class State:
         return row
 
     def round(self, number: int) -> RoundRow | None:
+        if number > _MAX_SQL_INT:
+            return None
         with self._lock:
             row = self._db.execute("SELECT * FROM rounds WHERE round = ?", (number,)).fetchone()
         return None if row is None else self._round(row)
 
     def rounds(self, limit: int = 0, after: int = 0) -> list[RoundRow]:
+        after = min(after, _MAX_SQL_INT)
         sql = "SELECT * FROM rounds WHERE round > ? ORDER BY round DESC"
         params: tuple[int, ...] = (after,)
         if limit:
@@ -285,6 +290,8 @@ class State:
             )
 
     def submissions(self, number: int) -> list[SubmissionRow]:
+        if number > _MAX_SQL_INT:
+            return []
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM submissions WHERE round = ? ORDER BY accepted", (number,)
