@@ -61,9 +61,9 @@ def load_data(shards: int, seed: int) -> DigitsData:
     return DigitsData(x_train, y_train, x_test, y_test, [np.array(sorted(p)) for p in parts])
 
 
-def build_model(seed: int) -> nn.Module:
+def build_model(seed: int, hidden: int = 64) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -85,10 +85,15 @@ class DigitsTrainer:
         lr: float = 0.05,
         batch_size: int = 32,
         record_dir: str = "",
+        hidden: int = 64,
     ) -> None:
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self.seed, self.epochs, self.lr, self.batch_size = seed, epochs, lr, batch_size
+        self.hidden = hidden
+        # One thread: training is then bit-for-bit repeatable, so a node that retrains a
+        # round after a crash sends the same update (the fault-injection tests rely on it).
+        torch.set_num_threads(1)
         data = load_data(shards, seed)
         rows = data.shards[shard]
         self.x = torch.from_numpy(data.x_train[rows])
@@ -97,7 +102,7 @@ class DigitsTrainer:
         self.record_dir = Path(record_dir) if record_dir else None
 
     def build_model(self) -> nn.Module:
-        return build_model(self.seed)
+        return build_model(self.seed, self.hidden)
 
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         start = _flat(model) if self.record_dir else None

@@ -59,6 +59,8 @@ class LocalFederation:
     node_options: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
+    node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ set-up
@@ -129,7 +131,7 @@ class LocalFederation:
             self.workdir / f"{name}.toml",
             {
                 "node": {
-                    "server": f"127.0.0.1:{self.port}",
+                    "server": self.node_address or f"127.0.0.1:{self.port}",
                     "secret_context": str(self.workdir / "keys" / keys.SECRET_FILE),
                     "state_dir": str(self.workdir / f"{name}-state"),
                     "workers": 1,
@@ -144,9 +146,11 @@ class LocalFederation:
 
     # ------------------------------------------------------------ processes
 
-    def _spawn(self, key: str, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, key: str, args: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 - owned by the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         proc = subprocess.Popen(
             [sys.executable, "-m", "cipherhive", *args],
             stdout=log,
@@ -158,12 +162,13 @@ class LocalFederation:
         self.procs[key] = proc
         return proc
 
-    def start_server(self) -> subprocess.Popen[bytes]:
-        return self._spawn("server", ["server", "--config", str(self.workdir / "server.toml")], "server.log")
+    def start_server(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        args = ["server", "--config", str(self.workdir / "server.toml")]
+        return self._spawn("server", args, "server.log", env)
 
-    def start_node(self, index: int) -> subprocess.Popen[bytes]:
+    def start_node(self, index: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         name = self.node_name(index)
-        return self._spawn(name, ["node", "--config", str(self.workdir / f"{name}.toml")], f"{name}.log")
+        return self._spawn(name, ["node", "--config", str(self.workdir / f"{name}.toml")], f"{name}.log", env)
 
     def start(self) -> None:
         self.start_server()

@@ -26,7 +26,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, keys
+from cipherhive import __version__, codec, failpoints, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.node.checkpoint import Checkpoint, NodeState
@@ -333,6 +333,7 @@ class Node:
                 yield blob
 
         for index, block in enumerate(self.pool.decrypt(blobs())):
+            failpoints.hit("node.download")
             start = index * codec.VALUES_PER_CIPHERTEXT
             summed[start : start + codec.VALUES_PER_CIPHERTEXT] = block
         try:
@@ -341,6 +342,7 @@ class Node:
             raise NodeError(f"round {ev.round}: {exc}") from exc
         apply_vector(self.tensors, self.global_vector, mean)
         self.global_vector = flatten(self.tensors)
+        failpoints.hit("node.applying")
         self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
         self.applied_round = ev.round
         event(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from cipherhive import failpoints
 from cipherhive.v1 import federation_pb2 as pb
 
 
@@ -18,6 +19,7 @@ def submit_requests(
     batch: list[bytes] = []
     index = first = 0
     for blob in ciphertexts:
+        failpoints.hit("node.upload")
         batch.append(blob)
         if len(batch) == per_chunk:
             yield pb.SubmitRequest(

@@ -20,12 +20,13 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import tenseal.sealapi as seal
 
-from cipherhive import codec
+from cipherhive import codec, failpoints
 from cipherhive.layout import Layout, describe_difference
 from cipherhive.logs import audit, event
 from cipherhive.server.config import ServerConfig
@@ -262,7 +263,14 @@ class RoundManager:
             self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
         )
         if participants >= self.config.min_participants:
-            sum_file, size = self.spool.write_sum(number, current.running.serialized())
+
+            def blocks() -> Iterator[bytes]:
+                for blob in current.running.serialized():
+                    yield blob
+                    failpoints.hit("server.publishing")
+
+            sum_file, size = self.spool.write_sum(number, blocks())
+            failpoints.hit("server.published")
             self.state.finish_round(
                 number,
                 state="sum_ready",
@@ -363,6 +371,7 @@ class RoundManager:
             upload.writer.append(blob)
             current.running.add(upload.added, ct)
             upload.added += 1
+        failpoints.hit("server.upload")
 
     def finish_upload(
         self, current: OpenRound, upload: Upload, metrics: dict[str, float]
@@ -389,6 +398,7 @@ class RoundManager:
                 raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
             current.accepted[upload.node] = row
             del current.uploads[upload.node]
+            failpoints.hit("server.acknowledged")
             everyone_in = set(current.row.expected) <= set(current.accepted)
         audit(
             "submission accepted",

@@ -1,0 +1,146 @@
+"""Fault injection with real processes: kill -9 the server and nodes at chosen points, cut the
+network mid-stream, restart everything, and check nothing acknowledged was lost or counted twice.
+
+The server and nodes die through named failpoints (``CIPHERHIVE_FAILPOINTS``, see
+common/failpoints.py), which SIGKILL the process at an exact point of a round, or through
+SIGKILL from outside. ``CIPHERHIVE_SOAK_SECONDS`` runs the random soak test for longer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cipherhive.demo.federation import LocalFederation, free_port
+from cipherhive.v1 import federation_pb2 as pb
+from tests.faults import TcpProxy, check_fedavg
+
+pytestmark = pytest.mark.slow
+
+
+def _published(fed: LocalFederation) -> int:
+    return sum(r.state == pb.ROUND_SUM_READY for r in fed.list_rounds())
+
+
+def _open_round(fed: LocalFederation) -> int:
+    return next((r.round for r in fed.list_rounds() if r.state == pb.ROUND_OPEN), 0)
+
+
+def _wait_exit(fed: LocalFederation, key: str, timeout: float = 90.0) -> int:
+    proc = fed.procs[key]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        time.sleep(0.1)
+    raise TimeoutError(f"{key} did not reach its failpoint:\n{fed.log(key)[-2000:]}")
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[tuple[LocalFederation, TcpProxy]]:
+    fed = LocalFederation(
+        tmp_path,
+        nodes=3,
+        # hidden=256: three ciphertexts per update, so "mid-upload" is a real point in a stream.
+        node_options={"epochs": 1, "hidden": 256, "record_dir": str(tmp_path / "records")},
+        rounds={"timeout_seconds": 25.0, "interval_seconds": 0.3},
+    )
+    fed.port = free_port()
+    proxy = TcpProxy(fed.port)
+    fed.node_address = f"127.0.0.1:{proxy.port}"
+    fed.setup()
+    try:
+        yield fed, proxy
+    finally:
+        proxy.close()
+        fed.stop_all()
+
+
+SERVER_POINTS = ["server.upload:2", "server.acknowledged:1", "server.publishing:1", "server.published:1"]
+NODE_POINTS = ["node.upload:2", "node.download:1", "node.applying:1"]
+
+
+def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProxy]) -> None:
+    fed, proxy = federation
+    faults: list[str] = []
+    fed.start_server(env={"CIPHERHIVE_FAILPOINTS": SERVER_POINTS[0]})
+    fed.wait_serving()
+    for i in range(fed.nodes):
+        fed.start_node(i)
+    for target, point in enumerate(SERVER_POINTS, start=1):
+        if point != SERVER_POINTS[0]:
+            fed.stop("server")  # a graceful restart into the next failpoint
+            fed.start_server(env={"CIPHERHIVE_FAILPOINTS": point})
+        assert _wait_exit(fed, "server") == -signal.SIGKILL
+        faults.append(point)
+        fed.start_server()
+        fed.wait_serving()
+        fed.wait_for(lambda t=target: _published(fed) >= t, 120, f"round {target} after {point}")
+    for index, point in enumerate(NODE_POINTS):
+        name = fed.node_name(index)
+        fed.stop(name)
+        fed.start_node(index, env={"CIPHERHIVE_FAILPOINTS": point})
+        assert _wait_exit(fed, name) == -signal.SIGKILL, fed.log(name)[-2000:]
+        faults.append(f"{name} {point}")
+        fed.start_node(index)
+        target = _published(fed) + 1
+        fed.wait_for(lambda t=target: _published(fed) >= t, 120, f"a round after {point}")
+    # The network drops every connection while a round's uploads are in flight.
+    number = fed.wait_for(lambda: _open_round(fed), 60, "a round to open")
+    fed.wait_for(lambda: proxy.cut() > 0, 30, "connections to cut")
+    faults.append(f"network cut in round {number}")
+    # kill -9 from outside at an arbitrary moment of an open round.
+    fed.wait_for(lambda: _open_round(fed) > number, 120, "the next round")
+    fed.stop("server", signal.SIGKILL)
+    faults.append("server SIGKILL from outside")
+    fed.start_server()
+    fed.wait_serving()
+    target = _published(fed) + 2
+    fed.wait_for(lambda: _published(fed) >= target, 180, "two more rounds")
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    report = check_fedavg(fed)
+    print(f"\nfault injection: {len(faults)} faults injected and survived: {faults}; {report}")
+    assert report["double_counts"] == 0
+
+
+def test_soak_random_faults(federation: tuple[LocalFederation, TcpProxy]) -> None:
+    """Random faults for a bounded time (CIPHERHIVE_SOAK_SECONDS, default 30)."""
+    fed, proxy = federation
+    seconds = float(os.environ.get("CIPHERHIVE_SOAK_SECONDS", "30"))
+    rng = random.Random(int(os.environ.get("CIPHERHIVE_SOAK_SEED", "1")))
+    fed.start()
+    fed.wait_for(lambda: _published(fed) >= 1, 120, "the first round")
+    injected: dict[str, int] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(0.5, 4.0))
+        kind = rng.choice(["server-kill", "node-kill", "cut", "server-restart"])
+        if kind == "server-kill":
+            fed.stop("server", signal.SIGKILL)
+            fed.start_server()
+            fed.wait_serving()
+        elif kind == "server-restart":
+            fed.stop("server")
+            fed.start_server()
+            fed.wait_serving()
+        elif kind == "node-kill":
+            index = rng.randrange(fed.nodes)
+            fed.stop(fed.node_name(index), signal.SIGKILL)
+            fed.start_node(index)
+        else:
+            proxy.cut()
+        injected[kind] = injected.get(kind, 0) + 1
+    target = _published(fed) + 1
+    fed.wait_for(lambda: _published(fed) >= target, 180, "a round after the soak")
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    report = check_fedavg(fed)
+    print(f"\nsoak: {sum(injected.values())} faults injected and survived {injected}; {report}")
+    assert report["double_counts"] == 0
