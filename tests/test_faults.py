@@ -75,7 +75,7 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
         fed.start_node(i)
     for target, point in enumerate(SERVER_POINTS, start=1):
         if point != SERVER_POINTS[0]:
-            fed.stop("server")  # a graceful restart into the next failpoint
+            assert fed.stop("server") == 0  # a graceful restart into the next failpoint
             fed.start_server(env={"CIPHERHIVE_FAILPOINTS": point})
         assert _wait_exit(fed, "server") == -signal.SIGKILL
         faults.append(point)
