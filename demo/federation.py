@@ -59,6 +59,9 @@ class LocalFederation:
     node_options: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    #: Extra keys for the server's [server] and every node's [node] section.
+    server_settings: dict[str, Any] = field(default_factory=dict)
+    node_settings: dict[str, Any] = field(default_factory=dict)
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -115,6 +118,7 @@ class LocalFederation:
                     "public_context": str(self.workdir / "keys" / keys.PUBLIC_FILE),
                     "insecure": self.insecure,
                     "grace_seconds": 5.0,
+                    **self.server_settings,
                 },
                 **({"tls": tls} if tls else {}),
                 "rounds": rounds,
@@ -138,6 +142,7 @@ class LocalFederation:
                     "insecure": self.insecure,
                     "name": name,
                     "max_backoff_seconds": 2.0,
+                    **self.node_settings,
                 },
                 **({"tls": tls} if tls else {}),
                 "trainer": {"plugin": self.plugin, "options": opts},

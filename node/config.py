@@ -19,6 +19,9 @@ class NodeConfig:
         "", "node", "node name; only used with --insecure (TLS takes it from the certificate)"
     )
     insecure: bool = setting(False, "node", "connect without TLS (development only)")
+    metrics_listen: str = setting(
+        "", "node", "address:port for the Prometheus metrics endpoint (HTTP); empty: off"
+    )
     max_backoff_seconds: float = setting(30.0, "node", "longest wait between reconnect attempts")
     tls_cert: Path | None = setting(
         None, "tls", "this node's certificate (PEM) from `cipherhive certs issue --role node`"

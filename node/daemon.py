@@ -29,6 +29,7 @@ import torch
 from cipherhive import __version__, codec, failpoints, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
+from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
@@ -50,6 +51,7 @@ from cipherhive.node.update import (
     weighted_vector,
 )
 from cipherhive.node.upload import submit_requests
+from cipherhive.progress import track
 from cipherhive.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -137,6 +139,9 @@ class Node:
             workers=self.pool.workers,
             server=self.config.server,
         )
+        if self.config.metrics_listen:
+            metrics.serve(self.config.metrics_listen)
+        metrics.APPLIED_ROUND.set(self.applied_round)
         backoff = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -274,6 +279,7 @@ class Node:
         finally:
             apply_vector(self.tensors, self.global_vector, np.zeros_like(self.global_vector))
         t_train = time.perf_counter() - t0
+        metrics.PHASE_SECONDS.labels("train").observe(t_train)
         header = pb.SubmitHeader(
             round=ev.round,
             base_round=ev.base_round,
@@ -288,7 +294,17 @@ class Node:
         per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
         try:
             receipt = stub.SubmitUpdate(
-                submit_requests(header, self.pool.encrypt(vector), per_chunk),
+                submit_requests(
+                    header,
+                    track(
+                        self.pool.encrypt(vector),
+                        header.num_ciphertexts,
+                        f"round {ev.round}: encrypt+upload",
+                        node=self.name,
+                        round=ev.round,
+                    ),
+                    per_chunk,
+                ),
                 metadata=self._metadata(),
             )
         except grpc.RpcError as exc:
@@ -302,6 +318,8 @@ class Node:
             )
             return
         self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt)
+        metrics.ROUNDS_JOINED.inc()
+        metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
         event(
             log,
             "update submitted",
@@ -332,7 +350,14 @@ class Node:
                 participants[0] = count
                 yield blob
 
-        for index, block in enumerate(self.pool.decrypt(blobs())):
+        decrypted = track(
+            self.pool.decrypt(blobs()),
+            n_ct,
+            f"round {ev.round}: download+decrypt",
+            node=self.name,
+            round=ev.round,
+        )
+        for index, block in enumerate(decrypted):
             failpoints.hit("node.download")
             start = index * codec.VALUES_PER_CIPHERTEXT
             summed[start : start + codec.VALUES_PER_CIPHERTEXT] = block
@@ -340,11 +365,15 @@ class Node:
             mean = mean_from_sum(summed, self.layout.num_params)
         except UpdateError as exc:
             raise NodeError(f"round {ev.round}: {exc}") from exc
+        t_apply = time.perf_counter()
+        metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
         apply_vector(self.tensors, self.global_vector, mean)
         self.global_vector = flatten(self.tensors)
         failpoints.hit("node.applying")
         self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
         self.applied_round = ev.round
+        metrics.APPLIED_ROUND.set(ev.round)
+        metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
         event(
             log,
             "applied round sum",

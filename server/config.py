@@ -24,6 +24,9 @@ class ServerConfig:
     health_listen: str = setting(
         "", "server", "extra plaintext address serving only grpc.health.v1 (for probes); empty: off"
     )
+    metrics_listen: str = setting(
+        "", "server", "address:port for the Prometheus metrics endpoint (HTTP); empty: off"
+    )
     grace_seconds: float = setting(10.0, "server", "how long shutdown waits for streams in flight")
     tls_cert: Path | None = setting(
         None, "tls", "server certificate (PEM) from `cipherhive certs issue --role server`"

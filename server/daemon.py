@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from cipherhive import certs, codec, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
+from cipherhive.server import metrics
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.identity import Authenticator
 from cipherhive.server.limits import Limiter
@@ -139,6 +140,8 @@ class Server:
             self.health.set(service, status)
 
     def start(self) -> None:
+        if self.config.metrics_listen:
+            metrics.serve(self.config.metrics_listen)
         self.grpc_server.start()
         if self.health_server is not None:
             self.health_server.start()

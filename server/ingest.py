@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator
 
 import grpc
 
 from cipherhive import codec
+from cipherhive.server import metrics as server_metrics
 from cipherhive.server.rounds import RoundError, RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -70,6 +72,7 @@ def ingest(
     current, upload = begun
     try:
         received = 0
+        busy = 0.0
         for expected_index, request in enumerate(requests):
             if request.WhichOneof("part") != "chunk":
                 raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "only one header per upload")
@@ -92,6 +95,7 @@ def ingest(
                     f"stream carries more than the {header.num_ciphertexts} ciphertexts announced",
                 )
             for offset, blob in enumerate(chunk.ciphertexts):
+                started = time.perf_counter()
                 try:
                     ct = manager.codec.load(blob)
                 except codec.CodecError as exc:
@@ -99,13 +103,19 @@ def ingest(
                         grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {received + offset}: {exc}"
                     ) from exc
                 manager.add_block(current, upload, blob, ct)
+                busy += time.perf_counter() - started
             received += count
         if received != header.num_ciphertexts:
             raise _refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"stream ended after {received} of {header.num_ciphertexts} ciphertexts; nothing was added",
             )
-        return manager.finish_upload(current, upload, metrics)
+        receipt = manager.finish_upload(current, upload, metrics)
+        server_metrics.VALUES_ADDED.inc(header.num_values)
+        server_metrics.INGEST_SECONDS.inc(busy)
+        if busy > 0:
+            server_metrics.INGEST_RATE.set(header.num_values / busy)
+        return receipt
     except RoundError as exc:
         manager.abort_upload(current, upload, exc.message)
         raise

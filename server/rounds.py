@@ -29,6 +29,7 @@ import tenseal.sealapi as seal
 from cipherhive import codec, failpoints
 from cipherhive.layout import Layout, describe_difference
 from cipherhive.logs import audit, event
+from cipherhive.server import metrics as server_metrics
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.events import EventBus
 from cipherhive.server.running_sum import RunningSum
@@ -57,6 +58,7 @@ class Upload:
     writer: SubmissionWriter
     added: int = 0
     aborted: str | None = None
+    accepted: bool = False
 
 
 @dataclass
@@ -156,6 +158,7 @@ class RoundManager:
     def watcher_enter(self, node: str) -> None:
         with self._lock:
             self._watchers[node] += 1
+            server_metrics.NODES_ONLINE.set(len(self._watchers))
         self.state.touch_node(node)
         self._wake.set()
 
@@ -164,6 +167,7 @@ class RoundManager:
             self._watchers[node] -= 1
             if self._watchers[node] <= 0:
                 del self._watchers[node]
+            server_metrics.NODES_ONLINE.set(len(self._watchers))
         self.state.touch_node(node)
 
     def online(self) -> list[str]:
@@ -204,6 +208,7 @@ class RoundManager:
             expected=len(row.expected),
             deadline=round(deadline, 3),
         )
+        server_metrics.ROUNDS.labels("opened").inc()
         self.bus.publish(self._event(pb.RoundEvent.OPENED, row))
         return row
 
@@ -269,7 +274,12 @@ class RoundManager:
                     yield blob
                     failpoints.hit("server.publishing")
 
-            sum_file, size = self.spool.write_sum(number, blocks())
+            try:
+                sum_file, size = self.spool.write_sum(number, blocks())
+            except BaseException:
+                with self._lock:
+                    current.closing = False  # the scheduler retries the close
+                raise
             failpoints.hit("server.published")
             self.state.finish_round(
                 number,
@@ -289,6 +299,7 @@ class RoundManager:
                 sum_bytes=size,
             )
             kind = pb.RoundEvent.SUM_READY
+            server_metrics.ROUNDS.labels("published").inc()
         else:
             reason = (
                 f"only {participants} of the required {self.config.min_participants} nodes "
@@ -297,6 +308,8 @@ class RoundManager:
             self.state.finish_round(number, state="failed", reason=reason, participants=participants)
             audit("round failed", actor, round=number, participants=participants, reason=reason)
             kind = pb.RoundEvent.FAILED
+            server_metrics.ROUNDS.labels("failed").inc()
+        server_metrics.ROUND_SECONDS.observe(max(0.0, time.time() - current.row.opened))
         self.spool.drop_round(number)
         with self._lock:
             self._open = None
@@ -317,6 +330,7 @@ class RoundManager:
             previous = self.state.submission(header.round, node)
             if previous is not None:
                 if previous.submission_id == header.submission_id:
+                    server_metrics.SUBMISSIONS.labels("duplicate").inc()
                     return self._receipt(previous, duplicate=True)
                 raise RoundError(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -397,6 +411,7 @@ class RoundManager:
             except sqlite3.IntegrityError as exc:
                 raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
             current.accepted[upload.node] = row
+            upload.accepted = True
             del current.uploads[upload.node]
             failpoints.hit("server.acknowledged")
             everyone_in = set(current.row.expected) <= set(current.accepted)
@@ -407,6 +422,8 @@ class RoundManager:
             submission=upload.submission_id,
             bytes=row.num_bytes,
         )
+        server_metrics.SUBMISSIONS.labels("accepted").inc()
+        server_metrics.BYTES_RECEIVED.inc(row.num_bytes)
         if everyone_in:
             self._wake.set()
         return self._receipt(row, duplicate=False)
@@ -417,6 +434,8 @@ class RoundManager:
 
     def _rollback(self, current: OpenRound, upload: Upload, reason: str) -> None:
         """Subtract what an unfinished upload added and forget it (caller holds the lock)."""
+        if upload.accepted:
+            return  # durable and counted: an error after acceptance must not un-count it
         if upload.aborted is None:
             upload.aborted = reason
             if upload.added:

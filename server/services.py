@@ -19,6 +19,7 @@ import grpc
 from cipherhive import __version__
 from cipherhive.layout import Layout
 from cipherhive.logs import audit, event
+from cipherhive.server import metrics
 from cipherhive.server.identity import Authenticator, Caller
 from cipherhive.server.ingest import ingest
 from cipherhive.server.limits import Limiter
@@ -105,6 +106,7 @@ class AggregationService(pb_grpc.AggregationServicer):
                 return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
             except RoundError as exc:
                 audit("submission refused", caller.name, code=exc.code.name, reason=exc.message)
+                metrics.SUBMISSIONS.labels(exc.code.name.lower()).inc()
                 context.abort(exc.code, exc.message)
                 raise
 

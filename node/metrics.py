@@ -1,0 +1,32 @@
+"""Prometheus metrics of a member node, served on ``[node] metrics_listen``.
+
+Durations and round numbers only: never a model value, a sample count or
+anything computed from decrypted data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+ROUNDS_JOINED = Counter(
+    "cipherhive_node_rounds_joined_total", "Rounds this node submitted an update to", registry=REGISTRY
+)
+PHASE_SECONDS = Histogram(
+    "cipherhive_node_phase_seconds",
+    "Duration of each phase of a round (train, encrypt_upload, download_decrypt, apply)",
+    ["phase"],
+    buckets=(0.05, 0.25, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+    registry=REGISTRY,
+)
+APPLIED_ROUND = Gauge(
+    "cipherhive_node_applied_round",
+    "Last round whose sum this node applied (its global version)",
+    registry=REGISTRY,
+)
+
+
+def serve(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=REGISTRY)
