@@ -25,6 +25,7 @@ import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import tenseal as ts
@@ -56,7 +57,7 @@ class CodecError(UserError, ValueError):
 
 
 def num_ciphertexts(num_values: int) -> int:
-    """Ciphertexts needed to carry ``num_values`` reals."""
+    """Ciphertexts needed to carry ``num_values`` reals with this module's encoding."""
     return -(-num_values // VALUES_PER_CIPHERTEXT)
 
 
@@ -142,8 +143,43 @@ def _open(data: bytes, n_threads: int) -> _Seal:
     return _Seal(ctx, sc, seal.Evaluator(sc))
 
 
+class ServerCodec(Protocol):
+    """What the server needs of an encoding: parse and validate a block, add, subtract, save.
+
+    The product has one implementation, :class:`PublicCodec`; the benchmark plugs
+    its baselines in here to run them through the very same pipeline.
+    """
+
+    values_per_block: int
+
+    def load(self, data: bytes) -> Any: ...
+
+    def add_inplace(self, acc: Any, block: Any) -> None: ...
+
+    def sub_inplace(self, acc: Any, block: Any) -> None: ...
+
+    def dump(self, acc: Any) -> bytes: ...
+
+
+class NodeCodec(Protocol):
+    """What a node needs of an encoding: one block of values to bytes and a sum back."""
+
+    values_per_block: int
+
+    def encrypt(self, values: np.ndarray) -> bytes: ...
+
+    def decrypt(self, data: bytes) -> np.ndarray: ...
+
+
+def blocks_for(num_values: int, values_per_block: int) -> int:
+    """Blocks (ciphertexts) needed to carry ``num_values`` values."""
+    return -(-num_values // values_per_block)
+
+
 class PublicCodec:
     """Server side: load and add ciphertexts with a context that holds no secret key."""
+
+    values_per_block = VALUES_PER_CIPHERTEXT
 
     def __init__(self, public_context: bytes) -> None:
         s = _open(public_context, n_threads=1)
@@ -185,6 +221,8 @@ class PublicCodec:
 
 class SecretCodec:
     """Node side: encrypt update blocks and decrypt sums with the federation's secret key."""
+
+    values_per_block = VALUES_PER_CIPHERTEXT
 
     def __init__(self, secret_context: bytes) -> None:
         s = _open(secret_context, n_threads=1)

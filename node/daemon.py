@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -32,7 +33,7 @@ from cipherhive.logs import event
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.fetch import fetch_sum
 from cipherhive.node.trainer import (
     AppliedRound,
@@ -42,13 +43,14 @@ from cipherhive.node.trainer import (
     load_trainer,
 )
 from cipherhive.node.update import (
+    FlatParams,
+    SumApplier,
     UpdateError,
-    apply_vector,
-    flatten,
+    check_update,
     layout_of,
-    mean_from_sum,
+    sample_weight,
     split,
-    weighted_vector,
+    weighted_blocks,
 )
 from cipherhive.node.upload import submit_requests
 from cipherhive.progress import track
@@ -78,13 +80,24 @@ def _rounded(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}
 
 
+@dataclass(frozen=True)
+class CodecChoice:
+    """Which encoding a node uses: the product's CKKS codec unless a benchmark says otherwise."""
+
+    factory: str
+    key: bytes
+    fingerprint: str
+
+
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
-        secret = keys.read_secret_context(config.secret_context)
         try:
-            self.fingerprint = keys.fingerprint(ts.context_from(secret))
-            self.pool = CryptoPool(secret, config.workers)
+            if choice is None:
+                secret = keys.read_secret_context(config.secret_context)
+                choice = CodecChoice(DEFAULT_CODEC, secret, keys.fingerprint(ts.context_from(secret)))
+            self.fingerprint = choice.fingerprint
+            self.pool = CryptoPool(choice.key, config.workers, choice.factory)
         except codec.CodecError as exc:
             raise NodeError(f"{config.secret_context}: {exc}") from exc
         try:
@@ -110,7 +123,10 @@ class Node:
                 for name, tensor in self.tensors:
                     tensor.copy_(checkpoint.tensors[name])
             self.applied_round = checkpoint.round
-        self.global_vector = flatten(self.tensors)
+        # The model's federated values live in one float32 buffer; ``global_values`` is
+        # the last applied global model (float32, the only other full-size copy).
+        self.flat = FlatParams(self.tensors)
+        self.global_values = self.flat.read().copy()
         self.name = config.name
         self.settings = pb.FederationSettings()
         self._stop = threading.Event()
@@ -263,13 +279,10 @@ class Node:
         t0 = time.perf_counter()
         try:
             result = self.trainer.train(self.model, RoundInfo(ev.round, ev.base_round, self.name))
-            vector = weighted_vector(
-                flatten(self.tensors),
-                self.global_vector,
-                int(result.num_samples),
-                self.settings.weight_unit,
-                self.settings.max_participants,
-            )
+            weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
+            # Keep the trained values aside; the model goes back to the global one.
+            local = self.flat.read().copy()
+            check_update(local, self.global_values, weight, self.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)
             return
@@ -277,7 +290,7 @@ class Node:
             log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
             return
         finally:
-            apply_vector(self.tensors, self.global_vector, np.zeros_like(self.global_vector))
+            self.flat.load(self.global_values)
         t_train = time.perf_counter() - t0
         metrics.PHASE_SECONDS.labels("train").observe(t_train)
         header = pb.SubmitHeader(
@@ -286,8 +299,8 @@ class Node:
             submission_id=self.store.submission_id(ev.round),
             layout_hash=self.layout.hash,
             key_fingerprint=self.fingerprint,
-            num_values=vector.shape[0],
-            num_ciphertexts=codec.num_ciphertexts(vector.shape[0]),
+            num_values=self.layout.num_values,
+            num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
             metrics=_rounded(result.metrics),
         )
         t1 = time.perf_counter()
@@ -297,7 +310,9 @@ class Node:
                 submit_requests(
                     header,
                     track(
-                        self.pool.encrypt(vector),
+                        self.pool.encrypt(
+                            weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
+                        ),
                         header.num_ciphertexts,
                         f"round {ev.round}: encrypt+upload",
                         node=self.name,
@@ -340,9 +355,12 @@ class Node:
                 f"{self.applied_round}; its state directory does not belong to this federation"
             )
         t0 = time.perf_counter()
-        num_values = self.layout.num_values
-        n_ct = codec.num_ciphertexts(num_values)
-        summed = np.empty(n_ct * codec.VALUES_PER_CIPHERTEXT, dtype=np.float64)
+        per_block = self.pool.values_per_block
+        n_ct = codec.blocks_for(self.layout.num_values, per_block)
+        hook = getattr(self.trainer, "after_round", None)
+        # The float64 average is only kept for a trainer that asks to see it.
+        mean = np.empty(self.layout.num_params) if hook is not None else None
+        applier = SumApplier(self.global_values, self.flat.read(), per_block, mean)
         participants = [0]
 
         def blobs() -> Any:
@@ -357,20 +375,24 @@ class Node:
             node=self.name,
             round=ev.round,
         )
-        for index, block in enumerate(decrypted):
-            failpoints.hit("node.download")
-            start = index * codec.VALUES_PER_CIPHERTEXT
-            summed[start : start + codec.VALUES_PER_CIPHERTEXT] = block
         try:
-            mean = mean_from_sum(summed, self.layout.num_params)
+            for block in decrypted:
+                failpoints.hit("node.download")
+                applier.feed(block)
+            if applier.blocks != n_ct:
+                raise UpdateError(f"the sum arrived with {applier.blocks} of {n_ct} blocks")
         except UpdateError as exc:
+            self.flat.load(self.global_values)
             raise NodeError(f"round {ev.round}: {exc}") from exc
+        except BaseException:
+            self.flat.load(self.global_values)  # a broken download leaves the global model as it was
+            raise
         t_apply = time.perf_counter()
         metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
-        apply_vector(self.tensors, self.global_vector, mean)
-        self.global_vector = flatten(self.tensors)
+        self.flat.commit()
         failpoints.hit("node.applying")
         self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
+        self.global_values[:] = self.flat.read()
         self.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
         metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
@@ -382,8 +404,7 @@ class Node:
             participants=participants[0],
             fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3),
         )
-        hook = getattr(self.trainer, "after_round", None)
-        if hook is not None:
+        if hook is not None and mean is not None:
             try:
                 hook(self.model, AppliedRound(ev.round, participants[0], split(self.tensors, mean)))
             except Exception:

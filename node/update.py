@@ -1,20 +1,29 @@
-"""Between the model and the encrypted vector: flatten, weight, check range, apply.
+"""Between the model and the encrypted vector: weight, check range, stream, divide, apply.
 
-The vector a node encrypts is ``[w·Δ, w]`` with Δ = local - global for every
+The vector a node encrypts is ``[w, w·Δ]`` with Δ = local - global for every
 federated tensor (flattened in layout order) and ``w = samples / weight_unit``.
 The server sums these; after decryption ``Σ w·Δ / Σ w`` is exactly the
 FedAvg update, and no single member's sample count was ever visible.
+
+The weight comes *first* so that a node can divide and apply each decrypted
+block as it arrives, and the update is produced block by block from the
+model's float32 values: neither side ever holds a float64 copy of the whole
+update (a 100 M-parameter model costs its float32 size twice, not six times).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from cipherhive.codec import VALUE_RANGE
 from cipherhive.layout import Layout, TensorSpec
+
+#: Elements per pass when scanning an update (bounds temporaries to a few MB).
+_SCAN = 1 << 20
 
 
 class UpdateError(ValueError):
@@ -31,41 +40,155 @@ def flatten(tensors: list[tuple[str, torch.Tensor]]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def weighted_vector(
-    local: np.ndarray,
-    global_: np.ndarray,
-    num_samples: int,
-    weight_unit: float,
-    max_participants: int,
-) -> np.ndarray:
-    """``[w·Δ, w]`` ready to encrypt, refusing values the encoding would corrupt."""
-    if num_samples <= 0:
-        raise UpdateError(f"trainer reported {num_samples} samples; an update needs at least one")
-    weight = num_samples / weight_unit
-    out = np.empty(local.shape[0] + 1, dtype=np.float64)
-    np.subtract(local, global_, out=out[:-1])
-    out[:-1] *= weight
-    out[-1] = weight
-    if not np.isfinite(out).all():
-        raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
+class FlatParams:
+    """The federated tensors as one contiguous float32 buffer.
+
+    When every federated tensor is a float32 CPU tensor, the tensors are
+    re-pointed into the buffer (``tensor.data`` becomes a view), so reading the
+    model as a vector and writing a new global model into it copy nothing.
+    Otherwise values are gathered and scattered explicitly.
+    """
+
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self.tensors = tensors
+        self.size = sum(t.numel() for _, t in tensors)
+        self.buffer = torch.empty(self.size, dtype=torch.float32)
+        self.views = all(t.dtype == torch.float32 and t.device.type == "cpu" for _, t in tensors)
+        offset = 0
+        with torch.no_grad():
+            for _, tensor in tensors:
+                n = tensor.numel()
+                self.buffer[offset : offset + n] = tensor.detach().reshape(-1).to(torch.float32)
+                if self.views:
+                    tensor.data = self.buffer[offset : offset + n].view(tensor.shape)
+                offset += n
+
+    def read(self) -> np.ndarray:
+        """The model's current values (a view of the buffer, float32)."""
+        if not self.views:
+            offset = 0
+            with torch.no_grad():
+                for _, tensor in self.tensors:
+                    n = tensor.numel()
+                    self.buffer[offset : offset + n] = tensor.detach().reshape(-1).to(torch.float32)
+                    offset += n
+        return self.buffer.numpy()
+
+    def commit(self) -> None:
+        """Push the buffer's values into the tensors (a no-op when they are views)."""
+        if self.views:
+            return
+        offset = 0
+        with torch.no_grad():
+            for _, tensor in self.tensors:
+                n = tensor.numel()
+                tensor.copy_(self.buffer[offset : offset + n].view(tensor.shape).to(tensor.dtype))
+                offset += n
+
+    def load(self, values: np.ndarray) -> None:
+        self.buffer.numpy()[:] = values
+        self.commit()
+
+
+def check_update(local: np.ndarray, global_: np.ndarray, weight: float, max_participants: int) -> float:
+    """Refuse an update the encoding would corrupt; returns its largest weighted magnitude."""
     limit = VALUE_RANGE / max_participants
-    peak = float(np.abs(out).max())
+    peak = abs(weight)
+    for start in range(0, local.shape[0], _SCAN):
+        diff = local[start : start + _SCAN].astype(np.float64) - global_[start : start + _SCAN]
+        if not np.isfinite(diff).all():
+            raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
+        if diff.size:
+            peak = max(peak, float(np.abs(diff).max()) * weight)
     if peak > limit:
         raise UpdateError(
             f"weighted update reaches {peak:.3g}, beyond the {limit:.3g} that {max_participants} "
             "members can sum exactly; lower the learning rate, or raise the server's weight_unit"
         )
-    return out
+    return peak
+
+
+def sample_weight(num_samples: int, weight_unit: float) -> float:
+    if num_samples <= 0:
+        raise UpdateError(f"trainer reported {num_samples} samples; an update needs at least one")
+    return num_samples / weight_unit
+
+
+def weighted_blocks(
+    local: np.ndarray, global_: np.ndarray, weight: float, per_block: int
+) -> Iterator[np.ndarray]:
+    """The vector ``[w, w·Δ]`` in blocks of ``per_block`` float64 values, made on demand."""
+    total = local.shape[0] + 1
+    for start in range(0, total, per_block):
+        end = min(start + per_block, total)
+        block = np.empty(end - start, dtype=np.float64)
+        first = 0
+        if start == 0:
+            block[0] = weight
+            first = 1
+        lo, hi = start + first - 1, end - 1  # parameter indices covered by this block
+        np.subtract(local[lo:hi], global_[lo:hi], out=block[first:], dtype=np.float64)
+        block[first:] *= weight
+        yield block
+
+
+def weighted_vector(
+    local: np.ndarray, global_: np.ndarray, num_samples: int, weight_unit: float, max_participants: int
+) -> np.ndarray:
+    """``[w, w·Δ]`` as one vector (for small updates and tests), after the same checks."""
+    if not np.isfinite(global_).all():
+        raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
+    weight = sample_weight(num_samples, weight_unit)
+    check_update(local, global_, weight, max_participants)
+    size = local.shape[0] + 1
+    return np.concatenate(list(weighted_blocks(local, global_, weight, size)))
 
 
 def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
-    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the last value)."""
-    total_weight = float(summed[num_params])
-    if not math.isfinite(total_weight) or total_weight <= 1e-9:
+    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value)."""
+    total_weight = _total_weight(float(summed[0]))
+    return summed[1 : 1 + num_params] / total_weight
+
+
+def _total_weight(value: float) -> float:
+    if not math.isfinite(value) or value <= 1e-9:
         raise UpdateError(
-            f"decrypted total weight is {total_weight}; the sum was not made with this federation's key"
+            f"decrypted total weight is {value}; the sum was not made with this federation's key"
         )
-    return summed[:num_params] / total_weight
+    return value
+
+
+class SumApplier:
+    """Apply a decrypted sum block by block: ``out = float32(global + Σw·Δ / Σw)``.
+
+    ``out`` is written, ``global_`` only read, so a download that fails half-way
+    leaves the global model intact. ``mean`` (optional) receives the float64 average.
+    """
+
+    def __init__(
+        self, global_: np.ndarray, out: np.ndarray, per_block: int, mean: np.ndarray | None = None
+    ) -> None:
+        self.global_ = global_
+        self.out = out
+        self.per_block = per_block
+        self.mean = mean
+        self.total_weight = 0.0
+        self.blocks = 0
+
+    def feed(self, block: np.ndarray) -> None:
+        start = self.blocks * self.per_block
+        first = 0
+        if start == 0:
+            self.total_weight = _total_weight(float(block[0]))
+            first = 1
+        lo = start + first - 1
+        hi = min(start + block.shape[0] - 1, self.global_.shape[0])
+        if hi > lo:
+            part = block[first : first + hi - lo] / self.total_weight
+            if self.mean is not None:
+                self.mean[lo:hi] = part
+            self.out[lo:hi] = self.global_[lo:hi] + part
+        self.blocks += 1
 
 
 def apply_vector(tensors: list[tuple[str, torch.Tensor]], base: np.ndarray, delta: np.ndarray) -> None:

@@ -22,9 +22,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
-import tenseal.sealapi as seal
 
 from cipherhive import codec, failpoints
 from cipherhive.layout import Layout, describe_difference
@@ -81,7 +81,7 @@ class RoundManager:
         config: ServerConfig,
         state: State,
         spool: Spool,
-        public: codec.PublicCodec,
+        public: codec.ServerCodec,
         fingerprint: str,
     ) -> None:
         self.config = config
@@ -101,6 +101,9 @@ class RoundManager:
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
 
+    def _blocks(self, num_values: int) -> int:
+        return codec.blocks_for(num_values, self.codec.values_per_block)
+
     # ------------------------------------------------------------ federation
 
     def layout(self) -> Layout | None:
@@ -115,7 +118,7 @@ class RoundManager:
                 poly_modulus_degree=codec.POLY_MODULUS_DEGREE,
                 coeff_mod_bit_sizes=list(codec.COEFF_MOD_BIT_SIZES),
                 scale_bits=codec.SCALE_BITS,
-                values_per_ciphertext=codec.VALUES_PER_CIPHERTEXT,
+                values_per_ciphertext=self.codec.values_per_block,
             ),
             min_participants=self.config.min_participants,
             round_timeout_seconds=self.config.timeout_seconds,
@@ -197,7 +200,7 @@ class RoundManager:
             row = self.state.open_round(self.state.latest_sum_round(), deadline, self.online())
             self._open = OpenRound(
                 row,
-                RunningSum(self.codec, codec.num_ciphertexts(layout.num_values)),
+                RunningSum(self.codec, self._blocks(layout.num_values)),
                 layout.num_values,
             )
         audit(
@@ -223,7 +226,7 @@ class RoundManager:
         layout = self.layout()
         if row is None or layout is None:
             return
-        running = RunningSum(self.codec, codec.num_ciphertexts(layout.num_values))
+        running = RunningSum(self.codec, self._blocks(layout.num_values))
         restored = OpenRound(row, running, layout.num_values)
         for sub in self.state.submissions(row.round):
             if sub.spool_file is None:
@@ -377,7 +380,7 @@ class RoundManager:
             current.uploads[node] = upload
             return current, upload
 
-    def add_block(self, current: OpenRound, upload: Upload, blob: bytes, ct: seal.Ciphertext) -> None:
+    def add_block(self, current: OpenRound, upload: Upload, blob: bytes, ct: Any) -> None:
         """Spool and add one validated ciphertext of an upload."""
         with self._lock:
             if upload.aborted is not None:
@@ -457,7 +460,7 @@ class RoundManager:
             duplicate=duplicate,
             num_bytes=row.num_bytes,
             accepted_unix=row.accepted,
-            num_ciphertexts=codec.num_ciphertexts(layout.num_values) if layout else 0,
+            num_ciphertexts=self._blocks(layout.num_values) if layout else 0,
         )
 
     # ------------------------------------------------------------ events

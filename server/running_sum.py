@@ -10,18 +10,17 @@ restored bit for bit (all-or-nothing without holding whole updates).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-import tenseal.sealapi as seal
-
-from cipherhive.codec import PublicCodec
+from cipherhive.codec import ServerCodec
 
 
 class RunningSum:
     """Not thread-safe: the round that owns it serialises access with its lock."""
 
-    def __init__(self, codec: PublicCodec, num_ciphertexts: int) -> None:
+    def __init__(self, codec: ServerCodec, num_ciphertexts: int) -> None:
         self._codec = codec
-        self._blocks: list[seal.Ciphertext | None] = [None] * num_ciphertexts
+        self._blocks: list[Any] = [None] * num_ciphertexts
         # Uploads added into each block: subtracting the only one must reset the
         # block, since SEAL refuses to produce a transparent (all-zero) ciphertext.
         self._counts = [0] * num_ciphertexts
@@ -29,7 +28,7 @@ class RunningSum:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def add(self, index: int, ct: seal.Ciphertext) -> None:
+    def add(self, index: int, ct: Any) -> None:
         current = self._blocks[index]
         if current is None:
             self._blocks[index] = ct

@@ -31,7 +31,7 @@ def test_weighted_vector_layout() -> None:
     global_ = np.array([0.5, 2.0, 1.0])
     out = update.weighted_vector(local, global_, num_samples=250, weight_unit=1000.0, max_participants=64)
     assert out.dtype == np.float64
-    np.testing.assert_array_equal(out, [0.125, 0.0, -1.0, 0.25])
+    np.testing.assert_array_equal(out, [0.25, 0.125, 0.0, -1.0])
     # The inputs are left alone.
     np.testing.assert_array_equal(local, [1.0, 2.0, -3.0])
 
@@ -87,7 +87,7 @@ def test_weighted_vector_weight_itself_is_range_checked() -> None:
 def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], members: int) -> None:
     secret, public = codecs
     rng = np.random.default_rng(members)
-    num_params = codec.VALUES_PER_CIPHERTEXT + 1234  # the weight sits in the second block
+    num_params = codec.VALUES_PER_CIPHERTEXT + 1234  # the parameters span two blocks
     global_ = rng.normal(0.0, 1.0, num_params)
     locals_ = [global_ + rng.normal(0.0, 0.05, num_params) for _ in range(members)]
     samples = [int(n) for n in rng.integers(200, 2000, members)]
@@ -105,12 +105,12 @@ def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], membe
     expected = sum(n * d for n, d in zip(samples, deltas, strict=True)) / sum(samples)
     assert mean.shape == (num_params,)
     assert np.abs(mean - expected).max() < 1e-7
-    assert abs(summed[num_params] - sum(samples) / 1000.0) < 1e-7
+    assert abs(summed[0] - sum(samples) / 1000.0) < 1e-7
 
 
 @pytest.mark.parametrize("weight", [0.0, 1e-12, -1.0, np.nan, np.inf])
 def test_mean_from_sum_refuses_bad_weight(weight: float) -> None:
-    summed = np.array([1.0, 2.0, weight, 0.0])
+    summed = np.array([weight, 1.0, 2.0, 0.0])
     with pytest.raises(UpdateError, match="total weight"):
         update.mean_from_sum(summed, 2)
 
@@ -237,3 +237,45 @@ def test_layout_proto_round_trip() -> None:
     back = Layout.from_proto(wire)
     assert back == layout
     assert back.hash == layout.hash
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("per_block", [1, 2, 5, 7, 8, 100])
+def test_weighted_blocks_and_sum_applier_stream(per_block: int) -> None:
+    """Block by block, both ways, equals the whole-vector computation for any block size."""
+    rng = np.random.default_rng(per_block)
+    global_ = rng.normal(0, 1, 13).astype(np.float32)
+    local = (global_ + rng.normal(0, 0.05, 13)).astype(np.float32)
+    blocks = list(update.weighted_blocks(local, global_, 0.5, per_block))
+    assert all(b.shape[0] <= per_block for b in blocks)
+    whole = update.weighted_vector(local, global_, 500, 1000.0, 64)
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    # Pretend three members sent the same update: the sum is 3x, the mean is the update.
+    out = np.empty_like(global_)
+    mean = np.empty(13)
+    applier = update.SumApplier(global_, out, per_block, mean)
+    for block in blocks:
+        padded = np.zeros(per_block)
+        padded[: block.shape[0]] = 3 * block
+        applier.feed(padded)
+    np.testing.assert_allclose(mean, local.astype(np.float64) - global_, atol=1e-12)
+    np.testing.assert_array_equal(out, (global_.astype(np.float64) + mean).astype(np.float32))
+
+
+def test_flat_params_views_and_copies() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2).double())
+    tensors = list(model.named_parameters())
+    flat = update.FlatParams(tensors)
+    assert not flat.views  # one float64 layer: values are gathered and scattered
+    values = flat.read().copy()
+    flat.load(values + 1)
+    assert torch.allclose(model[1].bias, torch.from_numpy(values[-2:] + 1).double())
+    model32 = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    tensors32 = _tensors(model32)
+    flat32 = update.FlatParams(tensors32)
+    assert flat32.views
+    flat32.read()[:] = 7.0  # writing the buffer writes the model
+    assert float(model32[1].running_mean[0]) == 7.0
+    assert float(model32[0].weight.detach()[0, 0]) == 7.0
