@@ -53,8 +53,15 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from cipherhive.bench.run import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cipherhive import config
+    from cipherhive.bench.options import add_bench_arguments
     from cipherhive.demo.options import add_demo_arguments
     from cipherhive.node.config import NodeConfig
     from cipherhive.server.config import ServerConfig
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.set_defaults(func=_demo)
 
+    p = sub.add_parser("bench", help="measure rounds against plaintext and per-layer TenSEAL baselines")
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
+
+    from cipherhive.ctl.cli import register as register_ctl
+
+    register_ctl(sub)
     certs.register(sub)
     return parser
 

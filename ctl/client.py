@@ -158,15 +158,28 @@ class Client:
 
     def health(self, service: str = "") -> str:
         """The status name (SERVING, NOT_SERVING, …) the server reports for ``service``."""
-        reply = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.target.timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # the health service sends no details
+                raise CtlError(
+                    f"NOT_FOUND: the server reports no health for service {service!r} (known: '' for the "
+                    "whole server, cipherhive.v1.Admin, cipherhive.v1.Aggregation)",
+                    EXIT_REFUSED,
+                ) from None
+            raise rpc_error(exc, self.target.address) from None
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return name
 
-    def watch(self, since_round: int = 0) -> EventStream:
-        """Replay after ``since_round``, then live events; no deadline, the stream is meant to stay open."""
-        # A unary probe first: an unreachable server or a refused certificate fails within
+    def watch(self, since_round: int | None = None) -> EventStream:
+        """Replay after ``since_round`` (None: only the open round), then live events, without deadline."""
+        # A unary call first: an unreachable server or a refused certificate fails within
         # --timeout with the server's own message instead of the stream waiting to connect.
-        self.status()
+        status = self.status()
+        if since_round is None:
+            since_round = status.latest_round
         try:
             call = self._admin.WatchEvents(pb.WatchRequest(since_round=since_round))
         except grpc.RpcError as exc:

@@ -59,6 +59,10 @@ class LocalFederation:
     node_options: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, Any] = field(default_factory=dict)
     port: int = 0
+    #: Module run as ``python -m`` for every process (the benchmark swaps in its launcher).
+    launcher: str = "cipherhive"
+    #: Environment added to every process.
+    env: dict[str, str] = field(default_factory=dict)
     #: Extra keys for the server's [server] and every node's [node] section.
     server_settings: dict[str, Any] = field(default_factory=dict)
     node_settings: dict[str, Any] = field(default_factory=dict)
@@ -155,9 +159,9 @@ class LocalFederation:
         self, key: str, args: list[str], log_name: str, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 - owned by the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env, **(env or {}))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cipherhive", *args],
+            [sys.executable, "-m", self.launcher, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -359,7 +359,8 @@ class Node:
         n_ct = codec.blocks_for(self.layout.num_values, per_block)
         hook = getattr(self.trainer, "after_round", None)
         # The float64 average is only kept for a trainer that asks to see it.
-        mean = np.empty(self.layout.num_params) if hook is not None else None
+        wants_mean = hook is not None and getattr(self.trainer, "wants_mean_update", True)
+        mean = np.empty(self.layout.num_params) if wants_mean else None
         applier = SumApplier(self.global_values, self.flat.read(), per_block, mean)
         participants = [0]
 
@@ -404,8 +405,9 @@ class Node:
             participants=participants[0],
             fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3),
         )
-        if hook is not None and mean is not None:
+        if hook is not None:
+            mean_update = split(self.tensors, mean) if mean is not None else {}
             try:
-                hook(self.model, AppliedRound(ev.round, participants[0], split(self.tensors, mean)))
+                hook(self.model, AppliedRound(ev.round, participants[0], mean_update))
             except Exception:
                 log.exception("trainer after_round hook failed in round %d", ev.round)

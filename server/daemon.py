@@ -45,14 +45,20 @@ def _read(path: Path | None, what: str) -> bytes:
 class Server:
     """The aggregator: gRPC services, round scheduler, health status."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, baseline: tuple[codec.ServerCodec, str] | None = None) -> None:
+        """``baseline`` (codec, fingerprint) is for `cipherhive bench` only: it replaces the
+        product's encoding with a benchmark baseline; no command of the product sets it."""
         self.config = config
-        try:
-            public_bytes = keys.read_public_context(config.public_context)
-            self.codec = codec.PublicCodec(public_bytes)
-        except (OSError, codec.CodecError) as exc:
-            raise StartupError(str(exc)) from exc
-        self.fingerprint = keys.fingerprint_of_file(config.public_context)
+        self.codec: codec.ServerCodec
+        if baseline is not None:
+            self.codec, self.fingerprint = baseline
+        else:
+            try:
+                public_bytes = keys.read_public_context(config.public_context)
+                self.codec = codec.PublicCodec(public_bytes)
+            except (OSError, codec.CodecError) as exc:
+                raise StartupError(str(exc)) from exc
+            self.fingerprint = keys.fingerprint_of_file(config.public_context)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = State(config.state_dir / "state.db")
         stored = self.state.get_meta("key_fingerprint")

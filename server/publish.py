@@ -16,6 +16,10 @@ from cipherhive.server.spool import Spool, read_records
 from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
 
+#: A chunk closes once it passes this size (a block is far smaller), keeping
+#: every message well under gRPC's default 4 MiB limit.
+MAX_CHUNK_BYTES = 2 * 1024 * 1024
+
 
 def stream_sum(
     state: State, spool: Spool, request: pb.FetchRequest, layout_hash: str, per_chunk: int
@@ -36,10 +40,12 @@ def stream_sum(
             f"({row.num_ciphertexts} ciphertexts)",
         )
     batch: list[bytes] = []
+    size = 0
     first = request.first_ciphertext
     for blob in read_records(spool.path(row.sum_file), skip=request.first_ciphertext):
         batch.append(blob)
-        if len(batch) == per_chunk:
+        size += len(blob)
+        if len(batch) == per_chunk or size > MAX_CHUNK_BYTES:
             yield _chunk(
                 row.round,
                 first,
@@ -50,7 +56,7 @@ def stream_sum(
                 layout_hash,
             )
             first += len(batch)
-            batch = []
+            batch, size = [], 0
     if batch:
         yield _chunk(
             row.round,

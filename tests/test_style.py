@@ -20,7 +20,7 @@ def _import_tree(tmp_path: Path) -> Path:
     for source in (ROOT / "common").iterdir():
         if source.suffix in (".py", ".typed"):
             (top / source.name).symlink_to(source)
-    for folder in ("server", "node", "demo", "ctl"):
+    for folder in ("server", "node", "demo", "ctl", "bench"):
         (top / folder).symlink_to(ROOT / folder, target_is_directory=True)
     (top / "v1").symlink_to(ROOT / "proto" / "cipherhive" / "v1", target_is_directory=True)
     return tmp_path

@@ -1,0 +1,312 @@
+"""Measure the product and its baselines in one run, on the same transport, and print a table.
+
+Two kinds of figures:
+
+* in-process, on one sample of the update (up to ``--sample`` values): encode+encrypt
+  throughput with one worker and with all, server ingest (load + add) on one
+  core, decryption, and the largest error of the decrypted average against numpy;
+* end to end, with a real server and real node processes over mutual TLS on
+  loopback: round wall time, bytes uploaded and downloaded per parameter, and
+  the peak resident memory of the server and of a node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cipherhive import codec, keys
+from cipherhive.bench import baselines
+from cipherhive.bench.options import MODES, add_bench_arguments
+from cipherhive.bench.synthetic import member_samples, member_update
+from cipherhive.demo.federation import LocalFederation
+from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
+from cipherhive.node.update import weighted_vector
+from cipherhive.server.running_sum import RunningSum
+from cipherhive.v1 import federation_pb2 as pb
+
+WEIGHT_UNIT = 1000.0
+
+
+@dataclass(frozen=True)
+class Codecs:
+    factory: str
+    key: bytes
+    server: codec.ServerCodec
+
+
+def codecs_for(mode: str, keydir: Path) -> Codecs:
+    if mode == "plaintext":
+        return Codecs("cipherhive.bench.baselines:PlainNodeCodec", b"", baselines.PlainServerCodec())
+    if mode == "tenseal-vector":
+        secret = (keydir / "tenseal-secret.ctx").read_bytes()
+        return Codecs(
+            "cipherhive.bench.baselines:TensealNodeCodec",
+            secret,
+            baselines.TensealServerCodec((keydir / "tenseal-public.ctx").read_bytes()),
+        )
+    return Codecs(
+        DEFAULT_CODEC,
+        (keydir / keys.SECRET_FILE).read_bytes(),
+        codec.PublicCodec((keydir / keys.PUBLIC_FILE).read_bytes()),
+    )
+
+
+def _vectors(size: int, nodes: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Members' ``[w, w·Δ]`` vectors for ``size - 1`` parameters, and the exact average."""
+    params = size - 1
+    zero = np.zeros(params, dtype=np.float32)
+    vectors, weighted, total = [], np.zeros(params), 0
+    for shard in range(nodes):
+        update = member_update(params, 7, 1, shard)
+        samples = member_samples(shard)
+        vectors.append(weighted_vector(update, zero, samples, WEIGHT_UNIT, 64))
+        weighted += samples * update.astype(np.float64)
+        total += samples
+    return vectors, weighted / total
+
+
+def in_process(mode: str, keydir: Path, sample: int, nodes: int, workers: int) -> dict[str, float]:
+    c = codecs_for(mode, keydir)
+    vectors, expected = _vectors(sample, nodes)
+    with CryptoPool(c.key, 1, c.factory) as one:
+        per_block = one.values_per_block
+        t0 = time.perf_counter()
+        blobs = [list(one.encrypt_vector(v)) for v in vectors]
+        encrypt_1 = nodes * sample / (time.perf_counter() - t0)
+    with CryptoPool(c.key, workers or default_workers(), c.factory) as pool:
+        list(pool.encrypt_vector(vectors[0][: per_block * pool.workers]))  # workers up and warm
+        t0 = time.perf_counter()
+        for v in vectors:
+            for _ in pool.encrypt_vector(v):
+                pass
+        encrypt_all = nodes * sample / (time.perf_counter() - t0)
+    running = RunningSum(c.server, len(blobs[0]))
+    t0 = time.perf_counter()
+    for member in blobs:
+        for index, blob in enumerate(member):
+            running.add(index, c.server.load(blob))
+    ingest = nodes * sample / (time.perf_counter() - t0)
+    summed_blobs = list(running.serialized())
+    with CryptoPool(c.key, 1, c.factory) as one:
+        t0 = time.perf_counter()
+        summed = np.concatenate(list(one.decrypt(summed_blobs)))
+        decrypt_1 = sample / (time.perf_counter() - t0)
+    mean = summed[1:sample] / summed[0]
+    return {
+        "encrypt_params_per_s_1_worker": encrypt_1,
+        "encrypt_params_per_s_all_workers": encrypt_all,
+        "encrypt_speedup_all_vs_1": encrypt_all / encrypt_1,
+        "server_ingest_params_per_s": ingest,
+        "decrypt_params_per_s_1_worker": decrypt_1,
+        "max_abs_error": float(np.abs(mean - expected).max()),
+        "upload_bytes_per_param_sample": sum(len(b) for b in blobs[0]) / sample,
+        "download_bytes_per_param_sample": sum(len(b) for b in summed_blobs) / sample,
+    }
+
+
+def _peak_rss(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a node process before it holds any model: interpreter, torch, TenSEAL, gRPC."""
+    code = (
+        "import re, pathlib, cipherhive.node.daemon;"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) * 1024
+
+
+def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace) -> dict[str, float]:
+    records = workdir / "records"
+    fed = LocalFederation(
+        workdir,
+        nodes=args.nodes,
+        plugin="cipherhive.bench.synthetic:SyntheticTrainer",
+        node_options={"params": args.params, "record_dir": str(records)},
+        rounds={
+            "min_participants": min(args.nodes, 3),
+            "max_rounds": args.rounds,
+            "timeout_seconds": 7200.0,
+            "interval_seconds": 0.5,
+            "weight_unit": WEIGHT_UNIT,
+        },
+        launcher="cipherhive.bench.launch",
+        env={"CIPHERHIVE_BENCH_MODE": mode, "CIPHERHIVE_BENCH_KEYS": str(keydir)},
+        node_settings={"workers": args.workers},
+        server_settings={"grace_seconds": 2.0},
+    )
+    fed.setup()
+    try:
+        fed.start()
+
+        def done() -> bool:
+            return len(list(records.glob(f"round-{args.rounds}-shard-*.json"))) == args.nodes
+
+        fed.wait_for(done, 7200, f"{mode}: {args.rounds} rounds")
+        rounds = [r for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY]
+        server_rss = _peak_rss(fed.procs["server"].pid)
+        node_rss = max(_peak_rss(fed.procs[fed.node_name(i)].pid) for i in range(args.nodes))
+    finally:
+        fed.stop_all()
+    walls = []
+    for info in rounds:
+        applied = [
+            json.loads(p.read_text())["applied_unix"]
+            for p in records.glob(f"round-{info.round}-shard-*.json")
+        ]
+        walls.append(max(applied) - info.opened_unix)
+    sums = workdir / "server-state" / "sums"
+    download = max(p.stat().st_size for p in sums.iterdir()) / args.params
+    upload = rounds[0].submissions[0].num_bytes / args.params
+    return {
+        "round_seconds": float(np.mean(walls)),
+        "upload_bytes_per_param": upload,
+        "download_bytes_per_param": download,
+        "server_peak_rss_bytes": server_rss,
+        "node_peak_rss_bytes": node_rss,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown or args.nodes < 2:
+        raise SystemExit(f"cipherhive bench: error: modes must be among {MODES} and --nodes at least 2")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-bench-"))
+    keydir = workdir / "keys"
+    keys.keygen(keydir, force=True)
+    secret, public, fingerprint = baselines.tenseal_contexts()
+    (keydir / "tenseal-secret.ctx").write_bytes(secret)
+    (keydir / "tenseal-public.ctx").write_bytes(public)
+    (keydir / "tenseal-fingerprint").write_text(fingerprint)
+    sample = min(args.sample, args.params)
+    results: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        figures = in_process(mode, keydir, sample, args.nodes, args.workers)
+        figures.update(end_to_end(mode, keydir, workdir / mode, args))
+        results[mode] = figures
+        if not args.json:
+            print(f"  measured {mode}: round {figures['round_seconds']:.2f}s", file=sys.stderr)
+    report: dict[str, Any] = {
+        "machine": {"cores": default_workers(), "python": sys.version.split()[0]},
+        "config": {
+            "params": args.params,
+            "nodes": args.nodes,
+            "rounds": args.rounds,
+            "workers": args.workers or default_workers(),
+            "sample": sample,
+        },
+        "baseline_process_rss_bytes": baseline_rss(),
+        "modes": results,
+    }
+    if "cipherhive" in results and "plaintext" in results:
+        ours, plain = results["cipherhive"], results["plaintext"]
+        cores = default_workers()
+        crypto_cpu = (
+            args.nodes
+            * args.params
+            * (
+                1 / ours["encrypt_params_per_s_1_worker"]
+                + 1 / ours["server_ingest_params_per_s"]
+                + 1 / ours["decrypt_params_per_s_1_worker"]
+            )
+        )
+        bound = plain["round_seconds"] + crypto_cpu / cores
+        report["round_goal"] = {
+            "crypto_cpu_seconds": crypto_cpu,
+            "bound_seconds": bound,
+            "round_seconds": ours["round_seconds"],
+            "ratio_to_bound": ours["round_seconds"] / bound,
+        }
+        update_bytes = 4 * args.params
+        report["node_rss_over_update"] = (
+            ours["node_peak_rss_bytes"] - report["baseline_process_rss_bytes"]
+        ) / update_bytes
+    return report
+
+
+FIGURES = [
+    ("upload_bytes_per_param", "upload bytes / param", "{:.2f}"),
+    ("download_bytes_per_param", "download bytes / param", "{:.2f}"),
+    ("encrypt_params_per_s_1_worker", "encrypt params/s, 1 worker", "{:.3g}"),
+    ("encrypt_params_per_s_all_workers", "encrypt params/s, all workers", "{:.3g}"),
+    ("encrypt_speedup_all_vs_1", "encrypt speed-up, all vs 1", "{:.2f}x"),
+    ("server_ingest_params_per_s", "server ingest params/s (1 core)", "{:.3g}"),
+    ("decrypt_params_per_s_1_worker", "decrypt params/s, 1 worker", "{:.3g}"),
+    ("round_seconds", "round wall time (s)", "{:.2f}"),
+    ("server_peak_rss_bytes", "server peak RSS (MB)", "{:.0f}"),
+    ("node_peak_rss_bytes", "node peak RSS (MB)", "{:.0f}"),
+    ("max_abs_error", "max abs error of the average", "{:.2e}"),
+]
+
+
+def render(report: dict[str, Any]) -> str:
+    modes = report["modes"]
+    names = list(modes)
+    header = f"{'figure':<34}" + "".join(f"{n:>16}" for n in names)
+    ratios = [n for n in ("plaintext", "tenseal-vector") if n in modes and "cipherhive" in modes]
+    header += "".join(f"{'vs ' + r:>18}" for r in ratios)
+    lines = [header, "-" * len(header)]
+    for key, label, fmt in FIGURES:
+        cells = []
+        for n in names:
+            value = modes[n][key]
+            if key.endswith("rss_bytes"):
+                value /= 1e6
+            cells.append(f"{fmt.format(value):>16}")
+        line = f"{label:<34}" + "".join(cells)
+        for r in ratios:
+            base = modes[r][key]
+            line += f"{(modes['cipherhive'][key] / base if base else float('nan')):>17.2f}x"
+        lines.append(line)
+    cfg = report["config"]
+    lines.append("")
+    lines.append(
+        f"{cfg['params']:,} params, {cfg['nodes']} nodes, {cfg['rounds']} round(s), "
+        f"{cfg['workers']} workers, {report['machine']['cores']} cores; "
+        f"in-process figures on {cfg['sample']:,} values"
+    )
+    goal = report.get("round_goal")
+    if goal:
+        lines.append(
+            f"round vs plaintext round + crypto CPU / cores: {goal['round_seconds']:.2f}s / "
+            f"{goal['bound_seconds']:.2f}s = {goal['ratio_to_bound']:.2f} (goal <= 1.25)"
+        )
+        lines.append(
+            f"node peak RSS above a bare node process ({report['baseline_process_rss_bytes'] / 1e6:.0f} MB): "
+            f"{report['node_rss_over_update']:.2f}x the float32 update"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    report = run(args)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="cipherhive bench", description=__doc__)
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""`cipherhive ctl`: the operator's command line for a running aggregator.
+
+It speaks the server's `Admin` and `grpc.health.v1.Health` services with the
+operator's admin certificate (`cipherhive certs issue --role admin`), prints
+tables for people and, with --json, JSON for scripts. Scripts can rely on
+the exit codes below, so a cron job or a Docker HEALTHCHECK never has to
+parse messages.
+
+Exit codes:
+  0  success; for `health`, the service is SERVING
+  1  the server answered but refused or failed the request, printed as
+     `cipherhive ctl: error: CODE: details` (NOT_FOUND, PERMISSION_DENIED,
+     FAILED_PRECONDITION, ...); for `health`, any status but SERVING
+  2  usage error, or a local file is missing or unusable (which one is named):
+     --cert, --key, --ca, the directory of report --out
+  3  the server could not be reached (UNAVAILABLE, DEADLINE_EXCEEDED, which
+     includes a failed TLS handshake), or it ended a `watch` stream: check
+     --server, that the server runs, and the certificates
+
+Environment: CIPHERHIVE_CTL_SERVER, CIPHERHIVE_CTL_CERT, CIPHERHIVE_CTL_KEY and
+CIPHERHIVE_CTL_CA stand in for --server, --cert, --key and --ca.
+
+Example:
+  cipherhive ctl --server agg.example.com:7443 --cert operator/operator.crt \\
+      --key operator/operator.key --ca operator/ca.crt rounds --limit 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from cipherhive.ctl import render
+from cipherhive.ctl.client import (
+    DEFAULT_SERVER,
+    ENV_CA,
+    ENV_CERT,
+    ENV_KEY,
+    ENV_SERVER,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Client,
+    CtlError,
+    Target,
+)
+from cipherhive.ctl.report import render_report
+from cipherhive.v1 import federation_pb2 as pb
+
+Handler = Callable[[Client, argparse.Namespace], int]
+
+PROG = "cipherhive ctl"
+
+
+def _epilog() -> str:
+    """The exit codes, environment and example from this module's docstring: one source of truth."""
+    doc = __doc__ or ""
+    return doc[doc.index("Exit codes:") :].strip() if "Exit codes:" in doc else ""
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    """Flags of `ctl` itself, given before the sub-command (`round start` has its own --timeout)."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"aggregator address (env {ENV_SERVER}, default {DEFAULT_SERVER})",
+    )
+    group.add_argument("--cert", metavar="FILE", help=f"admin certificate, PEM (env {ENV_CERT})")
+    group.add_argument("--key", metavar="FILE", help=f"admin private key, PEM (env {ENV_KEY})")
+    group.add_argument("--ca", metavar="FILE", help=f"federation CA certificate, PEM (env {ENV_CA})")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default="",
+        help="host name to expect in the server certificate, if not the one in --server",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no certificates (a server started with --insecure, or its health_listen port)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=10.0,
+        help="deadline of each call (default 10)",
+    )
+    _add_json(parser, default=False)
+
+
+def _add_json(parser: argparse.ArgumentParser, default: object) -> None:
+    # After the sub-command the default is SUPPRESS, so it cannot reset a --json given before it.
+    parser.add_argument("--json", action="store_true", default=default, help="print JSON for scripts")
+
+
+def _leaf(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help_text: str
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
+    _add_json(parser, default=argparse.SUPPRESS)
+    parser.set_defaults(func=_command(handler))
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``ctl`` command and its sub-commands to the cipherhive CLI."""
+    ctl = subparsers.add_parser(
+        "ctl",
+        help="operate a running server: status, nodes, rounds, events, health, report",
+        description="Query and steer a running aggregator through its Admin gRPC service.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_connection(ctl)
+    sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+
+    _leaf(sub, "status", _status, "show the server's version, settings, nodes online and latest rounds")
+    _leaf(sub, "nodes", _nodes, "list the member nodes the server knows, online or not")
+
+    p = _leaf(sub, "rounds", _rounds, "list rounds with participants, duration and mean accuracy/loss")
+    p.add_argument(
+        "--limit", type=_int_at_least(0), default=0, metavar="N", help="most recent N (default: all)"
+    )
+
+    round_parser = sub.add_parser("round", help="show, start or close one round", description="One round.")
+    round_sub = round_parser.add_subparsers(dest="round_command", metavar="ACTION", required=True)
+    p = _leaf(round_sub, "show", _round_show, "show a round's details and each node's submission")
+    p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
+    p = _leaf(round_sub, "start", _round_start, "open a round now (refused while one is open)")
+    p.add_argument(
+        "--timeout",
+        dest="round_timeout",
+        type=_positive_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="close this round after SECONDS (default: the server's round timeout); "
+        "the call's own deadline is `ctl --timeout`",
+    )
+    p = _leaf(round_sub, "close", _round_close, "close the open round now: publish its sum or fail it")
+    p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
+
+    p = _leaf(sub, "watch", _watch, "follow round events live, one line each (Ctrl-C stops, exit 0)")
+    p.add_argument(
+        "--since",
+        type=_int_at_least(0),
+        default=None,
+        metavar="N",
+        help="first replay finished rounds after round N (default: live events only)",
+    )
+    p.add_argument(
+        "--count",
+        type=_int_at_least(1),
+        default=0,
+        metavar="K",
+        help="stop after K events, heartbeats not counted (default: follow until Ctrl-C)",
+    )
+
+    p = _leaf(sub, "health", _health, "check grpc.health.v1: exit 0 if SERVING, else 1")
+    p.add_argument("--service", default="", metavar="NAME", help='service name (default "": the server)')
+
+    p = _leaf(sub, "report", _report, "write one self-contained HTML file with per-round charts")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="HTML file to write")
+    p.add_argument(
+        "--limit", type=_int_at_least(0), default=0, metavar="N", help="most recent N (default: all)"
+    )
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _fail(exc: CtlError) -> int:
+    print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"{PROG}: hint: {exc.hint}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """Resolve the connection, run ``handler``, turn every CtlError into its exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            target = Target.resolve(
+                server=args.server,
+                cert=args.cert,
+                key=args.key,
+                ca=args.ca,
+                server_name=args.server_name,
+                insecure=args.insecure,
+                timeout=args.timeout,
+            )
+            with Client(target) as client:
+                return handler(client, args)
+        except CtlError as exc:
+            return _fail(exc)
+        except BrokenPipeError:
+            # `ctl watch | head -1`: the reader has what it wanted; no traceback for that.
+            _silence_stdout()
+            return EXIT_OK
+
+    return run
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    status = client.status()
+    if args.json:
+        print(render.dumps(render.status_dict(status)))
+    else:
+        render.print_status(render.make_console(), status)
+    return EXIT_OK
+
+
+def _nodes(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.nodes()
+    if args.json:
+        print(render.dumps(render.nodes_dict(nodes)))
+    else:
+        render.print_nodes(render.make_console(), nodes)
+    return EXIT_OK
+
+
+def _rounds(client: Client, args: argparse.Namespace) -> int:
+    rounds = client.rounds(args.limit)
+    if args.json:
+        print(render.dumps(render.rounds_dict(rounds)))
+    else:
+        render.print_rounds(render.make_console(), rounds)
+    return EXIT_OK
+
+
+def _round_show(client: Client, args: argparse.Namespace) -> int:
+    info = client.round(args.number)
+    if args.json:
+        print(render.dumps(render.round_dict(info)))
+    else:
+        render.print_round(render.make_console(), info)
+    return EXIT_OK
+
+
+def _round_start(client: Client, args: argparse.Namespace) -> int:
+    info = client.start_round(args.round_timeout)
+    print(render.dumps(render.round_dict(info)) if args.json else render.round_line("opened", info))
+    return EXIT_OK
+
+
+def _round_close(client: Client, args: argparse.Namespace) -> int:
+    info = client.close_round(args.number)
+    print(render.dumps(render.round_dict(info)) if args.json else render.round_line("closed", info))
+    return EXIT_OK
+
+
+def _watch(client: Client, args: argparse.Namespace) -> int:
+    stream = client.watch(args.since)
+    seen = 0
+    try:
+        for event in stream:
+            if event.kind == pb.RoundEvent.HEARTBEAT:
+                continue
+            line = (
+                render.dumps(render.event_dict(event), lines=True) if args.json else render.event_line(event)
+            )
+            print(line, flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                stream.cancel()
+                return EXIT_OK
+    except KeyboardInterrupt:
+        stream.cancel()
+        return EXIT_OK
+    raise CtlError("the server ended the event stream (is it shutting down?)", EXIT_UNREACHABLE)
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    if args.json:
+        print(render.dumps({"service": args.service, "status": status}))
+    else:
+        print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_REFUSED
+
+
+def _report(client: Client, args: argparse.Namespace) -> int:
+    out: Path = args.out
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise CtlError(f"--out: directory {str(folder)!r} does not exist", EXIT_USAGE)
+    if out.is_dir():
+        raise CtlError(f"--out: {str(out)!r} is a directory; give a file name", EXIT_USAGE)
+    status = client.status()
+    rounds = client.rounds(args.limit)
+    document = render_report(rounds, status)
+    _write_atomically(out, document)
+    if args.json:
+        print(render.dumps({"out": str(out), "rounds": len(rounds)}))
+    else:
+        print(f"wrote {out} ({len(rounds)} round{'s' if len(rounds) != 1 else ''})")
+    return EXIT_OK
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write next to the target then rename, so a browser never opens half a report."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise CtlError(f"--out: cannot write {str(path)!r}: {exc.strerror or exc}", EXIT_USAGE) from exc

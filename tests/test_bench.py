@@ -1,0 +1,57 @@
+"""`cipherhive bench` runs end to end and reports every figure (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cipherhive.bench.options import parse_count
+from cipherhive.bench.run import FIGURES
+
+pytestmark = pytest.mark.slow
+
+
+def test_parse_count() -> None:
+    assert parse_count("1M") == 1_000_000
+    assert parse_count("2.5k") == 2500
+    assert parse_count("100") == 100
+    for bad in ("", "M", "-3", "1X"):
+        with pytest.raises(Exception, match="count"):
+            parse_count(bad)
+
+
+def test_bench_smoke_json(tmp_path: object) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cipherhive",
+            "bench",
+            "--params",
+            "20K",
+            "--sample",
+            "20K",
+            "--nodes",
+            "2",
+            "--rounds",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["modes"]) == {"cipherhive", "plaintext", "tenseal-vector"}
+    for mode, figures in report["modes"].items():
+        for key, _, _ in FIGURES:
+            assert key in figures and figures[key] >= 0, (mode, key)
+        assert figures["max_abs_error"] < 1e-6, mode
+    ours = report["modes"]["cipherhive"]
+    assert 8.0 < ours["upload_bytes_per_param_sample"] < 8.1
+    assert 16.0 < ours["download_bytes_per_param_sample"] < 16.1
+    assert report["round_goal"]["bound_seconds"] > 0

@@ -1,0 +1,487 @@
+"""`cipherhive ctl` against a real server: every sub-command, both output forms, every exit code.
+
+One federation (a real server and three real nodes, mutual TLS) runs two
+rounds for the whole module; the tests read it, and only the last ones
+change it (they stop the nodes and open and close a third round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cipherhive.ctl.cli import register
+from cipherhive.ctl.report import render_report
+from cipherhive.demo.federation import LocalFederation, free_port
+from cipherhive.v1 import federation_pb2 as pb
+
+pytestmark = pytest.mark.slow
+
+ENV_VARS = ("CIPHERHIVE_CTL_SERVER", "CIPHERHIVE_CTL_CERT", "CIPHERHIVE_CTL_KEY", "CIPHERHIVE_CTL_CA")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.out)
+        assert isinstance(data, dict)
+        return data
+
+
+Ctl = Callable[..., Result]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    fed = LocalFederation(
+        tmp_path_factory.mktemp("ctl"), nodes=3, node_options={"epochs": 1}, rounds={"max_rounds": 2}
+    )
+    fed.setup()
+    try:
+        fed.start()
+        fed.wait_for(
+            lambda: sum(r.state == pb.ROUND_SUM_READY for r in fed.list_rounds()) >= 2, 180, "two rounds"
+        )
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def _admin_flags(fed: LocalFederation, who: str = "admin", name: str = "operator") -> list[str]:
+    folder = fed.workdir / who
+    return [
+        "--server",
+        f"127.0.0.1:{fed.port}",
+        "--cert",
+        str(folder / f"{name}.crt"),
+        "--key",
+        str(folder / f"{name}.key"),
+        "--ca",
+        str(folder / "ca.crt"),
+        "--server-name",
+        "localhost",
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cipherhive")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    return parser
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection settings from the caller's shell; no forced colours (rich reads these)."""
+    for name in (*ENV_VARS, "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def raw(capsys: pytest.CaptureFixture[str]) -> Ctl:
+    """Run `cipherhive ctl ARGV…` in-process; the exit code and captured output."""
+
+    def call(*argv: str) -> Result:
+        args = _parser().parse_args(["ctl", *argv])
+        code = args.func(args)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return call
+
+
+@pytest.fixture
+def ctl(raw: Ctl, federation: LocalFederation) -> Ctl:
+    """Like ``raw``, with the operator's admin certificate for the test federation."""
+
+    def call(*argv: str) -> Result:
+        return raw(*_admin_flags(federation), *argv)
+
+    return call
+
+
+def _ok(result: Result) -> Result:
+    assert result.code == 0, result
+    assert result.err == "", result
+    return result
+
+
+# ---------------------------------------------------------------- read-only sub-commands
+
+
+def test_status(ctl: Ctl) -> None:
+    table = _ok(ctl("status")).out
+    assert "latest published sum  2" in table
+    assert "nodes online / known  3 / 3" in table
+    assert "max rounds            2" in table
+    data = _ok(ctl("--json", "status")).json()
+    assert data["latest_sum_round"] == 2 and data["latest_round"] == 2
+    assert data["nodes_known"] == 3 and data["open_round"] == 0  # zero fields are present
+    assert data["max_rounds"] == 2 and data["auto_start"] is True
+    settings = data["settings"]
+    assert isinstance(settings, dict) and settings["min_participants"] == 3
+    assert isinstance(data["uptime_seconds"], float) and data["uptime_seconds"] > 0
+    # --json is also accepted after the sub-command.
+    assert _ok(ctl("status", "--json")).json()["latest_sum_round"] == 2
+
+
+def test_connection_from_environment(
+    raw: Ctl, federation: LocalFederation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = _admin_flags(federation)
+    values = dict(zip(flags[0::2], flags[1::2], strict=True))
+    monkeypatch.setenv("CIPHERHIVE_CTL_SERVER", values["--server"])
+    monkeypatch.setenv("CIPHERHIVE_CTL_CERT", values["--cert"])
+    monkeypatch.setenv("CIPHERHIVE_CTL_KEY", values["--key"])
+    monkeypatch.setenv("CIPHERHIVE_CTL_CA", values["--ca"])
+    assert _ok(raw("--server-name", "localhost", "--json", "status")).json()["latest_sum_round"] == 2
+
+
+def test_nodes(ctl: Ctl) -> None:
+    lines = _ok(ctl("nodes")).out.splitlines()
+    assert lines[0].split()[:2] == ["node", "online"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"node-1", "node-2", "node-3"}
+    assert all(row[-2:] == ["2", "2"] for row in rows.values())  # last round, submissions
+    nodes = _ok(ctl("--json", "nodes")).json()["nodes"]
+    assert isinstance(nodes, list)
+    assert {n["name"] for n in nodes} == {"node-1", "node-2", "node-3"}
+    assert all(n["submissions"] == 2 and n["last_round"] == 2 and n["first_seen_unix"] > 0 for n in nodes)
+
+
+def test_rounds(ctl: Ctl) -> None:
+    lines = _ok(ctl("rounds")).out.splitlines()
+    assert lines[0].split() == [
+        "round",
+        "state",
+        "participants",
+        "opened",
+        "duration",
+        "accuracy",
+        "loss",
+        "reason",
+    ]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(row[1:4] == ["sum", "ready", "3/3"] for row in rows)
+
+    rounds = _ok(ctl("--json", "rounds")).json()["rounds"]
+    assert isinstance(rounds, list) and [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["state"] == "ROUND_SUM_READY" and r["participants"] == 3 and r["expected"] == 3
+        assert r["duration_seconds"] == pytest.approx(r["closed_unix"] - r["opened_unix"])
+        accuracies = [s["metrics"]["accuracy"] for s in r["submissions"]]
+        losses = [s["metrics"]["loss"] for s in r["submissions"]]
+        assert r["mean_accuracy"] == pytest.approx(sum(accuracies) / 3)
+        assert r["mean_loss"] == pytest.approx(sum(losses) / 3)
+        assert 0 < r["mean_accuracy"] <= 1 and r["mean_loss"] > 0
+        # The table shows the same means.
+        row = rows[r["round"] - 1]
+        assert f"{r['mean_accuracy']:.4g}" in row and f"{r['mean_loss']:.4g}" in row
+
+    latest = _ok(ctl("rounds", "--limit", "1", "--json")).json()["rounds"]
+    assert isinstance(latest, list) and [r["round"] for r in latest] == [2]
+
+
+def test_round_show(ctl: Ctl) -> None:
+    out = _ok(ctl("round", "show", "1")).out
+    assert "participants / expected  3 / 3" in out
+    assert "base round               0 (initial model)" in out
+    submissions = out[out.index("submissions") :].splitlines()
+    assert submissions[1].split() == ["node", "accuracy", "loss", "bytes", "accepted"]
+    assert sorted(line.split()[0] for line in submissions[3:]) == ["node-1", "node-2", "node-3"]
+    assert all("KiB" in line for line in submissions[3:])
+
+    info = _ok(ctl("round", "show", "1", "--json")).json()
+    assert info["round"] == 1 and info["base_round"] == 0 and info["state"] == "ROUND_SUM_READY"
+    subs = info["submissions"]
+    assert isinstance(subs, list) and len(subs) == 3
+    for sub in subs:
+        assert set(sub["metrics"]) == {"accuracy", "loss"}
+        assert sub["num_bytes"] > 0 and sub["accepted_unix"] >= info["opened_unix"]
+
+
+def test_watch_replays_history(ctl: Ctl) -> None:
+    lines = _ok(ctl("watch", "--since", "0", "--count", "2")).out.splitlines()
+    assert len(lines) == 2
+    for number, line in zip((1, 2), lines, strict=True):
+        assert "SUM_READY" in line and f"round {number} " in line and "participants 3/3" in line
+        assert line.endswith("[replay]")
+    events = [
+        json.loads(line)
+        for line in _ok(ctl("--json", "watch", "--since", "0", "--count", "2")).out.splitlines()
+    ]
+    assert [(e["kind"], e["round"], e["replay"]) for e in events] == [
+        ("SUM_READY", 1, True),
+        ("SUM_READY", 2, True),
+    ]
+    assert all(e["participants"] == 3 for e in events)
+
+
+def test_health(ctl: Ctl) -> None:
+    assert _ok(ctl("health")).out == "SERVING\n"
+    assert _ok(ctl("--json", "health", "--service", "cipherhive.v1.Admin")).json() == {
+        "service": "cipherhive.v1.Admin",
+        "status": "SERVING",
+    }
+    unknown = ctl("health", "--service", "no.such.Service")
+    assert unknown.code == 1
+    assert unknown.err.startswith("cipherhive ctl: error: NOT_FOUND: ")
+
+
+class _Page(HTMLParser):
+    """Collects what a self-contained report must (not) contain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+        self.cells: list[str] = []
+        self._in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attrs += attrs
+        self._in_cell = tag == "td"
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._in_cell = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_cell:
+            self.cells.append(data.strip())
+
+
+def _check_self_contained(document: str) -> _Page:
+    page = _Page()
+    page.feed(document)
+    page.close()
+    assert "http://" not in document and "https://" not in document
+    assert not {"script", "link", "img", "iframe", "object", "embed", "use", "image"} & set(page.tags)
+    assert not [name for name, _ in page.attrs if name in {"src", "href", "xlink:href"}]
+    assert "url(" not in document and "@import" not in document
+    return page
+
+
+def test_report(ctl: Ctl, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = _ok(ctl("report", "--out", str(out)))
+    assert result.out == f"wrote {out} (2 rounds)\n"
+    document = out.read_text(encoding="utf-8")
+    page = _check_self_contained(document)
+    assert page.tags.count("svg") == 4 and page.tags.count("polyline") >= 4
+    rows = document[document.index("<tbody>") :]
+    assert rows.count("<tr") == 2
+    assert "1" in page.cells and "2" in page.cells and "sum ready" in page.cells
+
+    again = _ok(ctl("--json", "report", "--out", str(tmp_path / "r2.html"), "--limit", "1")).json()
+    assert again == {"out": str(tmp_path / "r2.html"), "rounds": 1}
+
+    missing_dir = ctl("report", "--out", str(tmp_path / "no" / "such" / "report.html"))
+    assert missing_dir.code == 2 and "does not exist" in missing_dir.err
+
+
+def test_render_report_escapes_and_accepts_json_dicts() -> None:
+    """The pure renderer: `--json` dicts in, every server string escaped, nothing fetched."""
+    rounds: list[dict[str, object]] = [
+        {
+            "round": "1",  # proto3 JSON's string form of uint64 is accepted too
+            "state": "ROUND_FAILED",
+            "opened_unix": 100.0,
+            "closed_unix": 130.5,
+            "expected": 3,
+            "participants": 1,
+            "reason": '<script>alert("x")</script>',
+            "mean_loss": 9.9,  # derived fields are ignored and recomputed
+        },
+        {
+            "round": 2,
+            "state": "ROUND_OPEN",
+            "opened_unix": 200.0,
+            "expected": 3,
+            "submissions": [{"node_name": "a", "metrics": {"accuracy": 0.5, "loss": 1.0}}],
+        },
+    ]
+    document = render_report(rounds, {"version": "<b>1</b>", "nodes_known": 3}, now=0.0)
+    page = _check_self_contained(document)
+    assert "<script>" not in document and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in document
+    assert "&lt;b&gt;1&lt;/b&gt;" in document
+    assert "30.5 s" in page.cells and "failed" in page.cells and "open" in page.cells
+    assert page.tags.count("svg") == 4
+    assert render_report([], None).count("no data for this chart yet") == 4
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _parser().parse_args(["ctl", "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    for line in (
+        "0  success",
+        "1  the server answered",
+        "2  usage error",
+        "3  the server could not be reached",
+    ):
+        assert line in text
+
+
+def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _parser().parse_args(["ctl", "round", "show", "0"])
+    assert stopped.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_unknown_round_is_exit_1(ctl: Ctl) -> None:
+    result = ctl("round", "close", "999")
+    assert (result.code, result.out) == (1, "")
+    assert result.err == "cipherhive ctl: error: NOT_FOUND: round 999 does not exist\n"
+    assert ctl("round", "show", "999").code == 1
+
+
+def test_closing_a_finished_round_is_exit_1(ctl: Ctl) -> None:
+    result = ctl("round", "close", "1")
+    assert result.code == 1
+    assert result.err.startswith("cipherhive ctl: error: FAILED_PRECONDITION: round 1 is not open")
+
+
+def test_unreachable_server_is_exit_3(raw: Ctl, federation: LocalFederation) -> None:
+    flags = _admin_flags(federation)
+    flags[1] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    result = raw(*flags, "--timeout", "2", "status")
+    assert time.monotonic() - started < 10
+    assert result.code == 3 and result.out == ""
+    assert result.err.startswith("cipherhive ctl: error: UNAVAILABLE: ") or "DEADLINE_EXCEEDED" in result.err
+    assert "check --server" in result.err
+
+
+def test_wrong_server_name_is_exit_3(ctl: Ctl) -> None:
+    result = ctl("--server-name", "not-the-server.example", "status")
+    assert result.code == 3 and "check --server" in result.err
+
+
+def test_missing_certificate_file_is_exit_2(raw: Ctl, federation: LocalFederation, tmp_path: Path) -> None:
+    flags = _admin_flags(federation)
+    missing = tmp_path / "operator.crt"
+    flags[3] = str(missing)
+    result = raw(*flags, "status")
+    assert result.code == 2
+    assert result.err == f"cipherhive ctl: error: --cert file {str(missing)!r} does not exist\n"
+    no_flags = raw("--server", f"127.0.0.1:{federation.port}", "status")
+    assert no_flags.code == 2 and "--cert is required" in no_flags.err
+
+
+def test_node_certificate_is_refused_exit_1(raw: Ctl, federation: LocalFederation) -> None:
+    result = raw(*_admin_flags(federation, "node-1", "node-1"), "status")
+    assert result.code == 1
+    assert result.err.startswith(
+        "cipherhive ctl: error: PERMISSION_DENIED: this call needs a admin certificate"
+    )
+
+
+# ---------------------------------------------------------------- generic gRPC client
+
+
+def test_reflection_lists_the_services(federation: LocalFederation) -> None:
+    """What grpcurl relies on: reflection over mutual TLS with the admin certificate."""
+    folder = federation.workdir / "admin"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(folder / "ca.crt").read_bytes(),
+        private_key=(folder / "operator.key").read_bytes(),
+        certificate_chain=(folder / "operator.crt").read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with grpc.secure_channel(f"127.0.0.1:{federation.port}", creds, options=options) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert {"cipherhive.v1.Admin", "grpc.health.v1.Health"} <= names
+
+
+# ---------------------------------------------------------------- live stream, then changes
+
+
+_WATCH_SCRIPT = """
+import argparse, sys
+from cipherhive.ctl.cli import register
+parser = argparse.ArgumentParser(prog="cipherhive")
+register(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_watch_exits_0_on_ctrl_c(federation: LocalFederation) -> None:
+    argv = [sys.executable, "-c", _WATCH_SCRIPT, "ctl", *_admin_flags(federation), "watch", "--since", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "SUM_READY" in first and "round 1" in first, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_start_and_close_a_round(ctl: Ctl, federation: LocalFederation) -> None:
+    """Last: with the nodes stopped, round 3 stays open until closed, then fails for lack of nodes."""
+    for i in range(federation.nodes):
+        federation.stop(federation.node_name(i))
+    federation.wait_for(
+        lambda: ctl("--json", "status").json()["nodes_online"] == 0, 30, "the nodes to go offline"
+    )
+
+    started = _ok(ctl("round", "start", "--timeout", "120"))
+    assert started.out.startswith("round 3 opened: base round 2, expects 0 node(s), deadline ")
+
+    again = ctl("--json", "round", "start")
+    assert again.code == 1 and again.out == ""
+    assert again.err == "cipherhive ctl: error: FAILED_PRECONDITION: round 3 is still open; close it first\n"
+    assert _ok(ctl("--json", "status")).json()["open_round"] == 3
+
+    closed = _ok(ctl("--json", "round", "close", "3")).json()
+    assert closed["round"] == 3 and closed["state"] == "ROUND_FAILED" and closed["participants"] == 0
+    assert closed["mean_accuracy"] is None and closed["duration_seconds"] is not None
+
+    # The other output forms: start in JSON, close as a line of text.
+    opened = _ok(ctl("--json", "round", "start", "--timeout", "120")).json()
+    assert opened["round"] == 4 and opened["state"] == "ROUND_OPEN" and opened["base_round"] == 2
+    assert opened["duration_seconds"] is None and opened["deadline_unix"] > opened["opened_unix"]
+    line = _ok(ctl("round", "close", "4")).out
+    assert line.startswith("round 4 closed: failed, 0/0 participants")
+
+    events = _ok(ctl("--json", "watch", "--since", "2", "--count", "2")).out.splitlines()
+    assert [(e["kind"], e["round"], e["replay"]) for e in map(json.loads, events)] == [
+        ("FAILED", 3, True),
+        ("FAILED", 4, True),
+    ]
+    table = _ok(ctl("rounds")).out.splitlines()
+    assert [row.split()[:3] for row in table[-2:]] == [["3", "failed", "0/0"], ["4", "failed", "0/0"]]
