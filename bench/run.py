@@ -156,7 +156,8 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
         fed.start()
 
         def done() -> bool:
-            return len(list(records.glob(f"round-{args.rounds}-shard-*.json"))) == args.nodes
+            count: int = len(list(records.glob(f"round-{args.rounds}-shard-*.json")))
+            return count == int(args.nodes)
 
         fed.wait_for(done, 7200, f"{mode}: {args.rounds} rounds")
         rounds = [r for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY]

@@ -45,7 +45,7 @@ class SyntheticTrainer:
 
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         with torch.no_grad():
-            weight = model.weight  # type: ignore[union-attr]
+            weight = model.get_parameter("weight")
             weight.add_(torch.from_numpy(member_update(self.params, self.seed, info.round, self.shard)))
         return TrainResult(num_samples=member_samples(self.shard))
 
