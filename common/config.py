@@ -158,8 +158,11 @@ def reference(cls: type) -> str:
         default = field.default if field.default is not dataclasses.MISSING else ""
         if field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
+        table_only = _field_type(cls, field) is dict or typing.get_origin(_field_type(cls, field)) is dict
+        flag = "—" if table_only else f"`{flag_name(field)}`"
+        env = "— (TOML only)" if table_only else f"`{env_name(field)}`"
         rows.append(
-            f"| `[{field.metadata['section']}] {field.name}` | `{flag_name(field)}` | "
-            f"`{env_name(field)}` | `{default}` | {field.metadata['help']} |"
+            f"| `[{field.metadata['section']}] {field.name}` | {flag} | {env} | `{default}` | "
+            f"{field.metadata['help']} |"
         )
     return "\n".join(rows)

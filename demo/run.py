@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.federation import LocalFederation
@@ -46,6 +54,22 @@ def round_figures(records: Path, number: int, nodes: int, participants: int) -> 
         "node_model_spread": spread,
         "global": applied[0]["global"],
     }
+
+
+def _progress(args: argparse.Namespace) -> Progress | None:
+    """A progress bar over the rounds on a terminal; plain lines otherwise."""
+    if args.json or not sys.stdout.isatty():
+        return None
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    bar.add_task("starting the server and the nodes", total=args.rounds)
+    bar.start()
+    return bar
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -77,11 +101,14 @@ def run_demo(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     started = time.monotonic()
+    bar = _progress(args)
     try:
         fed.setup()
         fed.start()
         last = started
         for number in range(1, args.rounds + 1):
+            if bar is not None:
+                bar.update(bar.task_ids[0], description=f"round {number}: train, encrypt, aggregate")
 
             def finished(n: int = number) -> pb.RoundInfo | None:
                 for info in fed.list_rounds():
@@ -106,13 +133,20 @@ def run_demo(args: argparse.Namespace) -> int:
             figures["seconds"] = round(time.monotonic() - last, 2)
             last = time.monotonic()
             rows.append(figures)
-            say(
+            line = (
                 f"{number:>5} {info.participants:>5} {figures['accuracy']:>8.3f} "
                 f"{figures['max_abs_error']:>13.2e} {figures['seconds']:>7.1f}"
             )
+            if bar is not None:
+                bar.console.print(line, highlight=False)
+                bar.advance(bar.task_ids[0])
+            else:
+                say(line)
     except (TimeoutError, RuntimeError) as exc:
         failed.append(str(exc))
     finally:
+        if bar is not None:
+            bar.stop()
         codes = fed.stop_all()
     bad_exits = {k: c for k, c in codes.items() if c not in (0, None)}
     if bad_exits:
