@@ -109,6 +109,17 @@ def check_header(data: bytes) -> None:
         raise CodecError(f"unknown SEAL compression mode {compr}")
 
 
+def _load_ciphertext(context: seal.SEALContext, mem: _MemFile, data: bytes) -> seal.Ciphertext:
+    """SEAL's own parsing and validation, after our header check, with a clear error."""
+    check_header(data)
+    ct = seal.Ciphertext()
+    try:
+        ct.load(context, mem.write(data))
+    except Exception as exc:
+        raise CodecError(f"SEAL refused the ciphertext: {exc}") from exc
+    return ct
+
+
 def _ckks_context(data: bytes, n_threads: int) -> ts.Context:
     try:
         return ts.context_from(data, n_threads=n_threads)
@@ -194,12 +205,7 @@ class PublicCodec:
 
     def load(self, data: bytes) -> seal.Ciphertext:
         """Parse and validate one ciphertext against the federation's parameters."""
-        check_header(data)
-        ct = seal.Ciphertext()
-        try:
-            ct.load(self._s.seal_context, self._mem.write(data))
-        except Exception as exc:
-            raise CodecError(f"SEAL refused the ciphertext: {exc}") from exc
+        ct = _load_ciphertext(self._s.seal_context, self._mem, data)
         if ct.size() != 2:
             raise CodecError(f"ciphertext has {ct.size()} polynomials; a fresh one has 2")
         if list(ct.parms_id()) != self._parms_id or not ct.is_ntt_form():
@@ -255,12 +261,7 @@ class SecretCodec:
 
     def decrypt(self, data: bytes) -> np.ndarray:
         """Decrypt one (sum) ciphertext into VALUES_PER_CIPHERTEXT float64 values."""
-        check_header(data)
-        ct = seal.Ciphertext()
-        try:
-            ct.load(self._s.seal_context, self._mem.write(data))
-        except Exception as exc:
-            raise CodecError(f"SEAL refused the ciphertext: {exc}") from exc
+        ct = _load_ciphertext(self._s.seal_context, self._mem, data)
         plain = seal.Plaintext()
         self._decryptor.decrypt(ct, plain)
         decoded = np.asarray(self._encoder.decode_complex(plain), dtype=np.complex128)

@@ -39,6 +39,18 @@ def stream_sum(
             f"first_ciphertext {request.first_ciphertext} is past the end of the sum "
             f"({row.num_ciphertexts} ciphertexts)",
         )
+
+    def chunk(first: int, blobs: list[bytes]) -> pb.AggregateChunk:
+        return pb.AggregateChunk(
+            round=row.round,
+            first_ciphertext=first,
+            ciphertexts=blobs,
+            num_ciphertexts=row.num_ciphertexts,
+            num_values=row.num_values,
+            participants=row.participants,
+            layout_hash=layout_hash,
+        )
+
     batch: list[bytes] = []
     size = 0
     first = request.first_ciphertext
@@ -46,44 +58,8 @@ def stream_sum(
         batch.append(blob)
         size += len(blob)
         if len(batch) == per_chunk or size > MAX_CHUNK_BYTES:
-            yield _chunk(
-                row.round,
-                first,
-                batch,
-                row.num_ciphertexts,
-                row.num_values,
-                row.participants,
-                layout_hash,
-            )
+            yield chunk(first, batch)
             first += len(batch)
             batch, size = [], 0
     if batch:
-        yield _chunk(
-            row.round,
-            first,
-            batch,
-            row.num_ciphertexts,
-            row.num_values,
-            row.participants,
-            layout_hash,
-        )
-
-
-def _chunk(
-    number: int,
-    first: int,
-    blobs: list[bytes],
-    total: int,
-    values: int,
-    participants: int,
-    layout_hash: str,
-) -> pb.AggregateChunk:
-    return pb.AggregateChunk(
-        round=number,
-        first_ciphertext=first,
-        ciphertexts=blobs,
-        num_ciphertexts=total,
-        num_values=values,
-        participants=participants,
-        layout_hash=layout_hash,
-    )
+        yield chunk(first, batch)
