@@ -48,9 +48,25 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.task == "lora":
+        from cipherhive.demo.lora_run import run_lora_demo
+
+        return run_lora_demo(args)
     from cipherhive.demo.run import run_demo
 
     return run_demo(args)
+
+
+def _node_export(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.export import export_model
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    out = export_model(cfg, args.out)
+    print(f"exported the node's global model to {out}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -86,9 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, ServerConfig)
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("node", help="run a member node daemon")
+    p = sub.add_parser("node", help="run a member node daemon (or: node export --out DIR)")
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
+    node_sub = p.add_subparsers(dest="node_command", metavar="[export]")
+    e = node_sub.add_parser("export", help="write the node's current global model to a folder")
+    config.add_arguments(e, NodeConfig)
+    e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    e.set_defaults(func=_node_export)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)

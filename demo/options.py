@@ -15,3 +15,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="keep keys, certificates, state and logs here")
     parser.add_argument("--insecure", action="store_true", help="run without TLS (not recommended)")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--task",
+        choices=["digits", "lora"],
+        default="digits",
+        help="digits: a classifier on handwritten digits; lora: LoRA adapters on a small local transformer",
+    )

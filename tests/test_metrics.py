@@ -40,7 +40,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Local
     fed.write_node_config(0)
     fed.start()
     try:
-        fed.wait_for(lambda: sum(r.state == pb.ROUND_SUM_READY for r in fed.list_rounds()) >= 2, 180, "rounds")
+        fed.wait_for(
+            lambda: sum(r.state == pb.ROUND_SUM_READY for r in fed.list_rounds()) >= 2, 180, "rounds"
+        )
         fed.wait_for(
             lambda: scrape(node_port).get(("cipherhive_node_applied_round", ())) == 2, 60, "node-1 to apply"
         )

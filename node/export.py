@@ -1,0 +1,90 @@
+"""Export the federation's current global model from a node's checkpoint, for use outside cipherhive.
+
+The checkpoint holds only the federated tensors (for a LoRA trainer: the
+adapters and the head). Exporting rebuilds the full model the way the node
+does — the same trainer, the same options, the same base — puts the
+checkpoint's tensors into it, and writes it: through the trainer's own
+``export(model, out_dir)`` when it has one (the LoRA trainer writes a merged,
+peft-free model plus the adapter alone), otherwise as ``model.safetensors``
+holding the model's ``state_dict``. ``cipherhive.json`` beside it records which
+round and which layout it came from. The node's state is only read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cipherhive.errors import UserError
+from cipherhive.fsutil import atomic_write
+from cipherhive.node.checkpoint import CHECKPOINT, NodeState
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.trainer import federated_tensors, load_trainer
+from cipherhive.node.update import layout_of
+
+PROVENANCE = "cipherhive.json"
+MODEL_FILE = "model.safetensors"
+
+
+class ExportError(UserError, RuntimeError):
+    """The node's state cannot be exported as asked; the message says why."""
+
+
+def export_model(config: NodeConfig, out: Path) -> Path:
+    """Write the global model of the node configured by ``config`` into ``out``; return ``out``."""
+    checkpoint_path = config.state_dir / CHECKPOINT
+    if not checkpoint_path.exists():
+        # Checked before NodeState(), which would create a missing state directory.
+        raise ExportError(
+            f"no checkpoint in {config.state_dir}: this node has not applied a federated round yet "
+            "(or --state-dir points elsewhere); there is no global model to export"
+        )
+    trainer = load_trainer(config.plugin, config.options)
+    model = trainer.build_model()
+    tensors = federated_tensors(trainer, model)
+    base_hash_fn = getattr(trainer, "base_model_hash", None)
+    layout = layout_of(tensors, base_hash_fn() if base_hash_fn else "")
+    checkpoint = NodeState(config.state_dir).load()
+    if checkpoint is None:
+        raise ExportError(f"no checkpoint in {config.state_dir}")
+    if checkpoint.layout_hash != layout.hash:
+        raise ExportError(
+            f"the checkpoint in {config.state_dir} was made for another model layout "
+            f"({checkpoint.layout_hash[:12]}) than this configuration builds ({layout.hash[:12]}): "
+            "check [trainer] plugin and options (and the base model files) against the node's"
+        )
+    missing = [name for name, _ in tensors if name not in checkpoint.tensors]
+    if missing:
+        raise ExportError(f"the checkpoint in {config.state_dir} lacks tensors {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in tensors:
+            tensor.copy_(checkpoint.tensors[name])
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    exporter = getattr(trainer, "export", None)
+    if exporter is not None:
+        exporter(model, out)
+        written = "trainer export"
+    else:
+        try:
+            from safetensors.torch import save_file
+        except ImportError as exc:
+            raise ExportError(
+                "writing model.safetensors needs the safetensors package (pip install safetensors)"
+            ) from exc
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(out / MODEL_FILE), metadata={"round": str(checkpoint.round)})
+        written = MODEL_FILE
+    provenance = {
+        "round": checkpoint.round,
+        "layout_hash": layout.hash,
+        "base_model_hash": layout.base_model_hash,
+        "federated_tensors": len(tensors),
+        "federated_values": layout.num_params,
+        "plugin": config.plugin,
+        "written_by": written,
+    }
+    atomic_write(out / PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode(), mode=0o644)
+    return out

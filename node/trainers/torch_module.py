@@ -1,0 +1,232 @@
+"""A generic trainer for any ``torch.nn.Module``, configured entirely by ``[trainer] options``.
+
+Members who already have a PyTorch model and data loaders need not write a
+plug-in: they name a model factory and a data factory and pick an optimizer.
+
+.. code-block:: toml
+
+    [trainer]
+    plugin = "cipherhive.node.trainers.torch_module:TorchModuleTrainer"
+
+    [trainer.options]
+    model = "acme_models.vision:small_cnn"        # called with model_kwargs
+    model_kwargs = { channels = 16 }
+    data = "acme_models.vision:loaders"           # -> (train_loader, val_loader or None)
+    data_kwargs = { root = "/data/acme" }
+    optimizer = "adamw"                           # sgd | adam | adamw
+    lr = 0.001
+    epochs = 2
+    loss = "cross_entropy"                        # cross_entropy | mse
+    seed = 0
+    federate = "trainable"                        # or a list of tensor-name globs
+
+**Model.** ``model`` is called with ``model_kwargs`` after ``torch.manual_seed(seed)``,
+so every member builds the same initial model (the federation only exchanges
+differences from it). Use the same seed on every member.
+
+**Data.** ``data`` is called with ``data_kwargs`` plus whichever of ``shard``,
+``shards`` and ``seed`` its signature accepts (``shard``/``shards`` are set by
+options too, e.g. by the demo's launcher). It returns ``(train_loader,
+val_loader)``, either an iterable of batches; ``val_loader`` may be ``None``.
+Each batch is a tuple or list ``(input, ..., target)``: every element but the
+last is passed positionally to the model, the last is the target. The data
+factory is called on the first round, not at start-up, so a node (or
+``cipherhive node export``) can build the model without the data.
+
+**Loss.** ``cross_entropy`` (classification: targets are class indices,
+accuracy is reported) or ``mse`` (regression: targets are reshaped to the
+output's shape when they have as many values).
+
+**What is federated.** ``federate = "trainable"`` (the default) federates every
+parameter with ``requires_grad`` plus every *floating-point* buffer, in module
+order. Floating buffers such as BatchNorm's ``running_mean`` and
+``running_var`` are averaged like weights (FedAvg of the running statistics
+the members computed locally, weighted by sample count); *integer* buffers
+such as ``num_batches_tracked`` cannot be averaged meaningfully and stay
+local. Frozen parameters (``requires_grad = False``) are never federated:
+they never change. ``federate`` may instead be a list of glob patterns over
+tensor names (``["features.*", "classifier.weight"]``, or one comma-separated
+string): only matching trainable parameters and floating buffers are
+federated, each pattern must match at least one, and everything trainable
+that is not selected stays local to this member (personalised layers).
+``federated_tensors`` is accepted as another name for the pattern list.
+
+**Metrics** (rounded before they leave the node): ``loss`` and, for
+``cross_entropy``, ``accuracy`` over the last local epoch; ``val_loss`` and
+``val_accuracy`` on the validation loader when there is one. The sample
+count (the FedAvg weight) is ``len(train_loader.dataset)`` when the loader
+has a sized dataset, else the number of samples in one epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import Any
+
+import torch
+from torch import nn
+
+from cipherhive.node.trainer import RoundInfo, TrainerError, TrainResult
+from cipherhive.node.trainers._common import call_with, import_object, patterns, round_seed, select
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("cross_entropy", "mse")
+
+
+def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Trainable parameters, then floating-point buffers, in module order (the default selection)."""
+    tensors: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    return tensors
+
+
+def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if not isinstance(batch, list | tuple) or len(batch) < 2:
+        raise TrainerError("each batch must be a tuple (input, ..., target)")
+    return tuple(batch[:-1]), batch[-1]
+
+
+class TorchModuleTrainer:
+    """Trains any ``nn.Module`` from named factories; see the module docstring for the options."""
+
+    def __init__(
+        self,
+        model: str,
+        data: str,
+        model_kwargs: dict[str, Any] | None = None,
+        data_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        epochs: int = 1,
+        loss: str = "cross_entropy",
+        seed: int = 0,
+        federate: str | Sequence[str] = "trainable",
+        federated_tensors: str | Sequence[str] | None = None,
+        shard: int | None = None,
+        shards: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        if optimizer.lower() not in OPTIMIZERS:
+            raise TrainerError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if loss not in LOSSES:
+            raise TrainerError(f"loss {loss!r} is not one of {', '.join(LOSSES)}")
+        if epochs < 1:
+            raise TrainerError("epochs must be at least 1")
+        if federated_tensors is not None:
+            if federate != "trainable":
+                raise TrainerError("give either federate or federated_tensors, not both")
+            federate = federated_tensors
+        self._patterns = None if federate == "trainable" else patterns(federate, "federate")
+        self._model_factory: Callable[..., Any] = import_object(model, "model")
+        self._data_factory: Callable[..., Any] = import_object(data, "data")
+        self.model_kwargs = dict(model_kwargs or {})
+        self.data_kwargs = dict(data_kwargs or {})
+        self.optimizer, self.lr, self.momentum = optimizer.lower(), lr, momentum
+        self.weight_decay, self.epochs, self.loss, self.seed = weight_decay, epochs, loss, seed
+        self.shard, self.shards = shard, shards
+        self._loaders: tuple[Iterable[Any], Iterable[Any] | None] | None = None
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    # ------------------------------------------------------------ interface
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        model = call_with(self._model_factory, "model", self.model_kwargs, {})
+        if not isinstance(model, nn.Module):
+            raise TrainerError(f"model factory returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def federated_tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        candidates = trainable_tensors(model)
+        if self._patterns is None:
+            return candidates
+        return select(candidates, self._patterns, "federate")
+
+    def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
+        train_loader, val_loader = self._data()
+        torch.manual_seed(round_seed(self.seed, info.round, self.shard or 0))
+        optimizer = self._make_optimizer(model)
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(self.epochs):
+            loss_sum, correct, seen = 0.0, 0, 0
+            for batch in train_loader:
+                inputs, target = _split_batch(batch)
+                optimizer.zero_grad()
+                output = model(*inputs)
+                loss = self._loss(output, target)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                n = int(target.shape[0])
+                loss_sum += float(loss.detach()) * n
+                seen += n
+                if self.loss == "cross_entropy":
+                    correct += int((output.detach().argmax(dim=1) == target).sum())
+        if seen == 0:
+            raise TrainerError("the training loader yielded no batches")
+        metrics = {"loss": loss_sum / seen}
+        if self.loss == "cross_entropy":
+            metrics["accuracy"] = correct / seen
+        if val_loader is not None:
+            metrics.update({f"val_{k}": v for k, v in self.evaluate(model, val_loader).items()})
+        dataset = getattr(train_loader, "dataset", None)
+        num_samples = len(dataset) if isinstance(dataset, Sized) else seen
+        return TrainResult(num_samples=num_samples, metrics=metrics)
+
+    # ------------------------------------------------------------ helpers
+
+    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
+        """Mean loss (and accuracy for classification) over ``loader``, in eval mode."""
+        was_training = model.training
+        model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        with torch.no_grad():
+            for batch in loader:
+                inputs, target = _split_batch(batch)
+                output = model(*inputs)
+                n = int(target.shape[0])
+                loss_sum += float(self._loss(output, target)) * n
+                seen += n
+                if self.loss == "cross_entropy":
+                    correct += int((output.argmax(dim=1) == target).sum())
+        model.train(was_training)
+        if seen == 0:
+            return {}
+        out = {"loss": loss_sum / seen}
+        if self.loss == "cross_entropy":
+            out["accuracy"] = correct / seen
+        return out
+
+    def _data(self) -> tuple[Iterable[Any], Iterable[Any] | None]:
+        if self._loaders is None:
+            offered: dict[str, Any] = {"seed": self.seed}
+            if self.shard is not None:
+                offered["shard"] = self.shard
+            if self.shards is not None:
+                offered["shards"] = self.shards
+            result = call_with(self._data_factory, "data", self.data_kwargs, offered)
+            if not isinstance(result, tuple | list) or len(result) != 2:
+                raise TrainerError("data factory must return (train_loader, val_loader or None)")
+            self._loaders = (result[0], result[1])
+        return self._loaders
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainerError("the model has no trainable parameters")
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss == "cross_entropy":
+            return nn.functional.cross_entropy(output, target)
+        target = target.to(output.dtype)
+        if target.shape != output.shape and target.numel() == output.numel():
+            target = target.reshape(output.shape)
+        return nn.functional.mse_loss(output, target)

@@ -1,0 +1,268 @@
+"""Tests for the generic trainer cipherhive.node.trainers.torch_module and the export of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cipherhive.node.checkpoint import Checkpoint, NodeState
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.export import ExportError, export_model
+from cipherhive.node.trainer import RoundInfo, TrainerError, federated_tensors, load_trainer
+from cipherhive.node.trainers.torch_module import TorchModuleTrainer
+from cipherhive.node.update import layout_of
+
+PLUGIN = "cipherhive_torch_module_fixtures"
+SPEC = "cipherhive.node.trainers.torch_module:TorchModuleTrainer"
+
+# Factories a user would name in [trainer] options, imported by spec string like a node does.
+FIXTURES = textwrap.dedent(
+    """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+
+    def tiny_model(hidden=8, classes=3, freeze_first=False):
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, hidden),
+            torch.nn.BatchNorm1d(hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, classes),
+        )
+        if freeze_first:
+            model[0].weight.requires_grad_(False)
+        return model
+
+
+    def regressor():
+        return torch.nn.Linear(4, 1)
+
+
+    def _blobs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 3, (n,), generator=g)
+        centres = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0]])
+        return centres[y] + 0.5 * torch.randn(n, 4, generator=g), y
+
+
+    def loaders(n=96, seed=0, shard=0, shards=1, validation=True):
+        x, y = _blobs(n, seed * 10 + shard)
+        train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+        vx, vy = _blobs(48, 999)
+        return train, (DataLoader(TensorDataset(vx, vy), batch_size=32) if validation else None)
+
+
+    def regression_loaders(n=64):
+        # No seed / shard parameters: the trainer passes only what a factory accepts.
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(n, 4, generator=g)
+        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+        return DataLoader(TensorDataset(x, y), batch_size=16), None
+
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    folder = tmp_path_factory.mktemp("torch_module_fixtures")
+    (folder / f"{PLUGIN}.py").write_text(FIXTURES, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(folder))
+        sys.modules.pop(PLUGIN, None)
+        yield __import__(PLUGIN)
+        sys.modules.pop(PLUGIN, None)
+
+
+def _trainer(**options: object) -> TorchModuleTrainer:
+    base: dict[str, object] = {"model": f"{PLUGIN}:tiny_model", "data": f"{PLUGIN}:loaders"}
+    trainer = load_trainer(SPEC, {**base, **options})
+    assert isinstance(trainer, TorchModuleTrainer)
+    return trainer
+
+
+def _names(trainer: TorchModuleTrainer, model: torch.nn.Module) -> list[str]:
+    return [name for name, _ in federated_tensors(trainer, model)]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_default_federates_trainable_params_and_float_buffers(fixtures: ModuleType) -> None:
+    trainer = _trainer()
+    model = trainer.build_model()
+    assert _names(trainer, model) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "3.bias",
+        "1.running_mean",
+        "1.running_var",
+    ]
+    # The integer buffer stays local; the default equals cipherhive's own default selection.
+    assert "1.num_batches_tracked" in dict(model.named_buffers())
+    plain = [name for name, _ in federated_tensors(object(), model)]  # type: ignore[arg-type]
+    assert _names(trainer, model) == plain
+
+
+def test_frozen_parameters_are_not_federated(fixtures: ModuleType) -> None:
+    trainer = _trainer(model_kwargs={"freeze_first": True})
+    assert "0.weight" not in _names(trainer, trainer.build_model())
+
+
+@pytest.mark.parametrize("federate", [["3.*", "1.running_*"], "3.*, 1.running_*"])
+def test_explicit_patterns(fixtures: ModuleType, federate: object) -> None:
+    trainer = _trainer(federate=federate)
+    assert _names(trainer, trainer.build_model()) == ["3.weight", "3.bias", "1.running_mean", "1.running_var"]
+    # `federated_tensors` is accepted as the option's other name.
+    alias = _trainer(federated_tensors=["3.weight"])
+    assert _names(alias, alias.build_model()) == ["3.weight"]
+
+
+def test_pattern_errors(fixtures: ModuleType) -> None:
+    trainer = _trainer(federate=["3.*", "classifier.*"])
+    with pytest.raises(TrainerError, match=r"classifier\.\*"):
+        federated_tensors(trainer, trainer.build_model())
+    with pytest.raises(TrainerError, match="not both"):
+        _trainer(federate=["3.*"], federated_tensors=["1.*"])
+    with pytest.raises(TrainerError, match="no tensor patterns"):
+        _trainer(federate=" , ")
+    # An integer buffer is never a candidate, even when a pattern names it.
+    with pytest.raises(TrainerError, match="num_batches_tracked"):
+        t = _trainer(federate=["1.num_batches_tracked"])
+        federated_tensors(t, t.build_model())
+
+
+def test_bad_options(fixtures: ModuleType) -> None:
+    with pytest.raises(TrainerError, match="optimizer"):
+        _trainer(optimizer="lbfgs")
+    with pytest.raises(TrainerError, match="loss"):
+        _trainer(loss="hinge")
+    with pytest.raises(TrainerError, match="cannot import"):
+        _trainer(model="no_such_package.models:net")
+    with pytest.raises(TrainerError, match=r"package\.module:callable"):
+        _trainer(data="loaders")
+    with pytest.raises(TrainerError, match=r"not a torch\.nn\.Module"):
+        _trainer(model=f"{PLUGIN}:not_a_model").build_model()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_same_seed_same_initial_model(fixtures: ModuleType) -> None:
+    a, b = _trainer(seed=3).build_model(), _trainer(seed=3, shard=1, shards=2).build_model()
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    c = _trainer(seed=4).build_model()
+    assert not torch.equal(dict(a.named_parameters())["0.weight"], dict(c.named_parameters())["0.weight"])
+
+
+def test_training_reduces_loss_and_updates_batchnorm_statistics(fixtures: ModuleType) -> None:
+    trainer = _trainer(optimizer="adam", lr=0.05, epochs=4, shard=1, shards=3)
+    model = trainer.build_model()
+    train_loader, val_loader = fixtures.loaders(seed=0, shard=1, shards=3)
+    before = trainer.evaluate(model, val_loader)
+    running_mean = dict(model.named_buffers())["1.running_mean"].clone()
+    result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n"))
+    after = trainer.evaluate(model, val_loader)
+    assert after["loss"] < before["loss"] * 0.5
+    assert result.num_samples == len(train_loader.dataset) == 96
+    assert set(result.metrics) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert result.metrics["val_accuracy"] == pytest.approx(after["accuracy"])
+    assert result.metrics["val_accuracy"] > 0.8
+    # Float buffers moved (and are federated); the integer counter moved too (and stays local).
+    buffers = dict(model.named_buffers())
+    assert not torch.equal(buffers["1.running_mean"], running_mean)
+    assert int(buffers["1.num_batches_tracked"]) == 4 * 6
+
+
+def test_training_is_reproducible_per_round(fixtures: ModuleType) -> None:
+    def run(round_number: int) -> torch.Tensor:
+        trainer = _trainer(optimizer="sgd", lr=0.1, momentum=0.9)
+        model = trainer.build_model()
+        trainer.train(model, RoundInfo(round=round_number, base_round=round_number - 1, node_name="n"))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_mse_regression_without_validation(fixtures: ModuleType) -> None:
+    trainer = _trainer(
+        model=f"{PLUGIN}:regressor",
+        data=f"{PLUGIN}:regression_loaders",
+        loss="mse",
+        optimizer="adamw",
+        lr=0.05,
+        epochs=30,
+        shard=0,
+        shards=2,
+    )
+    model = trainer.build_model()
+    first = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n"))
+    second = trainer.train(model, RoundInfo(round=2, base_round=1, node_name="n"))
+    assert set(first.metrics) == {"loss"}
+    assert second.metrics["loss"] < first.metrics["loss"]
+    assert first.num_samples == 64
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _config(tmp_path: Path, **options: object) -> NodeConfig:
+    base: dict[str, object] = {"model": f"{PLUGIN}:tiny_model", "data": f"{PLUGIN}:loaders"}
+    return NodeConfig(
+        plugin=SPEC,
+        options={**base, **options},
+        state_dir=tmp_path / "state",
+        insecure=True,
+        name="n",
+    )
+
+
+def test_export_without_trainer_export_writes_safetensors(fixtures: ModuleType, tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    trainer = _trainer()
+    model = trainer.build_model()
+    trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n"))
+    tensors = federated_tensors(trainer, model)
+    layout = layout_of(tensors)
+    NodeState(config.state_dir).save(Checkpoint(3, layout.hash, dict(tensors)))
+
+    out = export_model(config, tmp_path / "out")
+    saved = load_file(str(out / "model.safetensors"))
+    for name, tensor in tensors:
+        assert torch.equal(saved[name], tensor.detach())
+    # The integer buffer is written from the freshly built model: it was never federated.
+    assert int(saved["1.num_batches_tracked"]) == 0
+    provenance = json.loads((out / "cipherhive.json").read_text())
+    assert provenance["round"] == 3 and provenance["layout_hash"] == layout.hash
+
+
+def test_export_refuses_without_checkpoint_or_with_another_layout(
+    fixtures: ModuleType, tmp_path: Path
+) -> None:
+    config = _config(tmp_path)
+    with pytest.raises(ExportError, match="no checkpoint"):
+        export_model(config, tmp_path / "out")
+    assert not config.state_dir.exists(), "a failed export must not create the state directory"
+    trainer = _trainer()
+    model = trainer.build_model()
+    tensors = federated_tensors(trainer, model)
+    NodeState(config.state_dir).save(Checkpoint(1, layout_of(tensors).hash, dict(tensors)))
+    with pytest.raises(ExportError, match="another model layout"):
+        export_model(_config(tmp_path, model_kwargs={"hidden": 16}), tmp_path / "out")
