@@ -276,12 +276,22 @@ class Node:
             return
         if self.store.submitted_round() == ev.round:
             return  # already acknowledged (e.g. the open round replayed after a reconnect)
+        try:
+            self._train_and_submit(stub, ev, fields)
+        finally:
+            # Whatever happened, the model goes back to the global one: the trained values
+            # were only ever an input to this round's update.
+            self.flat.load(self.global_values)
+
+    def _train_and_submit(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
+    ) -> None:
         t0 = time.perf_counter()
         try:
             result = self.trainer.train(self.model, RoundInfo(ev.round, ev.base_round, self.name))
             weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
-            # Keep the trained values aside; the model goes back to the global one.
-            local = self.flat.read().copy()
+            # The trained values are read in place (no copy) while they are encrypted.
+            local = self.flat.read()
             check_update(local, self.global_values, weight, self.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)
@@ -289,8 +299,6 @@ class Node:
         except Exception:
             log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
             return
-        finally:
-            self.flat.load(self.global_values)
         t_train = time.perf_counter() - t0
         metrics.PHASE_SECONDS.labels("train").observe(t_train)
         header = pb.SubmitHeader(
