@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 CIPHERHIVE = shutil.which("cipherhive", path=str(BIN)) or shutil.which("cipherhive")
 NODES = 3
 
-HEALTH_COMMAND = ["cipherhive", "ctl", "health", "--server", "127.0.0.1:7444", "--insecure"]
+HEALTH_COMMAND = ["cipherhive", "ctl", "--server", "127.0.0.1:7444", "--insecure", "health"]
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
@@ -654,7 +654,7 @@ def test_init_output_runs_a_federation_round(
     wait(lambda: _health_status(health_port) == serving, 60, "the server's health port to report SERVING")
     if _ctl_health_available():  # the command the image's HEALTHCHECK runs
         check = subprocess.run(
-            [str(CIPHERHIVE), "ctl", "health", "--server", f"127.0.0.1:{health_port}", "--insecure"],
+            [str(CIPHERHIVE), "ctl", "--server", f"127.0.0.1:{health_port}", "--insecure", "health"],
             capture_output=True,
             text=True,
             timeout=30,
