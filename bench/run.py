@@ -77,32 +77,44 @@ def _vectors(size: int, nodes: int) -> tuple[list[np.ndarray], np.ndarray]:
     return vectors, weighted / total
 
 
+#: Throughputs are the best of this many passes: the machine's other work only ever slows
+#: a pass down, so the fastest one is the closest to what the code itself costs.
+REPEATS = 3
+
+
+def _best_seconds(fn: Any) -> float:
+    best = float("inf")
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def in_process(mode: str, keydir: Path, sample: int, nodes: int, workers: int) -> dict[str, float]:
     c = codecs_for(mode, keydir)
     vectors, expected = _vectors(sample, nodes)
+    blobs: list[list[bytes]] = []
     with CryptoPool(c.key, 1, c.factory) as one:
         per_block = one.values_per_block
-        t0 = time.perf_counter()
         blobs = [list(one.encrypt_vector(v)) for v in vectors]
-        encrypt_1 = nodes * sample / (time.perf_counter() - t0)
+        encrypt_1 = sample / _best_seconds(lambda: list(one.encrypt_vector(vectors[0])))
     with CryptoPool(c.key, workers or default_workers(), c.factory) as pool:
         list(pool.encrypt_vector(vectors[0][: per_block * pool.workers]))  # workers up and warm
-        t0 = time.perf_counter()
-        for v in vectors:
-            for _ in pool.encrypt_vector(v):
-                pass
-        encrypt_all = nodes * sample / (time.perf_counter() - t0)
-    running = RunningSum(c.server, len(blobs[0]))
-    t0 = time.perf_counter()
-    for member in blobs:
-        for index, blob in enumerate(member):
-            running.add(index, c.server.load(blob))
-    ingest = nodes * sample / (time.perf_counter() - t0)
-    summed_blobs = list(running.serialized())
+        encrypt_all = sample / _best_seconds(lambda: list(pool.encrypt_vector(vectors[0])))
+
+    def ingest_all() -> RunningSum:
+        running = RunningSum(c.server, len(blobs[0]))
+        for member in blobs:
+            for index, blob in enumerate(member):
+                running.add(index, c.server.load(blob))
+        return running
+
+    ingest = nodes * sample / _best_seconds(ingest_all)
+    summed_blobs = list(ingest_all().serialized())
     with CryptoPool(c.key, 1, c.factory) as one:
-        t0 = time.perf_counter()
+        decrypt_1 = sample / _best_seconds(lambda: list(one.decrypt(summed_blobs)))
         summed = np.concatenate(list(one.decrypt(summed_blobs)))
-        decrypt_1 = sample / (time.perf_counter() - t0)
     mean = summed[1:sample] / summed[0]
     return {
         "encrypt_params_per_s_1_worker": encrypt_1,
