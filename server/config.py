@@ -62,6 +62,12 @@ class ServerConfig:
     max_streams_per_identity: int = setting(
         8, "limits", "calls one identity may have in progress at once (watch, upload, download, ...)"
     )
+    max_concurrent_transfers: int = setting(
+        4,
+        "limits",
+        "uploads and downloads of ciphertexts served at once; more wait their turn (bounds memory by "
+        "the model size, not the number of members)",
+    )
     heartbeat_seconds: float = setting(10.0, "limits", "interval of heartbeat events on watch streams")
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")

@@ -94,16 +94,19 @@ def ingest(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"stream carries more than the {header.num_ciphertexts} ciphertexts announced",
                 )
-            for offset, blob in enumerate(chunk.ciphertexts):
-                started = time.perf_counter()
-                try:
-                    ct = manager.codec.load(blob)
-                except codec.CodecError as exc:
-                    raise _refuse(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {received + offset}: {exc}"
-                    ) from exc
-                manager.add_block(current, upload, blob, ct)
-                busy += time.perf_counter() - started
+            # A few chunks are parsed at once, whatever the number of streams: parsing is
+            # CPU-bound, and SEAL's memory pool keeps what its busiest moment needed.
+            with manager.parse_slots:
+                for offset, blob in enumerate(chunk.ciphertexts):
+                    started = time.perf_counter()
+                    try:
+                        ct = manager.codec.load(blob)
+                    except codec.CodecError as exc:
+                        raise _refuse(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {received + offset}: {exc}"
+                        ) from exc
+                    manager.add_block(current, upload, blob, ct)
+                    busy += time.perf_counter() - started
             received += count
         if received != header.num_ciphertexts:
             raise _refuse(

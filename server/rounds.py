@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -94,6 +95,8 @@ class RoundManager:
         self._open: OpenRound | None = None
         self._watchers: Counter[str] = Counter()
         self._wake = threading.Event()
+        self.parse_slots = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
+        self.transfer_slots = threading.BoundedSemaphore(config.max_concurrent_transfers)
         self._last_closed = 0.0
         key = state.get_meta("receipt_key")
         if key is None:

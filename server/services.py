@@ -30,6 +30,8 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
+#: How long a transfer waits for a slot before the caller is told to retry.
+TRANSFER_WAIT_SECONDS = 60.0
 R = TypeVar("R")
 
 
@@ -61,6 +63,19 @@ class AggregationService(pb_grpc.AggregationServicer):
         self.m = manager
         self.gate = gate
         self._stopping = stopping
+
+    @contextmanager
+    def _transfer_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Wait for one of the few transfer slots; a stream that waits is not read, so
+        flow control holds its data on the sender's side instead of in this process."""
+        if not self.m.transfer_slots.acquire(timeout=TRANSFER_WAIT_SECONDS):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy with other transfers; retry"
+            )
+        try:
+            yield
+        finally:
+            self.m.transfer_slots.release()
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         with self.gate.enter(context, "node", claimed=request.node_name) as caller:
@@ -101,7 +116,7 @@ class AggregationService(pb_grpc.AggregationServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SubmitReceipt:
-        with self.gate.enter(context, "node") as caller:
+        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
             try:
                 return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
             except RoundError as exc:
@@ -113,7 +128,7 @@ class AggregationService(pb_grpc.AggregationServicer):
     def FetchAggregate(
         self, request: pb.FetchRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.AggregateChunk]:
-        with self.gate.enter(context, "node") as caller:
+        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
             layout = self.m.layout()
             try:
                 yield from stream_sum(
