@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,20 @@ from cipherhive.node.trainer import AppliedRound, RoundInfo, TrainResult
 MAGNITUDE = 0.05
 
 
-def member_update(params: int, seed: int, round_number: int, shard: int) -> np.ndarray:
+_CHUNK = 1 << 20
+
+
+def member_update_chunks(params: int, seed: int, round_number: int, shard: int) -> Iterator[np.ndarray]:
+    """The update in float32 chunks, so a 100 M-parameter update never exists twice."""
     rng = np.random.default_rng([seed, round_number, shard])
-    return rng.normal(0.0, MAGNITUDE, params).astype(np.float32)
+    for start in range(0, params, _CHUNK):
+        chunk = rng.standard_normal(min(_CHUNK, params - start), dtype=np.float32)
+        chunk *= MAGNITUDE
+        yield chunk
+
+
+def member_update(params: int, seed: int, round_number: int, shard: int) -> np.ndarray:
+    return np.concatenate(list(member_update_chunks(params, seed, round_number, shard)))
 
 
 def member_samples(shard: int) -> int:
@@ -46,7 +58,10 @@ class SyntheticTrainer:
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         with torch.no_grad():
             weight = model.get_parameter("weight")
-            weight.add_(torch.from_numpy(member_update(self.params, self.seed, info.round, self.shard)))
+            offset = 0
+            for chunk in member_update_chunks(self.params, self.seed, info.round, self.shard):
+                weight[offset : offset + chunk.shape[0]].add_(torch.from_numpy(chunk))
+                offset += chunk.shape[0]
         return TrainResult(num_samples=member_samples(self.shard))
 
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:

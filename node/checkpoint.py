@@ -9,7 +9,6 @@ counts the update once.
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cipherhive.fsutil import atomic_write
+from cipherhive.fsutil import atomic_file, atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 PENDING = "pending.json"
@@ -39,20 +38,20 @@ class NodeState:
         path = self.dir / CHECKPOINT
         if not path.exists():
             return None
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return Checkpoint(int(data["round"]), str(data["layout_hash"]), dict(data["tensors"]))
 
     def save(self, checkpoint: Checkpoint) -> None:
-        buffer = io.BytesIO()
-        torch.save(
-            {
-                "round": checkpoint.round,
-                "layout_hash": checkpoint.layout_hash,
-                "tensors": {k: v.detach().clone() for k, v in checkpoint.tensors.items()},
-            },
-            buffer,
-        )
-        atomic_write(self.dir / CHECKPOINT, buffer.getvalue(), mode=0o600)
+        """Streamed to a temporary file, fsynced, renamed: no in-memory copy of the model."""
+        with atomic_file(self.dir / CHECKPOINT, mode=0o600) as fh:
+            torch.save(
+                {
+                    "round": checkpoint.round,
+                    "layout_hash": checkpoint.layout_hash,
+                    "tensors": {k: v.detach() for k, v in checkpoint.tensors.items()},
+                },
+                fh,
+            )
 
     def submission_id(self, round_number: int) -> str:
         """The id for this round's upload: reused across retries, new for a new round."""
