@@ -82,6 +82,35 @@ class TcpProxy:
         self.cut()
 
 
+def settle(fed: LocalFederation) -> None:
+    """End a run cleanly: restart the server with rounds no longer opening by themselves,
+    close the open round if any, let every node catch up with the last sum, then stop all."""
+    import grpc
+
+    from cipherhive.v1 import federation_pb2 as pb
+    from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+    fed.stop("server")
+    fed.start_server(env={"CIPHERHIVE_ROUNDS_AUTO_START": "false"})
+    fed.wait_serving()
+    with fed.admin_channel() as ch:
+        admin = pb_grpc.AdminStub(ch)
+        for info in admin.ListRounds(pb.ListRoundsRequest(), timeout=10).rounds:
+            if info.state == pb.ROUND_OPEN:
+                with contextlib.suppress(grpc.RpcError):  # closed by its deadline meanwhile
+                    admin.CloseRound(pb.CloseRoundRequest(round=info.round), timeout=60)
+
+    def caught_up() -> bool:
+        last = max(acknowledged(fed.workdir), default=0)
+        rounds = []
+        for i in range(fed.nodes):
+            path = fed.workdir / f"{fed.node_name(i)}-state" / "checkpoint.pt"
+            rounds.append(torch.load(path, weights_only=True)["round"] if path.exists() else 0)
+        return all(r == last for r in rounds)
+
+    fed.wait_for(caught_up, 120, "every node to apply the last sum")
+
+
 def acknowledged(workdir: Path) -> dict[int, list[str]]:
     """Rounds with a published sum -> the nodes whose submissions the server acknowledged."""
     db = sqlite3.connect(workdir / "server-state" / "state.db")

@@ -19,7 +19,7 @@ import pytest
 
 from cipherhive.demo.federation import LocalFederation, free_port
 from cipherhive.v1 import federation_pb2 as pb
-from tests.faults import TcpProxy, check_fedavg
+from tests.faults import TcpProxy, check_fedavg, settle
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,7 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
     fed.wait_serving()
     target = _published(fed) + 2
     fed.wait_for(lambda: _published(fed) >= target, 180, "two more rounds")
+    settle(fed)
     codes = fed.stop_all()
     assert all(c == 0 for c in codes.values()), codes
     report = check_fedavg(fed)
@@ -139,6 +140,7 @@ def test_soak_random_faults(federation: tuple[LocalFederation, TcpProxy]) -> Non
         injected[kind] = injected.get(kind, 0) + 1
     target = _published(fed) + 1
     fed.wait_for(lambda: _published(fed) >= target, 180, "a round after the soak")
+    settle(fed)
     codes = fed.stop_all()
     assert all(c == 0 for c in codes.values()), codes
     report = check_fedavg(fed)
