@@ -40,21 +40,9 @@ def atomic_file(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o600) -> int:
     """Write to a temporary file in the same directory, fsync, rename. Returns bytes written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     written = 0
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            for part in [data] if isinstance(data, bytes | bytearray) else data:
-                fh.write(part)
-                written += len(part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, mode=mode) as fh:
+        for part in [data] if isinstance(data, bytes | bytearray) else data:
+            fh.write(part)
+            written += len(part)
     return written

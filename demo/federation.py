@@ -239,6 +239,18 @@ class LocalFederation:
         with self.admin_channel() as ch:
             return list(pb_grpc.AdminStub(ch).ListRounds(pb.ListRoundsRequest(), timeout=10).rounds)
 
+    def wait_round(self, number: int, timeout: float) -> pb.RoundInfo:
+        """Wait until round ``number`` has published its sum or failed."""
+
+        def finished() -> pb.RoundInfo | None:
+            for info in self.list_rounds():
+                if info.round == number and info.state in (pb.ROUND_SUM_READY, pb.ROUND_FAILED):
+                    return info
+            return None
+
+        info: pb.RoundInfo = self.wait_for(finished, timeout, f"round {number}")
+        return info
+
     def wait_for(self, predicate: Any, timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

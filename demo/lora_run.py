@@ -143,15 +143,8 @@ def run_lora_demo(args: argparse.Namespace) -> int:
         fed.start()
         last = time.monotonic()
         for number in range(1, args.rounds + 1):
-
-            def finished(n: int = number) -> pb.RoundInfo | None:
-                for info in fed.list_rounds():
-                    if info.round == n and info.state in (pb.ROUND_SUM_READY, pb.ROUND_FAILED):
-                        return info
-                return None
-
             remaining = args.timeout - (time.monotonic() - started)
-            info = fed.wait_for(finished, remaining, f"round {number}")
+            info = fed.wait_round(number, remaining)
             if info.state == pb.ROUND_FAILED:
                 failed.append(f"round {number}: {info.reason}")
                 break

@@ -109,15 +109,8 @@ def run_demo(args: argparse.Namespace) -> int:
         for number in range(1, args.rounds + 1):
             if bar is not None:
                 bar.update(bar.task_ids[0], description=f"round {number}: train, encrypt, aggregate")
-
-            def finished(n: int = number) -> pb.RoundInfo | None:
-                for info in fed.list_rounds():
-                    if info.round == n and info.state in (pb.ROUND_SUM_READY, pb.ROUND_FAILED):
-                        return info
-                return None
-
             remaining = args.timeout - (time.monotonic() - started)
-            info = fed.wait_for(finished, remaining, f"round {number}")
+            info = fed.wait_round(number, remaining)
             if info.state == pb.ROUND_FAILED:
                 failed.append(f"round {number}: {info.reason}")
                 break
