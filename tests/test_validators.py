@@ -189,3 +189,21 @@ test_refused_uploads_leave_the_sum_untouched.runs = 0  # type: ignore[attr-defin
 def test_state_dir_is_not_left_with_partials(world: tuple[RoundManager, codec.SecretCodec, int]) -> None:
     manager, _, number = world
     assert list(Path(manager.spool.round_dir(number)).glob("*.partial")) == []
+
+
+def test_an_error_after_acceptance_does_not_uncount_the_upload(
+    world: tuple[RoundManager, codec.SecretCodec, int],
+) -> None:
+    """finish_upload made it durable and counted: a later failure of the call must not subtract it."""
+    manager, secret, number = world
+    header = _header(number, manager.fingerprint, "accepted-then-error")
+    begun = manager.begin_upload("late-error", header)
+    assert not isinstance(begun, pb.SubmitReceipt)
+    current, upload = begun
+    for blob in secret.encrypt_all(np.full(LAYOUT.num_values, 0.25)):
+        manager.add_block(current, upload, blob, manager.codec.load(blob))
+    manager.finish_upload(current, upload, {})
+    counted = _sum_bytes(manager)
+    manager.abort_upload(current, upload, "the reply could not be sent")
+    assert _sum_bytes(manager) == counted
+    assert "late-error" in current.accepted
