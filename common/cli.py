@@ -48,6 +48,12 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.nodes < 2:
+        print(
+            "cipherhive demo: error: --nodes must be at least 2 (a sum of one update is that update)",
+            file=sys.stderr,
+        )
+        return 2
     if args.task == "lora":
         from cipherhive.demo.lora_run import run_lora_demo
 

@@ -34,6 +34,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cipherhive.ctl import render
 from cipherhive.ctl.client import (
@@ -254,31 +255,25 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _nodes(client: Client, args: argparse.Namespace) -> int:
-    nodes = client.nodes()
+def _emit(args: argparse.Namespace, value: Any, as_dict: Any, as_table: Any) -> int:
+    """JSON for scripts, a table for people: the same data either way."""
     if args.json:
-        print(render.dumps(render.nodes_dict(nodes)))
+        print(render.dumps(as_dict(value)))
     else:
-        render.print_nodes(render.make_console(), nodes)
+        as_table(render.make_console(), value)
     return EXIT_OK
+
+
+def _nodes(client: Client, args: argparse.Namespace) -> int:
+    return _emit(args, client.nodes(), render.nodes_dict, render.print_nodes)
 
 
 def _rounds(client: Client, args: argparse.Namespace) -> int:
-    rounds = client.rounds(args.limit)
-    if args.json:
-        print(render.dumps(render.rounds_dict(rounds)))
-    else:
-        render.print_rounds(render.make_console(), rounds)
-    return EXIT_OK
+    return _emit(args, client.rounds(args.limit), render.rounds_dict, render.print_rounds)
 
 
 def _round_show(client: Client, args: argparse.Namespace) -> int:
-    info = client.round(args.number)
-    if args.json:
-        print(render.dumps(render.round_dict(info)))
-    else:
-        render.print_round(render.make_console(), info)
-    return EXIT_OK
+    return _emit(args, client.round(args.number), render.round_dict, render.print_round)
 
 
 def _round_start(client: Client, args: argparse.Namespace) -> int:

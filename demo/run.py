@@ -73,12 +73,6 @@ def _progress(args: argparse.Namespace) -> Progress | None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.nodes < 2:
-        print(
-            "cipherhive demo: error: --nodes must be at least 2 (a sum of one update is that update)",
-            file=sys.stderr,
-        )
-        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
     records = workdir / "records"
     fed = LocalFederation(
