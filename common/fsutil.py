@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,3 +47,24 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o600
             fh.write(part)
             written += len(part)
     return written
+
+
+class PrivateFileError(PermissionError):
+    """A private key or secret file that other users could read."""
+
+
+def require_private_file(path: Path, what: str) -> None:
+    """Refuse a private file (TLS key, secret context) that the group or others may read.
+
+    A key another local user can read is a key that user holds: refuse to use it
+    rather than warn, and say how to fix it.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        raise PrivateFileError(f"{what} {path} does not exist") from None
+    if mode & 0o077:
+        raise PrivateFileError(
+            f"{what} {path} has mode {mode:o}; other users could read it. "
+            f"Run: chmod 600 {path}"
+        )

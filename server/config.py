@@ -36,6 +36,18 @@ class ServerConfig:
         None, "tls", "federation CA certificate (PEM); clients must present a certificate it signed"
     )
     tls_crl: Path | None = setting(None, "tls", "revocation list (PEM), reloaded when it changes")
+    allow_missing_crl: bool = setting(
+        False,
+        "tls",
+        "start without a revocation list (tls_crl unset or missing); revoked certificates are then "
+        "accepted",
+    )
+    layout: Path | None = setting(
+        None,
+        "federation",
+        "model layout (JSON from `cipherhive node layout`) to pin at start; otherwise pin it with "
+        "`cipherhive ctl federation init`",
+    )
     min_participants: int = setting(
         3, "rounds", "distinct nodes a round needs before its sum is released (at least 2)"
     )
@@ -51,6 +63,15 @@ class ServerConfig:
         1000.0, "rounds", "samples per unit of FedAvg weight (keeps encrypted values in range)"
     )
     max_participants: int = setting(64, "rounds", "most members one round may have (bounds encoded values)")
+    missed_rounds_limit: int = setting(
+        3, "rounds", "a node that missed this many rounds in a row is not expected until it submits again"
+    )
+    keep_sums: int = setting(
+        0, "rounds", "published sums kept for nodes that catch up (0: all); older ones are deleted"
+    )
+    withdraw_on_majority: bool = setting(
+        True, "rounds", "withdraw a published round once most of its participants report rejecting it"
+    )
     max_workers: int = setting(64, "limits", "gRPC worker threads (each open stream holds one)")
     max_concurrent_rpcs: int = setting(256, "limits", "RPCs beyond this are refused with RESOURCE_EXHAUSTED")
     max_message_bytes: int = setting(4 * 1024 * 1024, "limits", "largest gRPC message accepted")
@@ -69,6 +90,17 @@ class ServerConfig:
         "the model size, not the number of members)",
     )
     heartbeat_seconds: float = setting(10.0, "limits", "interval of heartbeat events on watch streams")
+    stream_idle_seconds: float = setting(
+        30.0,
+        "limits",
+        "an upload or other client stream that sends nothing for this long is cut (and rolled back)",
+    )
+    min_upload_bytes_per_second: float = setting(
+        32768.0, "limits", "an upload slower than this on average is cut (and rolled back)"
+    )
+    admin_reserved_rpcs: int = setting(
+        16, "limits", "calls kept free for admin certificates beyond max_concurrent_rpcs"
+    )
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
     audit_file: Path | None = setting(None, "log", "also append the audit trail (JSON lines) to this file")
@@ -79,6 +111,10 @@ class ServerConfig:
                 f"min_participants = {self.min_participants} would release a single member's "
                 f"update; it must be at least {MIN_PARTICIPANTS_FLOOR}"
             )
+        if self.missed_rounds_limit < 1 or self.keep_sums < 0:
+            raise ConfigError("missed_rounds_limit must be at least 1 and keep_sums at least 0")
+        if self.stream_idle_seconds <= 0 or self.min_upload_bytes_per_second < 0:
+            raise ConfigError("stream_idle_seconds must be positive and min_upload_bytes_per_second >= 0")
         if self.max_participants < self.min_participants:
             raise ConfigError("max_participants must be at least min_participants")
         if self.timeout_seconds <= 0 or self.weight_unit <= 0:

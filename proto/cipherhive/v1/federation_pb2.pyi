@@ -13,10 +13,12 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUND_OPEN: _ClassVar[RoundState]
     ROUND_SUM_READY: _ClassVar[RoundState]
     ROUND_FAILED: _ClassVar[RoundState]
+    ROUND_WITHDRAWN: _ClassVar[RoundState]
 ROUND_STATE_UNSPECIFIED: RoundState
 ROUND_OPEN: RoundState
 ROUND_SUM_READY: RoundState
 ROUND_FAILED: RoundState
+ROUND_WITHDRAWN: RoundState
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape")
@@ -49,7 +51,7 @@ class EncodingParams(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., values_per_ciphertext: _Optional[int] = ...) -> None: ...
 
 class FederationSettings(_message.Message):
-    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants")
+    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round")
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +60,7 @@ class FederationSettings(_message.Message):
     MAX_CIPHERTEXTS_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_KEPT_ROUND_FIELD_NUMBER: _ClassVar[int]
     key_fingerprint: str
     encoding: EncodingParams
     min_participants: int
@@ -66,7 +69,8 @@ class FederationSettings(_message.Message):
     max_ciphertexts_per_chunk: int
     layout_hash: str
     max_participants: int
-    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ...) -> None: ...
+    oldest_kept_round: int
+    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("key_fingerprint", "layout", "node_name", "software_version")
@@ -81,16 +85,18 @@ class JoinRequest(_message.Message):
     def __init__(self, key_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., node_name: _Optional[str] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("node_name", "settings", "latest_round", "latest_sum_round")
+    __slots__ = ("node_name", "settings", "latest_round", "latest_sum_round", "withdrawn_rounds")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     LATEST_ROUND_FIELD_NUMBER: _ClassVar[int]
     LATEST_SUM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     settings: FederationSettings
     latest_round: int
     latest_sum_round: int
-    def __init__(self, node_name: _Optional[str] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ...) -> None: ...
+    withdrawn_rounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, node_name: _Optional[str] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., withdrawn_rounds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("since_round",)
@@ -99,7 +105,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_round: _Optional[int] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
-    __slots__ = ("kind", "round", "base_round", "reason", "deadline_unix", "expected", "participants", "replay", "time_unix")
+    __slots__ = ("kind", "round", "base_round", "reason", "deadline_unix", "expected", "participants", "replay", "time_unix", "min_participants")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[RoundEvent.Kind]
@@ -108,12 +114,14 @@ class RoundEvent(_message.Message):
         SUM_READY: _ClassVar[RoundEvent.Kind]
         FAILED: _ClassVar[RoundEvent.Kind]
         HEARTBEAT: _ClassVar[RoundEvent.Kind]
+        WITHDRAWN: _ClassVar[RoundEvent.Kind]
     KIND_UNSPECIFIED: RoundEvent.Kind
     OPENED: RoundEvent.Kind
     CLOSED: RoundEvent.Kind
     SUM_READY: RoundEvent.Kind
     FAILED: RoundEvent.Kind
     HEARTBEAT: RoundEvent.Kind
+    WITHDRAWN: RoundEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +131,7 @@ class RoundEvent(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     kind: RoundEvent.Kind
     round: int
     base_round: int
@@ -132,7 +141,8 @@ class RoundEvent(_message.Message):
     participants: int
     replay: bool
     time_unix: float
-    def __init__(self, kind: _Optional[_Union[RoundEvent.Kind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., reason: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., replay: _Optional[bool] = ..., time_unix: _Optional[float] = ...) -> None: ...
+    min_participants: int
+    def __init__(self, kind: _Optional[_Union[RoundEvent.Kind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., reason: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., replay: _Optional[bool] = ..., time_unix: _Optional[float] = ..., min_participants: _Optional[int] = ...) -> None: ...
 
 class SubmitHeader(_message.Message):
     __slots__ = ("round", "base_round", "submission_id", "layout_hash", "key_fingerprint", "num_values", "num_ciphertexts", "metrics")
@@ -205,6 +215,22 @@ class FetchRequest(_message.Message):
     first_ciphertext: int
     def __init__(self, round: _Optional[int] = ..., first_ciphertext: _Optional[int] = ...) -> None: ...
 
+class OutcomeReport(_message.Message):
+    __slots__ = ("round", "applied", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    applied: bool
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., applied: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class OutcomeAck(_message.Message):
+    __slots__ = ("withdrawn",)
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    withdrawn: bool
+    def __init__(self, withdrawn: _Optional[bool] = ...) -> None: ...
+
 class AggregateChunk(_message.Message):
     __slots__ = ("round", "first_ciphertext", "ciphertexts", "num_ciphertexts", "num_values", "participants", "layout_hash")
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -228,7 +254,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "started_unix", "settings", "nodes_known", "nodes_online", "open_round", "latest_round", "latest_sum_round", "rounds_failed", "auto_start", "max_rounds")
+    __slots__ = ("version", "started_unix", "settings", "nodes_known", "nodes_online", "open_round", "latest_round", "latest_sum_round", "rounds_failed", "auto_start", "max_rounds", "layout_hash", "layout_params", "rounds_withdrawn", "oldest_kept_round")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +266,10 @@ class StatusReply(_message.Message):
     ROUNDS_FAILED_FIELD_NUMBER: _ClassVar[int]
     AUTO_START_FIELD_NUMBER: _ClassVar[int]
     MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_KEPT_ROUND_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_unix: float
     settings: FederationSettings
@@ -251,23 +281,31 @@ class StatusReply(_message.Message):
     rounds_failed: int
     auto_start: bool
     max_rounds: int
-    def __init__(self, version: _Optional[str] = ..., started_unix: _Optional[float] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., nodes_known: _Optional[int] = ..., nodes_online: _Optional[int] = ..., open_round: _Optional[int] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., auto_start: _Optional[bool] = ..., max_rounds: _Optional[int] = ...) -> None: ...
+    layout_hash: str
+    layout_params: int
+    rounds_withdrawn: int
+    oldest_kept_round: int
+    def __init__(self, version: _Optional[str] = ..., started_unix: _Optional[float] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., nodes_known: _Optional[int] = ..., nodes_online: _Optional[int] = ..., open_round: _Optional[int] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., auto_start: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., layout_hash: _Optional[str] = ..., layout_params: _Optional[int] = ..., rounds_withdrawn: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions")
+    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions", "missed_rounds", "expected")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    MISSED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     online: bool
     first_seen_unix: float
     last_seen_unix: float
     last_round: int
     submissions: int
-    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ...) -> None: ...
+    missed_rounds: int
+    expected: bool
+    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ..., missed_rounds: _Optional[int] = ..., expected: _Optional[bool] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -298,8 +336,20 @@ class SubmissionInfo(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, node_name: _Optional[str] = ..., accepted_unix: _Optional[float] = ..., num_bytes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class NodeOutcome(_message.Message):
+    __slots__ = ("node_name", "applied", "reason", "reported_unix")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    applied: bool
+    reason: str
+    reported_unix: float
+    def __init__(self, node_name: _Optional[str] = ..., applied: _Optional[bool] = ..., reason: _Optional[str] = ..., reported_unix: _Optional[float] = ...) -> None: ...
+
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions")
+    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions", "min_participants", "outcomes", "withdrawn_reason", "withdrawn_unix")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +360,10 @@ class RoundInfo(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_REASON_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_UNIX_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: RoundState
     base_round: int
@@ -320,19 +374,27 @@ class RoundInfo(_message.Message):
     participants: int
     reason: str
     submissions: _containers.RepeatedCompositeFieldContainer[SubmissionInfo]
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ...) -> None: ...
+    min_participants: int
+    outcomes: _containers.RepeatedCompositeFieldContainer[NodeOutcome]
+    withdrawn_reason: str
+    withdrawn_unix: float
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ..., min_participants: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., withdrawn_reason: _Optional[str] = ..., withdrawn_unix: _Optional[float] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
-    __slots__ = ("limit",)
+    __slots__ = ("limit", "before_round")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ROUND_FIELD_NUMBER: _ClassVar[int]
     limit: int
-    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+    before_round: int
+    def __init__(self, limit: _Optional[int] = ..., before_round: _Optional[int] = ...) -> None: ...
 
 class ListRoundsReply(_message.Message):
-    __slots__ = ("rounds",)
+    __slots__ = ("rounds", "next_before_round")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_BEFORE_ROUND_FIELD_NUMBER: _ClassVar[int]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
-    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+    next_before_round: int
+    def __init__(self, rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., next_before_round: _Optional[int] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round",)
@@ -341,13 +403,45 @@ class GetRoundRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("timeout_seconds",)
+    __slots__ = ("timeout_seconds", "force")
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     timeout_seconds: float
-    def __init__(self, timeout_seconds: _Optional[float] = ...) -> None: ...
+    force: bool
+    def __init__(self, timeout_seconds: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class CloseRoundRequest(_message.Message):
     __slots__ = ("round",)
     ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class WithdrawRoundRequest(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetLayoutRequest(_message.Message):
+    __slots__ = ("layout", "replace")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    layout: Layout
+    replace: bool
+    def __init__(self, layout: _Optional[_Union[Layout, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class ResetLayoutRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayoutReply(_message.Message):
+    __slots__ = ("layout_hash", "num_params", "num_tensors")
+    LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    layout_hash: str
+    num_params: int
+    num_tensors: int
+    def __init__(self, layout_hash: _Optional[str] = ..., num_params: _Optional[int] = ..., num_tensors: _Optional[int] = ...) -> None: ...

@@ -56,6 +56,11 @@ class AggregationStub:
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.AggregateChunk.FromString,
                 _registered_method=True)
+        self.ReportOutcome = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/ReportOutcome',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -94,6 +99,14 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcome(self, request, context):
+        """After fetching a round's sum: whether this node applied it or rejected it
+        (and why, in words). Never carries a decrypted value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +129,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.FetchAggregate,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.FetchRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.AggregateChunk.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -238,6 +256,33 @@ class Aggregation:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/ReportOutcome',
+            cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """---------------------------------------------------------------- Admin
@@ -284,6 +329,21 @@ class AdminStub:
                 '/cipherhive.v1.Admin/WatchEvents',
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundEvent.FromString,
+                _registered_method=True)
+        self.WithdrawRound = channel.unary_unary(
+                '/cipherhive.v1.Admin/WithdrawRound',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRoundRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundInfo.FromString,
+                _registered_method=True)
+        self.SetLayout = channel.unary_unary(
+                '/cipherhive.v1.Admin/SetLayout',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.SetLayoutRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
+                _registered_method=True)
+        self.ResetLayout = channel.unary_unary(
+                '/cipherhive.v1.Admin/ResetLayout',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
                 _registered_method=True)
 
 
@@ -335,6 +395,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WithdrawRound(self, request, context):
+        """Withdraw a published round (and every published round built on it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLayout(self, request, context):
+        """Pin the federation's model layout (`cipherhive ctl federation init`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetLayout(self, request, context):
+        """Forget the pinned layout; refused once a round has been published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +453,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.WatchRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundEvent.SerializeToString,
+            ),
+            'WithdrawRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawRound,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRoundRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundInfo.SerializeToString,
+            ),
+            'SetLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLayout,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.SetLayoutRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.SerializeToString,
+            ),
+            'ResetLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetLayout,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -565,6 +661,87 @@ class Admin:
             '/cipherhive.v1.Admin/WatchEvents',
             cipherhive_dot_v1_dot_federation__pb2.WatchRequest.SerializeToString,
             cipherhive_dot_v1_dot_federation__pb2.RoundEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Admin/WithdrawRound',
+            cipherhive_dot_v1_dot_federation__pb2.WithdrawRoundRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.RoundInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Admin/SetLayout',
+            cipherhive_dot_v1_dot_federation__pb2.SetLayoutRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Admin/ResetLayout',
+            cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
             options,
             channel_credentials,
             insecure,
