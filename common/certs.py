@@ -555,6 +555,15 @@ def issue(
         ca_not_after = ca_cert.not_valid_after_utc
         if ca_not_after <= now:
             raise ValueError(f"the CA in {ca_dir} expired on {ca_not_after:%Y-%m-%d}; create a new CA")
+        # A name means one party: the server keys its limits, audit trail and round state by
+        # name, so a node certificate named like the operator must never exist (whatever the
+        # state of the other certificate: a revoked one still names a party in the audit trail).
+        clash = sorted({e.role for e in entries if e.name == name and e.role != role})
+        if clash:
+            raise FileExistsError(
+                f"the name {name!r} is already used by a {' and a '.join(clash)} certificate of this "
+                "CA; names are unique across roles, pick another name"
+            )
         current = [e for e in entries if e.role == role and e.name == name and e.is_valid(now)]
         if current and not replace:
             serials = ", ".join(f"{e.serial:x}" for e in current)

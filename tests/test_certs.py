@@ -198,8 +198,6 @@ def test_duplicate_refused_and_replace_revokes(ca: Path, tmp_path: Path) -> None
     first = certs.issue(ca, "node", "n1", tmp_path / "a")
     with pytest.raises(FileExistsError, match="replace"):
         certs.issue(ca, "node", "n1", tmp_path / "b")
-    # Same name in another role is a different identity.
-    certs.issue(ca, "admin", "n1", tmp_path / "c")
 
     second = certs.issue(ca, "node", "n1", tmp_path / "a", replace=True)
     assert second.serial != first.serial
@@ -209,6 +207,17 @@ def test_duplicate_refused_and_replace_revokes(ca: Path, tmp_path: Path) -> None
     revoked = {r.serial_number for r in _load_crl(ca / "crl.pem")}
     assert revoked == {first.serial}
     assert _load_cert(second.cert_path).serial_number == second.serial
+
+
+@pytest.mark.parametrize("state", ["valid", "revoked"])
+def test_a_name_belongs_to_one_role(ca: Path, tmp_path: Path, state: str) -> None:
+    """A node certificate named like the operator would share the admin's limits and audit lines."""
+    certs.issue(ca, "admin", "operator", tmp_path / "admin")
+    if state == "revoked":
+        certs.revoke(ca, "operator")
+    with pytest.raises(FileExistsError, match="unique across roles"):
+        certs.issue(ca, "node", "operator", tmp_path / "mallory")
+    assert [r.role for r in certs.list_issued(ca) if r.name == "operator"] == ["admin"]
 
 
 def test_check_key_permissions(tmp_path: Path) -> None:
@@ -296,7 +305,7 @@ def test_peer_identity_rejects_ca_and_garbage(ca: Path) -> None:
 
 def test_revoke_by_serial_and_name(ca: Path, tmp_path: Path) -> None:
     a = certs.issue(ca, "node", "alpha", tmp_path / "a")
-    b = certs.issue(ca, "admin", "alpha", tmp_path / "b")
+    b = certs.issue(ca, "admin", "beta", tmp_path / "b")
     c = certs.issue(ca, "node", "gamma", tmp_path / "c")
 
     [got] = certs.revoke(ca, f"0x{c.serial:X}")
@@ -304,7 +313,9 @@ def test_revoke_by_serial_and_name(ca: Path, tmp_path: Path) -> None:
     with pytest.raises(LookupError, match="already revoked"):
         certs.revoke(ca, f"{c.serial:x}")
 
-    [only_admin] = certs.revoke(ca, "alpha", role="admin")
+    with pytest.raises(LookupError):
+        certs.revoke(ca, "beta", role="node")
+    [only_admin] = certs.revoke(ca, "beta", role="admin")
     assert only_admin.serial == b.serial
     [rest] = certs.revoke(ca, "alpha")
     assert rest.serial == a.serial
