@@ -98,6 +98,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         workdir,
         nodes=3,
         rounds={"min_participants": 3, "auto_start": False, "timeout_seconds": 600.0},
+        layout=LAYOUT,  # the operator pins the layout these test-held members use
     )
     fed.setup()
     ca = workdir / "ca"
@@ -152,7 +153,8 @@ def test_hostile_battery_then_exact_honest_round(env: Env) -> None:
     admin_stub = pb_grpc.AdminStub(admin)
     for ch in [*honest.values(), mallory]:
         _join(ch, env.fingerprint)
-    opened = admin_stub.StartRound(pb.StartRoundRequest(timeout_seconds=600), timeout=30)
+    # force: the test plays the members without watch streams, so none of them is online.
+    opened = admin_stub.StartRound(pb.StartRoundRequest(timeout_seconds=600, force=True), timeout=30)
     env.round = opened.round
     valid = env.valid_cts()
     cases: list[tuple[str, S, Callable[[], object]]] = []
