@@ -236,3 +236,24 @@ def test_layout_file_bounds(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_node_layout_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cipherhive node layout` writes what the node joins with, and says how to pin it."""
+    from cipherhive.cli import main
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        '[node]\ninsecure = true\nname = "n"\n[trainer]\nplugin = "cipherhive.demo.digits:DigitsTrainer"\n'
+        "options = { shard = 0, shards = 3 }\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "layout.json"
+    assert main(["node", "layout", "--config", str(toml), "--out", str(out)]) == 0
+    layout = Layout.read_file(out)
+    printed = capsys.readouterr().out
+    assert f"layout hash: {layout.hash}" in printed
+    assert f"size: {layout.num_params} values in {len(layout.tensors)} tensors" in printed
+    assert "cipherhive ctl federation init --layout" in printed
+    assert [t.name for t in layout.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert not (tmp_path / "node-state").exists()  # nothing of the node's state is touched
