@@ -37,15 +37,15 @@ import grpc
 
 from cipherhive import codec, failpoints
 from cipherhive.layout import Layout, describe_difference
-from cipherhive.logs import audit, event
+from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
-from cipherhive.server import pinning, scheduler, withdrawal
+from cipherhive.server import pinning, recovery, scheduler, withdrawal
 from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
 from cipherhive.server.running_sum import RunningSum
-from cipherhive.server.spool import Spool, SubmissionWriter, read_records
+from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -273,31 +273,9 @@ class RoundManager:
 
     def recover(self) -> None:
         """After a restart: drop unacknowledged uploads, rebuild the open round's sum."""
-        for path in self.spool.drop_partials():
-            event(log, "discarded an unacknowledged upload from before the restart", path=str(path))
-        for done in self.state.rounds():
-            if done.state != "open":
-                self.spool.drop_round(done.round)
-        row = self.state.open_round_row()
-        layout = self.layout()
-        if row is None or layout is None:
-            return
-        running = RunningSum(self.codec, self._blocks(layout.num_values))
-        restored = OpenRound(row, running, layout.num_values)
-        for sub in self.state.submissions(row.round):
-            if sub.spool_file is None:
-                continue
-            for index, blob in enumerate(read_records(self.spool.path(sub.spool_file))):
-                running.add(index, self.codec.load(blob))
-            restored.accepted[sub.node] = sub
-        self._open = restored
-        event(
-            log,
-            "resumed open round after restart",
-            round=row.round,
-            accepted=len(restored.accepted),
-            deadline=round(row.deadline, 3),
-        )
+        opened = recovery.recover(self)
+        if opened is not None:
+            self._open = opened
 
     def close_round(
         self, number: int, reason: str, actor: str = "scheduler", *, fail_reason: str = ""

@@ -3,7 +3,7 @@
 Why SQLite: one file next to the spool, transactions that make "accepted"
 atomic with the receipt, WAL mode so readers (Admin RPCs) never block the
 writer. Ciphertexts themselves live in files (see ``spool``); rows only point
-at them. The schema is versioned; ``MIGRATIONS[i]`` upgrades version i to i+1.
+at them. The schema is versioned; ``MIGRATIONS[i]`` (in ``schema``) upgrades version i to i+1.
 """
 
 from __future__ import annotations
@@ -19,82 +19,17 @@ from pathlib import Path
 
 from cipherhive.errors import UserError
 from cipherhive.fsutil import private_dir, private_file
+from cipherhive.server.schema import MIGRATIONS
 
-MIGRATIONS: list[str] = [
-    # 0 -> 1: the first schema.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        first_seen REAL NOT NULL,
-        last_seen REAL NOT NULL,
-        last_round INTEGER NOT NULL DEFAULT 0,
-        submissions INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE rounds (
-        round INTEGER PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('open', 'sum_ready', 'failed')),
-        base_round INTEGER NOT NULL,
-        opened REAL NOT NULL,
-        deadline REAL NOT NULL,
-        closed REAL,
-        expected TEXT NOT NULL,
-        participants INTEGER NOT NULL DEFAULT 0,
-        reason TEXT NOT NULL DEFAULT '',
-        sum_file TEXT,
-        num_ciphertexts INTEGER NOT NULL DEFAULT 0,
-        num_values INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE submissions (
-        round INTEGER NOT NULL REFERENCES rounds(round),
-        node TEXT NOT NULL,
-        submission_id TEXT NOT NULL,
-        receipt TEXT NOT NULL,
-        accepted REAL NOT NULL,
-        num_bytes INTEGER NOT NULL,
-        spool_file TEXT,
-        metrics TEXT NOT NULL DEFAULT '{}',
-        PRIMARY KEY (round, node)
-    );
-    """,
-    # 1 -> 2: withdrawn rounds, the floor each round opened with, outcome reports,
-    # missed rounds per node. SQLite cannot alter a CHECK constraint, so `rounds` is
-    # rebuilt (foreign keys are off while migrating; see `_migrate`).
-    """
-    CREATE TABLE rounds_v2 (
-        round INTEGER PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('open', 'sum_ready', 'failed', 'withdrawn')),
-        base_round INTEGER NOT NULL,
-        opened REAL NOT NULL,
-        deadline REAL NOT NULL,
-        closed REAL,
-        expected TEXT NOT NULL,
-        participants INTEGER NOT NULL DEFAULT 0,
-        reason TEXT NOT NULL DEFAULT '',
-        sum_file TEXT,
-        num_ciphertexts INTEGER NOT NULL DEFAULT 0,
-        num_values INTEGER NOT NULL DEFAULT 0,
-        min_participants INTEGER NOT NULL DEFAULT 0,
-        withdrawn_reason TEXT NOT NULL DEFAULT '',
-        withdrawn_unix REAL NOT NULL DEFAULT 0
-    );
-    INSERT INTO rounds_v2 (round, state, base_round, opened, deadline, closed, expected,
-        participants, reason, sum_file, num_ciphertexts, num_values)
-        SELECT round, state, base_round, opened, deadline, closed, expected,
-        participants, reason, sum_file, num_ciphertexts, num_values FROM rounds;
-    DROP TABLE rounds;
-    ALTER TABLE rounds_v2 RENAME TO rounds;
-    CREATE INDEX rounds_by_state ON rounds (state, round);
-    ALTER TABLE nodes ADD COLUMN missed_rounds INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE outcomes (
-        round INTEGER NOT NULL REFERENCES rounds(round),
-        node TEXT NOT NULL,
-        applied INTEGER NOT NULL,
-        reason TEXT NOT NULL DEFAULT '',
-        reported REAL NOT NULL,
-        PRIMARY KEY (round, node)
-    );
-    """,
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "NodeRow",
+    "OutcomeRow",
+    "RoundRow",
+    "State",
+    "StateError",
+    "SubmissionRow",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: Round numbers arrive as uint64 from the wire; SQLite integers are signed 64-bit.
