@@ -267,8 +267,16 @@ class LocalFederation:
         raise TimeoutError(f"server not serving after {timeout}s:\n{self.log('server')[-3000:]}")
 
     def list_rounds(self) -> list[pb.RoundInfo]:
+        """Every round, oldest first (ListRounds pages: newest page first)."""
+        pages: list[list[pb.RoundInfo]] = []
         with self.admin_channel() as ch:
-            return list(pb_grpc.AdminStub(ch).ListRounds(pb.ListRoundsRequest(), timeout=10).rounds)
+            stub, before = pb_grpc.AdminStub(ch), 0
+            while True:
+                reply = stub.ListRounds(pb.ListRoundsRequest(limit=500, before_round=before), timeout=10)
+                pages.append(list(reply.rounds))
+                before = reply.next_before_round
+                if not before:
+                    return [info for page in reversed(pages) for info in page]
 
     def wait_round(self, number: int, timeout: float) -> pb.RoundInfo:
         """Wait until round ``number`` has published its sum or failed."""

@@ -183,6 +183,7 @@ class RoundManager:
                     f"model layout differs from the federation's: {describe_difference(current, layout)}",
                 )
             self._joined.add(node)
+            server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
         self._wake.set()
 
@@ -357,7 +358,8 @@ class RoundManager:
             server_metrics.ROUNDS.labels("failed").inc()
         server_metrics.ROUND_SECONDS.observe(max(0.0, time.time() - current.row.opened))
         self.spool.drop_round(number)
-        self.state.record_missed(number, current.row.expected, set(accepted))
+        if not fail_reason:  # a round cut short (its base withdrawn) is nobody's miss
+            self.state.record_missed(number, current.row.expected, set(accepted))
         with self._lock:
             self._open = None
             self._last_closed = time.time()

@@ -257,3 +257,33 @@ def test_node_layout_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "cipherhive ctl federation init --layout" in printed
     assert [t.name for t in layout.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert not (tmp_path / "node-state").exists()  # nothing of the node's state is touched
+
+
+def test_configured_layout_is_pinned_at_start_and_cannot_move_once_published(
+    tmp_path: Path, keyfiles: keys.KeyFiles
+) -> None:
+    w = _world(tmp_path, keyfiles)
+    w.publish(("a", "b"))
+    w.manager.state.close()
+    other = _write(tmp_path / "other.json", Layout((TensorSpec("v", (3,)),)).pretty())
+    same = _write(tmp_path / "same.json", LAYOUT.pretty())
+    public = codec.PublicCodec(keyfiles.public.read_bytes())
+
+    def start(layout_file: Path) -> RoundManager:
+        config = ServerConfig(
+            insecure=True, state_dir=tmp_path / "state", public_context=keyfiles.public, layout=layout_file
+        )
+        state = State(config.state_dir / "state.db")
+        try:
+            return RoundManager(config, state, Spool(config.state_dir), public, keyfiles.fingerprint)
+        except BaseException:
+            state.close()
+            raise
+
+    with pytest.raises(
+        LayoutError, match=r"other.json: cannot replace the layout: 1 round\(s\) have been published"
+    ):
+        start(other)
+    manager = start(same)  # the same layout again: nothing to do
+    assert manager.layout() == LAYOUT
+    manager.state.close()
