@@ -172,8 +172,8 @@ class AdminService(pb_grpc.AdminServicer):
             return views.list_nodes(self.m)
 
     def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
-        with self.gate.enter(context, "admin"):
-            return _guard(context, lambda: views.list_rounds(self.m, request))
+        with self.gate.enter(context, "admin") as caller:
+            return _guard(context, lambda: views.list_rounds(self.m, request, caller.name))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
         with self.gate.enter(context, "admin"):

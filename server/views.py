@@ -171,13 +171,16 @@ def list_nodes(manager: RoundManager) -> pb.ListNodesReply:
     )
 
 
-def list_rounds(manager: RoundManager, request: pb.ListRoundsRequest) -> pb.ListRoundsReply:
+def list_rounds(
+    manager: RoundManager, request: pb.ListRoundsRequest, actor: str = "admin"
+) -> pb.ListRoundsReply:
     """One page, oldest first; ``next_before_round`` continues with older rounds."""
-    if request.limit > MAX_PAGE:
-        raise RoundError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"limit {request.limit} is above {MAX_PAGE}; page with before_round / next_before_round",
-        )
+    with refusals_audited("list rounds", actor, limit=request.limit):
+        if request.limit > MAX_PAGE:
+            raise RoundError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit {request.limit} is above {MAX_PAGE}; page with before_round / next_before_round",
+            )
     rows, next_before = manager.state.rounds_page(request.limit or DEFAULT_PAGE, request.before_round)
     if not rows:
         return pb.ListRoundsReply()
