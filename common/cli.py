@@ -75,6 +75,21 @@ def _node_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_layout(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.describe import write_layout
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    layout = write_layout(cfg, args.out)
+    print(f"wrote the model layout to {args.out}")
+    print(f"layout hash: {layout.hash}")
+    print(f"size: {layout.num_params} values in {len(layout.tensors)} tensors")
+    print(f"pin it with: cipherhive ctl federation init --layout {args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cipherhive.bench.run import run_bench
 
@@ -108,14 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, ServerConfig)
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("node", help="run a member node daemon (or: node export --out DIR)")
+    p = sub.add_parser("node", help="run a member node daemon (or: node export|layout --out PATH)")
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
-    node_sub = p.add_subparsers(dest="node_command", metavar="[export]")
+    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout]")
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
     e.set_defaults(func=_node_export)
+    e = node_sub.add_parser(
+        "layout", help="write the model layout this node joins with (JSON), for `ctl federation init`"
+    )
+    config.add_arguments(e, NodeConfig)
+    e.add_argument("--out", type=Path, required=True, help="JSON file to write the layout to")
+    e.set_defaults(func=_node_layout)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)

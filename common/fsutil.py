@@ -65,6 +65,22 @@ def require_private_file(path: Path, what: str) -> None:
         raise PrivateFileError(f"{what} {path} does not exist") from None
     if mode & 0o077:
         raise PrivateFileError(
-            f"{what} {path} has mode {mode:o}; other users could read it. "
-            f"Run: chmod 600 {path}"
+            f"{what} {path} has mode {mode:o}; other users could read it. Run: chmod 600 {path}"
         )
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: the server's state is nobody else's."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` empty at mode 0600 if missing, or tighten it to 0600 if it exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

@@ -10,9 +10,79 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from cipherhive.errors import UserError
 from cipherhive.v1 import federation_pb2 as pb
+
+#: Bounds on any layout the server accepts (SetLayout, Join, the layout file). A layout
+#: is checked against them before anything is sized from it: a hostile "2^38 values"
+#: must be refused, not allocated.
+MAX_LAYOUT_VALUES = 2**31
+MAX_TENSORS = 10_000
+MAX_NAME_CHARS = 200
+MAX_DIMENSIONS = 8
+MAX_DIMENSION = 2**31
+MAX_LAYOUT_FILE_BYTES = 4 * 1024 * 1024
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._\-/:\[\]]{1,200}$")
+_BASE_HASH = re.compile(r"^([0-9a-f]{64})?$")
+
+
+class LayoutError(UserError, ValueError):
+    """A layout that breaks one of the bounds; the message names the tensor and the rule."""
+
+
+def _shown(name: str) -> str:
+    return repr(name[:40] + ("…" if len(name) > 40 else ""))
+
+
+def check_bounds(tensors: Sequence[tuple[str, Sequence[int]]], base_model_hash: str) -> int:
+    """Check a layout's parts against the bounds; returns its number of values.
+
+    Works on the raw parts (a proto's repeated fields, parsed JSON) so that nothing
+    proportional to a claimed size is built before the claim is checked.
+    """
+    if not tensors:
+        raise LayoutError("layout has no tensors")
+    if len(tensors) > MAX_TENSORS:
+        raise LayoutError(f"layout has more than {MAX_TENSORS} tensors (MAX_TENSORS)")
+    if not isinstance(base_model_hash, str) or not _BASE_HASH.match(base_model_hash):
+        raise LayoutError("base_model_hash must be empty or 64 lowercase hex characters (SHA-256)")
+    total = 0
+    seen: set[str] = set()
+    for index, (name, shape) in enumerate(tensors):
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise LayoutError(
+                f"tensor #{index} {_shown(str(name))}: a name must be 1-{MAX_NAME_CHARS} characters of "
+                "letters, digits and . _ - / : [ ]"
+            )
+        if name in seen:
+            raise LayoutError(f"tensor #{index} {_shown(name)}: the name appears twice")
+        seen.add(name)
+        if not 1 <= len(shape) <= MAX_DIMENSIONS:
+            raise LayoutError(
+                f"tensor {_shown(name)}: has {len(shape)} dimensions; 1 to {MAX_DIMENSIONS} are allowed"
+            )
+        size = 1
+        for dim in shape:
+            if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= MAX_DIMENSION:
+                raise LayoutError(
+                    f"tensor {_shown(name)}: dimension {dim!r} must be an integer from 1 to {MAX_DIMENSION}"
+                )
+            size *= dim
+            if size > MAX_LAYOUT_VALUES:
+                break
+        total += size
+        if total > MAX_LAYOUT_VALUES:
+            raise LayoutError(
+                f"tensor {_shown(name)}: brings the layout past {MAX_LAYOUT_VALUES} values "
+                "(MAX_LAYOUT_VALUES)"
+            )
+    return total
 
 
 @dataclass(frozen=True)
@@ -70,6 +140,69 @@ class Layout:
     def from_canonical(cls, text: str) -> Layout:
         data = json.loads(text)
         return cls(tuple(TensorSpec(n, tuple(s)) for n, s in data["tensors"]), data["base_model_hash"])
+
+    @classmethod
+    def checked_from_proto(cls, msg: pb.Layout) -> Layout:
+        """:meth:`from_proto` for a layout that comes from the network: bounds first."""
+        parts = [(t.name, list(t.shape)) for t in _bounded(msg.tensors)]
+        total = check_bounds(parts, msg.base_model_hash)
+        if msg.num_params != total:
+            raise LayoutError(
+                f"layout.num_params {msg.num_params} is not the sum of its tensors' sizes ({total})"
+            )
+        return cls.from_proto(msg)
+
+    @classmethod
+    def checked_from_json(cls, text: str | bytes, where: str = "layout") -> Layout:
+        """A layout file (``cipherhive node layout``): bounded size, shape and values."""
+        if len(text) > MAX_LAYOUT_FILE_BYTES:
+            raise LayoutError(
+                f"{where} is {len(text)} bytes; a layout file may have at most {MAX_LAYOUT_FILE_BYTES}"
+            )
+        try:
+            data: Any = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LayoutError(f"{where} is not JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tensors"), list):
+            raise LayoutError(f'{where} must be a JSON object with "tensors": [[name, [dims…]], …]')
+        parts: list[tuple[str, list[int]]] = []
+        for index, item in enumerate(_bounded(data["tensors"])):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], list)):
+                raise LayoutError(f"{where}: tensor #{index} must be [name, [dims…]]")
+            parts.append((item[0], item[1]))
+        base = data.get("base_model_hash", "")
+        check_bounds(parts, base)
+        return cls(tuple(TensorSpec(n, tuple(s)) for n, s in parts), base)
+
+    @classmethod
+    def read_file(cls, path: Path) -> Layout:
+        try:
+            size = path.stat().st_size
+            if size > MAX_LAYOUT_FILE_BYTES:
+                raise LayoutError(
+                    f"{path} is {size} bytes; a layout file may have at most {MAX_LAYOUT_FILE_BYTES}"
+                )
+            return cls.checked_from_json(path.read_bytes(), str(path))
+        except OSError as exc:
+            raise LayoutError(f"cannot read the layout file {path}: {exc.strerror or exc}") from None
+
+    def pretty(self) -> str:
+        """The canonical content for people: one tensor a line (same data, same hash once read)."""
+        rows = ",\n".join(f"    {json.dumps([t.name, list(t.shape)])}" for t in self.tensors)
+        return (
+            '{\n  "tensors": [\n' + rows + "\n  ],\n"
+            f'  "base_model_hash": {json.dumps(self.base_model_hash)}\n}}\n'
+        )
+
+
+def _bounded(items: Iterable[Any]) -> list[Any]:
+    """The first MAX_TENSORS + 1 items: enough to tell a too-long list without copying all of it."""
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) > MAX_TENSORS:
+            break
+    return out
 
 
 def describe_difference(ours: Layout, theirs: Layout) -> str:

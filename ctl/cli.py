@@ -52,6 +52,7 @@ from cipherhive.ctl.client import (
     Target,
 )
 from cipherhive.ctl.report import render_report
+from cipherhive.layout import Layout, LayoutError
 from cipherhive.v1 import federation_pb2 as pb
 
 Handler = Callable[[Client, argparse.Namespace], int]
@@ -142,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add the ``ctl`` command and its sub-commands to the cipherhive CLI."""
     ctl = subparsers.add_parser(
         "ctl",
-        help="operate a running server: status, nodes, rounds, events, health, report",
+        help="operate a running server: status, nodes, rounds, layout, events, health, report",
         description="Query and steer a running aggregator through its Admin gRPC service.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,7 +159,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--limit", type=_int_at_least(0), default=0, metavar="N", help="most recent N (default: all)"
     )
 
-    round_parser = sub.add_parser("round", help="show, start or close one round", description="One round.")
+    round_parser = sub.add_parser(
+        "round", help="show, start, close or withdraw one round", description="One round."
+    )
     round_sub = round_parser.add_subparsers(dest="round_command", metavar="ACTION", required=True)
     p = _leaf(round_sub, "show", _round_show, "show a round's details and each node's submission")
     p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
@@ -172,8 +175,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="close this round after SECONDS (default: the server's round timeout); "
         "the call's own deadline is `ctl --timeout`",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="open it even with fewer online nodes than the participation floor (it will likely fail)",
+    )
     p = _leaf(round_sub, "close", _round_close, "close the open round now: publish its sum or fail it")
     p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
+    p = _leaf(
+        round_sub,
+        "withdraw",
+        _round_withdraw,
+        "withdraw a published round (and the rounds built on it): nodes roll it back",
+    )
+    p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
+    p.add_argument(
+        "--reason", required=True, metavar="TEXT", help="why, 1-200 characters (shown to every node)"
+    )
+
+    fed_parser = sub.add_parser(
+        "federation",
+        help="pin or reset the federation's model layout",
+        description="The federation's model layout, pinned by the operator.",
+    )
+    fed_sub = fed_parser.add_subparsers(dest="federation_command", metavar="ACTION", required=True)
+    p = _leaf(
+        fed_sub,
+        "init",
+        _federation_init,
+        "pin the model layout (JSON from `cipherhive node layout`) every member must join with",
+    )
+    p.add_argument("--layout", type=Path, required=True, metavar="FILE", help="layout JSON file")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a different pinned layout (refused once a round has been published)",
+    )
+    _leaf(
+        fed_sub, "reset", _federation_reset, "forget the pinned layout (refused once a round was published)"
+    )
 
     p = _leaf(sub, "watch", _watch, "follow round events live, one line each (Ctrl-C stops, exit 0)")
     p.add_argument(
@@ -277,8 +317,35 @@ def _round_show(client: Client, args: argparse.Namespace) -> int:
 
 
 def _round_start(client: Client, args: argparse.Namespace) -> int:
-    info = client.start_round(args.round_timeout)
+    info = client.start_round(args.round_timeout, force=args.force)
     print(render.dumps(render.round_dict(info)) if args.json else render.round_line("opened", info))
+    return EXIT_OK
+
+
+def _round_withdraw(client: Client, args: argparse.Namespace) -> int:
+    info = client.withdraw_round(args.number, args.reason)
+    print(render.dumps(render.round_dict(info)) if args.json else render.round_line("withdrawn", info))
+    return EXIT_OK
+
+
+def _federation_init(client: Client, args: argparse.Namespace) -> int:
+    try:
+        layout = Layout.read_file(args.layout)
+    except LayoutError as exc:
+        raise CtlError(f"--layout: {exc}", EXIT_USAGE) from None
+    reply = client.set_layout(layout.to_proto(), args.replace)
+    if args.json:
+        print(render.dumps(render.message_dict(reply)))
+    else:
+        print(
+            f"layout pinned: {reply.layout_hash} ({reply.num_params} values in {reply.num_tensors} tensors)"
+        )
+    return EXIT_OK
+
+
+def _federation_reset(client: Client, args: argparse.Namespace) -> int:
+    reply = client.reset_layout()
+    print(render.dumps(render.message_dict(reply)) if args.json else "layout reset: no layout is pinned")
     return EXIT_OK
 
 

@@ -31,6 +31,9 @@ ENV_CERT = "CIPHERHIVE_CTL_CERT"
 ENV_KEY = "CIPHERHIVE_CTL_KEY"
 ENV_CA = "CIPHERHIVE_CTL_CA"
 
+#: Rounds asked for per ListRounds call (the server's own limit is 500).
+PAGE_SIZE = 200
+
 #: Status codes that mean "no answer from the server" rather than "the server said no".
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -140,16 +143,41 @@ class Client:
         return list(reply.nodes)
 
     def rounds(self, limit: int = 0) -> list[pb.RoundInfo]:
-        reply: pb.ListRoundsReply = self._unary(self._admin.ListRounds, pb.ListRoundsRequest(limit=limit))
-        return list(reply.rounds)
+        """The newest ``limit`` rounds (0: all), oldest first, fetched page by page."""
+        pages: list[list[pb.RoundInfo]] = []
+        count, before = 0, 0
+        while True:
+            want = PAGE_SIZE if not limit else min(PAGE_SIZE, limit - count)
+            request = pb.ListRoundsRequest(limit=want, before_round=before)
+            reply: pb.ListRoundsReply = self._unary(self._admin.ListRounds, request)
+            pages.append(list(reply.rounds))
+            count += len(reply.rounds)
+            before = reply.next_before_round
+            if not before or not reply.rounds or (limit and count >= limit):
+                break
+        return [info for page in reversed(pages) for info in page]
 
     def round(self, number: int) -> pb.RoundInfo:
         reply: pb.RoundInfo = self._unary(self._admin.GetRound, pb.GetRoundRequest(round=number))
         return reply
 
-    def start_round(self, timeout_seconds: float = 0.0) -> pb.RoundInfo:
-        request = pb.StartRoundRequest(timeout_seconds=timeout_seconds)
+    def start_round(self, timeout_seconds: float = 0.0, force: bool = False) -> pb.RoundInfo:
+        request = pb.StartRoundRequest(timeout_seconds=timeout_seconds, force=force)
         reply: pb.RoundInfo = self._unary(self._admin.StartRound, request)
+        return reply
+
+    def withdraw_round(self, number: int, reason: str) -> pb.RoundInfo:
+        request = pb.WithdrawRoundRequest(round=number, reason=reason)
+        reply: pb.RoundInfo = self._unary(self._admin.WithdrawRound, request)
+        return reply
+
+    def set_layout(self, layout: pb.Layout, replace: bool = False) -> pb.LayoutReply:
+        request = pb.SetLayoutRequest(layout=layout, replace=replace)
+        reply: pb.LayoutReply = self._unary(self._admin.SetLayout, request)
+        return reply
+
+    def reset_layout(self) -> pb.LayoutReply:
+        reply: pb.LayoutReply = self._unary(self._admin.ResetLayout, pb.ResetLayoutRequest())
         return reply
 
     def close_round(self, number: int) -> pb.RoundInfo:

@@ -29,6 +29,7 @@ STATE_LABELS = {
     pb.ROUND_OPEN: "open",
     pb.ROUND_SUM_READY: "sum ready",
     pb.ROUND_FAILED: "failed",
+    pb.ROUND_WITHDRAWN: "withdrawn",
 }
 
 
@@ -77,6 +78,9 @@ class RoundSummary:
     mean_accuracy: float | None
     mean_loss: float | None
     reason: str
+    #: Outcome reports: participants that applied / rejected the round's sum.
+    applied: int = 0
+    rejected: int = 0
 
     @classmethod
     def of(cls, info: pb.RoundInfo) -> RoundSummary:
@@ -90,8 +94,17 @@ class RoundSummary:
             duration_seconds=duration(info),
             mean_accuracy=mean_metric(info, "accuracy"),
             mean_loss=mean_metric(info, "loss"),
-            reason=info.reason,
+            reason=(
+                f"withdrawn: {info.withdrawn_reason}" if info.state == pb.ROUND_WITHDRAWN else info.reason
+            ),
+            applied=sum(o.applied for o in info.outcomes),
+            rejected=sum(not o.applied for o in info.outcomes),
         )
+
+    @property
+    def outcomes(self) -> str:
+        """``applied/rejected`` as the participants reported, or a dash before any report."""
+        return f"{self.applied}/{self.rejected}" if self.applied or self.rejected else DASH
 
 
 def as_round_info(value: pb.RoundInfo | Mapping[str, Any]) -> pb.RoundInfo:
@@ -213,13 +226,20 @@ def print_status(console: Console, status: pb.StatusReply, now: float | None = N
         ("latest round", str(status.latest_round) if status.latest_round else "none"),
         ("latest published sum", str(status.latest_sum_round) if status.latest_sum_round else "none"),
         ("failed rounds", str(status.rounds_failed)),
+        ("withdrawn rounds", str(status.rounds_withdrawn)),
+        ("oldest kept sum", str(status.oldest_kept_round) if status.oldest_kept_round else "none"),
         ("auto start", "on" if status.auto_start else "off"),
         ("max rounds", str(status.max_rounds) if status.max_rounds else "unlimited"),
         ("min participants", str(s.min_participants)),
         ("max participants", str(s.max_participants)),
         ("round timeout", fmt_seconds(s.round_timeout_seconds)),
         ("key fingerprint", s.key_fingerprint or DASH),
-        ("layout hash", s.layout_hash or "none yet (no node joined)"),
+        (
+            "layout",
+            f"{status.layout_hash} ({status.layout_params} values)"
+            if status.layout_hash
+            else "not pinned: `cipherhive node layout`, then `cipherhive ctl federation init --layout`",
+        ),
     ]
     for label, value in rows:
         grid.add_row(label, value)
@@ -230,15 +250,19 @@ def print_nodes(console: Console, nodes: Sequence[pb.NodeInfo]) -> None:
     if not nodes:
         emit(console, "no node has joined yet")
         return
-    table = _table("node", "online", "first seen", "last seen", "last round", "submissions")
+    table = _table(
+        "node", "online", "expected", "first seen", "last seen", "last round", "submissions", "missed"
+    )
     for n in nodes:
         table.add_row(
             n.name,
             "yes" if n.online else "no",
+            "yes" if n.expected else "no",
             fmt_time(n.first_seen_unix),
             fmt_time(n.last_seen_unix),
             str(n.last_round) if n.last_round else DASH,
             str(n.submissions),
+            str(n.missed_rounds),
         )
     emit(console, table)
 
@@ -247,13 +271,24 @@ def print_rounds(console: Console, rounds: Sequence[pb.RoundInfo]) -> None:
     if not rounds:
         emit(console, "no round yet")
         return
-    table = _table("round", "state", "participants", "opened", "duration", "accuracy", "loss", "reason")
+    table = _table(
+        "round",
+        "state",
+        "participants",
+        "applied/rejected",
+        "opened",
+        "duration",
+        "accuracy",
+        "loss",
+        "reason",
+    )
     for info in rounds:
         s = RoundSummary.of(info)
         table.add_row(
             str(s.round),
             s.state,
             f"{s.participants}/{s.expected}",
+            s.outcomes,
             fmt_time(s.opened_unix),
             fmt_seconds(s.duration_seconds),
             fmt_metric(s.mean_accuracy),
@@ -273,6 +308,7 @@ def print_round(console: Console, info: pb.RoundInfo) -> None:
         ("state", s.state),
         ("base round", str(info.base_round) if info.base_round else "0 (initial model)"),
         ("participants / expected", f"{s.participants} / {s.expected}"),
+        ("participation floor", str(info.min_participants) if info.min_participants else DASH),
         ("opened", fmt_time(info.opened_unix)),
         ("deadline", fmt_time(info.deadline_unix)),
         ("closed", fmt_time(info.closed_unix) if info.closed_unix else "still open"),
@@ -281,9 +317,18 @@ def print_round(console: Console, info: pb.RoundInfo) -> None:
         ("mean loss", fmt_metric(s.mean_loss)),
         ("reason", s.reason or DASH),
     ]
+    if info.state == pb.ROUND_WITHDRAWN:
+        rows.append(("withdrawn", fmt_time(info.withdrawn_unix)))
     for label, value in rows:
         grid.add_row(label, value)
     emit(console, grid)
+    if info.outcomes:
+        emit(console, "")
+        outcomes = _table("node", "outcome", "reported", title="what each node did with the sum")
+        for o in info.outcomes:
+            verdict = "applied" if o.applied else f"rejected: {o.reason or DASH}"
+            outcomes.add_row(o.node_name, verdict, fmt_time(o.reported_unix))
+        emit(console, outcomes)
     if not info.submissions:
         emit(console, "no submissions")
         return
@@ -320,6 +365,8 @@ def event_line(event: pb.RoundEvent) -> str:
             parts.append(f"deadline {fmt_time(event.deadline_unix)}")
     elif event.kind in (pb.RoundEvent.CLOSED, pb.RoundEvent.SUM_READY, pb.RoundEvent.FAILED):
         parts.append(f"participants {event.participants}/{event.expected}")
+    if event.min_participants and event.kind == pb.RoundEvent.OPENED:
+        parts.append(f"floor {event.min_participants}")
     if event.reason:
         parts.append(f"({event.reason})")
     if event.replay:

@@ -29,6 +29,11 @@ from cipherhive.ctl.render import (
 from cipherhive.v1 import federation_pb2 as pb
 
 RoundLike = pb.RoundInfo | Mapping[str, Any]
+
+#: The report stays readable (and its size bounded) however long the federation ran:
+#: charts show the newest CHART_ROUNDS rounds, the table the newest TABLE_ROUNDS.
+CHART_ROUNDS = 200
+TABLE_ROUNDS = 1000
 StatusLike = pb.StatusReply | Mapping[str, Any] | None
 
 _W, _H = 560, 250
@@ -71,7 +76,7 @@ table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nu
 th, td { padding: .35rem .6rem; border-bottom: 1px solid var(--grid); text-align: left; }
 th { color: var(--muted); font-weight: 600; }
 td.num, th.num { text-align: right; }
-tr.failed td.state { color: var(--bad); font-weight: 600; }
+tr.failed td.state, tr.withdrawn td.state { color: var(--bad); font-weight: 600; }
 """
 
 
@@ -253,6 +258,8 @@ def _summary_html(status: pb.StatusReply | None, summaries: Sequence[RoundSummar
         rows.append(
             ("rounds in this report", f"{summaries[0].round} to {summaries[-1].round} ({len(summaries)})")
         )
+        withdrawn = sum(s.state == "withdrawn" for s in summaries)
+        rows.append(("withdrawn rounds", str(withdrawn)))
     else:
         rows.append(("rounds in this report", "none"))
     body = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in rows)
@@ -263,11 +270,11 @@ def _table_html(summaries: Sequence[RoundSummary]) -> str:
     head = (
         '<tr><th class="num">round</th><th>state</th><th class="num">participants</th><th>opened</th>'
         '<th>closed</th><th class="num">duration</th><th class="num">mean accuracy</th>'
-        '<th class="num">mean loss</th><th>reason</th></tr>'
+        '<th class="num">mean loss</th><th class="num">applied/rejected</th><th>reason</th></tr>'
     )
     rows = []
     for s in summaries:
-        cls = ' class="failed"' if s.state == "failed" else ""
+        cls = f' class="{s.state}"' if s.state in ("failed", "withdrawn") else ""
         rows.append(
             f"<tr{cls}>"
             f'<td class="num">{s.round}</td>'
@@ -278,12 +285,23 @@ def _table_html(summaries: Sequence[RoundSummary]) -> str:
             f'<td class="num">{_esc(fmt_seconds(s.duration_seconds))}</td>'
             f'<td class="num">{_esc(fmt_metric(s.mean_accuracy))}</td>'
             f'<td class="num">{_esc(fmt_metric(s.mean_loss))}</td>'
+            f'<td class="num">{_esc(s.outcomes)}</td>'
             f"<td>{_esc(s.reason or DASH)}</td>"
             "</tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="9" class="muted">no round yet</td></tr>')
+        rows.append('<tr><td colspan="10" class="muted">no round yet</td></tr>')
     return f"<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
+
+
+def _bounded_note(shown: int, total: int, what: str) -> str:
+    """Say so when part of the history is left out (the report must stay bounded)."""
+    if shown >= total:
+        return ""
+    return (
+        f'<p class="muted">The {_esc(what)} the newest {shown} of the {total} rounds in this report; '
+        "`cipherhive ctl rounds --json` lists them all.</p>"
+    )
 
 
 def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now: float | None = None) -> str:
@@ -292,8 +310,10 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
     infos = sorted((as_round_info(r) for r in rounds), key=lambda info: info.round)
     summaries = [RoundSummary.of(info) for info in infos]
     st = _as_status(status)
-    numbers = [s.round for s in summaries]
-    failed = [s.state == "failed" for s in summaries]
+    charted = summaries[-CHART_ROUNDS:]
+    tabled = summaries[-TABLE_ROUNDS:]
+    numbers = [s.round for s in charted]
+    failed = [s.state in ("failed", "withdrawn") for s in charted]
 
     charts = [
         _figure(
@@ -302,8 +322,8 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
                 "Participants per round",
                 numbers,
                 [
-                    Series("participants", [float(s.participants) for s in summaries]),
-                    Series("expected", [float(s.expected) for s in summaries], secondary=True),
+                    Series("participants", [float(s.participants) for s in charted]),
+                    Series("expected", [float(s.expected) for s in charted], secondary=True),
                 ],
                 y_label="nodes",
                 fmt=lambda v: f"{v:.0f}",
@@ -317,7 +337,7 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
             line_chart(
                 "Mean accuracy reported by the nodes",
                 numbers,
-                [Series("mean accuracy", [s.mean_accuracy for s in summaries])],
+                [Series("mean accuracy", [s.mean_accuracy for s in charted])],
                 y_label="accuracy",
                 fmt=fmt_metric,
                 failed=failed,
@@ -329,7 +349,7 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
             line_chart(
                 "Mean loss reported by the nodes",
                 numbers,
-                [Series("mean loss", [s.mean_loss for s in summaries])],
+                [Series("mean loss", [s.mean_loss for s in charted])],
                 y_label="loss",
                 fmt=fmt_metric,
                 failed=failed,
@@ -340,7 +360,7 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
             line_chart(
                 "Round duration (closed - opened)",
                 numbers,
-                [Series("duration", [s.duration_seconds for s in summaries])],
+                [Series("duration", [s.duration_seconds for s in charted])],
                 y_label="seconds",
                 fmt=fmt_seconds,
                 failed=failed,
@@ -367,11 +387,13 @@ def render_report(rounds: Sequence[RoundLike], status: StatusLike = None, *, now
             "own data (rounded by the node); the server never sees model values.</p>",
             _summary_html(st, summaries, now),
             "<h2>Per-round curves</h2>",
+            _bounded_note(len(charted), len(summaries), "charts show"),
             '<div class="charts">',
             *charts,
             "</div>",
             "<h2>Rounds</h2>",
-            _table_html(summaries),
+            _bounded_note(len(tabled), len(summaries), "table shows"),
+            _table_html(tabled),
             "</body>",
             "</html>",
             "",

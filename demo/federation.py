@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from cipherhive import certs, keys
+from cipherhive.layout import Layout
 from cipherhive.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -69,6 +70,9 @@ class LocalFederation:
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: The layout the operator pins (tests that play the members); default: node 1's model,
+    #: from `cipherhive node layout`, as a user would do it.
+    layout: Layout | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -86,9 +90,35 @@ class LocalFederation:
             certs.issue(ca, "admin", "operator", self.workdir / "admin")
             for i in range(self.nodes):
                 certs.issue(ca, "node", self.node_name(i), self.workdir / self.node_name(i))
-        self.write_server_config()
         for i in range(self.nodes):
             self.write_node_config(i)
+        self.pin_layout()
+        self.write_server_config()
+
+    @property
+    def layout_file(self) -> Path:
+        return self.workdir / "layout.json"
+
+    def pin_layout(self) -> None:
+        """Write the layout the server pins at start (``[federation] layout`` in server.toml).
+
+        Like an operator would: `cipherhive node layout` on a member's configuration (a
+        subprocess, so the trainer's imports and model stay out of this process).
+        """
+        if self.layout is not None:
+            self.layout_file.write_text(self.layout.pretty(), encoding="utf-8")
+            return
+        args = ["node", "layout", "--config", str(self.workdir / f"{self.node_name(0)}.toml")]
+        done = subprocess.run(
+            [sys.executable, "-m", "cipherhive", *args, "--out", str(self.layout_file)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **self.env),
+            cwd=self.workdir,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"`cipherhive node layout` failed:\n{done.stdout}{done.stderr}")
 
     def node_name(self, index: int) -> str:
         return f"node-{index + 1}"
@@ -125,6 +155,7 @@ class LocalFederation:
                     **self.server_settings,
                 },
                 **({"tls": tls} if tls else {}),
+                "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
             },
         )
@@ -236,8 +267,16 @@ class LocalFederation:
         raise TimeoutError(f"server not serving after {timeout}s:\n{self.log('server')[-3000:]}")
 
     def list_rounds(self) -> list[pb.RoundInfo]:
+        """Every round, oldest first (ListRounds pages: newest page first)."""
+        pages: list[list[pb.RoundInfo]] = []
         with self.admin_channel() as ch:
-            return list(pb_grpc.AdminStub(ch).ListRounds(pb.ListRoundsRequest(), timeout=10).rounds)
+            stub, before = pb_grpc.AdminStub(ch), 0
+            while True:
+                reply = stub.ListRounds(pb.ListRoundsRequest(limit=500, before_round=before), timeout=10)
+                pages.append(list(reply.rounds))
+                before = reply.next_before_round
+                if not before:
+                    return [info for page in reversed(pages) for info in page]
 
     def wait_round(self, number: int, timeout: float) -> pb.RoundInfo:
         """Wait until round ``number`` has published its sum or failed."""

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from cipherhive.server.rounds import RoundError
+from cipherhive.server.errors import RoundError
 from cipherhive.server.spool import Spool, read_records
 from cipherhive.server.state import State
+from cipherhive.server.withdrawal import pruned_message
 from cipherhive.v1 import federation_pb2 as pb
 
 #: A chunk closes once it passes this size (a block is far smaller), keeping
@@ -22,11 +23,23 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def stream_sum(
-    state: State, spool: Spool, request: pb.FetchRequest, layout_hash: str, per_chunk: int
+    state: State,
+    spool: Spool,
+    request: pb.FetchRequest,
+    layout_hash: str,
+    per_chunk: int,
+    keep_sums: int = 0,
 ) -> Iterator[pb.AggregateChunk]:
     row = state.round(request.round)
     if row is None:
         raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
+    if row.state == "withdrawn":
+        raise RoundError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"round {request.round} was withdrawn: {row.withdrawn_reason}",
+        )
+    if row.state == "sum_ready" and row.sum_file is None:
+        raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, pruned_message(request.round, keep_sums))
     if row.state != "sum_ready" or row.sum_file is None:
         why = "is still open" if row.state == "open" else f"failed: {row.reason}"
         raise RoundError(

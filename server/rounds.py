@@ -6,8 +6,16 @@ interleave: a close rolls back every upload still in flight before the sum
 is written, and an upload that finds its round closing stops.
 
 The participation floor lives here: a sum is written and announced only when
-at least ``min_participants`` distinct nodes' uploads were accepted;
+at least the floor the round *opened with* (stored in its row, so a restart
+with a lower setting cannot lower it) of distinct nodes' uploads were accepted;
 otherwise the round fails and its spool is deleted unread.
+
+A node is online, and expected in the next round, only after a successful
+Join in this server's lifetime and while it keeps a watch stream open; one
+that missed ``missed_rounds_limit`` rounds in a row is not expected until it
+submits again, so an absent member cannot stretch every round to its timeout.
+Withdrawal, outcome reports and pruning live in ``withdrawal``; the pinned
+layout in ``pinning``.
 """
 
 from __future__ import annotations
@@ -29,27 +37,27 @@ import grpc
 
 from cipherhive import codec, failpoints
 from cipherhive.layout import Layout, describe_difference
-from cipherhive.logs import audit, event
+from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
+from cipherhive.server import pinning, recovery, scheduler, withdrawal
+from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
+from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
 from cipherhive.server.running_sum import RunningSum
-from cipherhive.server.spool import Spool, SubmissionWriter, read_records
+from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.server.rounds")
 
-STATE_NAMES = {"open": pb.ROUND_OPEN, "sum_ready": pb.ROUND_SUM_READY, "failed": pb.ROUND_FAILED}
-
-
-class RoundError(Exception):
-    """A refusal with the gRPC status the caller should receive."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+STATE_NAMES = {
+    "open": pb.ROUND_OPEN,
+    "sum_ready": pb.ROUND_SUM_READY,
+    "failed": pb.ROUND_FAILED,
+    "withdrawn": pb.ROUND_WITHDRAWN,
+}
+__all__ = ["STATE_NAMES", "OpenRound", "RoundError", "RoundManager", "Upload"]
 
 
 @dataclass
@@ -94,6 +102,9 @@ class RoundManager:
         self._lock = threading.RLock()
         self._open: OpenRound | None = None
         self._watchers: Counter[str] = Counter()
+        #: Nodes that joined successfully since this server started: only they can be online.
+        self._joined: set[str] = set()
+        self._layout_cache: tuple[str, Layout] | None = None
         self._wake = threading.Event()
         self.parse_slots = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
         self.transfer_slots = threading.BoundedSemaphore(config.max_concurrent_transfers)
@@ -103,6 +114,7 @@ class RoundManager:
             key = secrets.token_hex(32)
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
+        pinning.pin_configured(self)
 
     def _blocks(self, num_values: int) -> int:
         return codec.blocks_for(num_values, self.codec.values_per_block)
@@ -110,8 +122,27 @@ class RoundManager:
     # ------------------------------------------------------------ federation
 
     def layout(self) -> Layout | None:
+        """The pinned layout (parsed once per change: it is read on every upload)."""
         text = self.state.get_meta("layout")
-        return None if text is None else Layout.from_canonical(text)
+        if text is None:
+            return None
+        cached = self._layout_cache
+        if cached is None or cached[0] != text:
+            cached = (text, Layout.from_canonical(text))
+            self._layout_cache = cached
+        return cached[1]
+
+    def set_layout(self, layout: Layout, replace: bool = False, actor: str = "operator") -> Layout:
+        return pinning.set_layout(self, layout, replace, actor)
+
+    def reset_layout(self, actor: str = "operator") -> None:
+        pinning.reset_layout(self, actor)
+
+    def report_outcome(self, node: str, number: int, applied: bool, reason: str) -> bool:
+        return withdrawal.report_outcome(self, node, number, applied, reason)
+
+    def withdraw_round(self, number: int, reason: str, actor: str = "operator") -> RoundRow:
+        return withdrawal.withdraw_round(self, number, reason, actor)
 
     def settings(self) -> pb.FederationSettings:
         layout = self.layout()
@@ -129,6 +160,7 @@ class RoundManager:
             max_ciphertexts_per_chunk=self.config.max_ciphertexts_per_chunk,
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
+            oldest_kept_round=self.state.oldest_kept_round(),
         )
 
     def join(self, node: str, fingerprint: str, layout: Layout) -> None:
@@ -144,27 +176,23 @@ class RoundManager:
         with self._lock:
             current = self.layout()
             if current is None:
-                self.state.set_meta("layout", layout.canonical())
-                event(
-                    log,
-                    "federation layout fixed by first member",
-                    node=node,
-                    layout_hash=layout.hash[:16],
-                    params=layout.num_params,
-                )
-            elif current.hash != layout.hash:
+                raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, pinning.NOT_PINNED)
+            if current.hash != layout.hash:
                 raise RoundError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"model layout differs from the federation's: {describe_difference(current, layout)}",
                 )
+            self._joined.add(node)
+            server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
+        self._wake.set()
 
     # ------------------------------------------------------------ presence
 
     def watcher_enter(self, node: str) -> None:
         with self._lock:
             self._watchers[node] += 1
-            server_metrics.NODES_ONLINE.set(len(self._watchers))
+            server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
         self._wake.set()
 
@@ -173,12 +201,19 @@ class RoundManager:
             self._watchers[node] -= 1
             if self._watchers[node] <= 0:
                 del self._watchers[node]
-            server_metrics.NODES_ONLINE.set(len(self._watchers))
+            server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
 
     def online(self) -> list[str]:
+        """Joined and watching: a watch stream alone does not make a member online."""
         with self._lock:
-            return sorted(self._watchers)
+            return sorted(n for n in self._watchers if n in self._joined)
+
+    def expected_nodes(self) -> list[str]:
+        """Online nodes that have not missed ``missed_rounds_limit`` rounds in a row."""
+        missed = self.state.missed_rounds()
+        limit = self.config.missed_rounds_limit
+        return [n for n in self.online() if missed.get(n, 0) < limit]
 
     # ------------------------------------------------------------ rounds
 
@@ -186,21 +221,38 @@ class RoundManager:
         with self._lock:
             return self._open.number if self._open else 0
 
-    def start_round(self, timeout: float = 0.0, actor: str = "scheduler") -> RoundRow:
+    def open_row(self) -> RoundRow | None:
+        """The open round's row, unless it is closing."""
+        with self._lock:
+            return self._open.row if self._open is not None and not self._open.closing else None
+
+    def start_round(self, timeout: float = 0.0, actor: str = "scheduler", force: bool = False) -> RoundRow:
+        """Open a round on the latest published, not withdrawn round.
+
+        Refused with fewer online nodes than the floor unless ``force``: such a round
+        could only fail, after holding every upload for its whole timeout.
+        """
         layout = self.layout()
         if layout is None:
-            raise RoundError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "no node has joined yet, so the model layout is unknown; start nodes first",
-            )
+            raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, pinning.NOT_PINNED)
+        floor = self.config.min_participants
         with self._lock:
             if self._open is not None:
                 raise RoundError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"round {self._open.number} is still open; close it first",
                 )
+            online = self.online()
+            if len(online) < floor and not force:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"only {len(online)} node(s) are online (joined and watching) and a round needs "
+                    f"{floor} to publish a sum; start more nodes, or pass --force to open it anyway",
+                )
             deadline = time.time() + (timeout or self.config.timeout_seconds)
-            row = self.state.open_round(self.state.latest_sum_round(), deadline, self.online())
+            row = self.state.open_round(
+                self.state.latest_sum_round(), deadline, self.expected_nodes(), min_participants=floor
+            )
             self._open = OpenRound(
                 row,
                 RunningSum(self.codec, self._blocks(layout.num_values)),
@@ -212,6 +264,8 @@ class RoundManager:
             round=row.round,
             base_round=row.base_round,
             expected=len(row.expected),
+            min_participants=floor,
+            forced=force,
             deadline=round(deadline, 3),
         )
         server_metrics.ROUNDS.labels("opened").inc()
@@ -220,34 +274,18 @@ class RoundManager:
 
     def recover(self) -> None:
         """After a restart: drop unacknowledged uploads, rebuild the open round's sum."""
-        for path in self.spool.drop_partials():
-            event(log, "discarded an unacknowledged upload from before the restart", path=str(path))
-        for done in self.state.rounds():
-            if done.state != "open":
-                self.spool.drop_round(done.round)
-        row = self.state.open_round_row()
-        layout = self.layout()
-        if row is None or layout is None:
-            return
-        running = RunningSum(self.codec, self._blocks(layout.num_values))
-        restored = OpenRound(row, running, layout.num_values)
-        for sub in self.state.submissions(row.round):
-            if sub.spool_file is None:
-                continue
-            for index, blob in enumerate(read_records(self.spool.path(sub.spool_file))):
-                running.add(index, self.codec.load(blob))
-            restored.accepted[sub.node] = sub
-        self._open = restored
-        event(
-            log,
-            "resumed open round after restart",
-            round=row.round,
-            accepted=len(restored.accepted),
-            deadline=round(row.deadline, 3),
-        )
+        opened = recovery.recover(self)
+        if opened is not None:
+            self._open = opened
 
-    def close_round(self, number: int, reason: str, actor: str = "scheduler") -> RoundRow:
-        """Close the open round: publish its sum if enough nodes are in, else fail it."""
+    def close_round(
+        self, number: int, reason: str, actor: str = "scheduler", *, fail_reason: str = ""
+    ) -> RoundRow:
+        """Close the open round: publish its sum if enough nodes are in, else fail it.
+
+        The floor is the one the round opened with. ``fail_reason`` fails the round
+        whatever its participants (its base was withdrawn): its spool is deleted unread.
+        """
         with self._lock:
             current = self._open
             if current is None or current.number != number or current.closing:
@@ -270,10 +308,14 @@ class RoundManager:
                 )
             accepted = dict(current.accepted)
         participants = len(accepted)
+        floor = max(current.row.min_participants or self.config.min_participants, 2)
+        base = self.state.round(current.row.base_round) if current.row.base_round else None
+        if not fail_reason and base is not None and base.state == "withdrawn":
+            fail_reason = f"it builds on round {base.round}, which was withdrawn: {base.withdrawn_reason}"
         self.bus.publish(
             self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
         )
-        if participants >= self.config.min_participants:
+        if participants >= floor and not fail_reason:
 
             def blocks() -> Iterator[bytes]:
                 for blob in current.running.serialized():
@@ -307,9 +349,8 @@ class RoundManager:
             kind = pb.RoundEvent.SUM_READY
             server_metrics.ROUNDS.labels("published").inc()
         else:
-            reason = (
-                f"only {participants} of the required {self.config.min_participants} nodes "
-                f"submitted ({reason}); no sum is released"
+            reason = fail_reason or (
+                f"only {participants} of the required {floor} nodes submitted ({reason}); no sum is released"
             )
             self.state.finish_round(number, state="failed", reason=reason, participants=participants)
             audit("round failed", actor, round=number, participants=participants, reason=reason)
@@ -317,12 +358,16 @@ class RoundManager:
             server_metrics.ROUNDS.labels("failed").inc()
         server_metrics.ROUND_SECONDS.observe(max(0.0, time.time() - current.row.opened))
         self.spool.drop_round(number)
+        if not fail_reason:  # a round cut short (its base withdrawn) is nobody's miss
+            self.state.record_missed(number, current.row.expected, set(accepted))
         with self._lock:
             self._open = None
             self._last_closed = time.time()
         row = self.state.round(number)
         assert row is not None
         self.bus.publish(self._event(kind, row))
+        if kind == pb.RoundEvent.SUM_READY:
+            withdrawal.prune_sums(self)
         self._wake.set()
         return row
 
@@ -466,7 +511,7 @@ class RoundManager:
             num_ciphertexts=self._blocks(layout.num_values) if layout else 0,
         )
 
-    # ------------------------------------------------------------ events
+    # ------------------------------------------------------------ events and scheduler
 
     def _event(
         self,
@@ -477,67 +522,14 @@ class RoundManager:
         participants: int | None = None,
         replay: bool = False,
     ) -> pb.RoundEvent:
-        return pb.RoundEvent(
-            kind=kind,
-            round=row.round,
-            base_round=row.base_round,
-            reason=reason or row.reason,
-            deadline_unix=row.deadline,
-            expected=len(row.expected),
-            participants=row.participants if participants is None else participants,
-            replay=replay,
-            time_unix=time.time(),
+        return replay_mod.round_event(
+            self, kind, row, reason=reason, participants=participants, replay=replay
         )
 
     def history(self, since_round: int) -> list[pb.RoundEvent]:
         """Events a node that last saw ``since_round`` needs to catch up, oldest first."""
-        out = []
-        for row in self.state.rounds(after=since_round):
-            if row.state == "sum_ready":
-                out.append(self._event(pb.RoundEvent.SUM_READY, row, replay=True))
-            elif row.state == "failed":
-                out.append(self._event(pb.RoundEvent.FAILED, row, replay=True))
-        with self._lock:
-            if self._open is not None and not self._open.closing:
-                out.append(self._event(pb.RoundEvent.OPENED, self._open.row, replay=True))
-        return out
-
-    # ------------------------------------------------------------ scheduler
+        return replay_mod.history(self, since_round)
 
     def run_scheduler(self, stop: threading.Event) -> None:
         """Close rounds at their deadline or when all are in; open rounds when due."""
-        while not stop.is_set():
-            self._wake.wait(0.2)
-            self._wake.clear()
-            try:
-                self._tick()
-            except RoundError as exc:
-                log.debug("scheduler: %s", exc.message)
-            except Exception:
-                log.exception("scheduler step failed; retrying")
-                stop.wait(1.0)
-
-    def _tick(self) -> None:
-        now = time.time()
-        with self._lock:
-            current = self._open
-            due: tuple[int, str] | None = None
-            if current is not None and not current.closing:
-                if now >= current.row.deadline:
-                    due = (current.number, "deadline reached")
-                elif current.row.expected and set(current.row.expected) <= set(current.accepted):
-                    due = (current.number, "every expected node submitted")
-        if due is not None:
-            self.close_round(*due)
-            return
-        if current is None and self._should_start(now):
-            self.start_round()
-
-    def _should_start(self, now: float) -> bool:
-        if not self.config.auto_start or self.layout() is None:
-            return False
-        if self.config.max_rounds and self.state.count_rounds("sum_ready") >= self.config.max_rounds:
-            return False
-        if now - self._last_closed < self.config.interval_seconds:
-            return False
-        return len(self.online()) >= self.config.min_participants
+        scheduler.run(self, stop)

@@ -16,16 +16,13 @@ from typing import TypeVar
 
 import grpc
 
-from cipherhive import __version__
-from cipherhive.layout import Layout
 from cipherhive.logs import audit, event
-from cipherhive.server import metrics
+from cipherhive.server import metrics, views
 from cipherhive.server.identity import Authenticator, Caller
 from cipherhive.server.ingest import ingest
 from cipherhive.server.limits import Limiter
 from cipherhive.server.publish import stream_sum
-from cipherhive.server.rounds import STATE_NAMES, RoundError, RoundManager
-from cipherhive.server.state import RoundRow
+from cipherhive.server.rounds import RoundError, RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -79,29 +76,11 @@ class AggregationService(pb_grpc.AggregationServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         with self.gate.enter(context, "node", claimed=request.node_name) as caller:
-            return self._join(caller, request, context)
+            return _guard(context, lambda: views.join_reply(self.m, caller.name, request))
 
-    def _join(self, caller: Caller, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        layout = Layout.from_proto(request.layout)
-        if request.layout.num_params != layout.num_params:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"layout.num_params {request.layout.num_params} is not the sum of its tensors' "
-                f"sizes ({layout.num_params})",
-            )
-        try:
-            self.m.join(caller.name, request.key_fingerprint, layout)
-        except RoundError as exc:
-            audit("join refused", caller.name, reason=exc.message)
-            context.abort(exc.code, exc.message)
-        audit("join", caller.name, version=request.software_version[:40])
-        latest = self.m.state.rounds(limit=1)
-        return pb.JoinReply(
-            node_name=caller.name,
-            settings=self.m.settings(),
-            latest_round=latest[-1].round if latest else 0,
-            latest_sum_round=self.m.state.latest_sum_round(),
-        )
+    def ReportOutcome(self, request: pb.OutcomeReport, context: grpc.ServicerContext) -> pb.OutcomeAck:
+        with self.gate.enter(context, "node") as caller:
+            return _guard(context, lambda: views.report_outcome(self.m, caller.name, request))
 
     def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
         with self.gate.enter(context, "node") as caller:
@@ -137,6 +116,7 @@ class AggregationService(pb_grpc.AggregationServicer):
                     request,
                     layout.hash if layout else "",
                     self.m.config.max_ciphertexts_per_chunk,
+                    keep_sums=self.m.config.keep_sums,
                 )
             except RoundError as exc:
                 context.abort(exc.code, exc.message)
@@ -174,31 +154,6 @@ def follow_events(
         manager.bus.unsubscribe(q)
 
 
-def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = True) -> pb.RoundInfo:
-    info = pb.RoundInfo(
-        round=row.round,
-        state=STATE_NAMES[row.state],
-        base_round=row.base_round,
-        opened_unix=row.opened,
-        deadline_unix=row.deadline,
-        closed_unix=row.closed or 0.0,
-        expected=len(row.expected),
-        participants=row.participants,
-        reason=row.reason,
-    )
-    if with_submissions:
-        for sub in manager.state.submissions(row.round):
-            info.submissions.append(
-                pb.SubmissionInfo(
-                    node_name=sub.node,
-                    accepted_unix=sub.accepted,
-                    num_bytes=sub.num_bytes,
-                    metrics=sub.metrics,
-                )
-            )
-    return info
-
-
 class AdminService(pb_grpc.AdminServicer):
     def __init__(
         self, manager: RoundManager, gate: Gate, started: float, stopping: Callable[[], bool]
@@ -210,67 +165,40 @@ class AdminService(pb_grpc.AdminServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         with self.gate.enter(context, "admin"):
-            rounds = self.m.state.rounds(limit=1)
-            return pb.StatusReply(
-                version=__version__,
-                started_unix=self.started,
-                settings=self.m.settings(),
-                nodes_known=len(self.m.state.nodes()),
-                nodes_online=len(self.m.online()),
-                open_round=self.m.open_round_number(),
-                latest_round=rounds[-1].round if rounds else 0,
-                latest_sum_round=self.m.state.latest_sum_round(),
-                rounds_failed=self.m.state.count_rounds("failed"),
-                auto_start=self.m.config.auto_start,
-                max_rounds=self.m.config.max_rounds,
-            )
+            return views.status(self.m, self.started)
 
     def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesReply:
         with self.gate.enter(context, "admin"):
-            online = set(self.m.online())
-            return pb.ListNodesReply(
-                nodes=[
-                    pb.NodeInfo(
-                        name=n.name,
-                        online=n.name in online,
-                        first_seen_unix=n.first_seen,
-                        last_seen_unix=n.last_seen,
-                        last_round=n.last_round,
-                        submissions=n.submissions,
-                    )
-                    for n in self.m.state.nodes()
-                ]
-            )
+            return views.list_nodes(self.m)
 
     def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
-        with self.gate.enter(context, "admin"):
-            rows = self.m.state.rounds(limit=request.limit)
-            return pb.ListRoundsReply(rounds=[round_info(self.m, row) for row in rows])
+        with self.gate.enter(context, "admin") as caller:
+            return _guard(context, lambda: views.list_rounds(self.m, request, caller.name))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
         with self.gate.enter(context, "admin"):
-            row = self.m.state.round(request.round)
-            if row is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
-                raise AssertionError("unreachable: abort raises")
-            return round_info(self.m, row)
+            return _guard(context, lambda: views.get_round(self.m, request.round))
 
     def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
         with self.gate.enter(context, "admin") as caller:
-            if not 0 <= request.timeout_seconds <= 7 * 86400:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
-                )
-            row = _guard(context, lambda: self.m.start_round(request.timeout_seconds, actor=caller.name))
-            return round_info(self.m, row)
+            return _guard(context, lambda: views.start_round(self.m, request, caller.name))
 
     def CloseRound(self, request: pb.CloseRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
         with self.gate.enter(context, "admin") as caller:
-            row = _guard(
-                context, lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name)
-            )
-            return round_info(self.m, row)
+            return _guard(context, lambda: views.close_round(self.m, request, caller.name))
 
     def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
         with self.gate.enter(context, "admin"):
             yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
+
+    def WithdrawRound(self, request: pb.WithdrawRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
+        with self.gate.enter(context, "admin") as caller:
+            return _guard(context, lambda: views.withdraw(self.m, request, caller.name))
+
+    def SetLayout(self, request: pb.SetLayoutRequest, context: grpc.ServicerContext) -> pb.LayoutReply:
+        with self.gate.enter(context, "admin") as caller:
+            return _guard(context, lambda: views.set_layout(self.m, request, caller.name))
+
+    def ResetLayout(self, request: pb.ResetLayoutRequest, context: grpc.ServicerContext) -> pb.LayoutReply:
+        with self.gate.enter(context, "admin") as caller:
+            return _guard(context, lambda: views.reset_layout(self.m, caller.name))

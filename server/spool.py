@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cipherhive.fsutil import atomic_write, fsync_dir
+from cipherhive.fsutil import atomic_write, fsync_dir, private_dir
 
 MAGIC = b"CHCT\x01"
 _LEN = struct.Struct("<I")
@@ -72,8 +72,9 @@ class Spool:
         self.root = state_dir
         self.spool_dir = state_dir / "spool"
         self.sums_dir = state_dir / "sums"
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.sums_dir.mkdir(parents=True, exist_ok=True)
+        # Private: sums and spooled updates are ciphertexts, but nobody else's business.
+        for folder in (state_dir, self.spool_dir, self.sums_dir):
+            private_dir(folder)
 
     def round_dir(self, number: int) -> Path:
         return self.spool_dir / f"round-{number}"
@@ -89,8 +90,15 @@ class Spool:
     def write_sum(self, number: int, blobs: Iterable[bytes]) -> tuple[str, int]:
         """Durably write a round's sum; returns (path relative to the state dir, bytes)."""
         path = self.sums_dir / f"round-{number}.sum"
-        size = atomic_write(path, encode_records(blobs), mode=0o640)
+        size = atomic_write(path, encode_records(blobs), mode=0o600)
         return str(path.relative_to(self.root)), size
+
+    def delete_sum(self, relative: str) -> None:
+        """Remove a published sum (pruned, or its round withdrawn)."""
+        path = self.path(relative)
+        if path.parent == self.sums_dir:
+            path.unlink(missing_ok=True)
+            fsync_dir(self.sums_dir)
 
     def drop_round(self, number: int) -> None:
         """Delete every individual submission of a round (its sum is final)."""
@@ -109,7 +117,7 @@ class SubmissionWriter:
     """Appends one node's ciphertexts; :meth:`commit` makes them durable."""
 
     def __init__(self, directory: Path, node: str, root: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         self._root = root
         self.partial = directory / f"{node}.partial"
         self.final = directory / f"{node}.ct"

@@ -3,7 +3,7 @@
 Why SQLite: one file next to the spool, transactions that make "accepted"
 atomic with the receipt, WAL mode so readers (Admin RPCs) never block the
 writer. Ciphertexts themselves live in files (see ``spool``); rows only point
-at them. The schema is versioned; ``MIGRATIONS[i]`` upgrades version i to i+1.
+at them. The schema is versioned; ``MIGRATIONS[i]`` (in ``schema``) upgrades version i to i+1.
 """
 
 from __future__ import annotations
@@ -18,44 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cipherhive.errors import UserError
+from cipherhive.fsutil import private_dir, private_file
+from cipherhive.server.schema import MIGRATIONS
 
-MIGRATIONS: list[str] = [
-    # 0 -> 1: the first schema.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        first_seen REAL NOT NULL,
-        last_seen REAL NOT NULL,
-        last_round INTEGER NOT NULL DEFAULT 0,
-        submissions INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE rounds (
-        round INTEGER PRIMARY KEY,
-        state TEXT NOT NULL CHECK (state IN ('open', 'sum_ready', 'failed')),
-        base_round INTEGER NOT NULL,
-        opened REAL NOT NULL,
-        deadline REAL NOT NULL,
-        closed REAL,
-        expected TEXT NOT NULL,
-        participants INTEGER NOT NULL DEFAULT 0,
-        reason TEXT NOT NULL DEFAULT '',
-        sum_file TEXT,
-        num_ciphertexts INTEGER NOT NULL DEFAULT 0,
-        num_values INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE submissions (
-        round INTEGER NOT NULL REFERENCES rounds(round),
-        node TEXT NOT NULL,
-        submission_id TEXT NOT NULL,
-        receipt TEXT NOT NULL,
-        accepted REAL NOT NULL,
-        num_bytes INTEGER NOT NULL,
-        spool_file TEXT,
-        metrics TEXT NOT NULL DEFAULT '{}',
-        PRIMARY KEY (round, node)
-    );
-    """,
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "NodeRow",
+    "OutcomeRow",
+    "RoundRow",
+    "State",
+    "StateError",
+    "SubmissionRow",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 #: Round numbers arrive as uint64 from the wire; SQLite integers are signed 64-bit.
@@ -76,6 +50,21 @@ class RoundRow:
     sum_file: str | None
     num_ciphertexts: int
     num_values: int
+    #: The floor the round opened with (0: opened before it was recorded; the setting applies).
+    min_participants: int = 0
+    withdrawn_reason: str = ""
+    withdrawn_unix: float = 0.0
+
+
+@dataclass
+class OutcomeRow:
+    """What one participant said it did with a round's sum: applied, or rejected and why."""
+
+    round: int
+    node: str
+    applied: bool
+    reason: str
+    reported: float
 
 
 @dataclass
@@ -97,6 +86,8 @@ class NodeRow:
     last_seen: float
     last_round: int
     submissions: int
+    #: Consecutive rounds the node was expected in and did not submit to.
+    missed_rounds: int = 0
 
 
 class StateError(UserError, RuntimeError):
@@ -108,6 +99,14 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.RLock()
+        # The database holds the receipt signing key: private directory, private file
+        # (SQLite gives its -wal and -shm files the database file's mode).
+        private_dir(path.parent)
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            extra = path.with_name(path.name + suffix)
+            if extra.exists():
+                extra.chmod(0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -122,13 +121,24 @@ class State:
                 f"{path} has schema version {version}, newer than this cipherhive "
                 f"({SCHEMA_VERSION}); upgrade cipherhive or restore a backup"
             )
-        for target in range(version, SCHEMA_VERSION):
-            with self._tx() as db:
-                # executescript() would commit on its own; run statement by statement instead.
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {target + 1}")
+        if version == SCHEMA_VERSION:
+            return
+        # Rebuilding a table that others reference needs foreign keys off (it is a no-op
+        # inside a transaction, hence here); the check below proves nothing dangles.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            for target in range(version, SCHEMA_VERSION):
+                with self._tx() as db:
+                    # executescript() would commit on its own; run statement by statement instead.
+                    for statement in MIGRATIONS[target].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    broken = db.execute("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StateError(f"{path}: migration to schema {target + 1} left dangling rows")
+                    db.execute(f"PRAGMA user_version = {target + 1}")
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -160,6 +170,10 @@ class State:
                 (key, value),
             )
 
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     # ------------------------------------------------------------ nodes
 
     def touch_node(self, name: str, now: float | None = None) -> None:
@@ -183,16 +197,18 @@ class State:
         data["expected"] = json.loads(data["expected"])
         return RoundRow(**data)
 
-    def open_round(self, base_round: int, deadline: float, expected: list[str]) -> RoundRow:
+    def open_round(
+        self, base_round: int, deadline: float, expected: list[str], min_participants: int = 0
+    ) -> RoundRow:
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM rounds WHERE state = 'open'").fetchone():
                 raise StateError("a round is already open")
             last = db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0]
             db.execute(
-                "INSERT INTO rounds (round, state, base_round, opened, deadline, expected) "
-                "VALUES (?, 'open', ?, ?, ?, ?)",
-                (last + 1, base_round, now, deadline, json.dumps(sorted(expected))),
+                "INSERT INTO rounds (round, state, base_round, opened, deadline, expected, "
+                "min_participants) VALUES (?, 'open', ?, ?, ?, ?, ?)",
+                (last + 1, base_round, now, deadline, json.dumps(sorted(expected)), min_participants),
             )
         row = self.round(last + 1)
         assert row is not None
@@ -215,6 +231,80 @@ class State:
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [self._round(r) for r in reversed(rows)]
+
+    def rounds_page(self, limit: int, before: int = 0) -> tuple[list[RoundRow], int]:
+        """Up to ``limit`` rounds numbered below ``before`` (0: the newest), oldest first,
+        and the ``before`` of the next older page (0: none)."""
+        before = _MAX_SQL_INT if before <= 0 else min(before, _MAX_SQL_INT)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rounds WHERE round < ? ORDER BY round DESC LIMIT ?", (before, limit + 1)
+            ).fetchall()
+        more = len(rows) > limit
+        page = [self._round(r) for r in reversed(rows[:limit])]
+        return page, (page[0].round if more and page else 0)
+
+    def latest_round(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0])
+
+    def published_count(self) -> int:
+        """Rounds whose sum was ever released (withdrawn ones included)."""
+        with self._lock:
+            return int(
+                self._db.execute(
+                    "SELECT COUNT(*) FROM rounds WHERE state IN ('sum_ready', 'withdrawn')"
+                ).fetchone()[0]
+            )
+
+    def withdrawn_rounds(self, limit: int = 1000) -> list[RoundRow]:
+        """The most recent ``limit`` withdrawn rounds, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rounds WHERE state = 'withdrawn' ORDER BY round DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [self._round(r) for r in reversed(rows)]
+
+    def withdraw(self, numbers: list[int], reason: str, now: float) -> list[str]:
+        """Mark published rounds withdrawn; returns their sum files (to delete)."""
+        files: list[str] = []
+        with self._tx() as db:
+            for number in numbers:
+                row = db.execute(
+                    "SELECT sum_file FROM rounds WHERE round = ? AND state = 'sum_ready'", (number,)
+                ).fetchone()
+                if row is None:
+                    continue
+                if row[0]:
+                    files.append(str(row[0]))
+                db.execute(
+                    "UPDATE rounds SET state = 'withdrawn', withdrawn_reason = ?, withdrawn_unix = ?, "
+                    "sum_file = NULL WHERE round = ?",
+                    (reason, now, number),
+                )
+        return files
+
+    def kept_sums(self) -> list[tuple[int, str]]:
+        """(round, sum file) of every published, not withdrawn round whose sum is on disk, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round, sum_file FROM rounds WHERE state = 'sum_ready' AND sum_file IS NOT NULL "
+                "ORDER BY round DESC"
+            ).fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    def forget_sum(self, number: int) -> None:
+        """The sum file of a published round was pruned: the row stays, the file is gone."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET sum_file = NULL WHERE round = ?", (number,))
+
+    def oldest_kept_round(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(MIN(round), 0) FROM rounds "
+                "WHERE state = 'sum_ready' AND sum_file IS NOT NULL"
+            ).fetchone()
+        return int(row[0])
 
     def open_round_row(self) -> RoundRow | None:
         with self._lock:
@@ -284,8 +374,8 @@ class State:
             )
             db.execute("UPDATE rounds SET participants = participants + 1 WHERE round = ?", (row.round,))
             db.execute(
-                "UPDATE nodes SET submissions = submissions + 1, last_round = ?, last_seen = ? "
-                "WHERE name = ?",
+                "UPDATE nodes SET submissions = submissions + 1, last_round = ?, last_seen = ?, "
+                "missed_rounds = 0 WHERE name = ?",
                 (row.round, row.accepted, row.node),
             )
 
@@ -305,3 +395,63 @@ class State:
 
     def submission(self, number: int, node: str) -> SubmissionRow | None:
         return next((s for s in self.submissions(number) if s.node == node), None)
+
+    def submissions_between(self, first: int, last: int) -> dict[int, list[SubmissionRow]]:
+        """Submissions of rounds ``first``..``last`` in one query (a page of ListRounds)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM submissions WHERE round BETWEEN ? AND ? ORDER BY round, accepted",
+                (min(first, _MAX_SQL_INT), min(last, _MAX_SQL_INT)),
+            ).fetchall()
+        out: dict[int, list[SubmissionRow]] = {}
+        for r in rows:
+            data = dict(r)
+            data["metrics"] = json.loads(data["metrics"])
+            out.setdefault(data["round"], []).append(SubmissionRow(**data))
+        return out
+
+    # ------------------------------------------------------------ participation
+
+    def record_missed(self, number: int, expected: list[str], submitted: set[str]) -> None:
+        """After a round closes: expected nodes that did not submit missed one more in a row."""
+        with self._tx() as db:
+            for node in expected:
+                if node in submitted:
+                    db.execute("UPDATE nodes SET missed_rounds = 0 WHERE name = ?", (node,))
+                else:
+                    db.execute("UPDATE nodes SET missed_rounds = missed_rounds + 1 WHERE name = ?", (node,))
+
+    def missed_rounds(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, missed_rounds FROM nodes").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    # ------------------------------------------------------------ outcomes
+
+    def record_outcome(self, row: OutcomeRow) -> None:
+        """One report per node per round: a later one replaces the earlier."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO outcomes (round, node, applied, reason, reported) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(round, node) DO UPDATE SET applied = excluded.applied, "
+                "reason = excluded.reason, reported = excluded.reported",
+                (row.round, row.node, int(row.applied), row.reason, row.reported),
+            )
+
+    def outcomes_between(self, first: int, last: int) -> dict[int, list[OutcomeRow]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM outcomes WHERE round BETWEEN ? AND ? ORDER BY round, node",
+                (min(first, _MAX_SQL_INT), min(last, _MAX_SQL_INT)),
+            ).fetchall()
+        out: dict[int, list[OutcomeRow]] = {}
+        for r in rows:
+            data = dict(r)
+            data["applied"] = bool(data["applied"])
+            out.setdefault(data["round"], []).append(OutcomeRow(**data))
+        return out
+
+    def outcomes(self, number: int) -> list[OutcomeRow]:
+        if number > _MAX_SQL_INT:
+            return []
+        return self.outcomes_between(number, number).get(number, [])

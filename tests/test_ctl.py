@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from cipherhive.ctl.cli import register
 from cipherhive.ctl.report import render_report
 from cipherhive.demo.federation import LocalFederation, free_port
+from cipherhive.layout import Layout, TensorSpec
 from cipherhive.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -127,7 +128,7 @@ def _ok(result: Result) -> Result:
 # ---------------------------------------------------------------- read-only sub-commands
 
 
-def test_status(ctl: Ctl) -> None:
+def test_status(ctl: Ctl, federation: LocalFederation) -> None:
     table = _ok(ctl("status")).out
     assert "latest published sum  2" in table
     assert "nodes online / known  3 / 3" in table
@@ -141,6 +142,11 @@ def test_status(ctl: Ctl) -> None:
     assert isinstance(data["uptime_seconds"], float) and data["uptime_seconds"] > 0
     # --json is also accepted after the sub-command.
     assert _ok(ctl("status", "--json")).json()["latest_sum_round"] == 2
+    # The layout LocalFederation pinned from node 1's model (`cipherhive node layout`).
+    pinned = Layout.read_file(federation.layout_file)
+    assert data["layout_hash"] == pinned.hash and data["layout_params"] == pinned.num_params
+    assert data["settings"]["layout_hash"] == pinned.hash
+    assert f"layout                {pinned.hash} ({pinned.num_params} values)" in table
 
 
 def test_connection_from_environment(
@@ -157,14 +163,17 @@ def test_connection_from_environment(
 
 def test_nodes(ctl: Ctl) -> None:
     lines = _ok(ctl("nodes")).out.splitlines()
-    assert lines[0].split()[:2] == ["node", "online"]
+    assert lines[0].split()[:3] == ["node", "online", "expected"]
+    assert lines[0].split()[-1] == "missed"
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(rows) == {"node-1", "node-2", "node-3"}
-    assert all(row[-2:] == ["2", "2"] for row in rows.values())  # last round, submissions
+    assert all(row[-3:] == ["2", "2", "0"] for row in rows.values())  # last round, submissions, missed
+    assert all(row[1:3] == ["yes", "yes"] for row in rows.values())  # joined, watching: expected
     nodes = _ok(ctl("--json", "nodes")).json()["nodes"]
     assert isinstance(nodes, list)
     assert {n["name"] for n in nodes} == {"node-1", "node-2", "node-3"}
     assert all(n["submissions"] == 2 and n["last_round"] == 2 and n["first_seen_unix"] > 0 for n in nodes)
+    assert all(n["missed_rounds"] == 0 and n["expected"] and n["online"] for n in nodes)
 
 
 def test_rounds(ctl: Ctl) -> None:
@@ -173,6 +182,7 @@ def test_rounds(ctl: Ctl) -> None:
         "round",
         "state",
         "participants",
+        "applied/rejected",
         "opened",
         "duration",
         "accuracy",
@@ -459,7 +469,12 @@ def test_start_and_close_a_round(ctl: Ctl, federation: LocalFederation) -> None:
         lambda: ctl("--json", "status").json()["nodes_online"] == 0, 30, "the nodes to go offline"
     )
 
-    started = _ok(ctl("round", "start", "--timeout", "120"))
+    refused = ctl("round", "start", "--timeout", "120")
+    assert refused.code == 1 and refused.out == ""
+    assert "FAILED_PRECONDITION: only 0 node(s) are online" in refused.err and "--force" in refused.err
+    assert _ok(ctl("--json", "status")).json()["open_round"] == 0
+
+    started = _ok(ctl("round", "start", "--timeout", "120", "--force"))
     assert started.out.startswith("round 3 opened: base round 2, expects 0 node(s), deadline ")
 
     again = ctl("--json", "round", "start")
@@ -472,7 +487,7 @@ def test_start_and_close_a_round(ctl: Ctl, federation: LocalFederation) -> None:
     assert closed["mean_accuracy"] is None and closed["duration_seconds"] is not None
 
     # The other output forms: start in JSON, close as a line of text.
-    opened = _ok(ctl("--json", "round", "start", "--timeout", "120")).json()
+    opened = _ok(ctl("--json", "round", "start", "--timeout", "120", "--force")).json()
     assert opened["round"] == 4 and opened["state"] == "ROUND_OPEN" and opened["base_round"] == 2
     assert opened["duration_seconds"] is None and opened["deadline_unix"] > opened["opened_unix"]
     line = _ok(ctl("round", "close", "4")).out
@@ -485,3 +500,204 @@ def test_start_and_close_a_round(ctl: Ctl, federation: LocalFederation) -> None:
     ]
     table = _ok(ctl("rounds")).out.splitlines()
     assert [row.split()[:3] for row in table[-2:]] == [["3", "failed", "0/0"], ["4", "failed", "0/0"]]
+
+
+# ---------------------------------------------------------------- withdrawal and the pinned layout
+# (after test_start_and_close_a_round: rounds 1 and 2 are published, 3 and 4 failed, nodes stopped)
+
+
+def test_withdraw_a_round(ctl: Ctl, tmp_path: Path) -> None:
+    line = _ok(ctl("round", "withdraw", "2", "--reason", "spoiled sum\nforged: line")).out
+    assert line.startswith("round 2 withdrawn: withdrawn, 3/3 participants")
+    info = _ok(ctl("--json", "round", "show", "2")).json()
+    assert info["state"] == "ROUND_WITHDRAWN" and info["withdrawn_unix"] > 0
+    # A control character never reaches a log line or a table as itself.
+    assert info["withdrawn_reason"] == "spoiled sum\\nforged: line"
+    shown = _ok(ctl("round", "show", "2")).out
+    assert "withdrawn: spoiled sum\\nforged: line" in shown
+
+    rows = {line.split()[0]: line.split() for line in _ok(ctl("rounds")).out.splitlines()[2:]}
+    assert rows["2"][1] == "withdrawn" and rows["1"][1:3] == ["sum", "ready"]
+    status = _ok(ctl("--json", "status")).json()
+    assert status["rounds_withdrawn"] == 1 and status["latest_sum_round"] == 1
+
+    # Refusals: already withdrawn, failed, unknown, no reason.
+    for argv, code, text in [
+        (("2", "--reason", "again"), 1, "FAILED_PRECONDITION: round 2 is withdrawn; only a published round"),
+        (("3", "--reason", "failed"), 1, "FAILED_PRECONDITION: round 3 is failed"),
+        (("99", "--reason", "none"), 1, "NOT_FOUND: round 99 does not exist"),
+        (("1", "--reason", ""), 1, "INVALID_ARGUMENT: reason is required"),
+        (("1", "--reason", "x" * 201), 1, "INVALID_ARGUMENT: reason has 201 characters"),
+    ]:
+        result = ctl("round", "withdraw", *argv)
+        assert result.code == code and text in result.err, result
+
+    # The next round builds on the latest round that is published and not withdrawn.
+    opened = _ok(ctl("--json", "round", "start", "--force", "--timeout", "60")).json()
+    assert opened["round"] == 5 and opened["base_round"] == 1 and opened["min_participants"] == 3
+    _ok(ctl("round", "close", "5"))
+
+    report = _ok(ctl("--json", "report", "--out", str(tmp_path / "withdrawn.html"))).json()
+    document = Path(report["out"]).read_text(encoding="utf-8")
+    assert '<tr class="withdrawn">' in document and "withdrawn: spoiled sum" in document
+
+
+def test_federation_layout_cannot_change_once_published(
+    ctl: Ctl, federation: LocalFederation, tmp_path: Path
+) -> None:
+    same = _ok(ctl("federation", "init", "--layout", str(federation.layout_file))).out
+    assert same.startswith(f"layout pinned: {Layout.read_file(federation.layout_file).hash}")
+    other = tmp_path / "other.json"
+    other.write_text(Layout((TensorSpec("w", (3,)),)).pretty(), encoding="utf-8")
+    refused = ctl("federation", "init", "--layout", str(other))
+    assert (
+        refused.code == 1 and "another layout is pinned already" in refused.err and "--replace" in refused.err
+    )
+    refused = ctl("federation", "init", "--layout", str(other), "--replace")
+    assert refused.code == 1 and "round(s) have been published with it" in refused.err
+    refused = ctl("federation", "reset")
+    assert refused.code == 1 and "cannot reset the layout" in refused.err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tensors": [["no spaces allowed", [2]]]}', encoding="utf-8")
+    usage = ctl("federation", "init", "--layout", str(bad))
+    assert usage.code == 2 and "'no spaces allowed'" in usage.err and "a name must be" in usage.err
+    audit = federation.log("server")
+    assert "layout pin refused" in audit and "actor=operator" in audit
+
+
+@pytest.fixture
+def bare_server(tmp_path: Path) -> Iterator[LocalFederation]:
+    """A server with no node running and nothing published (its layout pinned from a file)."""
+    fed = LocalFederation(tmp_path / "bare", nodes=1, rounds={"auto_start": False, "min_participants": 2})
+    fed.layout = Layout((TensorSpec("dense.weight", (4, 3)), TensorSpec("dense.bias", (4,))))
+    fed.setup()
+    fed.start_server()
+    fed.wait_serving()
+    try:
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def test_federation_init_and_reset(raw: Ctl, bare_server: LocalFederation) -> None:
+    from cipherhive import keys
+    from cipherhive.transport import ClientTLS, channel
+    from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+    fed = bare_server
+
+    def ctl(*argv: str) -> Result:
+        return raw(*_admin_flags(fed), *argv)
+
+    assert fed.layout is not None
+    assert _ok(ctl("--json", "status")).json()["layout_hash"] == fed.layout.hash
+    reset = _ok(ctl("--json", "federation", "reset")).json()
+    assert reset["layout_hash"] == "" and reset["num_params"] == 0
+    assert "not pinned" in _ok(ctl("status")).out
+
+    d = fed.workdir / "node-1"
+    tls = ClientTLS(d / "node-1.crt", d / "node-1.key", d / "ca.crt", "localhost")
+    fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
+    join = pb.JoinRequest(key_fingerprint=fingerprint, layout=fed.layout.to_proto())
+    with channel(f"127.0.0.1:{fed.port}", tls) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.AggregationStub(ch).Join(join, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "has not pinned the federation's model layout yet" in (err.value.details() or "")
+        assert "cipherhive node layout" in (err.value.details() or "")
+        start = ctl("round", "start", "--force")
+        assert start.code == 1 and "has not pinned the federation's model layout yet" in start.err
+
+        pinned = _ok(ctl("federation", "init", "--layout", str(fed.layout_file))).out
+        assert pinned == f"layout pinned: {fed.layout.hash} (16 values in 2 tensors)\n"
+        assert pb_grpc.AggregationStub(ch).Join(join, timeout=10).settings.layout_hash == fed.layout.hash
+        other = fed.workdir / "other.json"
+        other.write_text(Layout((TensorSpec("w", (3,)),)).pretty(), encoding="utf-8")
+        replaced = _ok(ctl("--json", "federation", "init", "--layout", str(other), "--replace")).json()
+        assert replaced["num_params"] == 3 and replaced["num_tensors"] == 1
+    audit = fed.log("server")
+    assert "join refused" in audit and "layout replaced" in audit and "layout reset" in audit
+
+
+def _fill_history(db: Path, rounds: int, members: int, layout: Layout) -> None:
+    """Write ``rounds`` published rounds of ``members`` submissions each straight into a State."""
+    import sqlite3
+
+    from cipherhive.server.state import State
+
+    State(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('layout', ?)", (layout.canonical(),))
+        names = [f"member-{i:02d}" for i in range(members)]
+        conn.executemany(
+            "INSERT INTO nodes (name, first_seen, last_seen, last_round, submissions) VALUES (?, 1, 2, ?, ?)",
+            [(n, rounds, rounds) for n in names],
+        )
+        conn.executemany(
+            "INSERT INTO rounds (round, state, base_round, opened, deadline, closed, expected, participants, "
+            "reason, min_participants) VALUES (?, 'sum_ready', ?, ?, ?, ?, ?, ?, 'all in', 3)",
+            [
+                (
+                    r,
+                    r - 1,
+                    1000.0 + r * 10,
+                    1000.0 + r * 10 + 600,
+                    1000.0 + r * 10 + 5,
+                    json.dumps(names),
+                    members,
+                )
+                for r in range(1, rounds + 1)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO submissions (round, node, submission_id, receipt, accepted, num_bytes, metrics) "
+            "VALUES (?, ?, ?, 'r', ?, 66000, ?)",
+            [
+                (r, n, f"sub-{r}-{n}", 1000.0 + r * 10 + 1, json.dumps({"accuracy": 0.9, "loss": 0.3}))
+                for r in range(1, rounds + 1)
+                for n in names
+            ],
+        )
+
+
+def test_paging_through_a_long_history(raw: Ctl, tmp_path: Path) -> None:
+    """1,100 rounds of 64 members: `ctl rounds` and `ctl report` page through all of them."""
+    from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+    layout = Layout((TensorSpec("w", (8,)),))
+    fed = LocalFederation(tmp_path / "long", nodes=2, rounds={"auto_start": False}, layout=layout)
+    fed.setup()
+    (fed.workdir / "server-state").mkdir()
+    _fill_history(fed.workdir / "server-state" / "state.db", 1100, 64, layout)
+    fed.start_server()
+    try:
+        fed.wait_serving()
+
+        def ctl(*argv: str) -> Result:
+            return raw(*_admin_flags(fed), "--timeout", "60", *argv)
+
+        rounds = _ok(ctl("--json", "rounds")).json()["rounds"]
+        assert [r["round"] for r in rounds] == list(range(1, 1101))
+        assert all(len(r["submissions"]) == 64 for r in rounds)
+        table = _ok(ctl("rounds", "--limit", "250")).out.splitlines()
+        assert [line.split()[0] for line in table[2:]] == [str(r) for r in range(851, 1101)]
+
+        out = tmp_path / "long.html"
+        assert _ok(ctl("report", "--out", str(out))).out == f"wrote {out} (1100 rounds)\n"
+        document = out.read_text(encoding="utf-8")
+        assert "The charts show the newest 200 of the 1100 rounds" in document
+        assert "The table shows the newest 1000 of the 1100 rounds" in document
+        assert len(document) < 2_000_000
+
+        with fed.admin_channel() as ch:
+            admin = pb_grpc.AdminStub(ch)
+            page = admin.ListRounds(pb.ListRoundsRequest(), timeout=30)
+            assert [r.round for r in page.rounds] == list(range(1001, 1101))
+            assert page.next_before_round == 1001
+            last = admin.ListRounds(pb.ListRoundsRequest(limit=500, before_round=101), timeout=30)
+            assert [r.round for r in last.rounds] == list(range(1, 101)) and last.next_before_round == 0
+            with pytest.raises(grpc.RpcError) as err:
+                admin.ListRounds(pb.ListRoundsRequest(limit=501), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        fed.stop_all()

@@ -98,6 +98,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         workdir,
         nodes=3,
         rounds={"min_participants": 3, "auto_start": False, "timeout_seconds": 600.0},
+        layout=LAYOUT,  # the operator pins the layout these test-held members use
     )
     fed.setup()
     ca = workdir / "ca"
@@ -152,7 +153,8 @@ def test_hostile_battery_then_exact_honest_round(env: Env) -> None:
     admin_stub = pb_grpc.AdminStub(admin)
     for ch in [*honest.values(), mallory]:
         _join(ch, env.fingerprint)
-    opened = admin_stub.StartRound(pb.StartRoundRequest(timeout_seconds=600), timeout=30)
+    # force: the test plays the members without watch streams, so none of them is online.
+    opened = admin_stub.StartRound(pb.StartRoundRequest(timeout_seconds=600, force=True), timeout=30)
     env.round = opened.round
     valid = env.valid_cts()
     cases: list[tuple[str, S, Callable[[], object]]] = []
@@ -525,3 +527,79 @@ def test_unsafe_paths_stay_inside_state_dir(env: Env) -> None:
     state = env.fed.workdir / "server-state"
     for path in state.rglob("*"):
         assert Path(os.path.realpath(path)).is_relative_to(os.path.realpath(state))
+
+
+def _peak_rss(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def _layout_msg(tensors: list[tuple[str, list[int]]], base: str = "") -> pb.Layout:
+    total = 1
+    for _, shape in tensors:
+        size = 1
+        for d in shape:
+            size *= max(d, 0)
+        total += size
+    return pb.Layout(
+        tensors=[pb.TensorSpec(name=n, shape=s) for n, s in tensors],
+        num_params=total - 1,
+        base_model_hash=base,
+    )
+
+
+def test_bogus_layouts_are_refused_without_allocating(env: Env) -> None:
+    """Issue 10, item 4: a layout is bounded wherever it enters (SetLayout, Join), and the
+    pinned one does not move: 2^38 values, a 3.9 MB layout and odd names are refused
+    with INVALID_ARGUMENT naming the tensor and the rule, before anything is sized from them."""
+    server_pid = env.fed.procs["server"].pid
+    before = _peak_rss(server_pid)
+    huge = _layout_msg([("dense.weight", [2**19, 2**19])])  # 2^38 values
+    big = _layout_msg([(f"t{i:06d}" + "x" * 183, [1]) for i in range(19_500)])  # 3.9 MB
+    assert 3_800_000 < big.ByteSize() < 4_000_000
+    cases = [
+        (huge, "'dense.weight': brings the layout past 2147483648 values"),
+        (big, "more than 10000 tensors"),
+        (_layout_msg([("dense weight", [2])]), "'dense weight': a name must be 1-200 characters"),
+        (_layout_msg([("a\nb", [2])]), "a name must be"),
+        (_layout_msg([("w" * 201, [2])]), "a name must be 1-200 characters"),
+        (_layout_msg([("w", [0])]), "'w': dimension 0 must be an integer from 1"),
+        (_layout_msg([("w", [-5])]), "dimension -5 must be"),
+        (_layout_msg([("w", [1] * 9)]), "'w': has 9 dimensions"),
+        (_layout_msg([("w", [2]), ("w", [2])]), "appears twice"),
+        (_layout_msg([("w", [2])], base="not-a-hash"), "base_model_hash must be empty or 64"),
+        (pb.Layout(tensors=[pb.TensorSpec(name="w", shape=[2])], num_params=2**38), "is not the sum"),
+    ]
+    with env.channel("mallory") as mallory, env.channel("admin") as admin:
+        for layout, message in cases:
+            join = pb.JoinRequest(key_fingerprint=env.fingerprint, layout=layout)
+            pin = pb.SetLayoutRequest(layout=layout, replace=True)
+            for method, request in (
+                (pb_grpc.AggregationStub(mallory).Join, join),
+                (pb_grpc.AdminStub(admin).SetLayout, pin),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    method(request, timeout=30)
+                assert err.value.code() == S.INVALID_ARGUMENT, (message, err.value.details())
+                assert message in (err.value.details() or ""), (message, err.value.details())
+        # A member cannot pin or reset the layout at all.
+        for admin_call in (
+            lambda: pb_grpc.AdminStub(mallory).SetLayout(pb.SetLayoutRequest(layout=huge), timeout=10),
+            lambda: pb_grpc.AdminStub(mallory).ResetLayout(pb.ResetLayoutRequest(), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                admin_call()
+            assert err.value.code() == S.PERMISSION_DENIED
+        status = pb_grpc.AdminStub(admin).GetStatus(pb.StatusRequest(), timeout=10)
+        assert status.layout_hash == LAYOUT.hash and status.settings.layout_hash == LAYOUT.hash
+        # Nothing was sized from the claims: the server grew by far less than one "2^38" vector.
+        assert _peak_rss(server_pid) - before < 150 * 1024 * 1024
+        # The honest members still join with the pinned layout.
+        with env.channel("node-1") as honest:
+            assert _join(honest, env.fingerprint).settings.layout_hash == LAYOUT.hash
+    audit = [json.loads(line) for line in (env.fed.workdir / "audit.jsonl").read_text().splitlines()]
+    assert any(
+        a["action"] == "join refused" and a["actor"] == "mallory" and "2147483648" in a["reason"]
+        for a in audit
+    )
+    assert any(a["action"] == "layout pin refused" and a["actor"] == "operator" for a in audit)

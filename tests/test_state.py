@@ -13,7 +13,7 @@ import pytest
 
 from cipherhive.server import spool as spool_mod
 from cipherhive.server.spool import Spool, SpoolError, read_records
-from cipherhive.server.state import SCHEMA_VERSION, State, StateError, SubmissionRow
+from cipherhive.server.state import MIGRATIONS, SCHEMA_VERSION, OutcomeRow, State, StateError, SubmissionRow
 
 
 @pytest.fixture()
@@ -99,7 +99,113 @@ def test_refuses_newer_schema(db_path: Path) -> None:
     assert _user_version(db_path) == SCHEMA_VERSION + 1
 
 
+def _schema_1(path: Path) -> None:
+    """A database exactly as the first schema left it, with an open round in flight."""
+    with sqlite3.connect(path) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO meta VALUES ('receipt_key', 'abcd')")
+        db.execute(
+            "INSERT INTO nodes (name, first_seen, last_seen, last_round, submissions) "
+            "VALUES ('a', 1, 2, 1, 1)"
+        )
+        db.execute(
+            "INSERT INTO rounds (round, state, base_round, opened, deadline, closed, expected, participants, "
+            "reason, sum_file, num_ciphertexts, num_values) "
+            "VALUES (1, 'sum_ready', 0, 10, 20, 15, '[\"a\"]', 3, 'done', 'sums/round-1.sum', 2, 99)"
+        )
+        db.execute(
+            "INSERT INTO rounds (round, state, base_round, opened, deadline, expected) "
+            "VALUES (2, 'open', 1, 30, 40, '[]')"
+        )
+        db.execute(
+            "INSERT INTO submissions (round, node, submission_id, receipt, accepted, num_bytes, spool_file) "
+            "VALUES (2, 'a', 'sub-a', 'r', 31, 10, 'spool/round-2/a.ct')"
+        )
+
+
+def test_migrates_from_schema_1(db_path: Path) -> None:
+    """An upgraded server keeps its history and its open round; new columns get safe defaults."""
+    _schema_1(db_path)
+    s = State(db_path)
+    try:
+        assert _user_version(db_path) == SCHEMA_VERSION == 2
+        one, two = s.rounds()
+        assert (one.state, one.participants, one.sum_file, one.num_values) == (
+            "sum_ready",
+            3,
+            "sums/round-1.sum",
+            99,
+        )
+        # 0: opened before the floor was recorded (the server's setting applies to it).
+        assert two.state == "open" and two.min_participants == 0 and two.withdrawn_reason == ""
+        assert [sub.node for sub in s.submissions(2)] == ["a"]
+        assert s.nodes()[0].missed_rounds == 0
+        assert s.get_meta("receipt_key") == "abcd"
+        # The new state is allowed, foreign keys still hold.
+        assert s.withdraw([1], "spoiled", 50.0) == ["sums/round-1.sum"]
+        assert s.round(1).state == "withdrawn"  # type: ignore[union-attr]
+        with pytest.raises(sqlite3.IntegrityError):
+            s.accept_submission(_submission(77, "a"))
+        with pytest.raises(sqlite3.IntegrityError):
+            s.record_outcome(OutcomeRow(77, "a", True, "", 1.0))
+    finally:
+        s.close()
+
+
+def test_state_files_are_private(tmp_path: Path) -> None:
+    """state.db holds the receipt signing key: 0600 (WAL and SHM too), its directory 0700."""
+    folder = tmp_path / "state"
+    folder.mkdir(mode=0o755)
+    (folder / "state.db").touch(mode=0o644)
+    (folder / "state.db").chmod(0o644)
+    s = State(folder / "state.db")
+    try:
+        s.set_meta("k", "v")
+        assert _mode(folder) == 0o700
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            assert _mode(folder / name) == 0o600, name
+    finally:
+        s.close()
+    spool = Spool(tmp_path / "fresh")
+    writer = spool.writer(1, "node-a")
+    writer.append(b"x")
+    writer.commit()
+    assert {_mode(p) for p in (spool.root, spool.spool_dir, spool.sums_dir, spool.round_dir(1))} == {0o700}
+
+
 # --------------------------------------------------------------------------- rounds
+
+
+def test_paging(state: State) -> None:
+    for number in range(1, 8):
+        state.open_round(base_round=0, deadline=0.0, expected=[], min_participants=3)
+        state.finish_round(number, state="failed", reason="", participants=0)
+    page, before = state.rounds_page(3)
+    assert [r.round for r in page] == [5, 6, 7] and before == 5
+    page, before = state.rounds_page(3, before)
+    assert [r.round for r in page] == [2, 3, 4] and before == 2
+    page, before = state.rounds_page(3, before)
+    assert [r.round for r in page] == [1] and before == 0
+    assert state.rounds_page(3, 1) == ([], 0)
+    assert [r.round for r in state.rounds_page(10, 2**64 - 1)[0]] == list(range(1, 8))
+    assert state.round(4).min_participants == 3  # type: ignore[union-attr]
+
+
+def test_outcomes_replace_and_missed_rounds(state: State) -> None:
+    state.touch_node("a")
+    state.touch_node("b")
+    row = state.open_round(base_round=0, deadline=0.0, expected=["a", "b"])
+    state.accept_submission(_submission(row.round, "a"))
+    state.record_missed(row.round, ["a", "b"], {"a"})
+    state.record_missed(row.round, ["a", "b"], {"a"})
+    assert state.missed_rounds() == {"a": 0, "b": 2}
+    state.accept_submission(_submission(row.round, "b"))  # submitting again resets it
+    assert state.missed_rounds()["b"] == 0
+    state.record_outcome(OutcomeRow(row.round, "a", False, "bad weight", 1.0))
+    state.record_outcome(OutcomeRow(row.round, "a", True, "", 2.0))
+    [outcome] = state.outcomes(row.round)
+    assert (outcome.applied, outcome.reason, outcome.reported) == (True, "", 2.0)
 
 
 def test_open_round_numbering(state: State) -> None:
@@ -311,7 +417,7 @@ def test_write_sum_atomic(tmp_path: Path) -> None:
     assert relative == "sums/round-4.sum"
     assert path.exists()
     assert size == path.stat().st_size == len(spool_mod.MAGIC) + sum(4 + len(b) for b in BLOBS)
-    assert _mode(path) == 0o640
+    assert _mode(path) == 0o600  # sums are private to the server (issue 10, item 7)
     assert list(read_records(path)) == BLOBS
 
     # Rewriting replaces the file whole and leaves no temporary files.

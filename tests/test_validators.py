@@ -44,8 +44,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RoundManag
     state = State(config.state_dir / "state.db")
     public = codec.PublicCodec(files.public.read_bytes())
     manager = RoundManager(config, state, Spool(config.state_dir), public, files.fingerprint)
+    manager.set_layout(LAYOUT, actor="test")  # the operator pins it; joining no longer does
     manager.join("honest", files.fingerprint, LAYOUT)
-    row = manager.start_round(timeout=3600)
+    row = manager.start_round(timeout=3600, force=True)  # nobody watches: below the floor
     secret = codec.SecretCodec(files.secret.read_bytes())
     # One honest upload first, so every block of the sum exists and can be compared.
     header = _header(row.round, files.fingerprint, "honest-upload-1")

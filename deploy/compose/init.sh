@@ -7,7 +7,8 @@
 #
 #   $OUT/authority/ca/      the federation CA (ca.key 0600, ca.crt, crl.pem, issued.json)
 #   $OUT/authority/keys/    secret.ctx (0600), public.ctx, fingerprint
-#   $OUT/server/            server.crt, server.key, ca.crt, crl.pem, public.ctx, server.toml
+#   $OUT/server/            server.crt, server.key, ca.crt, crl.pem, public.ctx, server.toml,
+#                           layout.json (the model layout the server pins, from node-1's model)
 #   $OUT/node-N/            node-N.crt, node-N.key, ca.crt, secret.ctx (0600), node-N.toml
 #
 # The server's folder never receives secret.ctx. Paths inside the TOML files are
@@ -119,6 +120,10 @@ tls_key = "server.key"
 tls_ca = "ca.crt"
 tls_crl = "crl.pem"
 
+[federation]
+# Pinned by the operator, not by the first node to join: see `cipherhive node layout`.
+layout = "layout.json"
+
 [rounds]
 min_participants = $min_participants
 timeout_seconds = 300.0
@@ -147,7 +152,12 @@ options = { shard = $((i - 1)), shards = $nodes, seed = 0, epochs = 5 }
 TOML
 done
 
-# 6. Readable by the daemons' user (uid 10001 in the image), by no one else.
+# 6. The model layout the server pins (what every node's Join must match), built from
+#    node-1's configuration exactly as the node daemon builds it.
+log "writing the model layout of node-1's model to $out/server/layout.json"
+"$cipherhive" node layout --config "$out/node-1/node-1.toml" --out "$out/server/layout.json" >/dev/null
+
+# 7. Readable by the daemons' user (uid 10001 in the image), by no one else.
 # (Only the owner matters for the node folders: secret.ctx must stay 0600, or the
 # node refuses it.)
 parties=("$out/server")
@@ -157,7 +167,7 @@ done
 if [[ "$(id -u)" == 0 ]]; then
     chown -R "$owner:$owner" "${parties[@]}"
 fi
-chmod 0644 "$out/server/server.toml"
+chmod 0644 "$out/server/server.toml" "$out/server/layout.json"
 chmod 0755 "$out/server"
 for i in $(seq 1 "$nodes"); do
     chmod 0644 "$out/node-$i/node-$i.toml"

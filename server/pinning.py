@@ -1,0 +1,101 @@
+"""The federation's model layout, pinned by the operator.
+
+The layout decides how many values every round adds, so whoever sets it
+sizes the server's work. It used to be fixed by the first node to join, which
+let one member lock the real ones out or make the server allocate whatever it
+announced. Now only the operator pins it, from ``[federation] layout`` in
+server.toml (read at start) or with ``cipherhive ctl federation init``
+(Admin.SetLayout); every layout is checked against the bounds in
+:mod:`cipherhive.layout` first. It can be replaced or reset only while no
+round has been published (and none is open): published sums are tied to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cipherhive.layout import Layout, LayoutError
+from cipherhive.logs import audit, event
+from cipherhive.server.errors import RoundError
+
+if TYPE_CHECKING:
+    from cipherhive.server.rounds import RoundManager
+
+log = logging.getLogger("cipherhive.server.rounds")
+
+HOW_TO_PIN = (
+    "run `cipherhive node layout --config node.toml --out layout.json` on a member and "
+    "`cipherhive ctl federation init --layout layout.json` (or set [federation] layout in server.toml)"
+)
+NOT_PINNED = f"the operator has not pinned the federation's model layout yet: {HOW_TO_PIN}"
+
+
+def _changeable(m: RoundManager, what: str) -> None:
+    """Refuse to change a pinned layout once sums depend on it, or while a round runs."""
+    published = m.state.published_count()
+    if published:
+        raise RoundError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"cannot {what} the layout: {published} round(s) have been published with it, and "
+            "their sums only make sense with it; start a new federation (new --state-dir) for another model",
+        )
+    opened = m.state.open_round_row()
+    if opened is not None:
+        raise RoundError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"cannot {what} the layout while round {opened.round} is open; close it first",
+        )
+
+
+def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> Layout:
+    """Pin ``layout`` (already bounds-checked); the same layout again is a no-op."""
+    with m._lock:
+        current = m.layout()
+        if current is not None and current.hash == layout.hash:
+            return current
+        if current is not None:
+            if not replace:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"another layout is pinned already ({current.hash[:16]}…, {current.num_params} "
+                    "values); pass --replace to replace it (only while no round has been published)",
+                )
+            _changeable(m, "replace")
+        m.state.set_meta("layout", layout.canonical())
+    audit(
+        "layout pinned" if current is None else "layout replaced",
+        actor,
+        layout_hash=layout.hash[:16],
+        params=layout.num_params,
+        tensors=len(layout.tensors),
+    )
+    m._wake.set()
+    return layout
+
+
+def reset_layout(m: RoundManager, actor: str) -> None:
+    with m._lock:
+        if m.layout() is None:
+            return
+        _changeable(m, "reset")
+        m.state.delete_meta("layout")
+    audit("layout reset", actor)
+
+
+def pin_configured(m: RoundManager) -> None:
+    """At start: pin ``[federation] layout`` if set (the file is the operator's word)."""
+    path = m.config.layout
+    if path is None:
+        return
+    layout = Layout.read_file(path)
+    current = m.layout()
+    if current is not None and current.hash == layout.hash:
+        return
+    try:
+        set_layout(m, layout, replace=True, actor=f"server.toml ({path})")
+    except RoundError as exc:
+        raise LayoutError(f"[federation] layout = {path}: {exc.message}") from None
+    event(log, "federation layout pinned from the configuration", path=str(path), params=layout.num_params)

@@ -1,0 +1,84 @@
+"""The server database's schema, as migrations: ``MIGRATIONS[i]`` upgrades version i to i+1.
+
+Append a migration for every change; never edit one that has shipped (a
+database that ran it would not run it again). Statements are split on ";".
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        last_round INTEGER NOT NULL DEFAULT 0,
+        submissions INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE rounds (
+        round INTEGER PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('open', 'sum_ready', 'failed')),
+        base_round INTEGER NOT NULL,
+        opened REAL NOT NULL,
+        deadline REAL NOT NULL,
+        closed REAL,
+        expected TEXT NOT NULL,
+        participants INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '',
+        sum_file TEXT,
+        num_ciphertexts INTEGER NOT NULL DEFAULT 0,
+        num_values INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE submissions (
+        round INTEGER NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        submission_id TEXT NOT NULL,
+        receipt TEXT NOT NULL,
+        accepted REAL NOT NULL,
+        num_bytes INTEGER NOT NULL,
+        spool_file TEXT,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (round, node)
+    );
+    """,
+    # 1 -> 2: withdrawn rounds, the floor each round opened with, outcome reports,
+    # missed rounds per node. SQLite cannot alter a CHECK constraint, so `rounds` is
+    # rebuilt (foreign keys are off while migrating; see `_migrate`).
+    """
+    CREATE TABLE rounds_v2 (
+        round INTEGER PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('open', 'sum_ready', 'failed', 'withdrawn')),
+        base_round INTEGER NOT NULL,
+        opened REAL NOT NULL,
+        deadline REAL NOT NULL,
+        closed REAL,
+        expected TEXT NOT NULL,
+        participants INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '',
+        sum_file TEXT,
+        num_ciphertexts INTEGER NOT NULL DEFAULT 0,
+        num_values INTEGER NOT NULL DEFAULT 0,
+        min_participants INTEGER NOT NULL DEFAULT 0,
+        withdrawn_reason TEXT NOT NULL DEFAULT '',
+        withdrawn_unix REAL NOT NULL DEFAULT 0
+    );
+    INSERT INTO rounds_v2 (round, state, base_round, opened, deadline, closed, expected,
+        participants, reason, sum_file, num_ciphertexts, num_values)
+        SELECT round, state, base_round, opened, deadline, closed, expected,
+        participants, reason, sum_file, num_ciphertexts, num_values FROM rounds;
+    DROP TABLE rounds;
+    ALTER TABLE rounds_v2 RENAME TO rounds;
+    CREATE INDEX rounds_by_state ON rounds (state, round);
+    ALTER TABLE nodes ADD COLUMN missed_rounds INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE outcomes (
+        round INTEGER NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        applied INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        reported REAL NOT NULL,
+        PRIMARY KEY (round, node)
+    );
+    """,
+]

@@ -1,0 +1,236 @@
+"""Bodies of the RPCs, as plain synchronous functions: validate, call the manager, build the reply.
+
+They know nothing of gRPC servicers or contexts, so the same functions serve
+a thread-pool servicer or an asyncio one: a handler identifies the caller,
+calls one function here, and turns a :class:`RoundError` into its status.
+Every refusal is audited here with the caller's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import grpc
+
+from cipherhive import __version__
+from cipherhive.layout import Layout, LayoutError
+from cipherhive.logs import audit
+from cipherhive.server.errors import RoundError
+from cipherhive.server.rounds import STATE_NAMES, RoundManager
+from cipherhive.server.state import OutcomeRow, RoundRow, SubmissionRow
+from cipherhive.v1 import federation_pb2 as pb
+
+#: ListRounds pages: the default and the most one call returns (64 members' submissions
+#: per round keep 500 rounds under gRPC's 4 MiB message limit).
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+#: JoinReply.withdrawn_rounds lists at most this many (the newest).
+MAX_WITHDRAWN_LISTED = 1000
+R = TypeVar("R")
+
+
+@contextmanager
+def refusals_audited(action: str, actor: str, **fields: object) -> Iterator[None]:
+    """Audit a refusal (with who asked) on its way out to the caller."""
+    try:
+        yield
+    except LayoutError as exc:
+        audit(f"{action} refused", actor, code="INVALID_ARGUMENT", reason=str(exc), **fields)
+        raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    except RoundError as exc:
+        audit(f"{action} refused", actor, code=exc.code.name, reason=exc.message, **fields)
+        raise
+
+
+def audited(action: str, actor: str, call: Callable[[], R]) -> R:
+    with refusals_audited(action, actor):
+        return call()
+
+
+# ---------------------------------------------------------------- shared messages
+
+
+def round_info(
+    manager: RoundManager,
+    row: RoundRow,
+    with_submissions: bool = True,
+    submissions: list[SubmissionRow] | None = None,
+    outcomes: list[OutcomeRow] | None = None,
+) -> pb.RoundInfo:
+    info = pb.RoundInfo(
+        round=row.round,
+        state=STATE_NAMES[row.state],
+        base_round=row.base_round,
+        opened_unix=row.opened,
+        deadline_unix=row.deadline,
+        closed_unix=row.closed or 0.0,
+        expected=len(row.expected),
+        participants=row.participants,
+        reason=row.reason,
+        min_participants=row.min_participants or manager.config.min_participants,
+        withdrawn_reason=row.withdrawn_reason,
+        withdrawn_unix=row.withdrawn_unix,
+    )
+    if not with_submissions:
+        return info
+    if submissions is None:
+        submissions = manager.state.submissions(row.round)
+    if outcomes is None:
+        outcomes = manager.state.outcomes(row.round)
+    for sub in submissions:
+        info.submissions.append(
+            pb.SubmissionInfo(
+                node_name=sub.node, accepted_unix=sub.accepted, num_bytes=sub.num_bytes, metrics=sub.metrics
+            )
+        )
+    for out in outcomes:
+        info.outcomes.append(
+            pb.NodeOutcome(
+                node_name=out.node, applied=out.applied, reason=out.reason, reported_unix=out.reported
+            )
+        )
+    return info
+
+
+def layout_reply(layout: Layout | None) -> pb.LayoutReply:
+    if layout is None:
+        return pb.LayoutReply()
+    return pb.LayoutReply(
+        layout_hash=layout.hash, num_params=layout.num_params, num_tensors=len(layout.tensors)
+    )
+
+
+# ---------------------------------------------------------------- Aggregation
+
+
+def join_reply(manager: RoundManager, node: str, request: pb.JoinRequest) -> pb.JoinReply:
+    """Join: bounds-check the layout before anything is sized from it, then admit the node."""
+    with refusals_audited("join", node):
+        layout = Layout.checked_from_proto(request.layout)
+        manager.join(node, request.key_fingerprint, layout)
+    audit("join", node, version=request.software_version[:40].encode("unicode_escape").decode())
+    withdrawn = manager.state.withdrawn_rounds(MAX_WITHDRAWN_LISTED)
+    return pb.JoinReply(
+        node_name=node,
+        settings=manager.settings(),
+        latest_round=manager.state.latest_round(),
+        latest_sum_round=manager.state.latest_sum_round(),
+        withdrawn_rounds=[r.round for r in withdrawn],
+    )
+
+
+def report_outcome(manager: RoundManager, node: str, request: pb.OutcomeReport) -> pb.OutcomeAck:
+    with refusals_audited("outcome report", node, round=request.round):
+        withdrawn = manager.report_outcome(node, request.round, request.applied, request.reason)
+    return pb.OutcomeAck(withdrawn=withdrawn)
+
+
+# ---------------------------------------------------------------- Admin
+
+
+def status(manager: RoundManager, started: float) -> pb.StatusReply:
+    layout = manager.layout()
+    return pb.StatusReply(
+        version=__version__,
+        started_unix=started,
+        settings=manager.settings(),
+        nodes_known=len(manager.state.nodes()),
+        nodes_online=len(manager.online()),
+        open_round=manager.open_round_number(),
+        latest_round=manager.state.latest_round(),
+        latest_sum_round=manager.state.latest_sum_round(),
+        rounds_failed=manager.state.count_rounds("failed"),
+        auto_start=manager.config.auto_start,
+        max_rounds=manager.config.max_rounds,
+        layout_hash=layout.hash if layout else "",
+        layout_params=layout.num_params if layout else 0,
+        rounds_withdrawn=manager.state.count_rounds("withdrawn"),
+        oldest_kept_round=manager.state.oldest_kept_round(),
+    )
+
+
+def list_nodes(manager: RoundManager) -> pb.ListNodesReply:
+    online = set(manager.online())
+    expected = set(manager.expected_nodes())
+    return pb.ListNodesReply(
+        nodes=[
+            pb.NodeInfo(
+                name=n.name,
+                online=n.name in online,
+                first_seen_unix=n.first_seen,
+                last_seen_unix=n.last_seen,
+                last_round=n.last_round,
+                submissions=n.submissions,
+                missed_rounds=n.missed_rounds,
+                expected=n.name in expected,
+            )
+            for n in manager.state.nodes()
+        ]
+    )
+
+
+def list_rounds(
+    manager: RoundManager, request: pb.ListRoundsRequest, actor: str = "admin"
+) -> pb.ListRoundsReply:
+    """One page, oldest first; ``next_before_round`` continues with older rounds."""
+    with refusals_audited("list rounds", actor, limit=request.limit):
+        if request.limit > MAX_PAGE:
+            raise RoundError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit {request.limit} is above {MAX_PAGE}; page with before_round / next_before_round",
+            )
+    rows, next_before = manager.state.rounds_page(request.limit or DEFAULT_PAGE, request.before_round)
+    if not rows:
+        return pb.ListRoundsReply()
+    first, last = rows[0].round, rows[-1].round
+    subs = manager.state.submissions_between(first, last)
+    outs = manager.state.outcomes_between(first, last)
+    return pb.ListRoundsReply(
+        rounds=[round_info(manager, r, True, subs.get(r.round, []), outs.get(r.round, [])) for r in rows],
+        next_before_round=next_before,
+    )
+
+
+def get_round(manager: RoundManager, number: int) -> pb.RoundInfo:
+    row = manager.state.round(number)
+    if row is None:
+        raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
+    return round_info(manager, row)
+
+
+def start_round(manager: RoundManager, request: pb.StartRoundRequest, actor: str) -> pb.RoundInfo:
+    with refusals_audited("round start", actor, force=request.force):
+        if not 0 <= request.timeout_seconds <= 7 * 86400:
+            raise RoundError(
+                grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
+            )
+        row = manager.start_round(request.timeout_seconds, actor=actor, force=request.force)
+    return round_info(manager, row)
+
+
+def close_round(manager: RoundManager, request: pb.CloseRoundRequest, actor: str) -> pb.RoundInfo:
+    with refusals_audited("round close", actor, round=request.round):
+        row = manager.close_round(request.round, "closed by operator", actor=actor)
+    return round_info(manager, row)
+
+
+def withdraw(manager: RoundManager, request: pb.WithdrawRoundRequest, actor: str) -> pb.RoundInfo:
+    with refusals_audited("round withdrawal", actor, round=request.round):
+        row = manager.withdraw_round(request.round, request.reason, actor=actor)
+    return round_info(manager, row)
+
+
+def set_layout(manager: RoundManager, request: pb.SetLayoutRequest, actor: str) -> pb.LayoutReply:
+    with refusals_audited("layout pin", actor, replace=request.replace):
+        if not request.HasField("layout"):
+            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, "SetLayout needs a layout")
+        layout = manager.set_layout(Layout.checked_from_proto(request.layout), request.replace, actor)
+    return layout_reply(layout)
+
+
+def reset_layout(manager: RoundManager, actor: str) -> pb.LayoutReply:
+    with refusals_audited("layout reset", actor):
+        manager.reset_layout(actor)
+    return layout_reply(None)
