@@ -52,7 +52,12 @@ Ctl = Callable[..., Result]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     fed = LocalFederation(
-        tmp_path_factory.mktemp("ctl"), nodes=3, node_options={"epochs": 1}, rounds={"max_rounds": 2}
+        tmp_path_factory.mktemp("ctl"),
+        nodes=3,
+        node_options={"epochs": 1},
+        rounds={"max_rounds": 2},
+        # The opt-in disclosure: ctl's metric columns need the nodes' rounded metrics.
+        node_settings={"report_metrics": True},
     )
     fed.setup()
     try:
