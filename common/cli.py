@@ -75,6 +75,21 @@ def _node_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_bootstrap(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.bootstrap import bootstrap
+    from cipherhive.node.config import NodeConfig
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    checkpoint, previous = bootstrap(cfg, args.source)
+    print(
+        f"installed round {checkpoint.round} as the checkpoint of {cfg.state_dir} (it was at round "
+        f"{previous}); start the node to replay the sums after round {checkpoint.round}"
+    )
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cipherhive.bench.run import run_bench
 
@@ -116,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
     e.set_defaults(func=_node_export)
+    b = node_sub.add_parser(
+        "bootstrap",
+        help="start this node (stopped) from another member's export at a recent round",
+    )
+    config.add_arguments(b, NodeConfig)
+    b.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        required=True,
+        help="checkpoint.pt of `cipherhive node export` (or its folder), or a checkpoint-<round>.pt",
+    )
+    b.set_defaults(func=_node_bootstrap)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)
