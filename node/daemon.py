@@ -132,6 +132,7 @@ class Node(SumReceiver):
         #: Why this node follows the federation without taking part (None: it takes part).
         self._idle: str | None = None
         self._resync = False
+        self._oldest_kept = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -264,14 +265,25 @@ class Node(SumReceiver):
                 stream.cancel()
 
     def _check_kept(self, oldest_kept: int) -> None:
-        """A node whose next sum the server pruned cannot catch up by replay: say what to do."""
-        if oldest_kept and oldest_kept > self.applied_round + 1:
-            self._idle = (
+        """A node whose next sum the server pruned cannot catch up by replay: say what to do.
+
+        Only logged, not acted on: a failed round between the node's and the oldest kept
+        one has no sum to prune, so the sums this node needs may all still be there. If one
+        is not, the fetch (FAILED_PRECONDITION) or the replay (a base it cannot reach) says so.
+        """
+        self._oldest_kept = oldest_kept
+        if self._pruned_behind():
+            event(
+                log,
                 f"the server keeps sums from round {oldest_kept} on, but this node is at round "
-                f"{self.applied_round} and needs round {self.applied_round + 1}'s, which was pruned: "
-                f"{BOOTSTRAP_HINT}"
+                f"{self.applied_round}: the sums it needs were probably pruned; {BOOTSTRAP_HINT}",
+                logging.ERROR,
+                node=self.name,
+                applied_round=self.applied_round,
             )
-            event(log, self._idle, logging.ERROR, node=self.name, applied_round=self.applied_round)
+
+    def _pruned_behind(self) -> bool:
+        return bool(self._oldest_kept) and self._oldest_kept > self.applied_round + 1
 
     def _handle(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
         if ev.kind == pb.RoundEvent.SUM_READY:
@@ -411,11 +423,12 @@ class Node(SumReceiver):
         elif self._idle is not None:
             log.debug("not applying round %d: %s", ev.round, self._idle)
         elif ev.base_round != self.applied_round:
+            pruned = ev.base_round > self.applied_round and self._pruned_behind()
             event(
                 log,
                 f"skipping round {ev.round}: its sum builds on round {ev.base_round} but this node "
-                f"is at round {self.applied_round}",
-                logging.WARNING,
+                f"is at round {self.applied_round}" + (f"; {BOOTSTRAP_HINT}" if pruned else ""),
+                logging.ERROR if pruned else logging.WARNING,
                 **fields,
             )
         elif not self._rejected_before(stub, ev):

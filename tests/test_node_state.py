@@ -23,6 +23,7 @@ from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState, kept_name
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.daemon import Node
+from cipherhive.node.receive import SessionEnd
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -325,4 +326,25 @@ def test_node_refuses_to_submit_below_its_floor(key_files: keys.KeyFiles, tmp_pa
             raise AssertionError("the node submitted to a round below its floor")
 
     node._handle(NoSubmit(), pb.RoundEvent(kind=pb.RoundEvent.OPENED, round=1, min_participants=2))  # type: ignore[arg-type]
+    node.close()
+
+
+def test_node_told_its_sums_were_pruned_names_bootstrap(
+    key_files: keys.KeyFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = _node(key_files, tmp_path / "state")
+
+    class Pruned(FakeStub):
+        def FetchAggregate(self, request: pb.FetchRequest, metadata: Any = ()) -> Iterator[pb.AggregateChunk]:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round}'s sum was pruned")
+            yield  # pragma: no cover
+
+    with pytest.raises(SessionEnd, match="cipherhive node bootstrap"):
+        node._handle(Pruned(node.layout.hash, node.layout.num_values), _sum_ready(1, 0))  # type: ignore[arg-type]
+    assert node.applied_round == 0
+    node._check_kept(40)
+    assert "cipherhive node bootstrap" in caplog.text and "from round 40 on" in caplog.text
+    caplog.clear()
+    node._handle(None, _sum_ready(41, 39))  # type: ignore[arg-type]
+    assert "skipping round 41" in caplog.text and "cipherhive node bootstrap" in caplog.text
     node.close()
