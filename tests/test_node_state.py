@@ -348,3 +348,74 @@ def test_node_told_its_sums_were_pruned_names_bootstrap(
     node._handle(None, _sum_ready(41, 39))  # type: ignore[arg-type]
     assert "skipping round 41" in caplog.text and "cipherhive node bootstrap" in caplog.text
     node.close()
+
+
+class _Watch:
+    """A WatchRounds call: yields the given events, then ends (or raises)."""
+
+    def __init__(self, events: list[pb.RoundEvent], error: grpc.RpcError | None = None) -> None:
+        self.events, self.error = events, error
+
+    def __iter__(self) -> Iterator[pb.RoundEvent]:
+        yield from self.events
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_join_lists_a_withdrawn_round_and_the_node_rolls_back_before_watching(
+    key_files: keys.KeyFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _node(key_files, tmp_path / "state", keep_checkpoints=3)
+    stub = FakeStub(node.layout.hash, node.layout.num_values)
+    for number in (1, 2, 3):
+        _publish(key_files, stub, number, _honest(node, number))
+        node._handle(stub, _sum_ready(number, number - 1))  # type: ignore[arg-type]
+    watched: list[int] = []
+
+    class Server(FakeStub):
+        def Join(self, request: pb.JoinRequest, **kwargs: Any) -> pb.JoinReply:
+            settings = pb.FederationSettings(min_participants=3, max_participants=64)
+            return pb.JoinReply(node_name="node-1", settings=settings, withdrawn_rounds=[2, 3])
+
+        def WatchRounds(self, request: pb.WatchRequest, **kwargs: Any) -> _Watch:
+            watched.append(request.since_round)
+            # The replay still lists round 2 as published: the node must not apply it.
+            return _Watch([_sum_ready(2, 1)])
+
+    server = Server(node.layout.hash, node.layout.num_values, sums=stub.sums)
+    monkeypatch.setattr("cipherhive.node.daemon.pb_grpc.AggregationStub", lambda _ch: server)
+    node._session()
+    assert node.applied_round == 1 and node.store.chain() == [0, 1]
+    assert watched == [1] and server.fetches == []
+    node.close()
+
+
+def test_only_a_refusal_at_join_ends_the_node(
+    key_files: keys.KeyFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch stream ended by the server with any status is a reconnect; Join refusing is an exit."""
+    node = _node(key_files, tmp_path / "state")
+    node.config.max_backoff_seconds = 0.01
+    calls: list[str] = []
+
+    class Server(FakeStub):
+        def Join(self, request: pb.JoinRequest, **kwargs: Any) -> pb.JoinReply:
+            calls.append("join")
+            if calls.count("join") > 2:
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+            return pb.JoinReply(node_name="node-1", settings=pb.FederationSettings(min_participants=3))
+
+        def WatchRounds(self, request: pb.WatchRequest, **kwargs: Any) -> _Watch:
+            calls.append("watch")
+            # A sum on another base, then the server ends the stream with a non-transient status.
+            return _Watch([_sum_ready(7, 6)], _Refused(grpc.StatusCode.PERMISSION_DENIED, "revoked"))
+
+    server = Server(node.layout.hash, node.layout.num_values)
+    monkeypatch.setattr("cipherhive.node.daemon.pb_grpc.AggregationStub", lambda _ch: server)
+    monkeypatch.setattr(node._stop, "wait", lambda _t=None: False)  # no back-off pauses in a test
+    assert node.run() == 2
+    assert calls == ["join", "watch", "join", "watch", "join"]
+    node.close()
