@@ -66,7 +66,11 @@ log = logging.getLogger("cipherhive.node")
 
 
 class NodeError(UserError, RuntimeError):
-    """A problem retrying cannot fix; the daemon stops with this message."""
+    """A problem retrying cannot fix; the daemon stops with this message.
+
+    Only for local problems and a refusal at Join: nothing else that arrives over the
+    network may end the node (issue 10), it is rejected, skipped or retried instead.
+    """
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
