@@ -90,6 +90,21 @@ def _node_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_bootstrap(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.bootstrap import bootstrap
+    from cipherhive.node.config import NodeConfig
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    checkpoint, previous = bootstrap(cfg, args.source)
+    print(
+        f"installed round {checkpoint.round} as the checkpoint of {cfg.state_dir} (it was at round "
+        f"{previous}); start the node to replay the sums after round {checkpoint.round}"
+    )
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cipherhive.bench.run import run_bench
 
@@ -123,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, ServerConfig)
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("node", help="run a member node daemon (or: node export|layout --out PATH)")
+    p = sub.add_parser("node", help="run a member node daemon (or: node export|layout|bootstrap)")
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
-    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout]")
+    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout|bootstrap]")
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
@@ -137,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="JSON file to write the layout to")
     e.set_defaults(func=_node_layout)
+    b = node_sub.add_parser(
+        "bootstrap",
+        help="start this node (stopped) from another member's export at a recent round",
+    )
+    config.add_arguments(b, NodeConfig)
+    b.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        required=True,
+        help="checkpoint.pt of `cipherhive node export` (or its folder), or a checkpoint-<round>.pt",
+    )
+    b.set_defaults(func=_node_bootstrap)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)

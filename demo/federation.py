@@ -177,6 +177,8 @@ class LocalFederation:
                     "insecure": self.insecure,
                     "name": name,
                     "max_backoff_seconds": 2.0,
+                    # The nodes' own floor matches the server's (a 2-node demo runs at 2).
+                    "min_participants": min(self.nodes, 3, int(self.rounds.get("min_participants", 3))),
                     **self.node_settings,
                 },
                 **({"tls": tls} if tls else {}),

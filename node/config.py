@@ -23,6 +23,26 @@ class NodeConfig:
         "", "node", "address:port for the Prometheus metrics endpoint (HTTP); empty: off"
     )
     max_backoff_seconds: float = setting(30.0, "node", "longest wait between reconnect attempts")
+    min_participants: int = setting(
+        3,
+        "node",
+        "this node's own participation floor (at least 2): it neither submits to a round opened "
+        "with a lower floor nor applies a sum of fewer members; the server cannot lower it",
+    )
+    max_update_value: float = setting(
+        10.0,
+        "node",
+        "largest |mean update| per value a sum may carry; a sum beyond it is rejected, not applied",
+    )
+    keep_checkpoints: int = setting(
+        5, "node", "applied rounds whose checkpoints are kept for rolling back a withdrawn round"
+    )
+    report_metrics: bool = setting(
+        False,
+        "node",
+        "send rounded local loss/accuracy with each update; DISCLOSURE: the server can infer "
+        "sample counts from them (off: the server gets no plaintext metrics)",
+    )
     tls_cert: Path | None = setting(
         None, "tls", "this node's certificate (PEM) from `cipherhive certs issue --role node`"
     )
@@ -41,6 +61,15 @@ class NodeConfig:
             raise ConfigError("no trainer: set [trainer] plugin = 'package.module:object' or --plugin")
         if self.workers < 0:
             raise ConfigError("workers must be 0 (all cores) or more")
+        if self.min_participants < 2:
+            raise ConfigError(
+                f"min_participants = {self.min_participants} would apply a single member's update "
+                "as a sum; it must be at least 2"
+            )
+        if not self.max_update_value > 0:
+            raise ConfigError("max_update_value must be a positive number")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints must be at least 1")
         if self.insecure:
             if not self.name:
                 raise ConfigError("--insecure needs a node --name (there is no certificate to take it from)")

@@ -4,12 +4,19 @@ The node dials out only. It joins (key fingerprint and model layout are
 checked by the server), then follows the server's round events: it replays
 every published sum it has not applied yet, in order, and takes part in the
 open round once its model is the round's base. When the server goes away it
-reconnects with exponential back-off and carries on; a refusal that retrying
-cannot fix (wrong key, revoked certificate, another model) ends it with a
-clear message and a non-zero exit.
+reconnects with exponential back-off and carries on.
 
-Decrypted values never leave the node: only ciphertexts and rounded
-metrics are sent.
+A node never exits because of what arrives over the network: a sum that fails
+its checks is rejected (:mod:`cipherhive.node.receive`), a withdrawn round it
+applied is rolled back to a kept checkpoint, a sum it cannot follow is skipped
+with a warning. It exits (code 2) only for local problems (an unreadable secret
+context, a checkpoint of another layout, a trainer that cannot load) and when
+the server refuses it at Join with a status retrying cannot fix (wrong key,
+revoked certificate, another model).
+
+Decrypted values never leave the node: only ciphertexts, an "applied" or
+"rejected: reason" report per round and, if ``report_metrics`` is on, rounded
+local metrics are sent.
 """
 
 from __future__ import annotations
@@ -27,16 +34,15 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, failpoints, keys
+from cipherhive import __version__, codec, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.node import metrics
-from cipherhive.node.checkpoint import Checkpoint, NodeState
+from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
-from cipherhive.node.fetch import fetch_sum
+from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.trainer import (
-    AppliedRound,
     RoundInfo,
     TrainerError,
     federated_tensors,
@@ -44,12 +50,10 @@ from cipherhive.node.trainer import (
 )
 from cipherhive.node.update import (
     FlatParams,
-    SumApplier,
     UpdateError,
     check_update,
     layout_of,
     sample_weight,
-    split,
     weighted_blocks,
 )
 from cipherhive.node.upload import submit_requests
@@ -60,23 +64,17 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.node")
 
-_TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-}
-
 
 class NodeError(UserError, RuntimeError):
-    """A problem retrying cannot fix; the daemon stops with this message."""
+    """A problem retrying cannot fix; the daemon stops with this message.
+
+    Only for local problems and a refusal at Join: nothing else that arrives over the
+    network may end the node (issue 10), it is rejected, skipped or retried instead.
+    """
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics leave the node rounded to 4 significant digits (design.md: aggregates only)."""
+    """Metrics rounded to 4 significant digits (for the log, and the server only if opted in)."""
     return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}
 
 
@@ -89,7 +87,7 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node:
+class Node(SumReceiver):
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
         try:
@@ -109,7 +107,7 @@ class Node:
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
         self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "")
-        self.store = NodeState(config.state_dir)
+        self.store = NodeState(config.state_dir, config.keep_checkpoints)
         self.applied_round = 0
         checkpoint = self.store.load()
         if checkpoint is not None:
@@ -132,6 +130,13 @@ class Node:
         self._stop = threading.Event()
         self._stream: Any = None
         self._rng = random.Random()
+        self._outcome_unimplemented = False
+        #: Rounds the server withdrew (from Join and WITHDRAWN events): never applied on replay.
+        self.withdrawn: set[int] = set()
+        #: Why this node follows the federation without taking part (None: it takes part).
+        self._idle: str | None = None
+        self._resync = False
+        self._oldest_kept = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -166,9 +171,6 @@ class Node:
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
-                if exc.code() not in _TRANSIENT:
-                    log.error("server refused this node: %s", describe_rpc_error(exc))
-                    return 2
                 log.warning(
                     "connection to %s lost (%s); reconnecting in %.1fs",
                     self.config.server,
@@ -178,6 +180,15 @@ class Node:
             except NodeError as exc:
                 log.error("%s", exc)
                 return 2
+            except SessionEnd:
+                pass  # logged where it happened; reconnect after back-off
+            except Exception:
+                # Whatever else went wrong came from a session with the server: never a reason
+                # to stop following the federation.
+                log.exception("unexpected error in the session with %s; reconnecting", self.config.server)
+            if self._resync and not self._stop.is_set():
+                self._resync = False  # rolled back: follow the federation again at once
+                continue
             if time.monotonic() - started > 60:
                 backoff = 1.0
             self._stop.wait(backoff * (0.5 + self._rng.random()))
@@ -210,18 +221,24 @@ class Node:
             tls = ClientTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_server_name)
         with channel(cfg.server, tls) as ch:
             stub = pb_grpc.AggregationStub(ch)
-            reply = stub.Join(
-                pb.JoinRequest(
-                    key_fingerprint=self.fingerprint,
-                    layout=self.layout.to_proto(),
-                    node_name=cfg.name,
-                    software_version=__version__,
-                ),
-                metadata=self._metadata(),
-                timeout=30,
-                wait_for_ready=True,
-            )
+            try:
+                reply = stub.Join(
+                    pb.JoinRequest(
+                        key_fingerprint=self.fingerprint,
+                        layout=self.layout.to_proto(),
+                        node_name=cfg.name,
+                        software_version=__version__,
+                    ),
+                    metadata=self._metadata(),
+                    timeout=30,
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as exc:
+                if exc.code() in TRANSIENT or self._stop.is_set():
+                    raise
+                raise NodeError(f"server refused this node: {describe_rpc_error(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
+            self._idle = None
             event(
                 log,
                 "joined federation",
@@ -230,6 +247,12 @@ class Node:
                 applied_round=self.applied_round,
                 min_participants=self.settings.min_participants,
             )
+            self.withdrawn.update(reply.withdrawn_rounds)
+            for number in sorted(reply.withdrawn_rounds):
+                if self._roll_back(number, "listed as withdrawn at join"):
+                    break
+            self._resync = False  # rolled back before watching: the watch starts from there
+            self._check_kept(reply.settings.oldest_kept_round)
             stream = stub.WatchRounds(
                 pb.WatchRequest(since_round=self.applied_round), metadata=self._metadata()
             )
@@ -239,14 +262,43 @@ class Node:
                     if self._stop.is_set():
                         return
                     self._handle(stub, ev)
+                    if self._resync:
+                        return
             finally:
                 self._stream = None
+                stream.cancel()
+
+    def _check_kept(self, oldest_kept: int) -> None:
+        """A node whose next sum the server pruned cannot catch up by replay: say what to do.
+
+        Only logged, not acted on: a failed round between the node's and the oldest kept
+        one has no sum to prune, so the sums this node needs may all still be there. If one
+        is not, the fetch (FAILED_PRECONDITION) or the replay (a base it cannot reach) says so.
+        """
+        self._oldest_kept = oldest_kept
+        if self._pruned_behind():
+            event(
+                log,
+                f"the server keeps sums from round {oldest_kept} on, but this node is at round "
+                f"{self.applied_round}: the sums it needs were probably pruned; {BOOTSTRAP_HINT}",
+                logging.ERROR,
+                node=self.name,
+                applied_round=self.applied_round,
+            )
+
+    def _pruned_behind(self) -> bool:
+        return bool(self._oldest_kept) and self._oldest_kept > self.applied_round + 1
 
     def _handle(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
         if ev.kind == pb.RoundEvent.SUM_READY:
             if ev.round > self.applied_round:
-                self._apply_sum(stub, ev)
+                self._on_sum(stub, ev)
+        elif ev.kind == pb.RoundEvent.WITHDRAWN:
+            self._on_withdrawn(ev)
         elif ev.kind == pb.RoundEvent.OPENED:
+            if self._idle is not None:
+                log.debug("not taking part in round %d: %s", ev.round, self._idle)
+                return
             self._take_part(stub, ev)
         elif ev.kind == pb.RoundEvent.FAILED and not ev.replay:
             event(
@@ -276,6 +328,16 @@ class Node:
             return
         if self.store.submitted_round() == ev.round:
             return  # already acknowledged (e.g. the open round replayed after a reconnect)
+        floor = ev.min_participants or self.settings.min_participants
+        if floor < self.config.min_participants:
+            event(
+                log,
+                f"not submitting: round {ev.round} opened with a floor of {floor} participants, "
+                f"below this node's floor of {self.config.min_participants}",
+                logging.WARNING,
+                **fields,
+            )
+            return
         try:
             self._train_and_submit(stub, ev, fields)
         finally:
@@ -309,7 +371,8 @@ class Node:
             key_fingerprint=self.fingerprint,
             num_values=self.layout.num_values,
             num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
-            metrics=_rounded(result.metrics),
+            # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
+            metrics=_rounded(result.metrics) if self.config.report_metrics else {},
         )
         t1 = time.perf_counter()
         per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
@@ -331,7 +394,7 @@ class Node:
                 metadata=self._metadata(),
             )
         except grpc.RpcError as exc:
-            if exc.code() in _TRANSIENT:
+            if exc.code() in TRANSIENT:
                 raise
             event(
                 log,
@@ -340,7 +403,7 @@ class Node:
                 **fields,
             )
             return
-        self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt)
+        self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
         metrics.ROUNDS_JOINED.inc()
         metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
         event(
@@ -351,71 +414,70 @@ class Node:
             encrypt_upload_s=round(time.perf_counter() - t1, 3),
             bytes=receipt.num_bytes,
             duplicate=receipt.duplicate,
+            metrics=_rounded(result.metrics),
             **fields,
         )
 
-    # ------------------------------------------------------------ fetch → decrypt → apply
+    # ------------------------------------------------------------ sums and withdrawals
 
-    def _apply_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
-        if ev.base_round != self.applied_round:
-            raise NodeError(
-                f"round {ev.round}'s sum builds on round {ev.base_round} but this node is at round "
-                f"{self.applied_round}; its state directory does not belong to this federation"
+    def _on_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
+        fields: dict[str, Any] = {"node": self.name, "round": ev.round}
+        if ev.round in self.withdrawn:
+            event(log, f"skipping round {ev.round}: it was withdrawn", **fields)
+        elif self._idle is not None:
+            log.debug("not applying round %d: %s", ev.round, self._idle)
+        elif ev.base_round != self.applied_round:
+            pruned = ev.base_round > self.applied_round and self._pruned_behind()
+            event(
+                log,
+                f"skipping round {ev.round}: its sum builds on round {ev.base_round} but this node "
+                f"is at round {self.applied_round}" + (f"; {BOOTSTRAP_HINT}" if pruned else ""),
+                logging.ERROR if pruned else logging.WARNING,
+                **fields,
             )
-        t0 = time.perf_counter()
-        per_block = self.pool.values_per_block
-        n_ct = codec.blocks_for(self.layout.num_values, per_block)
-        hook = getattr(self.trainer, "after_round", None)
-        # The float64 average is only kept for a trainer that asks to see it.
-        wants_mean = hook is not None and getattr(self.trainer, "wants_mean_update", True)
-        mean = np.empty(self.layout.num_params) if wants_mean else None
-        applier = SumApplier(self.global_values, self.flat.read(), per_block, mean)
-        participants = [0]
+        elif not self._rejected_before(stub, ev):
+            self._apply_sum(stub, ev)
 
-        def blobs() -> Any:
-            for blob, count in fetch_sum(stub, ev.round, n_ct, self.layout.hash, self._metadata()):
-                participants[0] = count
-                yield blob
+    def _on_withdrawn(self, ev: pb.RoundEvent) -> None:
+        self.withdrawn.add(ev.round)
+        self.store.forget_rejection(ev.round)  # nothing left to remember about it
+        event(log, "round withdrawn", logging.WARNING, node=self.name, round=ev.round, reason=ev.reason)
+        self._roll_back(ev.round, ev.reason or "withdrawn")
 
-        decrypted = track(
-            self.pool.decrypt(blobs()),
-            n_ct,
-            f"round {ev.round}: download+decrypt",
-            node=self.name,
-            round=ev.round,
-        )
-        try:
-            for block in decrypted:
-                failpoints.hit("node.download")
-                applier.feed(block)
-            if applier.blocks != n_ct:
-                raise UpdateError(f"the sum arrived with {applier.blocks} of {n_ct} blocks")
-        except UpdateError as exc:
-            self.flat.load(self.global_values)
-            raise NodeError(f"round {ev.round}: {exc}") from exc
-        except BaseException:
-            self.flat.load(self.global_values)  # a broken download leaves the global model as it was
-            raise
-        t_apply = time.perf_counter()
-        metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
-        self.flat.commit()
-        failpoints.hit("node.applying")
-        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
+    def _roll_back(self, withdrawn: int, why: str) -> bool:
+        """Return to the newest kept checkpoint from before ``withdrawn`` if the model went
+        through it; True when the model changed (the session then restarts to replay from there)."""
+        chain = self.store.chain()
+        if withdrawn == 0 or withdrawn not in chain:
+            return False
+        target = self.store.rollback_target(withdrawn)
+        fields: dict[str, Any] = {"node": self.name, "round": withdrawn, "applied_round": self.applied_round}
+        if target is None:
+            self._idle = (
+                f"round {withdrawn}, which this node's model went through, was withdrawn ({why}) and no "
+                f"kept checkpoint is older (keep_checkpoints = {self.config.keep_checkpoints}): "
+                f"{BOOTSTRAP_HINT}"
+            )
+            event(log, self._idle, logging.ERROR, **fields)
+            return False
+        checkpoint = self.store.rollback(target)
+        if checkpoint is None:
+            fresh = self.trainer.build_model()
+            values = dict(federated_tensors(self.trainer, fresh))
+        else:
+            values = checkpoint.tensors
+        with torch.no_grad():
+            for name, tensor in self.tensors:
+                tensor.copy_(values[name])
         self.global_values[:] = self.flat.read()
-        self.applied_round = ev.round
-        metrics.APPLIED_ROUND.set(ev.round)
-        metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
+        self.applied_round = target
+        metrics.APPLIED_ROUND.set(target)
+        metrics.ROLLBACKS.inc()
         event(
             log,
-            "applied round sum",
-            node=self.name,
-            round=ev.round,
-            participants=participants[0],
-            fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3),
+            f"rolled back to round {target}: round {withdrawn} was withdrawn ({why})",
+            logging.WARNING,
+            **fields,
         )
-        if hook is not None:
-            mean_update = split(self.tensors, mean) if mean is not None else {}
-            try:
-                hook(self.model, AppliedRound(ev.round, participants[0], mean_update))
-            except Exception:
-                log.exception("trainer after_round hook failed in round %d", ev.round)
+        self._resync = True
+        return True

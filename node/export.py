@@ -7,7 +7,11 @@ checkpoint's tensors into it, and writes it: through the trainer's own
 ``export(model, out_dir)`` when it has one (the LoRA trainer writes a merged,
 peft-free model plus the adapter alone), otherwise as ``model.safetensors``
 holding the model's ``state_dict``. ``cipherhive.json`` beside it records which
-round and which layout it came from. The node's state is only read.
+round and which layout it came from, and ``checkpoint.pt`` holds what a node's
+checkpoint holds (``{"round", "layout_hash", "tensors"}``: the federated tensors
+only), so another member that fell behind the server's kept sums can start from
+it with ``cipherhive node bootstrap --from DIR/checkpoint.pt``. The node's state
+is only read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from cipherhive.errors import UserError
 from cipherhive.fsutil import atomic_write
-from cipherhive.node.checkpoint import CHECKPOINT, NodeState
+from cipherhive.node.checkpoint import CHECKPOINT, Checkpoint, read_checkpoint, write_checkpoint
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
@@ -46,9 +50,7 @@ def export_model(config: NodeConfig, out: Path) -> Path:
     tensors = federated_tensors(trainer, model)
     base_hash_fn = getattr(trainer, "base_model_hash", None)
     layout = layout_of(tensors, base_hash_fn() if base_hash_fn else "")
-    checkpoint = NodeState(config.state_dir).load()
-    if checkpoint is None:
-        raise ExportError(f"no checkpoint in {config.state_dir}")
+    checkpoint = read_checkpoint(checkpoint_path)
     if checkpoint.layout_hash != layout.hash:
         raise ExportError(
             f"the checkpoint in {config.state_dir} was made for another model layout "
@@ -77,6 +79,10 @@ def export_model(config: NodeConfig, out: Path) -> Path:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(out / MODEL_FILE), metadata={"round": str(checkpoint.round)})
         written = MODEL_FILE
+    write_checkpoint(
+        out / CHECKPOINT,
+        Checkpoint(checkpoint.round, layout.hash, {name: checkpoint.tensors[name] for name, _ in tensors}),
+    )
     provenance = {
         "round": checkpoint.round,
         "layout_hash": layout.hash,
@@ -85,6 +91,8 @@ def export_model(config: NodeConfig, out: Path) -> Path:
         "federated_values": layout.num_params,
         "plugin": config.plugin,
         "written_by": written,
+        # For `cipherhive node bootstrap`: round, layout hash and federated tensors.
+        "checkpoint": CHECKPOINT,
     }
     atomic_write(out / PROVENANCE, (json.dumps(provenance, indent=2) + "\n").encode(), mode=0o644)
     return out

@@ -21,7 +21,7 @@ _TRANSIENT = {
 
 
 class FetchError(RuntimeError):
-    pass
+    """The sum stream is not the one asked for: wrong round, layout, count, order or size."""
 
 
 def fetch_sum(
@@ -31,8 +31,15 @@ def fetch_sum(
     layout_hash: str,
     metadata: Sequence[tuple[str, str]] = (),
     attempts: int = 5,
+    num_values: int = 0,
+    participants: int = 0,
 ) -> Iterator[tuple[bytes, int]]:
-    """Yield ``(ciphertext, participants)`` of the sum in order."""
+    """Yield ``(ciphertext, participants)`` of the sum in order.
+
+    Every chunk must describe the sum asked for (round, layout, ciphertext count and,
+    when given, value count and participants) and continue where the last one ended;
+    anything else raises :class:`FetchError` (the caller retries or rejects the sum).
+    """
     received = 0
     failures = 0
     while received < expected_ciphertexts:
@@ -46,8 +53,19 @@ def fetch_sum(
                         f"{chunk.layout_hash[:12]}; this node expects {expected_ciphertexts} for "
                         f"{layout_hash[:12]}"
                     )
+                if chunk.round != round_number:
+                    raise FetchError(f"asked for the sum of round {round_number}, got round {chunk.round}")
+                if num_values and chunk.num_values != num_values:
+                    raise FetchError(f"sum carries {chunk.num_values} values; this node expects {num_values}")
+                if participants and chunk.participants != participants:
+                    raise FetchError(
+                        f"sum claims {chunk.participants} participants; "
+                        f"round {round_number} had {participants}"
+                    )
                 if chunk.first_ciphertext != received:
                     raise FetchError(f"sum chunk starts at {chunk.first_ciphertext}, expected {received}")
+                if received + len(chunk.ciphertexts) > expected_ciphertexts:
+                    raise FetchError(f"sum stream carries more than {expected_ciphertexts} ciphertexts")
                 for blob in chunk.ciphertexts:
                     yield blob, chunk.participants
                     received += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cipherhive.node.checks import REASONS
+
 REGISTRY = CollectorRegistry()
 
 ROUNDS_JOINED = Counter(
@@ -25,6 +27,22 @@ APPLIED_ROUND = Gauge(
     "Last round whose sum this node applied (its global version)",
     registry=REGISTRY,
 )
+
+
+SUMS_REJECTED = Counter(
+    "cipherhive_node_sums_rejected_total",
+    "Round sums this node rejected instead of applying, by reason (a fixed set, see node/checks.py)",
+    ["reason"],
+    registry=REGISTRY,
+)
+ROLLBACKS = Counter(
+    "cipherhive_node_rollbacks_total",
+    "Times this node rolled its model back because a round it had applied was withdrawn",
+    registry=REGISTRY,
+)
+
+for _reason in REASONS:
+    SUMS_REJECTED.labels(_reason)  # every label shows, at 0, before the first rejection
 
 
 def serve(address: str) -> None:

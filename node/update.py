@@ -145,50 +145,16 @@ def weighted_vector(
 
 
 def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
-    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value)."""
+    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value); the daemon uses
+    :class:`cipherhive.node.checks.CheckedApplier`, which also checks every value."""
     total_weight = _total_weight(float(summed[0]))
     return summed[1 : 1 + num_params] / total_weight
 
 
 def _total_weight(value: float) -> float:
     if not math.isfinite(value) or value <= 1e-9:
-        raise UpdateError(
-            f"decrypted total weight is {value}; the sum was not made with this federation's key"
-        )
+        raise UpdateError("decrypted total weight is not a positive number; the sum cannot be applied")
     return value
-
-
-class SumApplier:
-    """Apply a decrypted sum block by block: ``out = float32(global + Σw·Δ / Σw)``.
-
-    ``out`` is written, ``global_`` only read, so a download that fails half-way
-    leaves the global model intact. ``mean`` (optional) receives the float64 average.
-    """
-
-    def __init__(
-        self, global_: np.ndarray, out: np.ndarray, per_block: int, mean: np.ndarray | None = None
-    ) -> None:
-        self.global_ = global_
-        self.out = out
-        self.per_block = per_block
-        self.mean = mean
-        self.total_weight = 0.0
-        self.blocks = 0
-
-    def feed(self, block: np.ndarray) -> None:
-        start = self.blocks * self.per_block
-        first = 0
-        if start == 0:
-            self.total_weight = _total_weight(float(block[0]))
-            first = 1
-        lo = start + first - 1
-        hi = min(start + block.shape[0] - 1, self.global_.shape[0])
-        if hi > lo:
-            part = block[first : first + hi - lo] / self.total_weight
-            if self.mean is not None:
-                self.mean[lo:hi] = part
-            self.out[lo:hi] = self.global_[lo:hi] + part
-        self.blocks += 1
 
 
 def apply_vector(tensors: list[tuple[str, torch.Tensor]], base: np.ndarray, delta: np.ndarray) -> None:

@@ -176,7 +176,11 @@ class RoundManager:
         with self._lock:
             current = self.layout()
             if current is None:
-                raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, pinning.NOT_PINNED)
+                # UNAVAILABLE, not FAILED_PRECONDITION: the node is right to keep trying, since
+                # nodes are usually started before (or while) the operator pins the layout.
+                raise RoundError(
+                    grpc.StatusCode.UNAVAILABLE, pinning.NOT_PINNED + "; this node will retry until then"
+                )
             if current.hash != layout.hash:
                 raise RoundError(
                     grpc.StatusCode.FAILED_PRECONDITION,

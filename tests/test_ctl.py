@@ -53,7 +53,12 @@ Ctl = Callable[..., Result]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     fed = LocalFederation(
-        tmp_path_factory.mktemp("ctl"), nodes=3, node_options={"epochs": 1}, rounds={"max_rounds": 2}
+        tmp_path_factory.mktemp("ctl"),
+        nodes=3,
+        node_options={"epochs": 1},
+        rounds={"max_rounds": 2},
+        # The opt-in disclosure: ctl's metric columns need the nodes' rounded metrics.
+        node_settings={"report_metrics": True},
     )
     fed.setup()
     try:
@@ -602,7 +607,7 @@ def test_federation_init_and_reset(raw: Ctl, bare_server: LocalFederation) -> No
     with channel(f"127.0.0.1:{fed.port}", tls) as ch:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.AggregationStub(ch).Join(join, timeout=10)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "has not pinned the federation's model layout yet" in (err.value.details() or "")
         assert "cipherhive node layout" in (err.value.details() or "")
         start = ctl("round", "start", "--force")

@@ -82,7 +82,7 @@ def test_nodes_match_plaintext_fedavg(federation: LocalFederation) -> None:
         assert all(torch.equal(first[k], other["tensors"][k]) for k in first)  # type: ignore[index]
 
 
-def test_rounds_are_recorded_with_metrics(federation: LocalFederation) -> None:
+def test_rounds_are_recorded_without_metrics(federation: LocalFederation) -> None:
     rounds = [r for r in federation.list_rounds() if r.state == pb.ROUND_SUM_READY]
     assert [r.round for r in rounds][:2] == [1, 2]
     assert rounds[0].base_round == 0 and rounds[1].base_round == 1
@@ -90,8 +90,10 @@ def test_rounds_are_recorded_with_metrics(federation: LocalFederation) -> None:
         assert info.participants == 3
         assert sorted(s.node_name for s in info.submissions) == ["node-1", "node-2", "node-3"]
         for sub in info.submissions:
-            assert set(sub.metrics) == {"loss", "accuracy"}
-            assert 0.0 <= sub.metrics["accuracy"] <= 1.0
+            # By default nodes send no plaintext metrics: rounded accuracies reveal sample counts.
+            assert dict(sub.metrics) == {}
+    # Nodes still show their metrics locally.
+    assert "accuracy" in federation.log("node-1")
 
 
 def _memory_contains(pid: int, needle: bytes) -> bool:

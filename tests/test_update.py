@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from cipherhive import codec, keys
 from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
 from cipherhive.layout import Layout, TensorSpec, describe_difference
 from cipherhive.node import update
+from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
 from cipherhive.node.update import UpdateError
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
@@ -255,7 +257,8 @@ def test_weighted_blocks_and_sum_applier_stream(per_block: int) -> None:
     # Pretend three members sent the same update: the sum is 3x, the mean is the update.
     out = np.empty_like(global_)
     mean = np.empty(13)
-    applier = update.SumApplier(global_, out, per_block, mean)
+    limits = SumLimits(floor=3, max_update=10.0, max_participants=64, participants=3)
+    applier = CheckedApplier(global_, out, per_block, limits, mean)
     for block in blocks:
         padded = np.zeros(per_block)
         padded[: block.shape[0]] = 3 * block
@@ -279,3 +282,207 @@ def test_flat_params_views_and_copies() -> None:
     flat32.read()[:] = 7.0  # writing the buffer writes the model
     assert float(model32[1].running_mean[0]) == 7.0
     assert float(model32[0].weight.detach()[0, 0]) == 7.0
+
+
+# --------------------------------------------------------------------------- checks before applying a sum
+
+
+def _encrypted_sum(
+    secret: SecretCodec, public: PublicCodec, vectors: list[np.ndarray], others: list[bytes] | None = None
+) -> list[bytes]:
+    """The server's part: add the members' ciphertexts, return the serialized sum."""
+    blocks = codec.num_ciphertexts(vectors[0].shape[0])
+    running = RunningSum(public, blocks)
+    for vector in vectors:
+        for index, blob in enumerate(secret.encrypt_all(vector)):
+            running.add(index, public.load(blob))
+    for index, blob in enumerate(others or []):
+        running.add(index, public.load(blob))
+    return list(running.serialized())
+
+
+_NUM_PARAMS = codec.VALUES_PER_CIPHERTEXT + 500  # two blocks: a rejection can come after a block was written
+
+
+def _honest(rng: np.random.Generator, global_: np.ndarray, samples: int) -> np.ndarray:
+    local = global_ + rng.normal(0.0, 0.05, global_.shape[0]).astype(np.float32)
+    return update.weighted_vector(local, global_, samples, 1000.0, 64)
+
+
+def _apply(
+    secret: SecretCodec, blobs: list[bytes], global_: np.ndarray, limits: SumLimits
+) -> tuple[np.ndarray, CheckedApplier]:
+    out = global_.copy()
+    applier = CheckedApplier(global_, out, codec.VALUES_PER_CIPHERTEXT, limits, np.empty(global_.shape[0]))
+    for blob in blobs:
+        applier.feed(secret.decrypt(blob))
+    applier.finish(len(blobs))
+    return out, applier
+
+
+def _limits(**changes: object) -> SumLimits:
+    fields: dict[str, object] = {
+        "floor": 3,
+        "max_update": 10.0,
+        "max_participants": 64,
+        "participants": 4,
+        "own_weight": 0.5,
+    }
+    fields.update(changes)
+    return SumLimits(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def honest_round(codecs: tuple[SecretCodec, PublicCodec]) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(10)
+    global_ = rng.normal(0.0, 1.0, _NUM_PARAMS).astype(np.float32)
+    return global_, [_honest(rng, global_, n) for n in (500, 800, 1200)]
+
+
+def test_checked_applier_applies_an_honest_sum(
+    codecs: tuple[SecretCodec, PublicCodec], honest_round: tuple[np.ndarray, list[np.ndarray]]
+) -> None:
+    secret, public = codecs
+    global_, vectors = honest_round
+    out, applier = _apply(secret, _encrypted_sum(secret, public, vectors), global_, _limits(participants=3))
+    summed = sum(vectors)
+    expected = summed[1:] / summed[0]
+    assert applier.mean is not None
+    assert np.abs(applier.mean - expected).max() < 1e-7
+    np.testing.assert_array_equal(out, (global_ + applier.mean).astype(np.float32))
+
+
+def _weighted(weight: float, delta: float | np.ndarray, size: int = _NUM_PARAMS) -> np.ndarray:
+    vector = np.zeros(size + 1)
+    vector[0] = weight
+    vector[1:] = weight * np.asarray(delta)
+    return vector
+
+
+@pytest.mark.parametrize(
+    ("hostile", "reason", "words"),
+    [
+        # One member's [-100, 0, 0, …]: the total weight turns negative.
+        (_weighted(-100.0, 0.0), "bad_weight", "not a positive number"),
+        # Exactly cancels the honest weights: zero.
+        (_weighted(-2.5, 0.0), "bad_weight", "not a positive number"),
+        # Positive, but less than this node's own share of it.
+        (_weighted(-2.3, 0.0), "bad_weight", "below this node's own weight"),
+        # More weight than four members can encode.
+        (_weighted(20_000.0, 0.0), "bad_weight", "exceeds what 4 members"),
+        # A tiny weight carrying a huge update: the mean moves by ~400 per value.
+        (_weighted(1e-6, 1e9), "update_too_large", "bound of 10 per value"),
+        # A huge value in the second block (after the first was written into out).
+        (
+            np.concatenate([[0.1], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]),
+            "update_too_large",
+            "bound of 10",
+        ),
+    ],
+    ids=[
+        "negative-weight",
+        "zero-weight",
+        "below-own-weight",
+        "implausible-weight",
+        "tiny-weight",
+        "late-block",
+    ],
+)
+def test_checked_applier_rejects_a_hostile_sum(
+    codecs: tuple[SecretCodec, PublicCodec],
+    honest_round: tuple[np.ndarray, list[np.ndarray]],
+    hostile: np.ndarray,
+    reason: str,
+    words: str,
+) -> None:
+    """Each hostile share of the sum is rejected with its own reason, and ``out`` is the
+    global model again afterwards (the daemon never applies a part of a rejected sum)."""
+    secret, public = codecs
+    global_, vectors = honest_round
+    blobs = _encrypted_sum(secret, public, [*vectors, hostile])
+    with pytest.raises(SumRejected) as err:
+        _apply(secret, blobs, global_, _limits())
+    assert err.value.reason == reason
+    assert words in err.value.message
+    # The message names no decrypted value.
+    assert not any(ch.isdigit() for ch in err.value.message.replace("10 per", "").replace("4 members", ""))
+    out = global_.copy()
+    applier = CheckedApplier(global_, out, codec.VALUES_PER_CIPHERTEXT, _limits(), None)
+    with pytest.raises(SumRejected):
+        for blob in blobs:
+            applier.feed(secret.decrypt(blob))
+    np.testing.assert_array_equal(out, global_)
+
+
+def test_checked_applier_restores_out_after_a_late_rejection(
+    codecs: tuple[SecretCodec, PublicCodec], honest_round: tuple[np.ndarray, list[np.ndarray]]
+) -> None:
+    secret, public = codecs
+    global_, vectors = honest_round
+    late = np.concatenate([[0.1], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)])
+    blobs = _encrypted_sum(secret, public, [*vectors, late])
+    out = global_.copy()
+    applier = CheckedApplier(global_, out, codec.VALUES_PER_CIPHERTEXT, _limits(), None)
+    applier.feed(secret.decrypt(blobs[0]))
+    assert not np.array_equal(out, global_)  # the first block was written
+    with pytest.raises(SumRejected, match="bound"):
+        applier.feed(secret.decrypt(blobs[1]))
+    np.testing.assert_array_equal(out, global_)
+
+
+def test_checked_applier_rejects_a_sum_under_another_key(
+    codecs: tuple[SecretCodec, PublicCodec],
+    honest_round: tuple[np.ndarray, list[np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    """A well-formed ciphertext under another key decrypts to values spread over the modulus."""
+    secret, public = codecs
+    global_, vectors = honest_round
+    other = SecretCodec(keys.keygen(tmp_path / "other").secret.read_bytes())
+    mallory = list(other.encrypt_all(_weighted(1.0, 0.01)))
+    blobs = _encrypted_sum(secret, public, vectors, mallory)
+    with pytest.raises(SumRejected) as err:
+        _apply(secret, blobs, global_, _limits())
+    assert err.value.reason in ("out_of_range", "bad_weight")
+    # Alone, too (a server that made the whole "sum" up).
+    with pytest.raises(SumRejected):
+        _apply(secret, mallory, global_, _limits())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_checked_applier_rejects_non_finite(bad: float) -> None:
+    global_ = np.zeros(6, dtype=np.float32)
+    out = global_.copy()
+    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
+    applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+    with pytest.raises(SumRejected) as err:
+        applier.feed(np.array([0.1, bad, 0.0, 0.0]))
+    assert err.value.reason == "out_of_range"
+    np.testing.assert_array_equal(out, global_)
+    with pytest.raises(SumRejected) as err:
+        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([bad, 0.0, 0.0, 0.0]))
+    assert err.value.reason == "bad_weight"
+
+
+def test_checked_applier_counts_blocks() -> None:
+    global_ = np.zeros(6, dtype=np.float32)
+    out = global_.copy()
+    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
+    applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+    with pytest.raises(SumRejected) as err:
+        applier.finish(2)
+    assert err.value.reason == "malformed"
+    np.testing.assert_array_equal(out, global_)
+    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
+    for _ in range(2):
+        applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+    with pytest.raises(SumRejected, match="more blocks"):
+        applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize(("participants", "floor"), [(2, 3), (0, 2), (4, 5)])
+def test_participants_below_the_floor(participants: int, floor: int) -> None:
+    with pytest.raises(SumRejected) as err:
+        check_participants(participants, floor)
+    assert err.value.reason == "too_few_participants"
+    check_participants(floor, floor)

@@ -1,0 +1,188 @@
+"""What a node checks before it applies a decrypted sum, and how it refuses one.
+
+Everything a node decrypts came over the network: from the server, and through
+it from every other member. A well-formed ciphertext of ``[-100, 0, …]`` from a
+single hostile member, a ciphertext under another key, or a tiny weight carrying
+a huge update are all valid CKKS ciphertexts; only their *decryption* shows that
+the sum is not one honest members can have produced. So the node checks the sum
+while it applies it into a scratch buffer (:class:`CheckedApplier`), and a sum
+that fails is *rejected*: never applied, never a reason to exit.
+
+The checks, and why each bound is what it is:
+
+* **participants ≥ the node's own floor** (``[node] min_participants``). Checked
+  before anything is downloaded, so a node never even decrypts a sum of fewer
+  members than it accepts (a sum of one update *is* that update).
+* **total weight Σw**: finite, > 0, at least this node's own weight when it
+  contributed (every other honest weight is positive), and at most
+  ``participants x VALUE_RANGE / max_participants`` — the most that many honest
+  members can encode (each checks ``|w| ≤ VALUE_RANGE / max_participants``
+  before encrypting).
+* **every decrypted value** finite and within that same range: a sum made under
+  another key decrypts to values spread over the whole modulus (~2^19), far
+  outside what honest members can send.
+* **the mean update** ``|Σw·Δ / Σw| ≤ max_update_value`` for every value (an L∞
+  bound). L∞ rather than L2 because it does not depend on the model's size (an
+  L2 bound must grow with √n and be tuned per model) and because one wrecked
+  value is enough to wreck a model; it is what stops a tiny weight carrying a
+  huge update.
+* **the stream**: the round and layout asked for, the number of blocks (see
+  :mod:`cipherhive.node.fetch` for chunk order and counts).
+
+Reasons are a small fixed set (they label a Prometheus counter) with a sentence
+in words for the log and the server. Neither ever contains a decrypted value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cipherhive.codec import VALUE_RANGE
+
+#: The fixed reason labels of ``cipherhive_node_sums_rejected_total{reason}``.
+REASONS = (
+    "too_few_participants",
+    "bad_weight",
+    "out_of_range",
+    "update_too_large",
+    "malformed",
+)
+
+#: Slack for CKKS decryption error (~1e-9 for honest sums) in weight comparisons.
+_TOLERANCE = 1e-6
+
+
+class SumRejected(Exception):
+    """A sum this node will not apply: ``reason`` is a label of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SumLimits:
+    """The bounds one sum is checked against.
+
+    ``floor`` and ``max_update`` are the node's own settings; ``max_participants``
+    comes from the server (a hostile server could only loosen the range check
+    with it, never the floor or the update bound); ``own_weight`` is this node's
+    weight in the round when it contributed, else 0.
+    """
+
+    floor: int
+    max_update: float
+    max_participants: int
+    participants: int
+    own_weight: float = 0.0
+
+    @property
+    def value_limit(self) -> float:
+        """Largest magnitude ``participants`` honest members can make a summed value reach."""
+        share = VALUE_RANGE / max(1, self.max_participants)
+        return max(1, self.participants) * share * (1 + 1e-6) + _TOLERANCE
+
+
+def check_participants(participants: int, floor: int) -> None:
+    if participants < floor:
+        raise SumRejected(
+            "too_few_participants",
+            f"the sum has {participants} participants, below this node's floor of {floor}",
+        )
+
+
+def check_total_weight(total: float, limits: SumLimits) -> None:
+    """Σw must be what ``limits.participants`` honest members can have sent (no value in messages)."""
+    if not math.isfinite(total) or total <= 1e-9:
+        raise SumRejected("bad_weight", "the total weight is not a positive number")
+    if limits.own_weight and total < limits.own_weight - _TOLERANCE:
+        raise SumRejected("bad_weight", "the total weight is below this node's own weight in the round")
+    if total > limits.value_limit:
+        raise SumRejected(
+            "bad_weight",
+            f"the total weight exceeds what {limits.participants} members can encode",
+        )
+
+
+class CheckedApplier:
+    """Check and apply a decrypted sum block by block: ``out = float32(global + Σw·Δ / Σw)``.
+
+    ``out`` is written, ``global_`` only read. A block is checked before any of
+    it is written; when a check fails, what earlier blocks wrote into ``out`` is
+    restored from ``global_`` before :class:`SumRejected` is raised, so ``out``
+    equals the global model again. ``mean`` (optional) receives the float64 average.
+    """
+
+    def __init__(
+        self,
+        global_: np.ndarray,
+        out: np.ndarray,
+        per_block: int,
+        limits: SumLimits,
+        mean: np.ndarray | None = None,
+    ) -> None:
+        self.global_ = global_
+        self.out = out
+        self.per_block = per_block
+        self.limits = limits
+        self.mean = mean
+        self.total_weight = 0.0
+        self.blocks = 0
+        self._written = 0  # out[:_written] may differ from global_
+
+    def feed(self, block: np.ndarray) -> None:
+        try:
+            self._feed(block)
+        except SumRejected:
+            self.restore()
+            raise
+
+    def finish(self, expected_blocks: int) -> None:
+        """After the last block: the sum must have had exactly ``expected_blocks``."""
+        if self.blocks != expected_blocks:
+            self.restore()
+            raise SumRejected("malformed", f"the sum arrived with {self.blocks} of {expected_blocks} blocks")
+
+    def restore(self) -> None:
+        """Put the global model back into whatever part of ``out`` was written."""
+        if self._written:
+            self.out[: self._written] = self.global_[: self._written]
+            self._written = 0
+
+    def _feed(self, block: np.ndarray) -> None:
+        limits = self.limits
+        if self.blocks * self.per_block >= self.global_.shape[0] + 1:
+            raise SumRejected("malformed", "the sum has more blocks than this node's layout")
+        start = self.blocks * self.per_block
+        first = 0
+        if start == 0:
+            check_total_weight(float(block[0]), limits)
+            self.total_weight = float(block[0])
+            first = 1
+        if not np.isfinite(block).all():
+            raise SumRejected("out_of_range", "the sum holds values that are not finite numbers")
+        if block.size and float(np.abs(block).max()) > limits.value_limit:
+            raise SumRejected(
+                "out_of_range",
+                "the sum holds values beyond what honest members can encode "
+                "(made under another key, or corrupted)",
+            )
+        lo = start + first - 1
+        hi = min(start + block.shape[0] - 1, self.global_.shape[0])
+        if hi > lo:
+            part = block[first : first + hi - lo] / self.total_weight
+            if part.size and float(np.abs(part).max()) > limits.max_update:
+                raise SumRejected(
+                    "update_too_large",
+                    f"the mean update exceeds this node's bound of {limits.max_update:g} per value",
+                )
+            if self.mean is not None:
+                self.mean[lo:hi] = part
+            self.out[lo:hi] = self.global_[lo:hi] + part
+            self._written = hi
+        self.blocks += 1

@@ -1,0 +1,269 @@
+"""Fetch → decrypt → check → apply a round's sum, or reject it; report the outcome.
+
+The node half of "a node never exits because of what arrives over the network"
+(issue 10): every way a sum can be wrong ends in :meth:`SumReceiver._reject` —
+logged with its reason (never a decrypted value), counted in
+``cipherhive_node_sums_rejected_total{reason}``, remembered in the state
+directory so a restart does not check it again, and reported to the server with
+``ReportOutcome``. The model stays at its base and the node takes part in the
+next round built on it.
+
+A stream that is cut is resumed (:func:`cipherhive.node.fetch.fetch_sum`); one
+that is malformed (wrong round, layout or count, chunks out of order, bytes SEAL
+cannot load, an early end) is downloaded again up to :data:`ATTEMPTS` times, then
+rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cipherhive import codec, failpoints
+from cipherhive.layout import Layout
+from cipherhive.logs import event
+from cipherhive.node import metrics
+from cipherhive.node.checkpoint import Checkpoint, NodeState
+from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.node.fetch import FetchError, fetch_sum
+from cipherhive.node.trainer import AppliedRound
+from cipherhive.node.update import FlatParams, split
+from cipherhive.progress import track
+from cipherhive.transport import describe_rpc_error
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cipherhive.node")
+
+#: Downloads of one sum before a malformed stream is rejected.
+ATTEMPTS = 3
+#: The server accepts at most this many characters of reason.
+MAX_REASON = 200
+
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+
+BOOTSTRAP_HINT = (
+    "stop this node and run `cipherhive node bootstrap --config node.toml --from FILE` with the "
+    "checkpoint.pt of another member's `cipherhive node export` (or a kept checkpoint) at a recent round"
+)
+
+
+class SessionEnd(Exception):
+    """End the current session and reconnect (after back-off), without exiting."""
+
+
+def checks_key(config: NodeConfig) -> str:
+    """Identifies the node's check settings: a sum rejected under other settings is checked again."""
+    text = f"{config.min_participants}:{config.max_update_value!r}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SumReceiver:
+    """The fetch/check/apply half of :class:`cipherhive.node.daemon.Node` (a mixin)."""
+
+    config: NodeConfig
+    name: str
+    settings: pb.FederationSettings
+    pool: CryptoPool
+    layout: Layout
+    store: NodeState
+    flat: FlatParams
+    global_values: np.ndarray
+    applied_round: int
+    tensors: list[tuple[str, Any]]
+    trainer: Any
+    model: Any
+    _outcome_unimplemented: bool
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ reporting
+
+    def _report(
+        self, stub: pb_grpc.AggregationStub, round_number: int, applied: bool, reason: str = ""
+    ) -> bool:
+        """Best effort: tell the server whether this node applied the round's sum (True if it heard)."""
+        if self._outcome_unimplemented:
+            return False
+        try:
+            stub.ReportOutcome(
+                pb.OutcomeReport(round=round_number, applied=applied, reason=reason[:MAX_REASON]),
+                metadata=self._metadata(),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._outcome_unimplemented = True
+                log.debug("the server does not take outcome reports (UNIMPLEMENTED); not sending them")
+            else:
+                event(
+                    log,
+                    f"could not report the outcome of round {round_number}: {describe_rpc_error(exc)}",
+                    logging.WARNING,
+                    node=self.name,
+                    round=round_number,
+                )
+            return False
+        return True
+
+    def _reject(self, stub: pb_grpc.AggregationStub, round_number: int, exc: SumRejected) -> None:
+        self.flat.load(self.global_values)
+        metrics.SUMS_REJECTED.labels(exc.reason).inc()
+        event(
+            log,
+            f"rejected the sum of round {round_number}: {exc.message}; the model stays at round "
+            f"{self.applied_round}",
+            logging.WARNING,
+            node=self.name,
+            round=round_number,
+            reason=exc.reason,
+        )
+        self.store.remember_rejection(round_number, exc.reason, exc.message, checks_key(self.config))
+        if self._report(stub, round_number, False, f"round {round_number} rejected: {exc.message}"):
+            self.store.mark_reported(round_number)
+
+    def _rejected_before(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> bool:
+        """A sum rejected earlier under the same settings is not fetched again (only re-reported)."""
+        record = self.store.rejections().get(ev.round)
+        if record is None or record.get("checks") != checks_key(self.config):
+            return False
+        event(
+            log,
+            f"skipping round {ev.round}: this node rejected its sum before ({record.get('reason')})",
+            node=self.name,
+            round=ev.round,
+        )
+        if not record.get("reported"):
+            message = f"round {ev.round} rejected: {record.get('message', '')}"
+            if self._report(stub, ev.round, False, message):
+                self.store.mark_reported(ev.round)
+        return True
+
+    # ------------------------------------------------------------ fetch → decrypt → check → apply
+
+    def _apply_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
+        t0 = time.perf_counter()
+        try:
+            check_participants(ev.participants, self.config.min_participants)
+            applier = self._download(stub, ev)
+        except SumRejected as exc:
+            self._reject(stub, ev.round, exc)
+            return
+        except grpc.RpcError as exc:
+            self.flat.load(self.global_values)
+            if exc.code() in TRANSIENT:
+                raise
+            self._fetch_refused(ev, exc)
+        except BaseException:
+            self.flat.load(self.global_values)  # a broken download leaves the global model as it was
+            raise
+        t_apply = time.perf_counter()
+        metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
+        self.flat.commit()
+        failpoints.hit("node.applying")
+        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
+        self.global_values[:] = self.flat.read()
+        self.applied_round = ev.round
+        metrics.APPLIED_ROUND.set(ev.round)
+        metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
+        event(
+            log,
+            "applied round sum",
+            node=self.name,
+            round=ev.round,
+            participants=ev.participants,
+            fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3),
+        )
+        self._report(stub, ev.round, True)
+        hook = getattr(self.trainer, "after_round", None)
+        if hook is not None:
+            mean_update = split(self.tensors, applier.mean) if applier.mean is not None else {}
+            try:
+                hook(self.model, AppliedRound(ev.round, ev.participants, mean_update))
+            except Exception:
+                log.exception("trainer after_round hook failed in round %d", ev.round)
+
+    def _fetch_refused(self, ev: pb.RoundEvent, exc: grpc.RpcError) -> None:
+        """The server will not serve a sum it announced: pruned (or withdrawn meanwhile)."""
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            message = (
+                f"the server no longer serves the sum of round {ev.round} ({exc.details()}); this "
+                f"node, at round {self.applied_round}, cannot catch up by replay: {BOOTSTRAP_HINT}"
+            )
+        else:
+            message = f"the server refused the sum of round {ev.round}: {describe_rpc_error(exc)}"
+        event(log, message, logging.ERROR, node=self.name, round=ev.round)
+        raise SessionEnd(message) from exc
+
+    def _download(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> CheckedApplier:
+        per_block = self.pool.values_per_block
+        n_ct = codec.blocks_for(self.layout.num_values, per_block)
+        hook = getattr(self.trainer, "after_round", None)
+        # The float64 average is only kept for a trainer that asks to see it.
+        wants_mean = hook is not None and getattr(self.trainer, "wants_mean_update", True)
+        limits = SumLimits(
+            floor=self.config.min_participants,
+            max_update=self.config.max_update_value,
+            max_participants=self.settings.max_participants,
+            participants=ev.participants,
+            own_weight=self.store.own_weight(ev.round),
+        )
+        last = ""
+        for attempt in range(1, ATTEMPTS + 1):
+            mean = np.empty(self.layout.num_params) if wants_mean else None
+            applier = CheckedApplier(self.global_values, self.flat.read(), per_block, limits, mean)
+            try:
+                for block in self._decrypted(stub, ev, n_ct):
+                    failpoints.hit("node.download")
+                    applier.feed(block)
+                applier.finish(n_ct)
+                return applier
+            except (FetchError, codec.CodecError, ValueError) as exc:
+                applier.restore()
+                last = str(exc)[:120]
+                event(
+                    log,
+                    f"sum of round {ev.round} arrived malformed ({last}); attempt {attempt} of {ATTEMPTS}",
+                    logging.WARNING,
+                    node=self.name,
+                    round=ev.round,
+                )
+        raise SumRejected("malformed", f"the sum stream was malformed {ATTEMPTS} times ({last})")
+
+    def _decrypted(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int) -> Iterator[np.ndarray]:
+        def blobs() -> Iterator[bytes]:
+            for blob, _count in fetch_sum(
+                stub,
+                ev.round,
+                n_ct,
+                self.layout.hash,
+                self._metadata(),
+                num_values=self.layout.num_values,
+                participants=ev.participants,
+            ):
+                yield blob
+
+        return track(
+            self.pool.decrypt(blobs()),
+            n_ct,
+            f"round {ev.round}: download+decrypt",
+            node=self.name,
+            round=ev.round,
+        )
