@@ -281,11 +281,15 @@ class LocalFederation:
                     return [info for page in reversed(pages) for info in page]
 
     def wait_round(self, number: int, timeout: float) -> pb.RoundInfo:
-        """Wait until round ``number`` has published its sum or failed."""
+        """Wait until round ``number`` has published its sum (perhaps withdrawn since) or failed."""
 
         def finished() -> pb.RoundInfo | None:
             for info in self.list_rounds():
-                if info.round == number and info.state in (pb.ROUND_SUM_READY, pb.ROUND_FAILED):
+                if info.round == number and info.state in (
+                    pb.ROUND_SUM_READY,
+                    pb.ROUND_FAILED,
+                    pb.ROUND_WITHDRAWN,
+                ):
                     return info
             return None
 

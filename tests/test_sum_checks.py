@@ -13,7 +13,6 @@ plaintext FedAvg of the honest updates.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -122,7 +121,9 @@ def _attack_round(fed: LocalFederation, kind: str) -> int:
             info = fed.wait_round(opened.round, 120)
         finally:
             watch.cancel()
-    assert info.state == pb.ROUND_SUM_READY and info.participants == NODES + 1, info
+    # Published, and perhaps already withdrawn once the nodes reported rejecting it.
+    assert info.state in (pb.ROUND_SUM_READY, pb.ROUND_WITHDRAWN), info
+    assert info.participants == NODES + 1, info
     return int(opened.round)
 
 
@@ -201,23 +202,19 @@ def test_nodes_reject_a_spoiled_sum_and_carry_on(fed: LocalFederation, kind: str
     assert [_applied_round(fed, i) for i in range(NODES)] == bases, "a node applied the spoiled sum"
     assert not _records(fed, number, "applied")
     for i in range(NODES):
-        rejected = json.loads((fed.workdir / f"{fed.node_name(i)}-state" / "rejected.json").read_text())
-        assert str(number) in rejected
+        log = fed.log(fed.node_name(i))
         if reason is not None:
-            assert rejected[str(number)]["reason"] == reason
+            assert f"round={number} reason={reason}]" in log, log[-2000:]
+    _withdrawn_by_the_nodes(fed, number)
     if kind == "negative-weight":
-        # A restart replays the round: the node neither exits nor checks it again.
+        # A restart replays the withdrawn round: the node neither exits nor fetches it again.
         fed.stop(fed.node_name(0))
+        joins = fed.log("node-1").count("joined federation")
         fed.start_node(0)
-        fed.wait_for(
-            lambda: f"skipping round {number}: this node rejected its sum before" in fed.log("node-1"),
-            90,
-            "the restarted node to skip the rejected round",
-        )
+        fed.wait_for(lambda: fed.log("node-1").count("joined federation") > joins, 90, "node-1 to rejoin")
         time.sleep(2)
         _alive(fed)
         assert fed.log("node-1").count(f"rejected the sum of round {number}:") == 1
-    _withdrawn_by_the_nodes(fed, number)
     _honest_round(fed)
     _alive(fed)
     # The hostile round never reached a node's model: no exit, no traceback.
@@ -236,7 +233,8 @@ def test_nodes_roll_back_a_withdrawn_round(fed: LocalFederation) -> None:
         pb_grpc.AdminStub(ch).WithdrawRound(
             pb.WithdrawRoundRequest(round=number, reason="operator test"), timeout=30
         )
-    previous = max(r.round for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY and r.round < number)
+    good = [r.round for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY and r.round < number]
+    previous = max(good, default=0)
     fed.wait_for(
         lambda: all(_applied_round(fed, i) == previous for i in range(NODES)), 60, "every node to roll back"
     )
