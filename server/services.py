@@ -1,18 +1,21 @@
-"""The gRPC servicers: thin adapters from RPCs to the round manager.
+"""The gRPC servicers (asyncio): thin adapters from RPCs to the round manager.
 
-Every handler identifies the caller first (certificate, role), validates
-what it received, and turns refusals into a gRPC status with a message a
-person can act on; an exception in one call never affects another.
+Who calls, with which role, within which limits, is settled before a handler
+runs (``server/guard.py``); a handler reads the caller from ``guard.caller()``.
+Handlers run on the event loop and hand everything that blocks (the round
+manager's lock, SQLite, ciphertext parsing, sum files) to the bounded worker
+pool, so an open stream costs no thread. Refusals raise ``RoundError`` or
+``Refusal``, which the guard turns into the gRPC status; an exception in one
+call never affects another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import grpc
 
@@ -20,9 +23,10 @@ from cipherhive import __version__
 from cipherhive.layout import Layout
 from cipherhive.logs import audit, event
 from cipherhive.server import metrics
-from cipherhive.server.identity import Authenticator, Caller
+from cipherhive.server.guard import Runner, caller
+from cipherhive.server.identity import Authenticator, Refusal
 from cipherhive.server.ingest import ingest
-from cipherhive.server.limits import Limiter
+from cipherhive.server.limits import Transfers
 from cipherhive.server.publish import stream_sum
 from cipherhive.server.rounds import STATE_NAMES, RoundError, RoundManager
 from cipherhive.server.state import RoundRow
@@ -30,148 +34,157 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
-#: How long a transfer waits for a slot before the caller is told to retry.
-TRANSFER_WAIT_SECONDS = 60.0
-R = TypeVar("R")
-
-
-class Gate:
-    """Identify the caller, then hold one of its call slots (rate and concurrency limits)."""
-
-    def __init__(self, auth: Authenticator, limiter: Limiter) -> None:
-        self.auth = auth
-        self.limiter = limiter
-
-    @contextmanager
-    def enter(self, context: grpc.ServicerContext, role: str, claimed: str = "") -> Iterator[Caller]:
-        caller = self.auth.require(context, role, claimed)
-        with self.limiter.admit(caller.name, context):
-            yield caller
-
-
-def _guard(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
-    """Run ``call``, turning a RoundError into the matching gRPC status."""
-    try:
-        return call()
-    except RoundError as exc:
-        context.abort(exc.code, exc.message)
-        raise  # unreachable: abort raises
+#: Client-supplied strings are cut to this length before they are logged.
+MAX_LOGGED = 200
 
 
 class AggregationService(pb_grpc.AggregationServicer):
-    def __init__(self, manager: RoundManager, gate: Gate, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        manager: RoundManager,
+        run: Runner,
+        transfers: Transfers,
+        auth: Authenticator,
+        stopping: Callable[[], bool],
+        write_timeout: float,
+    ) -> None:
         self.m = manager
-        self.gate = gate
+        self.run = run
+        self.transfers = transfers
+        self.auth = auth
         self._stopping = stopping
+        self.write_timeout = write_timeout
 
-    @contextmanager
-    def _transfer_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Wait for one of the few transfer slots; a stream that waits is not read, so
-        flow control holds its data on the sender's side instead of in this process."""
-        if not self.m.transfer_slots.acquire(timeout=TRANSFER_WAIT_SECONDS):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy with other transfers; retry"
-            )
+    @asynccontextmanager
+    async def _one(self, kind: str) -> AsyncIterator[None]:
+        """The caller's single upload or download (a second at the same time is refused)."""
+        who = caller()
+        self.transfers.claim(who, kind)
         try:
             yield
         finally:
-            self.m.transfer_slots.release()
+            self.transfers.release(who, kind)
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        with self.gate.enter(context, "node", claimed=request.node_name) as caller:
-            return self._join(caller, request, context)
-
-    def _join(self, caller: Caller, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        who = caller()
         layout = Layout.from_proto(request.layout)
         if request.layout.num_params != layout.num_params:
-            context.abort(
+            raise RoundError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"layout.num_params {request.layout.num_params} is not the sum of its tensors' "
                 f"sizes ({layout.num_params})",
             )
         try:
-            self.m.join(caller.name, request.key_fingerprint, layout)
+            await self.run(self.m.join, who.name, request.key_fingerprint, layout)
         except RoundError as exc:
-            audit("join refused", caller.name, reason=exc.message)
-            context.abort(exc.code, exc.message)
-        audit("join", caller.name, version=request.software_version[:40])
-        latest = self.m.state.rounds(limit=1)
-        return pb.JoinReply(
-            node_name=caller.name,
-            settings=self.m.settings(),
-            latest_round=latest[-1].round if latest else 0,
-            latest_sum_round=self.m.state.latest_sum_round(),
-        )
+            audit("join refused", who.name, role=who.role, reason=exc.message[:MAX_LOGGED])
+            raise
+        audit("join", who.name, role=who.role, version=request.software_version[:40])
 
-    def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        with self.gate.enter(context, "node") as caller:
-            self.m.watcher_enter(caller.name)
-            event(log, "node online", node=caller.name)
-            try:
-                yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
-            finally:
-                self.m.watcher_exit(caller.name)
-                event(log, "node offline", node=caller.name)
+        def reply() -> pb.JoinReply:
+            latest = self.m.state.rounds(limit=1)
+            return pb.JoinReply(
+                node_name=who.name,
+                settings=self.m.settings(),
+                latest_round=latest[-1].round if latest else 0,
+                latest_sum_round=self.m.state.latest_sum_round(),
+            )
 
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
+        return await self.run(reply)
+
+    async def WatchRounds(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoundEvent]:
+        who = caller()
+        await self.run(self.m.watcher_enter, who.name)
+        event(log, "node online", node=who.name)
+        try:
+            async for item in follow_events(self.m, self.run, self.auth, request.since_round, self._stopping):
+                yield item
+        finally:
+            await self.run.surely(self.m.watcher_exit, who.name)
+            event(log, "node offline", node=who.name)
+
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.SubmitRequest], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReceipt:
-        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
-            try:
-                return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
-            except RoundError as exc:
-                audit("submission refused", caller.name, code=exc.code.name, reason=exc.message)
-                metrics.SUBMISSIONS.labels(exc.code.name.lower()).inc()
-                context.abort(exc.code, exc.message)
-                raise
-
-    def FetchAggregate(
-        self, request: pb.FetchRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.AggregateChunk]:
-        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
-            layout = self.m.layout()
-            try:
-                yield from stream_sum(
-                    self.m.state,
-                    self.m.spool,
-                    request,
-                    layout.hash if layout else "",
-                    self.m.config.max_ciphertexts_per_chunk,
+        who = caller()
+        try:
+            async with self._one("upload"):
+                return await ingest(
+                    self.m,
+                    who.name,
+                    request_iterator,
+                    run=self.run,
+                    slot=self.transfers.slot,
+                    revoked=lambda: self.auth.revoked(who),
                 )
-            except RoundError as exc:
-                context.abort(exc.code, exc.message)
-            event(log, "sum served", node=caller.name, round=request.round)
+        except (RoundError, Refusal) as exc:
+            audit(
+                "submission refused",
+                who.name,
+                role=who.role,
+                code=exc.code.name,
+                reason=exc.message[:MAX_LOGGED],
+            )
+            metrics.SUBMISSIONS.labels(exc.code.name.lower()).inc()
+            raise
+
+    async def FetchAggregate(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> None:
+        """Written with ``context.write`` under a deadline: a member that stops reading
+        must not keep a transfer slot for ever."""
+        who = caller()
+        async with self._one("download"), self.transfers.slot():
+            layout = await self.run(self.m.layout)
+            chunks: Iterator[pb.AggregateChunk] = stream_sum(
+                self.m.state,
+                self.m.spool,
+                request,
+                layout.hash if layout else "",
+                self.m.config.max_ciphertexts_per_chunk,
+            )
+            while (chunk := await self.run(next, chunks, None)) is not None:
+                try:
+                    await asyncio.wait_for(context.write(chunk), self.write_timeout)
+                except TimeoutError:
+                    reason = f"the client read nothing for {self.write_timeout:g} s; download cut"
+                    audit("stream cut", who.name, role=who.role, method="FetchAggregate", reason=reason)
+                    raise RoundError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
+            event(log, "sum served", node=who.name, round=request.round)
 
 
-def follow_events(
+async def follow_events(
     manager: RoundManager,
-    since_round: int,
-    context: grpc.ServicerContext,
-    stopping: Callable[[], bool],
+    run: Runner,
     auth: Authenticator,
-) -> Iterator[pb.RoundEvent]:
+    since_round: int,
+    stopping: Callable[[], bool],
+) -> AsyncIterator[pb.RoundEvent]:
     """History after ``since_round``, then live events, with heartbeats, until the call ends."""
-    q = manager.bus.subscribe()
+    who = caller()
+    sub = manager.bus.subscribe()
     try:
-        yield from manager.history(since_round)
-        heartbeat = manager.config.heartbeat_seconds
-        last = time.monotonic()
-        while context.is_active() and not stopping():
-            try:
-                item = q.get(timeout=min(heartbeat, 0.5))
-            except queue.Empty:
-                if time.monotonic() - last < heartbeat:
-                    continue
-                item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
-            if item is None:
-                return
-            revoked = auth.revoked(context)
-            if revoked:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
-            last = time.monotonic()
+        for item in await run(manager.history, since_round):
             yield item
+        heartbeat = manager.config.heartbeat_seconds
+        while not stopping():
+            try:
+                got = await asyncio.wait_for(sub.get(), heartbeat)
+            except TimeoutError:
+                got = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
+            if got is None:
+                if sub.overflowed:
+                    raise Refusal(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "this stream fell too far behind (not reading events); reconnect",
+                    )
+                return
+            revoked = auth.revoked(who)
+            if revoked:
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED, revoked)
+            yield got
     finally:
-        manager.bus.unsubscribe(q)
+        manager.bus.unsubscribe(sub)
 
 
 def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = True) -> pb.RoundInfo:
@@ -200,77 +213,97 @@ def round_info(manager: RoundManager, row: RoundRow, with_submissions: bool = Tr
 
 
 class AdminService(pb_grpc.AdminServicer):
+    """Operator calls; each body runs in a worker thread (database and round lock)."""
+
     def __init__(
-        self, manager: RoundManager, gate: Gate, started: float, stopping: Callable[[], bool]
+        self,
+        manager: RoundManager,
+        run: Runner,
+        auth: Authenticator,
+        started: float,
+        stopping: Callable[[], bool],
     ) -> None:
         self.m = manager
-        self.gate = gate
+        self.run = run
+        self.auth = auth
         self.started = started
         self._stopping = stopping
 
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        with self.gate.enter(context, "admin"):
-            rounds = self.m.state.rounds(limit=1)
-            return pb.StatusReply(
-                version=__version__,
-                started_unix=self.started,
-                settings=self.m.settings(),
-                nodes_known=len(self.m.state.nodes()),
-                nodes_online=len(self.m.online()),
-                open_round=self.m.open_round_number(),
-                latest_round=rounds[-1].round if rounds else 0,
-                latest_sum_round=self.m.state.latest_sum_round(),
-                rounds_failed=self.m.state.count_rounds("failed"),
-                auto_start=self.m.config.auto_start,
-                max_rounds=self.m.config.max_rounds,
-            )
+    def _status(self) -> pb.StatusReply:
+        rounds = self.m.state.rounds(limit=1)
+        return pb.StatusReply(
+            version=__version__,
+            started_unix=self.started,
+            settings=self.m.settings(),
+            nodes_known=len(self.m.state.nodes()),
+            nodes_online=len(self.m.online()),
+            open_round=self.m.open_round_number(),
+            latest_round=rounds[-1].round if rounds else 0,
+            latest_sum_round=self.m.state.latest_sum_round(),
+            rounds_failed=self.m.state.count_rounds("failed"),
+            auto_start=self.m.config.auto_start,
+            max_rounds=self.m.config.max_rounds,
+        )
 
-    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesReply:
-        with self.gate.enter(context, "admin"):
-            online = set(self.m.online())
-            return pb.ListNodesReply(
-                nodes=[
-                    pb.NodeInfo(
-                        name=n.name,
-                        online=n.name in online,
-                        first_seen_unix=n.first_seen,
-                        last_seen_unix=n.last_seen,
-                        last_round=n.last_round,
-                        submissions=n.submissions,
-                    )
-                    for n in self.m.state.nodes()
-                ]
-            )
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return await self.run(self._status)
 
-    def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
-        with self.gate.enter(context, "admin"):
+    def _nodes(self) -> pb.ListNodesReply:
+        online = set(self.m.online())
+        return pb.ListNodesReply(
+            nodes=[
+                pb.NodeInfo(
+                    name=n.name,
+                    online=n.name in online,
+                    first_seen_unix=n.first_seen,
+                    last_seen_unix=n.last_seen,
+                    last_round=n.last_round,
+                    submissions=n.submissions,
+                )
+                for n in self.m.state.nodes()
+            ]
+        )
+
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListNodesReply:
+        return await self.run(self._nodes)
+
+    async def ListRounds(
+        self, request: pb.ListRoundsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRoundsReply:
+        def rounds() -> pb.ListRoundsReply:
             rows = self.m.state.rounds(limit=request.limit)
             return pb.ListRoundsReply(rounds=[round_info(self.m, row) for row in rows])
 
-    def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin"):
-            row = self.m.state.round(request.round)
-            if row is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
-                raise AssertionError("unreachable: abort raises")
-            return round_info(self.m, row)
+        return await self.run(rounds)
 
-    def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin") as caller:
-            if not 0 <= request.timeout_seconds <= 7 * 86400:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
-                )
-            row = _guard(context, lambda: self.m.start_round(request.timeout_seconds, actor=caller.name))
-            return round_info(self.m, row)
+    async def GetRound(self, request: pb.GetRoundRequest, context: grpc.aio.ServicerContext) -> pb.RoundInfo:
+        row = await self.run(self.m.state.round, request.round)
+        if row is None:
+            raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {request.round} does not exist")
+        return await self.run(round_info, self.m, row)
 
-    def CloseRound(self, request: pb.CloseRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin") as caller:
-            row = _guard(
-                context, lambda: self.m.close_round(request.round, "closed by operator", actor=caller.name)
+    async def StartRound(
+        self, request: pb.StartRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundInfo:
+        if not 0 <= request.timeout_seconds <= 7 * 86400:
+            raise RoundError(
+                grpc.StatusCode.INVALID_ARGUMENT, "timeout_seconds must be 0 (configured) to 604800"
             )
-            return round_info(self.m, row)
+        actor = caller().name
+        row = await self.run(lambda: self.m.start_round(request.timeout_seconds, actor=actor))
+        return await self.run(round_info, self.m, row)
 
-    def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        with self.gate.enter(context, "admin"):
-            yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
+    async def CloseRound(
+        self, request: pb.CloseRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundInfo:
+        actor = caller().name
+        row = await self.run(lambda: self.m.close_round(request.round, "closed by operator", actor=actor))
+        return await self.run(round_info, self.m, row)
+
+    async def WatchEvents(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoundEvent]:
+        async for item in follow_events(self.m, self.run, self.auth, request.since_round, self._stopping):
+            yield item
