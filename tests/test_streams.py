@@ -241,6 +241,60 @@ def test_revoked_certificate_gets_no_reflection_or_health(fed: LocalFederation) 
         clients.close()
 
 
+def test_admin_keeps_reserved_capacity(tmp_path: Path) -> None:
+    """Members fill every non-admin call slot; the operator still gets answers.
+
+    The threaded server capped all calls together (``maximum_concurrent_rpcs``) and keyed
+    its per-identity limits by name alone: members' idle streams locked the operator out,
+    and so did a node certificate that happened to be named "operator". Here non-admin
+    calls stop at ``max_concurrent_rpcs`` with a RESOURCE_EXHAUSTED that says so, admin
+    calls have ``admin_reserved_rpcs`` more, and limits are keyed by (role, name).
+    """
+    fed = LocalFederation(tmp_path, nodes=3, rounds={"auto_start": False})
+    fed.setup()
+    _issue(fed, "node", "operator", "node-operator")  # a member certificate named like the admin
+    _append_server_settings(
+        fed, {"max_concurrent_rpcs": 24, "admin_reserved_rpcs": 4}, tmp_path / "audit.jsonl"
+    )
+    clients = AioClients(fed)
+    try:
+        fed.start_server()
+        fed.wait_serving()
+
+        async def fill() -> list[Any]:
+            calls: list[Any] = []
+            for folder, name in [("node-operator", "operator"), ("node-1", "node-1"), ("node-2", "node-2")]:
+                stub = pb_grpc.AggregationStub(await clients.channel(folder, name))
+                calls += [stub.WatchRounds(pb.WatchRequest(since_round=10**6)) for _ in range(8)]
+            clients.calls += calls
+            return calls
+
+        calls = clients.run(fill())
+        fed.wait_for(lambda: _status_online(fed) == 3, 60, "24 member streams admitted")
+        assert not any(c.done() for c in calls)
+
+        async def one_more() -> tuple[S | None, str, float]:
+            stub = pb_grpc.AggregationStub(await clients.channel("node-3", "node-3"))
+            call = stub.WatchRounds(pb.WatchRequest(since_round=10**6))
+            clients.calls.append(call)
+            return await _outcome(call, 10.0)
+
+        code, details, _ = clients.run(one_more())
+        assert code == S.RESOURCE_EXHAUSTED and "max_concurrent_rpcs" in details, (code, details)
+        with fed.admin_channel() as ch:  # the reserve: several admin calls at once still pass
+            admin = pb_grpc.AdminStub(ch)
+            watches = [admin.WatchEvents(pb.WatchRequest(since_round=10**6)) for _ in range(2)]
+            started = time.monotonic()
+            assert _status(admin).nodes_online == 3
+            assert time.monotonic() - started < 1.0
+            for w in watches:
+                w.cancel()
+    finally:
+        clients.close()
+        codes = fed.stop_all()
+        assert codes["server"] == 0, fed.log("server")[-3000:]
+
+
 def _admin_flags(fed: LocalFederation) -> list[str]:
     d = fed.workdir / "admin"
     return [
