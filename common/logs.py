@@ -13,6 +13,7 @@ field to :data:`MAX_FIELD` characters; call sites bound client strings further.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 AUDIT = logging.getLogger("cipherhive.audit")
+#: (role, name) of the caller a server call is serving, set by the server's guard; it
+#: travels into worker threads with the call's context.
+_CALLER: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("log_caller", default=None)
 #: Longest string a log field keeps (the rest is replaced by "…").
 MAX_FIELD = 500
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -92,5 +96,16 @@ def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields:
     logger.log(level, msg, extra={"fields": fields})
 
 
+def bind_caller(role: str, name: str) -> None:
+    """Name the caller of the call in progress, so audit lines about it carry its role."""
+    _CALLER.set((role, name))
+
+
 def audit(action: str, actor: str, **fields: Any) -> None:
+    """One audit line. Identities are (role, name): a node certificate named like the
+    operator is another identity, so the role is added when the actor is the caller."""
+    if "role" not in fields:
+        caller = _CALLER.get()
+        if caller is not None and caller[1] == actor:
+            fields["role"] = caller[0]
     event(AUDIT, action, action=action, actor=actor, **fields)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cipherhive.logs import audit
+from cipherhive.logs import audit, bind_caller
 from cipherhive.server.identity import ANY_ROLE, Authenticator, Caller, Refusal
 from cipherhive.server.limits import Admission
 from cipherhive.server.rounds import RoundError
@@ -170,6 +170,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
         CALLER.set(who)
+        bind_caller(who.role, who.name)
         return who
 
     def _deadline(self, source: AsyncIterator[Any], method: str, who: Caller) -> ReadDeadline:

@@ -2,9 +2,10 @@
 
 Each identity, keyed by ``(role, name)`` so that a node certificate named like
 the operator cannot use up the operator's allowance, gets a token bucket for
-new calls and a bounded number of calls in progress. Calls in progress are
-capped for the whole server too, with ``admin_reserved_rpcs`` more kept for
-admin certificates, so the operator can always look and act during a flood.
+new calls and a bounded number of calls in progress. Calls in progress that
+are not from admin certificates are capped at ``max_concurrent_rpcs`` for the
+whole server; admin calls may take the total ``admin_reserved_rpcs`` higher,
+so the operator can always look and act during a flood.
 Beyond any limit the caller is told RESOURCE_EXHAUSTED and how to back off;
 everybody else is unaffected.
 
@@ -44,7 +45,8 @@ class Admission:
         self.per_identity = per_identity
         self.max_calls = max_calls
         self.admin_reserved = admin_reserved
-        self.active = 0
+        self.active = 0  # calls in progress
+        self.others = 0  # of which not from admin certificates
         self._buckets: dict[tuple[str, str], _Bucket] = {}
 
     def enter(self, caller: Caller) -> None:
@@ -54,8 +56,8 @@ class Admission:
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
         bucket.stamp = now
         who = f"{caller.role} {caller.name!r}"
-        cap = self.max_calls + (self.admin_reserved if caller.role == "admin" else 0)
-        if self.active >= cap:
+        admin = caller.role == "admin"
+        if (self.active if admin else self.others) >= self.max_calls + (self.admin_reserved if admin else 0):
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server has {self.active} calls in progress (max_concurrent_rpcs {self.max_calls}); "
@@ -75,13 +77,16 @@ class Admission:
         bucket.tokens -= 1.0
         bucket.active += 1
         self.active += 1
+        self.others += not admin
 
     def leave(self, caller: Caller) -> None:
         self.active -= 1
+        self.others -= caller.role != "admin"
         bucket = self._buckets[caller.key]
         bucket.active -= 1
-        if bucket.active == 0 and bucket.tokens >= self.burst:
-            del self._buckets[caller.key]  # idle and full: forget it, so the table stays small
+        refilled = bucket.tokens + (time.monotonic() - bucket.stamp) * self.rate
+        if bucket.active == 0 and refilled >= self.burst:
+            del self._buckets[caller.key]  # idle and full again: forget it, the table stays small
 
 
 def _a(noun: str) -> str:
