@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,17 @@ def _read(path: Path | None, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise StartupError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _bind(add_port: Callable[[], int], address: str, setting: str) -> int:
+    """Bind a port; grpc reports failure by returning 0 or raising RuntimeError, by version."""
+    try:
+        port = add_port()
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} ([server] {setting}): address in use or not local")
+    return port
 
 
 class Server:
@@ -171,16 +182,14 @@ class Server:
                 "INSECURE MODE: no TLS, node names are self-declared and traffic is readable on "
                 "the network. Never use --insecure across machines."
             )
-            port = server.add_insecure_port(cfg.listen)
+            port = _bind(lambda: server.add_insecure_port(cfg.listen), cfg.listen, "listen")
         else:
             creds = grpc.ssl_server_credentials(
                 [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
                 root_certificates=_read(cfg.tls_ca, "CA certificate"),
                 require_client_auth=True,
             )
-            port = server.add_secure_port(cfg.listen, creds)
-        if port == 0:
-            raise StartupError(f"cannot listen on {cfg.listen} (address in use or not local)")
+            port = _bind(lambda: server.add_secure_port(cfg.listen, creds), cfg.listen, "listen")
         self.port = port
         self.grpc_server = server
         self.health_server: grpc.aio.Server | None = None
@@ -189,8 +198,10 @@ class Server:
             # status is all this plaintext port serves (no guard: there is no identity).
             self.health_server = grpc.aio.server(maximum_concurrent_rpcs=64)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            if self.health_server.add_insecure_port(cfg.health_listen) == 0:
-                raise StartupError(f"cannot listen on health_listen {cfg.health_listen}")
+            health_server = self.health_server
+            _bind(
+                lambda: health_server.add_insecure_port(cfg.health_listen), cfg.health_listen, "health_listen"
+            )
 
     async def _set_health(self, status: int) -> None:
         for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin"):
