@@ -181,44 +181,73 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rate = self.min_rate if method in RATED_STREAMS else 0.0
         return ReadDeadline(source, idle=self.idle, min_rate=rate, on_cut=cut)
 
-    @staticmethod
-    async def _refuse(context: grpc.aio.ServicerContext, exc: RoundError | Refusal) -> None:
-        await context.abort(exc.code, exc.message)
+    async def _read_one(self, requests: AsyncIterator[Any], method: str, who: Caller) -> Any:
+        request = await anext(self._deadline(requests, method, who), None)
+        if request is None:
+            raise RoundError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes one request message; none came"
+            )
+        return request
+
+    async def _begin(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str, single: bool
+    ) -> tuple[Caller, Any]:
+        """Admit the caller, then read: its one request message (``single``), or wrap its stream.
+
+        Admission comes before any read, so a call whose request never arrives is still
+        counted against its identity and cut at the idle deadline. Only in insecure mode,
+        where a Join may name its node in the request, is the request read first.
+        """
+        first = None
+        if single and self.auth.insecure:
+            try:
+                first = await self._read_one(requests, method, Caller("unidentified", "client"))
+            except RoundError as exc:
+                await context.abort(exc.code, exc.message)
+        who = await self._admit(context, method, first)
+        try:
+            if not single:
+                return who, self._deadline(requests, method, who)
+            return who, first if first is not None else await self._read_one(requests, method, who)
+        except RoundError as exc:
+            self.admission.leave(who)
+            await context.abort(exc.code, exc.message)
+        except BaseException:
+            self.admission.leave(who)
+            raise
+        raise AssertionError("unreachable: abort raises")
 
     # ------------------------------------------------------------ wrapping
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The guarded handler. Every method is served as client-streaming: the wire format is
+        the same, and it lets the guard admit the caller before the request message is read."""
         ser = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **ser)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method, False), **ser
-            )
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.unary_unary, method, True), **ser)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, True), **ser
+                self._unary(handler.stream_unary, method, False), **ser
             )
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method, True), **ser
-        )
+        single = handler.unary_stream is not None
+        behaviour = handler.unary_stream if single else handler.stream_stream
+        if inspect.isasyncgenfunction(behaviour):
+            return grpc.stream_stream_rpc_method_handler(self._generator(behaviour, method, single), **ser)
+        # A coroutine that writes with context.write (health Watch, FetchAggregate).
+        return grpc.stream_stream_rpc_method_handler(self._unary(behaviour, method, single), **ser)
 
-    def _unary(
-        self, behaviour: Callable[..., Any], method: str, client_stream: bool = False
-    ) -> Callable[..., Any]:
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            who = await self._admit(context, method, None if client_stream else request)
+    def _unary(self, behaviour: Callable[..., Any], method: str, single: bool) -> Callable[..., Any]:
+        async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            who, request = await self._begin(requests, context, method, single)
             try:
-                if client_stream:
-                    request = self._deadline(request, method, who)
                 result = behaviour(request, context)
                 # The generated base servicer's stubs are plain functions (UNIMPLEMENTED).
                 return await result if inspect.isawaitable(result) else result
             except (RoundError, Refusal) as exc:
-                await self._refuse(context, exc)
+                await context.abort(exc.code, exc.message)
             except NotImplementedError:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this server does not implement {method}")
             finally:
@@ -226,24 +255,17 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return guarded
 
-    def _streaming(
-        self, behaviour: Callable[..., Any], method: str, client_stream: bool
-    ) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behaviour):
+    def _generator(self, behaviour: Callable[..., Any], method: str, single: bool) -> Callable[..., Any]:
+        async def guarded(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            who, request = await self._begin(requests, context, method, single)
+            try:
+                async for reply in behaviour(request, context):
+                    yield reply
+            except (RoundError, Refusal) as exc:
+                await context.abort(exc.code, exc.message)
+            finally:
+                self.admission.leave(who)
 
-            async def guarded_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                who = await self._admit(context, method, None if client_stream else request)
-                try:
-                    if client_stream:
-                        request = self._deadline(request, method, who)
-                    async for reply in behaviour(request, context):
-                        yield reply
-                except (RoundError, Refusal) as exc:
-                    await self._refuse(context, exc)
-                finally:
-                    self.admission.leave(who)
-
-            return guarded_gen
-
-        # A coroutine that writes with context.write (the health service's Watch).
-        return self._unary(behaviour, method, client_stream)
+        return guarded

@@ -202,6 +202,42 @@ def test_idle_uploads_are_refused_or_cut_and_honest_round_completes(fed: LocalFe
     assert cuts[0]["method"].endswith("/SubmitUpdate")
 
 
+def test_unary_calls_whose_request_never_comes_count_and_are_cut(fed: LocalFederation) -> None:
+    """Unary calls that send headers but never their request message.
+
+    gRPC reads a unary request before any handler (or, in the threaded server, any
+    check) runs, so such calls were invisible to every per-identity limit and never
+    timed out: a member could pile them up until the server's global call cap refused
+    everyone, the operator included. Here the guard admits the caller before reading:
+    the ninth is refused at once, and the eight admitted are cut at the idle deadline.
+    """
+    clients = AioClients(fed)
+    try:
+
+        async def open_calls() -> list[Any]:
+            ch = await clients.channel("mallory", "mallory")
+            join = ch.stream_unary(
+                "/cipherhive.v1.Aggregation/Join",
+                request_serializer=pb.JoinRequest.SerializeToString,
+                response_deserializer=pb.JoinReply.FromString,
+            )
+            calls = []
+            for _ in range(9):
+                calls.append(join())  # headers go out; the request message never does
+                await asyncio.sleep(0.05)
+            clients.calls += calls
+            return calls
+
+        calls = clients.run(open_calls())
+        early = clients.run(_outcomes(calls, 2.0))
+        assert [code for code, _, _ in early].count(S.RESOURCE_EXHAUSTED) == 1, early
+        assert "calls in progress" in next(d for c, d, _ in early if c == S.RESOURCE_EXHAUSTED)
+        late = clients.run(_outcomes([c for c, o in zip(calls, early, strict=True) if o[0] is None], 30.0))
+        assert len(late) == 8 and all(code == S.DEADLINE_EXCEEDED for code, _, _ in late), late
+    finally:
+        clients.close()
+
+
 def test_revoked_certificate_gets_no_reflection_or_health(fed: LocalFederation) -> None:
     """Seventy idle reflection streams from a revoked certificate are refused, every one.
 
