@@ -379,8 +379,11 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
     for name in watchers + reflectors:
         _issue(fed, "node", name, f"flood/{name}")
     issue_seconds = time.monotonic() - issued
-    # Idle deadline long enough that the reflection streams stay open for the measurement.
-    _append_server_settings(fed, {"stream_idle_seconds": 900.0}, tmp_path / "audit.jsonl")
+    # Idle deadline long enough that the reflection streams stay open for the measurement;
+    # heartbeats every 2 s, so the watch streams are busy (N/2 events a second) throughout.
+    _append_server_settings(
+        fed, {"stream_idle_seconds": 900.0, "heartbeat_seconds": 2.0}, tmp_path / "audit.jsonl"
+    )
     clients = AioClients(fed)
     try:
         fed.start()
@@ -441,8 +444,9 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
         server = _proc_status(fed.procs["server"].pid)
         with capsys.disabled():
             print(
-                f"\nflood: {watch} idle WatchRounds streams over {len(watchers)} member certificates, "
-                f"{reflect} idle reflection streams over {len(reflectors)}; {still_open} open at the end"
+                f"\nflood: {watch} idle WatchRounds streams (heartbeat every 2 s) over {len(watchers)} "
+                f"member certificates, {reflect} idle reflection streams over {len(reflectors)}; "
+                f"{still_open} open at the end"
                 f"\n  certificates issued in {issue_seconds:.1f} s, streams admitted in {open_seconds:.1f} s"
                 f"\n  3-node round (start -> every node applied the exact sum): {round_seconds:.2f} s"
                 f"\n  `cipherhive ctl status` (CLI in-process, new TLS channel): {ctl_seconds:.3f} s"
