@@ -1,6 +1,7 @@
 """Issue 10, item 7 (the transport's share): smaller holes, each against a real server process.
 
 * a certificate revoked while its upload is in flight gets nothing counted;
+* an upload that trickles in below ``min_upload_bytes_per_second`` is cut and rolled back;
 * a newline in a client-supplied string cannot forge a line of the readable log;
 * a TLS private key readable by group or others is refused, by the server at start
   and by clients (`cipherhive ctl`);
@@ -30,6 +31,7 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 from tests.test_hostile import LAYOUT, NUM_CTS, NUM_VALUES, _chunks
 
 pytestmark = pytest.mark.slow
+IDLE_SECONDS = 3.0
 
 
 def _tls(fed: LocalFederation, name: str) -> ClientTLS:
@@ -43,6 +45,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     fed = LocalFederation(workdir, nodes=3, rounds={"auto_start": False, "timeout_seconds": 600.0})
     fed.setup()
     certs.issue(workdir / "ca", "node", "latecomer", workdir / "latecomer")
+    with (workdir / "server.toml").open("a") as fh:
+        fh.write(f"\n[limits]\nstream_idle_seconds = {IDLE_SECONDS}\n")
     fed.start_server()
     fed.wait_serving()
     try:
@@ -102,6 +106,50 @@ def test_certificate_revoked_during_upload_counts_nothing(fed: LocalFederation) 
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (error.details() or "")
         info = admin.GetRound(pb.GetRoundRequest(round=number), timeout=10)
         assert info.participants == 0 and not info.submissions
+
+
+def test_trickling_upload_is_cut_and_rolled_back(fed: LocalFederation) -> None:
+    """An upload that sends a ciphertext every few seconds, each gap under the idle deadline.
+
+    The threaded server had no rate floor: such an upload held a transfer slot (and its
+    part of the running sum) for as long as the member liked. Here, once the member has
+    had ``stream_idle_seconds`` of the server's attention, an average below
+    ``min_upload_bytes_per_second`` (32 KiB/s) cuts it with RESOURCE_EXHAUSTED, and
+    nothing it sent stays in the round.
+    """
+    fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
+    secret = codec.SecretCodec((fed.workdir / "keys" / keys.SECRET_FILE).read_bytes())
+    with channel(f"127.0.0.1:{fed.port}", _tls(fed, "node-2")) as ch, fed.admin_channel() as admin_ch:
+        stub = pb_grpc.AggregationStub(ch)
+        stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=LAYOUT.to_proto()), timeout=30)
+        admin = pb_grpc.AdminStub(admin_ch)
+        number = admin.GetStatus(pb.StatusRequest(), timeout=10).open_round
+        if not number:
+            number = admin.StartRound(pb.StartRoundRequest(), timeout=30).round
+        header = pb.SubmitHeader(
+            round=number,
+            submission_id="trickle-0001",
+            layout_hash=LAYOUT.hash,
+            key_fingerprint=fingerprint,
+            num_values=NUM_VALUES,
+            num_ciphertexts=NUM_CTS,
+        )
+        chunks = list(_chunks(list(secret.encrypt_all(np.full(NUM_VALUES, 0.5))), per=1))
+
+        def messages() -> Iterator[pb.SubmitRequest]:
+            yield pb.SubmitRequest(header=header)
+            for chunk in chunks:
+                time.sleep(IDLE_SECONDS * 0.8)  # never idle for the full deadline
+                yield chunk
+
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitUpdate(messages(), timeout=60)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        assert "min_upload_bytes_per_second" in (err.value.details() or "")
+        info = admin.GetRound(pb.GetRoundRequest(round=number), timeout=10)
+        assert "node-2" not in {s.node_name for s in info.submissions}
+    audit = (fed.workdir / "server.log").read_text()
+    assert "stream cut" in audit and "actor=node-2" in audit
 
 
 def test_newline_in_a_client_string_forges_no_log_line(fed: LocalFederation) -> None:
