@@ -9,7 +9,11 @@ these checks, and none can forget them: a service added later is guarded too.
 
 gRPC's asyncio ``HandlerCallDetails`` carries no auth context, so the guard
 wraps the *behaviours* of the handler that ``continuation`` returns; the
-``context`` passed to a behaviour has the peer's certificate.
+``context`` passed to a behaviour has the peer's certificate. Each method is
+re-registered as client-streaming (the same bytes on the wire), so that the
+guard admits the caller *before* reading its request: a call whose request
+never arrives is counted and cut like any idle stream, instead of waiting
+outside every limit where gRPC reads unary requests.
 """
 
 from __future__ import annotations
