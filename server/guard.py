@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import grpc
 
 from cipherhive.logs import audit, bind_caller
+from cipherhive.server import metrics
 from cipherhive.server.identity import ANY_ROLE, Authenticator, Caller, Refusal
 from cipherhive.server.limits import Admission
 from cipherhive.server.rounds import RoundError
@@ -171,6 +172,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             self.admission.enter(who)
         except Refusal as exc:
+            metrics.CALLS_REFUSED.labels(exc.code.name.lower()).inc()
             await context.abort(exc.code, exc.message)
             raise  # unreachable: abort raises
         CALLER.set(who)
@@ -180,6 +182,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _deadline(self, source: AsyncIterator[Any], method: str, who: Caller) -> ReadDeadline:
         def cut(code: grpc.StatusCode, message: str) -> RoundError:
             audit("stream cut", who.name, role=who.role, method=method, code=code.name, reason=message)
+            metrics.STREAMS_CUT.labels(code.name.lower()).inc()
             return RoundError(code, message)
 
         rate = self.min_rate if method in RATED_STREAMS else 0.0

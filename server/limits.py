@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from cipherhive.server import metrics
 from cipherhive.server.identity import Caller, Refusal
 
 #: How long a transfer waits for a slot before the caller is told to retry.
@@ -78,10 +79,12 @@ class Admission:
         bucket.active += 1
         self.active += 1
         self.others += not admin
+        metrics.CALLS_IN_PROGRESS.set(self.active)
 
     def leave(self, caller: Caller) -> None:
         self.active -= 1
         self.others -= caller.role != "admin"
+        metrics.CALLS_IN_PROGRESS.set(self.active)
         bucket = self._buckets[caller.key]
         bucket.active -= 1
         refilled = bucket.tokens + (time.monotonic() - bucket.stamp) * self.rate
