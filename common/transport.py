@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 
+from cipherhive.fsutil import require_private_file
+
 log = logging.getLogger("cipherhive.transport")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -52,7 +54,11 @@ class ClientTLS:
 
 
 def channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
-    """A channel with keepalive and size limits; ``tls=None`` means plaintext."""
+    """A channel with keepalive and size limits; ``tls=None`` means plaintext.
+
+    Raises FileNotFoundError for a TLS file it cannot read and ``PrivateFileError``
+    (a PermissionError) for a private key the group or others may read.
+    """
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -64,15 +70,14 @@ def channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     try:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca.read_bytes(),
-            private_key=tls.key.read_bytes(),
-            certificate_chain=tls.cert.read_bytes(),
-        )
+        ca, key, cert = tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()
     except OSError as exc:
         raise FileNotFoundError(
             f"cannot read TLS file {exc.filename}: {exc.strerror} (make them with `cipherhive certs`)"
         ) from exc
+    # A key other local users can read is a key they hold (PrivateFileError: a PermissionError).
+    require_private_file(tls.key, "TLS private key")
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.secure_channel(address, creds, options=options)

@@ -114,6 +114,8 @@ class Client:
             self._channel: grpc.Channel = channel(target.address, target.tls)
         except FileNotFoundError as exc:  # read after the check above, e.g. removed meanwhile
             raise CtlError(str(exc), EXIT_USAGE) from exc
+        except PermissionError as exc:  # a private key readable by group or others
+            raise CtlError(str(exc), EXIT_USAGE) from exc
         except ValueError as exc:  # grpc refuses malformed addresses and PEM files this way
             raise CtlError(f"cannot set up the connection: {exc}", EXIT_USAGE) from exc
         self._admin = pb_grpc.AdminStub(self._channel)

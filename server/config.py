@@ -39,8 +39,7 @@ class ServerConfig:
     allow_missing_crl: bool = setting(
         False,
         "tls",
-        "start without a revocation list (tls_crl unset or missing); revoked certificates are then "
-        "accepted",
+        "start without a revocation list (tls_crl unset or missing); revoked certificates are then accepted",
     )
     layout: Path | None = setting(
         None,
@@ -72,8 +71,18 @@ class ServerConfig:
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
-    max_workers: int = setting(64, "limits", "gRPC worker threads (each open stream holds one)")
-    max_concurrent_rpcs: int = setting(256, "limits", "RPCs beyond this are refused with RESOURCE_EXHAUSTED")
+    max_workers: int = setting(
+        8,
+        "limits",
+        "threads for ciphertext parsing and database work (open streams cost no thread; they wait on "
+        "the event loop)",
+    )
+    max_concurrent_rpcs: int = setting(
+        2048,
+        "limits",
+        "calls in progress (streams included) beyond this are refused with RESOURCE_EXHAUSTED; admin "
+        "certificates may use admin_reserved_rpcs more",
+    )
     max_message_bytes: int = setting(4 * 1024 * 1024, "limits", "largest gRPC message accepted")
     max_ciphertexts_per_chunk: int = setting(16, "limits", "ciphertexts one upload chunk may carry")
     requests_per_second: float = setting(
@@ -113,6 +122,10 @@ class ServerConfig:
             )
         if self.missed_rounds_limit < 1 or self.keep_sums < 0:
             raise ConfigError("missed_rounds_limit must be at least 1 and keep_sums at least 0")
+        if self.max_workers < 1 or self.max_concurrent_rpcs < 1 or self.admin_reserved_rpcs < 0:
+            raise ConfigError(
+                "max_workers and max_concurrent_rpcs must be at least 1, admin_reserved_rpcs >= 0"
+            )
         if self.stream_idle_seconds <= 0 or self.min_upload_bytes_per_second < 0:
             raise ConfigError("stream_idle_seconds must be positive and min_upload_bytes_per_second >= 0")
         if self.max_participants < self.min_participants:

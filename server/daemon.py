@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 import time
-from concurrent import futures
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cipherhive import certs, codec, keys
+from cipherhive import certs, codec, fsutil, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.server import metrics
 from cipherhive.server.config import ServerConfig
+from cipherhive.server.guard import Guard, Runner
 from cipherhive.server.identity import Authenticator
-from cipherhive.server.limits import Limiter
+from cipherhive.server.limits import Admission, Transfers
 from cipherhive.server.rounds import RoundManager
-from cipherhive.server.services import AdminService, AggregationService, Gate
+from cipherhive.server.services import AdminService, AggregationService
 from cipherhive.server.spool import Spool
 from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
+R = TypeVar("R")
 
 
 class StartupError(UserError, RuntimeError):
@@ -42,13 +46,31 @@ def _read(path: Path | None, what: str) -> bytes:
         raise StartupError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
+def _bind(add_port: Callable[[], int], address: str, setting: str) -> int:
+    """Bind a port; grpc reports failure by returning 0 or raising RuntimeError, by version."""
+    try:
+        port = add_port()
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} ([server] {setting}): address in use or not local")
+    return port
+
+
 class Server:
-    """The aggregator: gRPC services, round scheduler, health status."""
+    """The aggregator: gRPC services (asyncio), round scheduler, health status.
+
+    gRPC runs on an asyncio event loop in its own thread, so an open stream costs
+    a task, not a thread; blocking work goes to a bounded pool (``Runner``). The
+    round scheduler keeps its own thread. ``start()`` and ``stop()`` are plain
+    blocking calls, as they were with the threaded server.
+    """
 
     def __init__(self, config: ServerConfig, baseline: tuple[codec.ServerCodec, str] | None = None) -> None:
         """``baseline`` (codec, fingerprint) is for `cipherhive bench` only: it replaces the
         product's encoding with a benchmark baseline; no command of the product sets it."""
         self.config = config
+        self._check_tls_files()
         self.codec: codec.ServerCodec
         if baseline is not None:
             self.codec, self.fingerprint = baseline
@@ -73,10 +95,41 @@ class Server:
         self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
         self.rounds.recover()
         self._stop = threading.Event()
-        self.health = health.HealthServicer()
-        self.grpc_server = self._build()
+        self._revocations: certs.RevocationList | None = None
+        if not config.insecure and config.tls_crl is not None:
+            assert config.tls_ca is not None
+            self._revocations = certs.RevocationList(config.tls_crl, ca_cert=config.tls_ca)
+        self.run = Runner(config.max_workers)
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
 
-    def _build(self) -> grpc.Server:
+    def _check_tls_files(self) -> None:
+        """Refuse what would weaken mutual TLS: a readable private key, no revocation list."""
+        cfg = self.config
+        if cfg.insecure:
+            return
+        assert cfg.tls_key is not None
+        try:
+            fsutil.require_private_file(cfg.tls_key, "TLS private key")
+        except fsutil.PrivateFileError as exc:
+            raise StartupError(str(exc)) from exc
+        if cfg.allow_missing_crl:
+            return
+        if cfg.tls_crl is None:
+            raise StartupError(
+                "mutual TLS without a revocation list would accept revoked certificates: set "
+                "[tls] tls_crl to the CA's crl.pem (written by `cipherhive certs`), or "
+                "allow_missing_crl = true to run without one"
+            )
+        if not cfg.tls_crl.is_file():
+            raise StartupError(
+                f"revocation list {cfg.tls_crl} does not exist: copy the CA's crl.pem there "
+                "(`cipherhive certs` writes it), or set [tls] allow_missing_crl = true"
+            )
+
+    async def _build(self) -> None:
+        """Create and bind the gRPC servers (on the event loop, which grpc.aio requires)."""
         cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -88,25 +141,34 @@ class Server:
             ("grpc.so_reuseport", 0),
             ("grpc.http2.bdp_probe", 0),
         ]
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
-            options=options,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        auth = Authenticator(insecure=cfg.insecure, revocations=self._revocations)
+        admission = Admission(
+            cfg.requests_per_second,
+            cfg.request_burst,
+            cfg.max_streams_per_identity,
+            cfg.max_concurrent_rpcs,
+            cfg.admin_reserved_rpcs,
         )
-        revocations = None
-        self._revocations: certs.RevocationList | None = None
-        if not cfg.insecure and cfg.tls_crl is not None:
-            assert cfg.tls_ca is not None
-            revocations = certs.RevocationList(cfg.tls_crl, ca_cert=cfg.tls_ca)
-            self._revocations = revocations
-        auth = Authenticator(insecure=cfg.insecure, revocations=revocations)
-        gate = Gate(auth, Limiter(cfg.requests_per_second, cfg.request_burst, cfg.max_streams_per_identity))
+        guard = Guard(auth, admission, idle=cfg.stream_idle_seconds, min_rate=cfg.min_upload_bytes_per_second)
+        # The guard enforces the precise caps (with the admin reserve); gRPC's own cap is
+        # only a backstop above them.
+        server = grpc.aio.server(
+            interceptors=[guard],
+            options=options,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs + cfg.admin_reserved_rpcs + 64,
+        )
+        transfers = Transfers(cfg.max_concurrent_transfers)
         pb_grpc.add_AggregationServicer_to_server(
-            AggregationService(self.rounds, gate, self._stop.is_set), server
+            AggregationService(
+                self.rounds, self.run, transfers, auth, self._stop.is_set, cfg.stream_idle_seconds
+            ),
+            server,
         )
         pb_grpc.add_AdminServicer_to_server(
-            AdminService(self.rounds, gate, time.time(), self._stop.is_set), server
+            AdminService(self.rounds, self.run, auth, time.time(), self._stop.is_set), server
         )
+        self.health = health.aio.HealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             pb.DESCRIPTOR.services_by_name["Aggregation"].full_name,
@@ -115,48 +177,63 @@ class Server:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.insecure:
             log.warning(
                 "INSECURE MODE: no TLS, node names are self-declared and traffic is readable on "
                 "the network. Never use --insecure across machines."
             )
-            port = server.add_insecure_port(cfg.listen)
+            port = _bind(lambda: server.add_insecure_port(cfg.listen), cfg.listen, "listen")
         else:
             creds = grpc.ssl_server_credentials(
                 [(_read(cfg.tls_key, "TLS key"), _read(cfg.tls_cert, "TLS certificate"))],
                 root_certificates=_read(cfg.tls_ca, "CA certificate"),
                 require_client_auth=True,
             )
-            port = server.add_secure_port(cfg.listen, creds)
-        if port == 0:
-            raise StartupError(f"cannot listen on {cfg.listen} (address in use or not local)")
+            port = _bind(lambda: server.add_secure_port(cfg.listen, creds), cfg.listen, "listen")
         self.port = port
-        self.health_server: grpc.Server | None = None
+        self.grpc_server = server
+        self.health_server: grpc.aio.Server | None = None
         if cfg.health_listen:
             # Kubernetes' native gRPC probes cannot present a client certificate; health
-            # status is all this plaintext port serves.
-            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            # status is all this plaintext port serves (no guard: there is no identity).
+            self.health_server = grpc.aio.server(maximum_concurrent_rpcs=64)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            if self.health_server.add_insecure_port(cfg.health_listen) == 0:
-                raise StartupError(f"cannot listen on health_listen {cfg.health_listen}")
-        return server
+            health_server = self.health_server
+            _bind(
+                lambda: health_server.add_insecure_port(cfg.health_listen), cfg.health_listen, "health_listen"
+            )
 
-    def _set_health(self, status: int) -> None:
+    async def _set_health(self, status: int) -> None:
         for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin"):
-            self.health.set(service, status)
+            await self.health.set(service, status)
+
+    def _on_loop(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run ``coro`` on the server's event loop and wait for its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _start_async(self) -> None:
+        await self._build()
+        await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
 
     def start(self) -> None:
         if self.config.metrics_listen:
             metrics.serve(self.config.metrics_listen)
-        self.grpc_server.start()
-        if self.health_server is not None:
-            self.health_server.start()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self._on_loop(self._start_async())
+        except BaseException:
+            self._close_loop()
+            raise
         self._scheduler = threading.Thread(
             target=self.rounds.run_scheduler, args=(self._stop,), name="scheduler", daemon=True
         )
         self._scheduler.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         event(
             log,
             "server listening",
@@ -165,17 +242,32 @@ class Server:
             fingerprint=self.fingerprint[:16],
             min_participants=self.config.min_participants,
             tls=not self.config.insecure,
+            worker_threads=self.config.max_workers,
         )
 
-    def stop(self) -> None:
-        """Graceful: refuse new calls, let streams in flight finish within the grace period."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def _stop_async(self) -> None:
+        await self.health.enter_graceful_shutdown()
         self._stop.set()
         self.rounds.bus.close_all()
-        self.grpc_server.stop(self.config.grace_seconds).wait()
+        await self.grpc_server.stop(self.config.grace_seconds)
         if self.health_server is not None:
-            self.health_server.stop(0).wait()
+            await self.health_server.stop(0)
+
+    def _close_loop(self) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=10)
+        self._loop.close()
+        self._loop = None
+
+    def stop(self) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+        self._on_loop(self._stop_async())
+        self._close_loop()
         self._scheduler.join(timeout=5)
+        self.run.shutdown()
         self.state.close()
         event(log, "server stopped")
 

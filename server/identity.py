@@ -5,11 +5,16 @@ With mutual TLS the name is the certificate's common name and the role
 revoked certificate is refused on every call. With ``--insecure`` there are
 no certificates, so names are self-declared in request metadata: fit for a
 test on one machine, never for a federation of companies.
+
+The checks here are plain functions of the call's auth context and metadata
+that raise :class:`Refusal`; the server interceptor (``server/guard.py``)
+turns a refusal into the call's status, so no servicer repeats them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -18,12 +23,30 @@ from cipherhive import certs
 from cipherhive.transport import NODE_NAME_METADATA
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: The role a method needs when any certificate of the federation will do (health, reflection).
+ANY_ROLE = "any"
+
+
+class Refusal(Exception):
+    """A call refused before it reached a servicer, with the status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
 class Caller:
+    """An identified caller; limits and the audit trail key on ``(role, name)``."""
+
     name: str
     role: str
+    serial: int = 0  # certificate serial, 0 in insecure mode
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.role, self.name)
 
 
 class Authenticator:
@@ -31,53 +54,55 @@ class Authenticator:
         self.insecure = insecure
         self._revocations = revocations
 
-    def require(self, context: grpc.ServicerContext, role: str, claimed: str = "") -> Caller:
-        """The caller, or abort the RPC with UNAUTHENTICATED / PERMISSION_DENIED."""
+    def identify(
+        self,
+        auth_context: Mapping[str, Sequence[bytes]],
+        metadata: Sequence[tuple[str, str | bytes]],
+        role: str,
+        claimed: str = "",
+    ) -> Caller:
+        """The caller, or raise Refusal (UNAUTHENTICATED / PERMISSION_DENIED)."""
         if self.insecure:
-            return self._self_declared(context, role, claimed)
-        pems = context.auth_context().get("x509_pem_cert")
+            return self._self_declared(metadata, role, claimed)
+        pems = auth_context.get("x509_pem_cert")
         if not pems:
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no client certificate: connect with the certificate issued by `cipherhive certs`",
             )
         try:
             ident = certs.peer_identity(pems[0])
         except certs.CertificateError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client certificate not usable: {exc}")
-        if self._revocations is not None and self._revocations.is_revoked(ident.serial):
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"certificate {ident.serial:x} of {ident.role} {ident.name!r} has been revoked",
-            )
-        if ident.role != role:
-            context.abort(
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"client certificate not usable: {exc}") from exc
+        caller = Caller(ident.name, ident.role, ident.serial)
+        revoked = self.revoked(caller)
+        if revoked:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, revoked)
+        if role != ANY_ROLE and ident.role != role:
+            raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this call needs a {role} certificate; {ident.name!r} presented a {ident.role} one",
             )
-        return Caller(ident.name, ident.role)
+        return caller
 
-    def revoked(self, context: grpc.ServicerContext) -> str:
-        """For long streams: a reason to end the call if the caller's certificate was revoked since."""
-        if self.insecure or self._revocations is None:
+    def revoked(self, caller: Caller) -> str:
+        """A reason to refuse or end ``caller``'s call if its certificate is revoked, else ""."""
+        if self.insecure or self._revocations is None or not caller.serial:
             return ""
-        pems = context.auth_context().get("x509_pem_cert")
-        if not pems:
-            return ""
-        ident = certs.peer_identity(pems[0])
-        if self._revocations.is_revoked(ident.serial):
-            return f"certificate {ident.serial:x} of {ident.role} {ident.name!r} has been revoked"
+        if self._revocations.is_revoked(caller.serial):
+            return f"certificate {caller.serial:x} of {caller.role} {caller.name!r} has been revoked"
         return ""
 
-    def _self_declared(self, context: grpc.ServicerContext, role: str, claimed: str) -> Caller:
+    def _self_declared(self, metadata: Sequence[tuple[str, str | bytes]], role: str, claimed: str) -> Caller:
         if role == "admin":
             return Caller("operator", "admin")
-        metadata = dict(context.invocation_metadata())
-        name = claimed or str(metadata.get(NODE_NAME_METADATA, ""))
+        name = claimed or str(dict(metadata).get(NODE_NAME_METADATA, ""))
+        if role == ANY_ROLE:
+            return Caller(name if _NAME.match(name) else "anonymous", "client")
         if not _NAME.match(name):
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"insecure server: send the node name (1-64 of A-Z a-z 0-9 . _ -) in the "
-                f"{NODE_NAME_METADATA!r} metadata; got {name!r}",
+                f"{NODE_NAME_METADATA!r} metadata; got {name[:80]!r}",
             )
         return Caller(name, role)

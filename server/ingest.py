@@ -9,16 +9,19 @@ rolls back what this upload added, so the round's sum is untouched.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 import grpc
 
 from cipherhive import codec
 from cipherhive.server import metrics as server_metrics
-from cipherhive.server.rounds import RoundError, RoundManager
+from cipherhive.server.guard import Runner
+from cipherhive.server.rounds import OpenRound, RoundError, RoundManager, Upload
 from cipherhive.v1 import federation_pb2 as pb
 
 SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -54,77 +57,118 @@ def validate_header(header: pb.SubmitHeader) -> dict[str, float]:
     return metrics
 
 
-def ingest(
-    manager: RoundManager, node: str, requests: Iterator[pb.SubmitRequest], max_per_chunk: int
+def _add_chunk(
+    manager: RoundManager, current: OpenRound, upload: Upload, blobs: Sequence[bytes], first: int
+) -> float:
+    """In a worker thread: parse, check and add one chunk's ciphertexts; returns seconds busy."""
+    busy = 0.0
+    # A few chunks are parsed at once, whatever the number of streams: parsing is
+    # CPU-bound (and holds the GIL), and SEAL's memory pool keeps what its busiest moment needed.
+    with manager.parse_slots:
+        for offset, blob in enumerate(blobs):
+            started = time.perf_counter()
+            try:
+                ct = manager.codec.load(blob)
+            except codec.CodecError as exc:
+                raise _refuse(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {first + offset}: {exc}"
+                ) from exc
+            manager.add_block(current, upload, blob, ct)
+            busy += time.perf_counter() - started
+    return busy
+
+
+async def ingest(
+    manager: RoundManager,
+    node: str,
+    requests: AsyncIterator[pb.SubmitRequest],
+    *,
+    run: Runner,
+    slot: Callable[[], AbstractAsyncContextManager[None]],
+    revoked: Callable[[], str],
 ) -> pb.SubmitReceipt:
-    """Consume one SubmitUpdate stream; raise RoundError to refuse it."""
-    try:
-        first = next(requests)
-    except StopIteration:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send a header first") from None
+    """Consume one SubmitUpdate stream; raise RoundError to refuse it.
+
+    The stream is read on the event loop (``requests`` carries the read deadline);
+    everything that blocks or burns CPU goes to ``run``'s worker threads. The header
+    is read before a transfer slot (``slot``) is taken, so a member that never sends
+    one holds no slot while it idles. ``revoked`` is asked again just before the
+    upload is acknowledged: a certificate revoked mid-upload gets nothing counted.
+    """
+    first = await anext(requests, None)
+    if first is None:
+        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send a header first")
     if first.WhichOneof("part") != "header":
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its header")
     header = first.header
     metrics = validate_header(header)
-    begun = manager.begin_upload(node, header)
-    if isinstance(begun, pb.SubmitReceipt):
-        return begun  # a retry of an accepted submission: same receipt, counted once
-    current, upload = begun
-    try:
-        received = 0
-        busy = 0.0
-        for expected_index, request in enumerate(requests):
-            if request.WhichOneof("part") != "chunk":
-                raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "only one header per upload")
-            chunk = request.chunk
-            if chunk.index != expected_index or chunk.first_ciphertext != received:
-                raise _refuse(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"chunk {chunk.index} (first ciphertext {chunk.first_ciphertext}) out of order; "
-                    f"expected chunk {expected_index} starting at ciphertext {received}",
-                )
-            count = len(chunk.ciphertexts)
-            if not 1 <= count <= max_per_chunk:
-                raise _refuse(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"chunk {chunk.index} carries {count} ciphertexts; 1 to {max_per_chunk} allowed",
-                )
-            if received + count > header.num_ciphertexts:
-                raise _refuse(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"stream carries more than the {header.num_ciphertexts} ciphertexts announced",
-                )
-            # A few chunks are parsed at once, whatever the number of streams: parsing is
-            # CPU-bound, and SEAL's memory pool keeps what its busiest moment needed.
-            with manager.parse_slots:
-                for offset, blob in enumerate(chunk.ciphertexts):
-                    started = time.perf_counter()
-                    try:
-                        ct = manager.codec.load(blob)
-                    except codec.CodecError as exc:
-                        raise _refuse(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {received + offset}: {exc}"
-                        ) from exc
-                    manager.add_block(current, upload, blob, ct)
-                    busy += time.perf_counter() - started
-            received += count
-        if received != header.num_ciphertexts:
+    async with slot():
+        begun = await run(manager.begin_upload, node, header)
+        if isinstance(begun, pb.SubmitReceipt):
+            return begun  # a retry of an accepted submission: same receipt, counted once
+        current, upload = begun
+        try:
+            return await _receive(manager, current, upload, header, metrics, requests, run, revoked)
+        except RoundError as exc:
+            await run.surely(manager.abort_upload, current, upload, exc.message)
+            raise
+        except asyncio.CancelledError:
+            await run.surely(manager.abort_upload, current, upload, "the stream broke off")
+            raise
+        except BaseException:
+            await run.surely(manager.abort_upload, current, upload, "internal error while receiving")
+            raise
+
+
+async def _receive(
+    manager: RoundManager,
+    current: OpenRound,
+    upload: Upload,
+    header: pb.SubmitHeader,
+    metrics: dict[str, float],
+    requests: AsyncIterator[pb.SubmitRequest],
+    run: Runner,
+    revoked: Callable[[], str],
+) -> pb.SubmitReceipt:
+    max_per_chunk = manager.config.max_ciphertexts_per_chunk
+    received = 0
+    busy = 0.0
+    expected_index = 0
+    async for request in requests:
+        if request.WhichOneof("part") != "chunk":
+            raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "only one header per upload")
+        chunk = request.chunk
+        if chunk.index != expected_index or chunk.first_ciphertext != received:
             raise _refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"stream ended after {received} of {header.num_ciphertexts} ciphertexts; nothing was added",
+                f"chunk {chunk.index} (first ciphertext {chunk.first_ciphertext}) out of order; "
+                f"expected chunk {expected_index} starting at ciphertext {received}",
             )
-        receipt = manager.finish_upload(current, upload, metrics)
-        server_metrics.VALUES_ADDED.inc(header.num_values)
-        server_metrics.INGEST_SECONDS.inc(busy)
-        if busy > 0:
-            server_metrics.INGEST_RATE.set(header.num_values / busy)
-        return receipt
-    except RoundError as exc:
-        manager.abort_upload(current, upload, exc.message)
-        raise
-    except grpc.RpcError:
-        manager.abort_upload(current, upload, "the stream broke off")
-        raise
-    except BaseException:
-        manager.abort_upload(current, upload, "internal error while receiving")
-        raise
+        count = len(chunk.ciphertexts)
+        if not 1 <= count <= max_per_chunk:
+            raise _refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk {chunk.index} carries {count} ciphertexts; 1 to {max_per_chunk} allowed",
+            )
+        if received + count > header.num_ciphertexts:
+            raise _refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"stream carries more than the {header.num_ciphertexts} ciphertexts announced",
+            )
+        busy += await run(_add_chunk, manager, current, upload, list(chunk.ciphertexts), received)
+        received += count
+        expected_index += 1
+    if received != header.num_ciphertexts:
+        raise _refuse(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"stream ended after {received} of {header.num_ciphertexts} ciphertexts; nothing was added",
+        )
+    reason = revoked()
+    if reason:
+        raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"{reason} during the upload; nothing was added")
+    receipt = await run(manager.finish_upload, current, upload, metrics)
+    server_metrics.VALUES_ADDED.inc(header.num_values)
+    server_metrics.INGEST_SECONDS.inc(busy)
+    if busy > 0:
+        server_metrics.INGEST_RATE.set(header.num_values / busy)
+    return receipt

@@ -1,20 +1,33 @@
-"""Per-caller admission: a request rate limit and a cap on concurrent streams.
+"""Per-caller admission, transfer slots: what stops one member from starving the others.
 
-A broken or hostile member must not be able to starve the others: each
-certificate identity gets a token bucket for new calls and a bounded number
-of calls in progress at once; beyond either it is told RESOURCE_EXHAUSTED
-with how to back off, and everybody else is unaffected.
+Each identity, keyed by ``(role, name)`` so that a node certificate named like
+the operator cannot use up the operator's allowance, gets a token bucket for
+new calls and a bounded number of calls in progress. Calls in progress that
+are not from admin certificates are capped at ``max_concurrent_rpcs`` for the
+whole server; admin calls may take the total ``admin_reserved_rpcs`` higher,
+so the operator can always look and act during a flood.
+Beyond any limit the caller is told RESOURCE_EXHAUSTED and how to back off;
+everybody else is unaffected.
+
+Everything here runs on the server's event loop (one thread), so the counters
+need no lock; the semaphores are asyncio ones.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+
+from cipherhive.server import metrics
+from cipherhive.server.identity import Caller, Refusal
+
+#: How long a transfer waits for a slot before the caller is told to retry.
+TRANSFER_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -24,37 +37,103 @@ class _Bucket:
     active: int = 0
 
 
-class Limiter:
-    def __init__(self, rate: float, burst: int, max_active: int) -> None:
+class Admission:
+    def __init__(
+        self, rate: float, burst: int, per_identity: int, max_calls: int, admin_reserved: int
+    ) -> None:
         self.rate = rate
         self.burst = burst
-        self.max_active = max_active
-        self._lock = threading.Lock()
-        self._buckets: dict[str, _Bucket] = {}
+        self.per_identity = per_identity
+        self.max_calls = max_calls
+        self.admin_reserved = admin_reserved
+        self.active = 0  # calls in progress
+        self.others = 0  # of which not from admin certificates
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
 
-    @contextmanager
-    def admit(self, who: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Hold one of ``who``'s call slots for the duration of a call, or abort it."""
+    def enter(self, caller: Caller) -> None:
+        """Take one of ``caller``'s call slots, or raise Refusal (RESOURCE_EXHAUSTED)."""
         now = time.monotonic()
-        with self._lock:
-            bucket = self._buckets.setdefault(who, _Bucket(float(self.burst), now))
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
-            if bucket.tokens < 1.0:
-                refused = f"{who!r} exceeds {self.rate:g} calls per second; retry after a pause"
-            elif bucket.active >= self.max_active:
-                refused = (
-                    f"{who!r} already has {bucket.active} calls in progress (limit {self.max_active}); "
-                    "close idle streams before opening more"
-                )
-            else:
-                refused = ""
-                bucket.tokens -= 1.0
-                bucket.active += 1
-        if refused:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        bucket = self._buckets.setdefault(caller.key, _Bucket(float(self.burst), now))
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+        bucket.stamp = now
+        who = f"{caller.role} {caller.name!r}"
+        admin = caller.role == "admin"
+        if (self.active if admin else self.others) >= self.max_calls + (self.admin_reserved if admin else 0):
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server has {self.active} calls in progress (max_concurrent_rpcs {self.max_calls}); "
+                "retry in a few seconds",
+            )
+        if bucket.tokens < 1.0:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{who} exceeds {self.rate:g} calls per second; retry after a pause",
+            )
+        if bucket.active >= self.per_identity:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{who} already has {bucket.active} calls in progress (limit {self.per_identity}); "
+                "close idle streams before opening more",
+            )
+        bucket.tokens -= 1.0
+        bucket.active += 1
+        self.active += 1
+        self.others += not admin
+        metrics.CALLS_IN_PROGRESS.set(self.active)
+
+    def leave(self, caller: Caller) -> None:
+        self.active -= 1
+        self.others -= caller.role != "admin"
+        metrics.CALLS_IN_PROGRESS.set(self.active)
+        bucket = self._buckets[caller.key]
+        bucket.active -= 1
+        refilled = bucket.tokens + (time.monotonic() - bucket.stamp) * self.rate
+        if bucket.active == 0 and refilled >= self.burst:
+            del self._buckets[caller.key]  # idle and full again: forget it, the table stays small
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+class Transfers:
+    """One upload and one download per identity at a time, and a few in the whole server.
+
+    A second concurrent upload (or download) from the same identity is refused at
+    once: a member needs only one, and a hostile one must not fill the slots with
+    idle streams. The shared slots bound memory by the model size, not the number
+    of members; a stream that waits for one is not read, so flow control keeps its
+    data on the sender's side.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._slots = asyncio.Semaphore(slots)
+        self._busy: set[tuple[str, str, str]] = set()
+
+    def claim(self, caller: Caller, kind: str) -> None:
+        """Mark ``caller``'s one ``kind`` ("upload"/"download") as in progress, or raise Refusal."""
+        key = (caller.role, caller.name, kind)
+        if key in self._busy:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller.role} {caller.name!r} already has {_a(kind)} in progress; one {kind} per "
+                f"member at a time: finish or cancel it first",
+            )
+        self._busy.add(key)
+
+    def release(self, caller: Caller, kind: str) -> None:
+        self._busy.discard((caller.role, caller.name, kind))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the shared transfer slots, waiting up to TRANSFER_WAIT_SECONDS."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), TRANSFER_WAIT_SECONDS)
+        except TimeoutError:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy with other transfers; retry"
+            ) from None
         try:
             yield
         finally:
-            with self._lock:
-                bucket.active -= 1
+            self._slots.release()

@@ -34,6 +34,21 @@ INGEST_SECONDS = Counter(
 INGEST_RATE = Gauge(
     "cipherhive_ingest_values_per_second", "Ingest throughput of the last accepted upload", registry=REGISTRY
 )
+CALLS_IN_PROGRESS = Gauge(
+    "cipherhive_calls_in_progress", "Calls admitted by the guard and not yet finished", registry=REGISTRY
+)
+CALLS_REFUSED = Counter(
+    "cipherhive_calls_refused_total",
+    "Calls refused by the guard before any servicer ran (identity, role, revocation, limits), by status",
+    ["code"],
+    registry=REGISTRY,
+)
+STREAMS_CUT = Counter(
+    "cipherhive_streams_cut_total",
+    "Client streams cut for sending nothing (deadline_exceeded) or too slowly (resource_exhausted)",
+    ["code"],
+    registry=REGISTRY,
+)
 ROUND_SECONDS = Histogram(
     "cipherhive_round_duration_seconds",
     "Time from a round opening to its sum being published or the round failing",

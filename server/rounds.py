@@ -107,7 +107,6 @@ class RoundManager:
         self._layout_cache: tuple[str, Layout] | None = None
         self._wake = threading.Event()
         self.parse_slots = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
-        self.transfer_slots = threading.BoundedSemaphore(config.max_concurrent_transfers)
         self._last_closed = 0.0
         key = state.get_meta("receipt_key")
         if key is None:

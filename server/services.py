@@ -1,204 +1,240 @@
-"""The gRPC servicers: thin adapters from RPCs to the round manager.
+"""The gRPC servicers (asyncio): thin adapters from RPCs to the round manager.
 
-Every handler identifies the caller first (certificate, role), validates
-what it received, and turns refusals into a gRPC status with a message a
-person can act on; an exception in one call never affects another.
+Who calls, with which role, within which limits, is settled before a handler
+runs (``server/guard.py``); a handler reads the caller from ``guard.caller()``.
+Handlers run on the event loop and hand everything that blocks (the round
+manager's lock, SQLite, ciphertext parsing, sum files) to the bounded worker
+pool, so an open stream costs no thread. Refusals raise ``RoundError`` or
+``Refusal``, which the guard turns into the gRPC status; an exception in one
+call never affects another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import grpc
 
 from cipherhive.logs import audit, event
 from cipherhive.server import metrics, views
-from cipherhive.server.identity import Authenticator, Caller
+from cipherhive.server.guard import Runner, caller
+from cipherhive.server.identity import Authenticator, Refusal
 from cipherhive.server.ingest import ingest
-from cipherhive.server.limits import Limiter
+from cipherhive.server.limits import Transfers
 from cipherhive.server.publish import stream_sum
 from cipherhive.server.rounds import RoundError, RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
-#: How long a transfer waits for a slot before the caller is told to retry.
-TRANSFER_WAIT_SECONDS = 60.0
-R = TypeVar("R")
-
-
-class Gate:
-    """Identify the caller, then hold one of its call slots (rate and concurrency limits)."""
-
-    def __init__(self, auth: Authenticator, limiter: Limiter) -> None:
-        self.auth = auth
-        self.limiter = limiter
-
-    @contextmanager
-    def enter(self, context: grpc.ServicerContext, role: str, claimed: str = "") -> Iterator[Caller]:
-        caller = self.auth.require(context, role, claimed)
-        with self.limiter.admit(caller.name, context):
-            yield caller
-
-
-def _guard(context: grpc.ServicerContext, call: Callable[[], R]) -> R:
-    """Run ``call``, turning a RoundError into the matching gRPC status."""
-    try:
-        return call()
-    except RoundError as exc:
-        context.abort(exc.code, exc.message)
-        raise  # unreachable: abort raises
+#: Client-supplied strings are cut to this length before they are logged.
+MAX_LOGGED = 200
 
 
 class AggregationService(pb_grpc.AggregationServicer):
-    def __init__(self, manager: RoundManager, gate: Gate, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        manager: RoundManager,
+        run: Runner,
+        transfers: Transfers,
+        auth: Authenticator,
+        stopping: Callable[[], bool],
+        write_timeout: float,
+    ) -> None:
         self.m = manager
-        self.gate = gate
+        self.run = run
+        self.transfers = transfers
+        self.auth = auth
         self._stopping = stopping
+        self.write_timeout = write_timeout
 
-    @contextmanager
-    def _transfer_slot(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Wait for one of the few transfer slots; a stream that waits is not read, so
-        flow control holds its data on the sender's side instead of in this process."""
-        if not self.m.transfer_slots.acquire(timeout=TRANSFER_WAIT_SECONDS):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy with other transfers; retry"
-            )
+    @asynccontextmanager
+    async def _one(self, kind: str) -> AsyncIterator[None]:
+        """The caller's single upload or download (a second at the same time is refused)."""
+        who = caller()
+        self.transfers.claim(who, kind)
         try:
             yield
         finally:
-            self.m.transfer_slots.release()
+            self.transfers.release(who, kind)
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        with self.gate.enter(context, "node", claimed=request.node_name) as caller:
-            return _guard(context, lambda: views.join_reply(self.m, caller.name, request))
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        return await self.run(views.join_reply, self.m, caller().name, request)
 
-    def ReportOutcome(self, request: pb.OutcomeReport, context: grpc.ServicerContext) -> pb.OutcomeAck:
-        with self.gate.enter(context, "node") as caller:
-            return _guard(context, lambda: views.report_outcome(self.m, caller.name, request))
+    async def ReportOutcome(
+        self, request: pb.OutcomeReport, context: grpc.aio.ServicerContext
+    ) -> pb.OutcomeAck:
+        return await self.run(views.report_outcome, self.m, caller().name, request)
 
-    def WatchRounds(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        with self.gate.enter(context, "node") as caller:
-            self.m.watcher_enter(caller.name)
-            event(log, "node online", node=caller.name)
-            try:
-                yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
-            finally:
-                self.m.watcher_exit(caller.name)
-                event(log, "node offline", node=caller.name)
+    async def WatchRounds(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoundEvent]:
+        who = caller()
+        await self.run(self.m.watcher_enter, who.name)
+        event(log, "node online", node=who.name)
+        try:
+            async for item in follow_events(self.m, self.run, self.auth, request.since_round, self._stopping):
+                yield item
+        finally:
+            await self.run.surely(self.m.watcher_exit, who.name)
+            event(log, "node offline", node=who.name)
 
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.SubmitRequest], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReceipt:
-        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
-            try:
-                return ingest(self.m, caller.name, request_iterator, self.m.config.max_ciphertexts_per_chunk)
-            except RoundError as exc:
-                audit("submission refused", caller.name, code=exc.code.name, reason=exc.message)
-                metrics.SUBMISSIONS.labels(exc.code.name.lower()).inc()
-                context.abort(exc.code, exc.message)
-                raise
-
-    def FetchAggregate(
-        self, request: pb.FetchRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.AggregateChunk]:
-        with self.gate.enter(context, "node") as caller, self._transfer_slot(context):
-            layout = self.m.layout()
-            try:
-                yield from stream_sum(
-                    self.m.state,
-                    self.m.spool,
-                    request,
-                    layout.hash if layout else "",
-                    self.m.config.max_ciphertexts_per_chunk,
-                    keep_sums=self.m.config.keep_sums,
+        who = caller()
+        try:
+            async with self._one("upload"):
+                return await ingest(
+                    self.m,
+                    who.name,
+                    request_iterator,
+                    run=self.run,
+                    slot=self.transfers.slot,
+                    revoked=lambda: self.auth.revoked(who),
                 )
-            except RoundError as exc:
-                context.abort(exc.code, exc.message)
-            event(log, "sum served", node=caller.name, round=request.round)
+        except (RoundError, Refusal) as exc:
+            audit(
+                "submission refused",
+                who.name,
+                role=who.role,
+                code=exc.code.name,
+                reason=exc.message[:MAX_LOGGED],
+            )
+            metrics.SUBMISSIONS.labels(exc.code.name.lower()).inc()
+            raise
+
+    async def _next_chunk(self, chunks: Iterator[pb.AggregateChunk]) -> pb.AggregateChunk | None:
+        """The next chunk of a sum; a refusal (no such round, withdrawn, pruned) is audited."""
+        try:
+            return await self.run(next, chunks, None)
+        except RoundError as exc:
+            who = caller()
+            audit("download refused", who.name, code=exc.code.name, reason=exc.message[:MAX_LOGGED])
+            raise
+
+    async def FetchAggregate(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> None:
+        """Written with ``context.write`` under a deadline: a member that stops reading
+        must not keep a transfer slot for ever."""
+        who = caller()
+        async with self._one("download"), self.transfers.slot():
+            layout = await self.run(self.m.layout)
+            chunks: Iterator[pb.AggregateChunk] = stream_sum(
+                self.m.state,
+                self.m.spool,
+                request,
+                layout.hash if layout else "",
+                self.m.config.max_ciphertexts_per_chunk,
+                keep_sums=self.m.config.keep_sums,
+            )
+            while (chunk := await self._next_chunk(chunks)) is not None:
+                try:
+                    await asyncio.wait_for(context.write(chunk), self.write_timeout)
+                except TimeoutError:
+                    reason = f"the client read nothing for {self.write_timeout:g} s; download cut"
+                    audit("stream cut", who.name, role=who.role, method="FetchAggregate", reason=reason)
+                    raise RoundError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
+            event(log, "sum served", node=who.name, round=request.round)
 
 
-def follow_events(
+async def follow_events(
     manager: RoundManager,
-    since_round: int,
-    context: grpc.ServicerContext,
-    stopping: Callable[[], bool],
+    run: Runner,
     auth: Authenticator,
-) -> Iterator[pb.RoundEvent]:
+    since_round: int,
+    stopping: Callable[[], bool],
+) -> AsyncIterator[pb.RoundEvent]:
     """History after ``since_round``, then live events, with heartbeats, until the call ends."""
-    q = manager.bus.subscribe()
+    who = caller()
+    sub = manager.bus.subscribe()
     try:
-        yield from manager.history(since_round)
-        heartbeat = manager.config.heartbeat_seconds
-        last = time.monotonic()
-        while context.is_active() and not stopping():
-            try:
-                item = q.get(timeout=min(heartbeat, 0.5))
-            except queue.Empty:
-                if time.monotonic() - last < heartbeat:
-                    continue
-                item = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
-            if item is None:
-                return
-            revoked = auth.revoked(context)
-            if revoked:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, revoked)
-            last = time.monotonic()
+        for item in await run(manager.history, since_round):
             yield item
+        heartbeat = manager.config.heartbeat_seconds
+        while not stopping():
+            try:
+                got = await asyncio.wait_for(sub.get(), heartbeat)
+            except TimeoutError:
+                got = pb.RoundEvent(kind=pb.RoundEvent.HEARTBEAT, time_unix=time.time())
+            if got is None:
+                if sub.overflowed:
+                    raise Refusal(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "this stream fell too far behind (not reading events); reconnect",
+                    )
+                return
+            revoked = auth.revoked(who)
+            if revoked:
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED, revoked)
+            yield got
     finally:
-        manager.bus.unsubscribe(q)
+        manager.bus.unsubscribe(sub)
 
 
 class AdminService(pb_grpc.AdminServicer):
+    """Operator calls; each body runs in a worker thread (database and round lock)."""
+
     def __init__(
-        self, manager: RoundManager, gate: Gate, started: float, stopping: Callable[[], bool]
+        self,
+        manager: RoundManager,
+        run: Runner,
+        auth: Authenticator,
+        started: float,
+        stopping: Callable[[], bool],
     ) -> None:
         self.m = manager
-        self.gate = gate
+        self.run = run
+        self.auth = auth
         self.started = started
         self._stopping = stopping
 
-    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
-        with self.gate.enter(context, "admin"):
-            return views.status(self.m, self.started)
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return await self.run(views.status, self.m, self.started)
 
-    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesReply:
-        with self.gate.enter(context, "admin"):
-            return views.list_nodes(self.m)
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListNodesReply:
+        return await self.run(views.list_nodes, self.m)
 
-    def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext) -> pb.ListRoundsReply:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.list_rounds(self.m, request, caller.name))
+    async def ListRounds(
+        self, request: pb.ListRoundsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRoundsReply:
+        return await self.run(views.list_rounds, self.m, request, caller().name)
 
-    def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin"):
-            return _guard(context, lambda: views.get_round(self.m, request.round))
+    async def GetRound(self, request: pb.GetRoundRequest, context: grpc.aio.ServicerContext) -> pb.RoundInfo:
+        return await self.run(views.get_round, self.m, request.round)
 
-    def StartRound(self, request: pb.StartRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.start_round(self.m, request, caller.name))
+    async def StartRound(
+        self, request: pb.StartRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundInfo:
+        return await self.run(views.start_round, self.m, request, caller().name)
 
-    def CloseRound(self, request: pb.CloseRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.close_round(self.m, request, caller.name))
+    async def CloseRound(
+        self, request: pb.CloseRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundInfo:
+        return await self.run(views.close_round, self.m, request, caller().name)
 
-    def WatchEvents(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.RoundEvent]:
-        with self.gate.enter(context, "admin"):
-            yield from follow_events(self.m, request.since_round, context, self._stopping, self.gate.auth)
+    async def WithdrawRound(
+        self, request: pb.WithdrawRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundInfo:
+        return await self.run(views.withdraw, self.m, request, caller().name)
 
-    def WithdrawRound(self, request: pb.WithdrawRoundRequest, context: grpc.ServicerContext) -> pb.RoundInfo:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.withdraw(self.m, request, caller.name))
+    async def SetLayout(
+        self, request: pb.SetLayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LayoutReply:
+        return await self.run(views.set_layout, self.m, request, caller().name)
 
-    def SetLayout(self, request: pb.SetLayoutRequest, context: grpc.ServicerContext) -> pb.LayoutReply:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.set_layout(self.m, request, caller.name))
+    async def ResetLayout(
+        self, request: pb.ResetLayoutRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LayoutReply:
+        return await self.run(views.reset_layout, self.m, caller().name)
 
-    def ResetLayout(self, request: pb.ResetLayoutRequest, context: grpc.ServicerContext) -> pb.LayoutReply:
-        with self.gate.enter(context, "admin") as caller:
-            return _guard(context, lambda: views.reset_layout(self.m, caller.name))
+    async def WatchEvents(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RoundEvent]:
+        async for item in follow_events(self.m, self.run, self.auth, request.since_round, self._stopping):
+            yield item

@@ -215,13 +215,27 @@ def test_server_statefulset_matches_its_config() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
     assert mounts[str(cfg.state_dir)] in claims
-    for field in ("public_context", "tls_cert", "tls_key", "tls_ca", "tls_crl"):
+    for field in ("public_context", "tls_crl"):
         path = getattr(cfg, field)
         assert path is not None, field
         volume = volumes[mounts[str(path.parent)]]
         assert "secret" in volume, f"{field} must come from a Secret"
-    tls = volumes[mounts[str(cfg.tls_key.parent)]]
-    assert tls["secret"]["defaultMode"] == 0o400
+    # The TLS files are copies the init container makes from the Secret (the server refuses
+    # a key that group or others can read; kubelet adds group read with fsGroup).
+    (init,) = pod["initContainers"]
+    assert cfg.tls_key is not None and cfg.tls_cert is not None and cfg.tls_ca is not None
+    private = volumes[mounts[str(cfg.tls_key.parent)]]
+    assert private["emptyDir"]["medium"] == "Memory"
+    script = "\n".join(init["command"] + init["args"])
+    installed = {path: mode for mode, path in re.findall(r"install -m (0[0-7]{3}) \S+ (\S+)", script)}
+    assert installed[str(cfg.tls_key)] == "0600"
+    for path in (cfg.tls_cert, cfg.tls_ca):
+        assert str(path) in installed
+    tls_secret = next(
+        v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "cipherhive-server-tls"
+    )
+    assert tls_secret["secret"]["defaultMode"] == 0o400
+    assert tls_secret["name"] not in {m["name"] for m in container["volumeMounts"]}
     assert cfg.min_participants >= 2
 
 
