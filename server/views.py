@@ -110,7 +110,7 @@ def join_reply(manager: RoundManager, node: str, request: pb.JoinRequest) -> pb.
     with refusals_audited("join", node):
         layout = Layout.checked_from_proto(request.layout)
         manager.join(node, request.key_fingerprint, layout)
-    audit("join", node, version=request.software_version[:40].encode("unicode_escape").decode())
+    audit("join", node, version=request.software_version[:40])  # the log formatter escapes it
     withdrawn = manager.state.withdrawn_rounds(MAX_WITHDRAWN_LISTED)
     return pb.JoinReply(
         node_name=node,

@@ -42,7 +42,9 @@ def _tls(fed: LocalFederation, name: str) -> ClientTLS:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     workdir = tmp_path_factory.mktemp("holes")
-    fed = LocalFederation(workdir, nodes=3, rounds={"auto_start": False, "timeout_seconds": 600.0})
+    fed = LocalFederation(
+        workdir, nodes=3, rounds={"auto_start": False, "timeout_seconds": 600.0}, layout=LAYOUT
+    )
     fed.setup()
     certs.issue(workdir / "ca", "node", "latecomer", workdir / "latecomer")
     with (workdir / "server.toml").open("a") as fh:
@@ -65,7 +67,7 @@ def test_certificate_revoked_during_upload_counts_nothing(fed: LocalFederation) 
         stub = pb_grpc.AggregationStub(ch)
         stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=LAYOUT.to_proto()), timeout=30)
         admin = pb_grpc.AdminStub(admin_ch)
-        number = admin.StartRound(pb.StartRoundRequest(), timeout=30).round
+        number = admin.StartRound(pb.StartRoundRequest(force=True), timeout=30).round
         header = pb.SubmitHeader(
             round=number,
             submission_id="latecomer-0001",
@@ -125,7 +127,7 @@ def test_trickling_upload_is_cut_and_rolled_back(fed: LocalFederation) -> None:
         admin = pb_grpc.AdminStub(admin_ch)
         number = admin.GetStatus(pb.StatusRequest(), timeout=10).open_round
         if not number:
-            number = admin.StartRound(pb.StartRoundRequest(), timeout=30).round
+            number = admin.StartRound(pb.StartRoundRequest(force=True), timeout=30).round
         header = pb.SubmitHeader(
             round=number,
             submission_id="trickle-0001",

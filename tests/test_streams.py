@@ -30,9 +30,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
-from cipherhive import certs
+from cipherhive import certs, keys
 from cipherhive.cli import main as cli_main
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.layout import Layout
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -99,6 +100,27 @@ async def _outcomes(calls: list[Any], timeout: float) -> list[tuple[S | None, st
 
 def _issue(fed: LocalFederation, role: str, name: str, folder: str | None = None) -> None:
     certs.issue(fed.workdir / "ca", role, name, fed.workdir / (folder or name))
+
+
+def _join_request(fed: LocalFederation) -> pb.JoinRequest:
+    """What a member sends to join: the federation's key fingerprint and pinned layout."""
+    return pb.JoinRequest(
+        key_fingerprint=keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE),
+        layout=Layout.from_canonical(fed.layout_file.read_text(encoding="utf-8")).to_proto(),
+    )
+
+
+def _issue_unchecked(fed: LocalFederation, role: str, name: str, folder: str) -> None:
+    """Issue with the federation's CA key but without its index, as another tool (or an
+    index that lost track) could: `cipherhive certs` itself refuses a name used by another
+    role, so this is how a certificate named like the operator can still reach the server."""
+    import shutil
+
+    copy = fed.workdir / "ca-without-index"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(fed.workdir / "ca", copy)
+    (copy / certs.INDEX).write_text("[]", encoding="utf-8")
+    certs.issue(copy, role, name, fed.workdir / folder)
 
 
 def _append_server_settings(fed: LocalFederation, limits: dict[str, float], audit: Path) -> None:
@@ -288,7 +310,7 @@ def test_admin_keeps_reserved_capacity(tmp_path: Path) -> None:
     """
     fed = LocalFederation(tmp_path, nodes=3, rounds={"auto_start": False})
     fed.setup()
-    _issue(fed, "node", "operator", "node-operator")  # a member certificate named like the admin
+    _issue_unchecked(fed, "node", "operator", "node-operator")  # a member certificate named like the admin
     _append_server_settings(
         fed, {"max_concurrent_rpcs": 24, "admin_reserved_rpcs": 4}, tmp_path / "audit.jsonl"
     )
@@ -301,6 +323,7 @@ def test_admin_keeps_reserved_capacity(tmp_path: Path) -> None:
             calls: list[Any] = []
             for folder, name in [("node-operator", "operator"), ("node-1", "node-1"), ("node-2", "node-2")]:
                 stub = pb_grpc.AggregationStub(await clients.channel(folder, name))
+                await stub.Join(_join_request(fed), timeout=30)  # online only once joined
                 calls += [stub.WatchRounds(pb.WatchRequest(since_round=10**6)) for _ in range(8)]
             clients.calls += calls
             return calls
@@ -389,10 +412,15 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
         fed.start()
         fed.wait_for(lambda: _status_online(fed) >= 3, 120, "three nodes online")
 
+        # Flood members are members: they join (so they count as online and expected) and
+        # then hold their watch streams open without ever submitting.
+        join = _join_request(fed)
+
         async def flood() -> list[Any]:
             calls: list[Any] = []
             for i, name in enumerate(watchers):
                 stub = pb_grpc.AggregationStub(await clients.channel(f"flood/{name}", name))
+                await stub.Join(join, timeout=30)
                 n = min(per, watch - i * per)
                 calls += [stub.WatchRounds(pb.WatchRequest(since_round=10**6)) for _ in range(n)]
             for i, name in enumerate(reflectors):
