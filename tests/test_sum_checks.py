@@ -127,6 +127,10 @@ def _attack_round(fed: LocalFederation, kind: str) -> int:
     return int(opened.round)
 
 
+def _fingerprint(fed: LocalFederation) -> str:
+    return keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
+
+
 def _layout_proto() -> pb.Layout:
     trainer = DigitsTrainer(shard=0, shards=NODES, epochs=1)
     return layout_of(federated_tensors(trainer, trainer.build_model())).to_proto()
@@ -138,14 +142,24 @@ def _withdrawn_by_the_nodes(fed: LocalFederation, number: int) -> None:
     with fed.admin_channel() as ch:
         admin = pb_grpc.AdminStub(ch)
         fed.wait_for(
-            lambda: admin.GetRound(pb.GetRoundRequest(round=number), timeout=10).state
-            == pb.ROUND_WITHDRAWN,
+            lambda: admin.GetRound(pb.GetRoundRequest(round=number), timeout=10).state == pb.ROUND_WITHDRAWN,
             60,
             f"the server to withdraw round {number}",
         )
         info = admin.GetRound(pb.GetRoundRequest(round=number), timeout=10)
     rejected = sorted(o.node_name for o in info.outcomes if not o.applied)
     assert rejected == [fed.node_name(i) for i in range(NODES)], info.outcomes
+    # Nobody can fetch it any more, and a member that joins learns it was withdrawn.
+    with _mallory(fed) as ch:
+        stub = pb_grpc.AggregationStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchAggregate(pb.FetchRequest(round=number), timeout=10))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (err.value.details() or "").startswith(f"round {number} was withdrawn: ")
+        rejoin = stub.Join(
+            pb.JoinRequest(key_fingerprint=_fingerprint(fed), layout=_layout_proto()), timeout=30
+        )
+        assert number in rejoin.withdrawn_rounds
 
 
 def _applied_round(fed: LocalFederation, index: int) -> int:

@@ -7,10 +7,8 @@ refusal leaves the round's encrypted sum bit-for-bit as it was.
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,12 +20,12 @@ from hypothesis import strategies as st
 from cipherhive import codec, keys
 from cipherhive.layout import Layout, TensorSpec
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.guard import Runner
-from cipherhive.server.ingest import SUBMISSION_ID, ingest, validate_header
+from cipherhive.server.ingest import SUBMISSION_ID, validate_header
 from cipherhive.server.rounds import RoundError, RoundManager
 from cipherhive.server.spool import Spool
 from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
+from tests.ingesting import ingest_messages
 
 LAYOUT = Layout((TensorSpec("w", (9000,)),))  # 9001 values -> 2 ciphertexts
 CLIENT_ERRORS = {
@@ -54,30 +52,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RoundManag
     # One honest upload first, so every block of the sum exists and can be compared.
     header = _header(row.round, files.fingerprint, "honest-upload-1")
     cts = list(secret.encrypt_all(np.full(LAYOUT.num_values, 0.125)))
-    _ingest(manager, "honest", [pb.SubmitRequest(header=header), *_chunks(cts)])
+    ingest_messages(manager, "honest", [pb.SubmitRequest(header=header), *_chunks(cts)])
     yield manager, secret, row.round
     state.close()
 
 
-_RUNNER = Runner(2)
-
-
-@asynccontextmanager
-async def _no_wait() -> AsyncIterator[None]:
-    yield
-
-
-def _ingest(manager: RoundManager, node: str, messages: list[pb.SubmitRequest]) -> pb.SubmitReceipt:
-    """The server's own (asyncio) ingest path, fed from a list; no transfer slot, never revoked."""
-
-    async def stream() -> AsyncIterator[pb.SubmitRequest]:
-        for message in messages:
-            yield message
-
-    async def go() -> pb.SubmitReceipt:
-        return await ingest(manager, node, stream(), run=_RUNNER, slot=_no_wait, revoked=lambda: "")
-
-    return asyncio.run(go())
 
 
 def _header(number: int, fingerprint: str, sid: str) -> pb.SubmitHeader:
@@ -194,7 +173,7 @@ def test_refused_uploads_leave_the_sum_untouched(
     test_refused_uploads_leave_the_sum_untouched.runs += 1  # type: ignore[attr-defined]
     node = f"fuzzer-{test_refused_uploads_leave_the_sum_untouched.runs}"  # type: ignore[attr-defined]
     try:
-        _ingest(manager, node, messages)
+        ingest_messages(manager, node, messages)
     except RoundError as exc:
         assert exc.code in CLIENT_ERRORS, exc
         assert _sum_bytes(manager) == before

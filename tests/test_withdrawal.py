@@ -8,6 +8,7 @@ processes and a hostile member, is in tests/test_withdrawal_federation.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ import pytest
 from cipherhive import codec, keys
 from cipherhive.layout import Layout, LayoutError, TensorSpec, check_bounds
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.ingest import ingest
+from cipherhive.server.events import Subscription
 from cipherhive.server.publish import stream_sum
 from cipherhive.server.rounds import RoundError, RoundManager
 from cipherhive.server.spool import Spool
 from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
+from tests.ingesting import ingest_messages
 
 LAYOUT = Layout((TensorSpec("w", (10,)),))
 
@@ -62,7 +64,7 @@ class World:
             pb.SubmitRequest(chunk=pb.SubmitChunk(index=i, first_ciphertext=i, ciphertexts=[c]))
             for i, c in enumerate(cts)
         ]
-        ingest(self.manager, node, iter([pb.SubmitRequest(header=header), *chunks]), 16)
+        ingest_messages(self.manager, node, [pb.SubmitRequest(header=header), *chunks])
 
     def fetch_error(self, number: int) -> RoundError:
         m = self.manager
@@ -111,7 +113,13 @@ def test_majority_of_rejections_withdraws_the_round_and_what_built_on_it(world: 
     opened = m.start_round(timeout=3600, actor="test", force=True)
     assert opened.base_round == two
     world.submit(opened.round, two, "a")
-    events = m.bus.subscribe()
+    # The bus feeds asyncio streams: subscribe from a loop, as a WatchRounds stream does.
+    loop = asyncio.new_event_loop()
+
+    async def subscribe() -> Subscription:
+        return m.bus.subscribe()
+
+    events = loop.run_until_complete(subscribe())
 
     assert m.report_outcome("a", one, False, "total weight -98.2 is not positive") is False
     with pytest.raises(RoundError) as err:
@@ -134,9 +142,11 @@ def test_majority_of_rejections_withdraws_the_round_and_what_built_on_it(world: 
     assert outcomes["c"].applied and outcomes["c"].reason == ""
     assert outcomes["a"].reason == "weight again"
 
+    loop.run_until_complete(asyncio.sleep(0.05))  # deliver what was published from this thread
+    loop.close()
     kinds = []
-    while not events.empty():
-        ev = events.get()
+    while not events.queue.empty():
+        ev = events.queue.get_nowait()
         assert ev is not None
         kinds.append((pb.RoundEvent.Kind.Name(ev.kind), ev.round))
     assert ("WITHDRAWN", one) in kinds and ("WITHDRAWN", two) in kinds and ("FAILED", opened.round) in kinds
