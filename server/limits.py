@@ -108,21 +108,29 @@ class Transfers:
 
     def __init__(self, slots: int) -> None:
         self._slots = asyncio.Semaphore(slots)
-        self._busy: set[tuple[str, str, str]] = set()
+        self._busy: dict[tuple[str, str, str], grpc.aio.ServicerContext] = {}
 
-    def claim(self, caller: Caller, kind: str) -> None:
-        """Mark ``caller``'s one ``kind`` ("upload"/"download") as in progress, or raise Refusal."""
+    def claim(self, caller: Caller, kind: str, context: grpc.aio.ServicerContext) -> None:
+        """Mark ``caller``'s one ``kind`` ("upload"/"download") as in progress, or raise Refusal.
+
+        A call that already ended on the wire (the client gave up, or the transport
+        refused a message) no longer counts, even while its handler is still unwinding:
+        the member's next attempt must not be refused because of it.
+        """
         key = (caller.role, caller.name, kind)
-        if key in self._busy:
+        holder = self._busy.get(key)
+        if holder is not None and not holder.done():
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{caller.role} {caller.name!r} already has {_a(kind)} in progress; one {kind} per "
                 f"member at a time: finish or cancel it first",
             )
-        self._busy.add(key)
+        self._busy[key] = context
 
-    def release(self, caller: Caller, kind: str) -> None:
-        self._busy.discard((caller.role, caller.name, kind))
+    def release(self, caller: Caller, kind: str, context: grpc.aio.ServicerContext) -> None:
+        key = (caller.role, caller.name, kind)
+        if self._busy.get(key) is context:
+            del self._busy[key]
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -53,14 +53,14 @@ class AggregationService(pb_grpc.AggregationServicer):
         self.write_timeout = write_timeout
 
     @asynccontextmanager
-    async def _one(self, kind: str) -> AsyncIterator[None]:
+    async def _one(self, kind: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """The caller's single upload or download (a second at the same time is refused)."""
         who = caller()
-        self.transfers.claim(who, kind)
+        self.transfers.claim(who, kind, context)
         try:
             yield
         finally:
-            self.transfers.release(who, kind)
+            self.transfers.release(who, kind, context)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         return await self.run(views.join_reply, self.m, caller().name, request)
@@ -88,7 +88,7 @@ class AggregationService(pb_grpc.AggregationServicer):
     ) -> pb.SubmitReceipt:
         who = caller()
         try:
-            async with self._one("upload"):
+            async with self._one("upload", context):
                 return await ingest(
                     self.m,
                     who.name,
@@ -121,7 +121,7 @@ class AggregationService(pb_grpc.AggregationServicer):
         """Written with ``context.write`` under a deadline: a member that stops reading
         must not keep a transfer slot for ever."""
         who = caller()
-        async with self._one("download"), self.transfers.slot():
+        async with self._one("download", context), self.transfers.slot():
             layout = await self.run(self.m.layout)
             chunks: Iterator[pb.AggregateChunk] = stream_sum(
                 self.m.state,
