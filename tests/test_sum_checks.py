@@ -249,10 +249,14 @@ def test_nodes_roll_back_a_withdrawn_round(fed: LocalFederation) -> None:
         )
     good = [r.round for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY and r.round < number]
     previous = max(good, default=0)
+    said = f"rolled back to round {previous}: round {number} was withdrawn"
+    # The checkpoint switches first, the log line follows: wait for both.
     fed.wait_for(
-        lambda: all(_applied_round(fed, i) == previous for i in range(NODES)), 60, "every node to roll back"
+        lambda: all(
+            _applied_round(fed, i) == previous and said in fed.log(fed.node_name(i)) for i in range(NODES)
+        ),
+        60,
+        "every node to roll back",
     )
-    for i in range(NODES):
-        assert f"rolled back to round {previous}: round {number} was withdrawn" in fed.log(fed.node_name(i))
     _alive(fed)
     _honest_round(fed)
