@@ -373,6 +373,7 @@ def issue(
                 role=role,
                 name=name,
                 public_key=enrol_key.public_key(),
+                tls_fingerprint=cert.fingerprint(hashes.SHA256()),
                 not_before=now - _CLOCK_SKEW,
                 not_after=not_after,
             )

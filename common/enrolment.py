@@ -21,7 +21,10 @@ node`` and revoked with the member's TLS certificate. Why a separate key:
   with serverAuth or clientAuth, or without the purpose URI) as an enrolment
   certificate;
 * its SAN URI ``cipherhive://node/NAME/enrol`` says what it is, and
-  :func:`cipherhive.certs.peer_identity` refuses it as a TLS identity.
+  :func:`cipherhive.certs.peer_identity` refuses it as a TLS identity;
+* it names the member's TLS certificate (``TLS_BINDING``: the SHA-256 of its
+  DER, issued in the same step), so the TLS fingerprint in an enrolment, which
+  orders the pairs and names the member to its peers, is certified too.
 
 Signatures are ECDSA P-256 with SHA-256. ECDSA signatures are malleable
 (``(r, s)`` and ``(r, n - s)`` both verify), and a roster compares entries
@@ -62,11 +65,14 @@ __all__ = [
 #: Extended key usage of an enrolment certificate: an OID derived from a random UUID (ITU-T X.667,
 #: arc 2.25), so it needs no registration and names nothing else. Not serverAuth, not clientAuth.
 ENROL_EKU = x509.ObjectIdentifier("2.25.17618881593584267949101967208403389414")
+#: Extension (non-critical) holding the SHA-256 of the member's TLS certificate, DER OCTET STRING.
+TLS_BINDING = x509.ObjectIdentifier("2.25.3585492733225939538498998737878616880")
 #: The only role that enrols in rounds.
 MEMBER_ROLE = "node"
 _TLS_EKUS = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 _CURVE_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 n
 _MAX_SIGNATURE = 72
+_OCTET_32 = b"\x04\x20"  # DER header of a 32-byte OCTET STRING
 
 
 class EnrolmentError(ValueError):
@@ -92,6 +98,8 @@ class EnrolmentIdentity:
     #: SHA-256 of the enrolment certificate's DER (what a node may pin instead of a name).
     fingerprint: bytes
     public_key: ec.EllipticCurvePublicKey
+    #: SHA-256 of the member's TLS certificate, issued with this one (``TLS_BINDING``).
+    tls_fingerprint: bytes
 
 
 def enrol_uri(name: str, role: str = MEMBER_ROLE) -> str:
@@ -112,10 +120,13 @@ def build_certificate(
     role: str,
     name: str,
     public_key: ec.EllipticCurvePublicKey,
+    tls_fingerprint: bytes,
     not_before: datetime,
     not_after: datetime,
 ) -> x509.Certificate:
     """An enrolment certificate for ``role``/``name`` signed by the CA (used by ``certs issue``)."""
+    if len(tls_fingerprint) != 32:
+        raise ValueError("the TLS certificate fingerprint is a SHA-256 digest (32 bytes)")
     return (
         x509.CertificateBuilder()
         .subject_name(
@@ -152,6 +163,7 @@ def build_certificate(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(enrol_uri(name, role))]),
             critical=False,
         )
+        .add_extension(x509.UnrecognizedExtension(TLS_BINDING, _OCTET_32 + tls_fingerprint), critical=False)
         .add_extension(authority_key_id, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(ca_key, hashes.SHA256())
@@ -254,6 +266,16 @@ def verify_certificate(
             f"certificate {subject!r} is not an enrolment certificate (expected the SAN URI "
             f"{enrol_uri(name, role)!r}, digitalSignature, not a CA)"
         )
+    try:
+        binding = cert.extensions.get_extension_for_oid(TLS_BINDING).value
+    except x509.ExtensionNotFound:
+        binding = None
+    if (
+        not isinstance(binding, x509.UnrecognizedExtension)
+        or len(binding.value) != 34
+        or not binding.value.startswith(_OCTET_32)
+    ):
+        raise EnrolmentError(f"enrolment certificate {subject!r} does not name its member's TLS certificate")
     public_key = cert.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
         raise EnrolmentError(f"enrolment certificate {subject!r} does not hold an EC P-256 key")
@@ -267,6 +289,7 @@ def verify_certificate(
         serial=cert.serial_number,
         fingerprint=cert.fingerprint(hashes.SHA256()),
         public_key=public_key,
+        tls_fingerprint=binding.value[2:],
     )
 
 

@@ -252,8 +252,10 @@ def roster_hash(encoded_entries: Sequence[bytes], nonce: bytes) -> bytes:
     return digest.digest()
 
 
-def _pin_forms(pinned: Collection[str]) -> frozenset[str]:
-    return frozenset(p.strip().lower().replace(":", "") for p in pinned)
+def _pinned(who: enrolment.EnrolmentIdentity, pinned: Collection[str]) -> bool:
+    """A name matches exactly (names are case-sensitive); a fingerprint in any hex spelling."""
+    fps = {p.strip().lower().replace(":", "") for p in pinned}
+    return who.name in pinned or who.fingerprint.hex() in fps or who.tls_fingerprint.hex() in fps
 
 
 def _check_binding(name: str, got: RoundBinding, want: RoundBinding) -> None:
@@ -295,11 +297,14 @@ def verify_roster(
     """Check a roster the server sent (issue 11, step 2; SecAgg §6) and return it, or refuse.
 
     ``me`` is this node's current enrolment for the round ``expected``
-    describes; ``pinned_members`` are names or SHA-256 fingerprints (hex) of
-    enrolment certificates from this node's own configuration (the names and
-    fingerprints checked are the certified ones, never a field a member fills
-    in; the node itself need not be listed); ``floor`` is its own minimum
-    roster size. Raises :class:`RosterError` with the reason.
+    describes; ``pinned_members`` are names, or SHA-256 fingerprints (hex, any
+    case, colons allowed) of members' TLS or enrolment certificates, from this
+    node's own configuration. Everything compared is certified: the name and
+    both fingerprints come from the CA-signed enrolment certificate (the TLS
+    fingerprint an entry carries must equal the one its certificate names),
+    never from a field a member fills in alone. The node itself need not be
+    listed. ``floor`` is its own minimum roster size. Raises
+    :class:`RosterError` with the reason.
     """
     if floor < 2:
         raise ValueError("a roster floor below 2 would let one member's update out unmasked")
@@ -330,7 +335,6 @@ def verify_roster(
             )
         raise RosterError("this node is missing from the roster it was sent")
 
-    pins = _pin_forms(pinned_members)
     members: list[Member] = []
     for raw, entry in zip(entries, decoded, strict=True):
         try:
@@ -339,7 +343,12 @@ def verify_roster(
             raise RosterError(f"roster entry refused: {exc}") from None
         if not enrolment.verify_signature(who.public_key, entry.signature, entry.signed_bytes()):
             raise RosterError(f"the signature on the entry of {who.name!r} does not verify")
-        if raw != mine and who.name.lower() not in pins and who.fingerprint.hex() not in pins:
+        if entry.cert_fingerprint != who.tls_fingerprint:
+            raise RosterError(
+                f"the entry of {who.name!r} claims TLS certificate {entry.cert_fingerprint.hex()[:16]}…, "
+                f"but its enrolment certificate names {who.tls_fingerprint.hex()[:16]}…"
+            )
+        if raw != mine and not _pinned(who, pinned_members):
             raise RosterError(
                 f"{who.name!r} is not in this node's pinned membership; add it to the configuration "
                 "only if the federation admitted it"

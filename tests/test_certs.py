@@ -615,6 +615,8 @@ def test_node_gets_an_enrolment_certificate(ca: Path, tmp_path: Path) -> None:
     crl = _load_crl(ca / "crl.pem")
     who = enrolment.verify_certificate(cert, _load_cert(ca / "ca.crt"), crl)
     assert (who.name, who.role, who.serial) == ("acme", "node", enrol.serial)
+    # It names the member's TLS certificate, so the fingerprint in an enrolment is certified.
+    assert who.tls_fingerprint == _load_cert(issued.cert_path).fingerprint(hashes.SHA256())
 
 
 @pytest.mark.parametrize("role", ["server", "admin"])

@@ -179,6 +179,41 @@ def test_pinning_by_enrolment_certificate_fingerprint(fed: Fed) -> None:
     assert len(roster.members) == 5
 
 
+def test_pinning_by_tls_fingerprint_and_exact_names(fed: Fed) -> None:
+    rnd = _round(fed)
+    pins = [fed.parties[n].tls_fp.hex() for n in NAMES[1:]]
+
+    def check(pinned: list[str]) -> Roster:
+        return verify_roster(
+            rnd.wire(),
+            me=rnd.entries["acme"],
+            ca_cert=fed.ca_cert,
+            crl=fed.crl(),
+            pinned_members=pinned,
+            floor=5,
+            expected=rnd.binding,
+        )
+
+    assert len(check(pins).members) == 5
+    with pytest.raises(RosterError, match="'globex' is not in this node's pinned membership"):
+        check(["GLOBEX", *NAMES[2:]])  # names are case-sensitive, like the certificates
+
+
+def test_claiming_another_members_tls_certificate(fed: Fed) -> None:
+    """The TLS fingerprint orders the pairs; a member cannot claim another's."""
+    rnd = _round(fed)
+    p = fed.parties["globex"]
+    forged = make_enrolment(
+        binding=rnd.binding,
+        cert_fingerprint=fed.parties["initech"].tls_fp,
+        x25519_public=X25519PrivateKey.generate().public_key(),
+        certificate=p.enrol_cert,
+        key=p.enrol_key,
+    ).encode()
+    with pytest.raises(RosterError, match="'globex' claims TLS certificate"):
+        _verify(fed, rnd, [*rnd.wire("acme", "initech", "umbrella", "hooli"), forged])
+
+
 # --------------------------------------------------------------------------- forged rosters
 
 
