@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -359,7 +360,10 @@ def test_bad_signatures(fed: Fed) -> None:
     # The same signature in its other (high-s) form: valid ECDSA, but not the canonical bytes.
     r, s = decode_dss_signature(good.signature)
     malleated = replace(good, signature=encode_dss_signature(r, N_ORDER - s))
-    for forged in (swapped, malleated):
+    # Signed by a key the CA certified for someone else (eve's), under globex's certificate.
+    unsigned = replace(good, signature=b"")
+    other_key = replace(good, signature=enrolment.sign(fed.parties["eve"].enrol_key, unsigned.signed_bytes()))
+    for forged in (swapped, malleated, other_key):
         with pytest.raises(RosterError, match="signature on the entry of 'globex' does not verify"):
             _verify(fed, rnd, [*rnd.wire("acme", "initech", "umbrella", "hooli"), forged.encode()])
 
@@ -625,3 +629,11 @@ def test_vector_chain_hash(tmp_path: Path) -> None:
         ChainHash.load(path)
     with pytest.raises(ValueError, match="32 bytes"):
         ChainHash.genesis(b"short", "11" * 32)
+
+
+def test_enrolment_certificate_outside_its_validity(fed: Fed) -> None:
+    cert = x509.load_pem_x509_certificate(fed.parties["acme"].enrol_cert)
+    later = cert.not_valid_after_utc + timedelta(days=1)
+    with pytest.raises(enrolment.EnrolmentError, match="outside its validity"):
+        enrolment.verify_certificate(cert, fed.ca_cert, fed.crl(), now=later)
+    assert enrolment.verify_certificate(cert, fed.ca_cert, fed.crl()).name == "acme"
