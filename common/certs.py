@@ -13,34 +13,63 @@ CA directory layout::
     ca.crt       self-signed CA certificate
     issued.json  index of issued certificates (source of truth for the CRL)
     crl.pem      signed X.509 CRL, rewritten on CA creation and every revoke
+
+A node also receives an enrolment certificate (``NAME.enrol.crt``/``.key``) for
+signing round enrolments; see :mod:`cipherhive.enrolment`. The index and CRL
+code lives in :mod:`cipherhive.castore`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
+import dataclasses
 import functools
 import ipaddress
 import json
 import logging
 import os
 import re
-import stat
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cipherhive import enrolment
+from cipherhive.castore import (
+    CA_CERT,
+    CA_KEY,
+    CRL,
+    INDEX,
+    PURPOSE_ENROL,
+    PURPOSE_TLS,
+    Entry,
+    IssuedCert,
+    IssuedRecord,
+    authority_key_id,
+    ca_lock,
+    check_key_permissions,
+    fsync_dir,
+    iso,
+    key_pem,
+    load_ca,
+    read_index,
+    replace_file,
+    stage,
+    utcnow,
+    write_crl,
+    write_index,
+    write_new,
+)
 
 __all__ = [
     "CA_CERT",
@@ -68,14 +97,9 @@ log = logging.getLogger(__name__)
 
 ROLES = ("server", "node", "admin")
 
-CA_KEY = "ca.key"
-CA_CERT = "ca.crt"
-INDEX = "issued.json"
-CRL = "crl.pem"
 
 URI_SCHEME = "cipherhive"
 DEFAULT_SERVER_HOSTS = ("localhost", "127.0.0.1")
-CRL_VALIDITY = timedelta(days=30)
 # Back-date notBefore a little so peers with a slightly slow clock accept new certs.
 _CLOCK_SKEW = timedelta(minutes=5)
 
@@ -88,36 +112,6 @@ _HEX_RE = re.compile(r"[0-9a-fA-F]{1,64}")
 class CertificateError(ValueError):
     """A certificate or CRL is unusable for cipherhive (bad role, name or signature)."""
 
-
-@dataclass(frozen=True, slots=True)
-class IssuedCert:
-    """Result of issuing (or revoking) a certificate: where its files live."""
-
-    serial: int
-    role: str
-    name: str
-    cert_path: Path
-    key_path: Path
-    not_after: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedRecord:
-    """One row of ``issued.json``, as operators see it in ``certs list``."""
-
-    serial: int
-    role: str
-    name: str
-    not_after: datetime
-    revoked_at: datetime | None
-
-    def status(self, now: datetime | None = None) -> str:
-        """Return "revoked", "expired" or "valid" so callers need not repeat the rules."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.not_after <= (now or _now()):
-            return "expired"
-        return "valid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,18 +150,6 @@ def _check_days(days: int) -> None:
 def _role_uri(role: str, name: str) -> str:
     return f"{URI_SCHEME}://{role}/{name}"
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(dt: datetime | None) -> str | None:
-    return None if dt is None else dt.astimezone(UTC).isoformat()
-
-
-def _parse_dt(text: str) -> datetime:
-    dt = datetime.fromisoformat(text)
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 def _parse_serial(text: str) -> int | None:
@@ -208,248 +190,6 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
-def check_key_permissions(path: Path) -> None:
-    """Refuse private keys others can read: a leaked key defeats mutual TLS."""
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        raise PermissionError(
-            f"private key {path} is accessible by group/others (mode {mode:04o}); "
-            f"restrict it with 'chmod 600 {path}'"
-        )
-
-
-# --------------------------------------------------------------------------
-# file helpers
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename; best effort because some filesystems refuse directory fsync."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _stage(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a synced temp file next to ``path``; the caller renames it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically so readers (e.g. RevocationList) never see half a file."""
-    tmp = _stage(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` exclusively so two concurrent ``init`` runs cannot both win."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), mode)
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-@contextlib.contextmanager
-def _ca_lock(ca_dir: Path) -> Iterator[None]:
-    """Serialise index/CRL updates between concurrent CLI runs (flock on ca.key)."""
-    fd = os.open(ca_dir / CA_KEY, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------
-# CA state
-
-
-@dataclass
-class _Entry:
-    serial: int
-    role: str
-    name: str
-    not_after: datetime
-    revoked_at: datetime | None
-    cert_path: str | None = None
-    key_path: str | None = None
-
-    def is_valid(self, now: datetime) -> bool:
-        return self.revoked_at is None and self.not_after > now
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "serial": f"{self.serial:x}",
-            "role": self.role,
-            "name": self.name,
-            "not_after": _iso(self.not_after),
-            "revoked_at": _iso(self.revoked_at),
-            "cert_path": self.cert_path,
-            "key_path": self.key_path,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Any) -> _Entry:
-        if not isinstance(raw, dict):
-            raise ValueError("entry is not an object")
-        revoked = raw.get("revoked_at")
-        cert_path = raw.get("cert_path")
-        key_path = raw.get("key_path")
-        return cls(
-            serial=int(str(raw["serial"]), 16),
-            role=str(raw["role"]),
-            name=str(raw["name"]),
-            not_after=_parse_dt(str(raw["not_after"])),
-            revoked_at=None if revoked is None else _parse_dt(str(revoked)),
-            cert_path=None if cert_path is None else str(cert_path),
-            key_path=None if key_path is None else str(key_path),
-        )
-
-    def record(self) -> IssuedRecord:
-        return IssuedRecord(self.serial, self.role, self.name, self.not_after, self.revoked_at)
-
-    def issued(self) -> IssuedCert:
-        return IssuedCert(
-            serial=self.serial,
-            role=self.role,
-            name=self.name,
-            cert_path=Path(self.cert_path or ""),
-            key_path=Path(self.key_path or ""),
-            not_after=self.not_after,
-        )
-
-
-def _read_index(ca_dir: Path) -> list[_Entry]:
-    """Load issued.json; a missing index is an error because the CRL is rebuilt from it."""
-    path = ca_dir / INDEX
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if not (ca_dir / CA_CERT).exists():
-            raise FileNotFoundError(
-                f"no CA in {ca_dir}; create one with 'cipherhive certs init --ca {ca_dir}'"
-            ) from None
-        raise FileNotFoundError(
-            f"{path} is missing; restore it from a backup (regenerating it would un-revoke "
-            "every revoked certificate)"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is corrupt ({exc}); restore it from a backup") from exc
-    try:
-        if not isinstance(raw, list):
-            raise ValueError("top level is not a list")
-        return [_Entry.from_json(item) for item in raw]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} is corrupt ({exc!r}); restore it from a backup") from exc
-
-
-def _write_index(ca_dir: Path, entries: Sequence[_Entry]) -> None:
-    data = json.dumps([e.to_json() for e in entries], indent=2) + "\n"
-    _atomic_write(ca_dir / INDEX, data.encode("utf-8"), 0o644)
-
-
-def _load_ca(ca_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """Load and sanity-check the CA key pair before signing anything with it."""
-    key_path, cert_path = ca_dir / CA_KEY, ca_dir / CA_CERT
-    if not key_path.is_file() or not cert_path.is_file():
-        raise FileNotFoundError(
-            f"no CA in {ca_dir} (expected {CA_KEY} and {CA_CERT}); "
-            f"create one with 'cipherhive certs init --ca {ca_dir}'"
-        )
-    check_key_permissions(key_path)
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"cannot load the CA from {ca_dir}: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{key_path} is not an EC private key; was this CA made by cipherhive?")
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
-        raise ValueError(f"{key_path} does not belong to {cert_path}; restore the matching pair")
-    return key, cert
-
-
-def _authority_key_id(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
-) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-
-
-def _next_crl_number(crl_path: Path) -> int:
-    """CRL numbers must grow; derive from the current CRL, else from the clock."""
-    try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-        current = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except FileNotFoundError:
-        return 1
-    except (OSError, ValueError, x509.ExtensionNotFound):
-        return int(time.time())
-    return current + 1
-
-
-def _write_crl(
-    ca_dir: Path,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    entries: Sequence[_Entry],
-) -> None:
-    """Rebuild crl.pem from the index so the CRL can never drift from issued.json."""
-    now = _now()
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now)
-        .next_update(now + CRL_VALIDITY)
-        .add_extension(x509.CRLNumber(_next_crl_number(ca_dir / CRL)), critical=False)
-        .add_extension(_authority_key_id(ca_key, ca_cert), critical=False)
-    )
-    for entry in entries:
-        if entry.revoked_at is not None:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(entry.serial)
-                .revocation_date(entry.revoked_at)
-                .build()
-            )
-    crl = builder.sign(ca_key, hashes.SHA256())
-    _atomic_write(ca_dir / CRL, crl.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
 # --------------------------------------------------------------------------
 # public CA operations
 
@@ -469,7 +209,7 @@ def create_ca(ca_dir: Path, name: str = "cipherhive-ca", days: int = 3650) -> Pa
     ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
+    now = utcnow()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
@@ -499,14 +239,14 @@ def create_ca(ca_dir: Path, name: str = "cipherhive-ca", days: int = 3650) -> Pa
         .sign(key, hashes.SHA256())
     )
     try:
-        _write_new(ca_dir / CA_KEY, _key_pem(key), 0o600)
+        write_new(ca_dir / CA_KEY, key_pem(key), 0o600)
     except FileExistsError:
         raise FileExistsError(
             f"a CA already exists in {ca_dir} (found {CA_KEY}); keep using it or pick another directory"
         ) from None
-    _atomic_write(ca_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_index(ca_dir, [])
-    _write_crl(ca_dir, key, cert, [])
+    replace_file(ca_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_index(ca_dir, [])
+    write_crl(ca_dir, key, cert, [])
     log.info("created CA %r in %s", name, ca_dir)
     return ca_dir / CA_CERT
 
@@ -543,15 +283,15 @@ def issue(
     san.append(x509.UniformResourceIdentifier(_role_uri(role, name)))
 
     ca_dir, out_dir = Path(ca_dir), Path(out_dir)
-    ca_key, ca_cert = _load_ca(ca_dir)
+    ca_key, ca_cert = load_ca(ca_dir)
     ca_pem = (ca_dir / CA_CERT).read_bytes()
     key_path = out_dir / f"{name}.key"
     cert_path = out_dir / f"{name}.crt"
     ca_copy = out_dir / CA_CERT
 
-    with _ca_lock(ca_dir):
-        entries = _read_index(ca_dir)
-        now = _now()
+    with ca_lock(ca_dir):
+        entries = read_index(ca_dir)
+        now = utcnow()
         ca_not_after = ca_cert.not_valid_after_utc
         if ca_not_after <= now:
             raise ValueError(f"the CA in {ca_dir} expired on {ca_not_after:%Y-%m-%d}; create a new CA")
@@ -564,7 +304,8 @@ def issue(
                 f"the name {name!r} is already used by a {' and a '.join(clash)} certificate of this "
                 "CA; names are unique across roles, pick another name"
             )
-        current = [e for e in entries if e.role == role and e.name == name and e.is_valid(now)]
+        same = [e for e in entries if e.role == role and e.name == name and e.is_valid(now)]
+        current = [e for e in same if e.purpose == PURPOSE_TLS]
         if current and not replace:
             serials = ", ".join(f"{e.serial:x}" for e in current)
             raise FileExistsError(
@@ -608,11 +349,11 @@ def issue(
             )
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(_authority_key_id(ca_key, ca_cert), critical=False)
+            .add_extension(authority_key_id(ca_key, ca_cert), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        entry = _Entry(
+        entry = Entry(
             serial=cert.serial_number,
             role=role,
             name=name,
@@ -621,21 +362,59 @@ def issue(
             cert_path=str(cert_path.absolute()),
             key_path=str(key_path.absolute()),
         )
+        # A member also gets the key it signs round enrolments with (cipherhive.enrolment).
+        enrol: tuple[Entry, bytes, bytes] | None = None
+        if role == enrolment.MEMBER_ROLE:
+            enrol_key = ec.generate_private_key(ec.SECP256R1())
+            enrol_cert = enrolment.build_certificate(
+                ca_key=ca_key,
+                ca_cert=ca_cert,
+                authority_key_id=authority_key_id(ca_key, ca_cert),
+                role=role,
+                name=name,
+                public_key=enrol_key.public_key(),
+                tls_fingerprint=cert.fingerprint(hashes.SHA256()),
+                not_before=now - _CLOCK_SKEW,
+                not_after=not_after,
+            )
+            enrol_cert_path, enrol_key_path = enrolment.paths(out_dir, name)
+            enrol = (
+                Entry(
+                    serial=enrol_cert.serial_number,
+                    role=role,
+                    name=name,
+                    not_after=enrol_cert.not_valid_after_utc,
+                    revoked_at=None,
+                    cert_path=str(enrol_cert_path.absolute()),
+                    key_path=str(enrol_key_path.absolute()),
+                    purpose=PURPOSE_ENROL,
+                ),
+                enrol_cert.public_bytes(serialization.Encoding.PEM),
+                key_pem(enrol_key),
+            )
 
         # Stage the files first, record the certificate, then rename into place:
         # a certificate never reaches disk without being in the index (revocable).
         out_dir.mkdir(parents=True, exist_ok=True)
         staged: list[tuple[Path, Path]] = []
         try:
-            staged.append((_stage(key_path, _key_pem(key), 0o600), key_path))
+            staged.append((stage(key_path, key_pem(key), 0o600), key_path))
             cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-            staged.append((_stage(cert_path, cert_pem, 0o644), cert_path))
+            staged.append((stage(cert_path, cert_pem, 0o644), cert_path))
+            if enrol is not None:
+                _, enrol_pem, enrol_key_pem = enrol
+                enrol_cert_file, enrol_key_file = enrolment.paths(out_dir, name)
+                staged.append((stage(enrol_key_file, enrol_key_pem, 0o600), enrol_key_file))
+                staged.append((stage(enrol_cert_file, enrol_pem, 0o644), enrol_cert_file))
             if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
-                staged.append((_stage(ca_copy, ca_pem, 0o644), ca_copy))
-            for old in current:
+                staged.append((stage(ca_copy, ca_pem, 0o644), ca_copy))
+            # Replacing a member's TLS certificate replaces its enrolment certificate too.
+            for old in same:
                 old.revoked_at = now
             entries.append(entry)
-            _write_index(ca_dir, entries)
+            if enrol is not None:
+                entries.append(enrol[0])
+            write_index(ca_dir, entries)
         except BaseException:
             for tmp, _ in staged:
                 with contextlib.suppress(OSError):
@@ -643,11 +422,14 @@ def issue(
             raise
         for tmp, final in staged:
             os.replace(tmp, final)
-        _fsync_dir(out_dir)
-        if current:
-            _write_crl(ca_dir, ca_key, ca_cert, entries)
-            log.info("revoked %d previous %s certificate(s) for %r", len(current), role, name)
-    return entry.issued()
+        fsync_dir(out_dir)
+        if same:
+            write_crl(ca_dir, ca_key, ca_cert, entries)
+            log.info("revoked %d previous %s certificate(s) for %r", len(same), role, name)
+    issued = entry.issued()
+    if enrol is not None:
+        issued = dataclasses.replace(issued, enrolment=enrol[0].issued())
+    return issued
 
 
 def _revoke(
@@ -656,12 +438,12 @@ def _revoke(
     if role is not None:
         validate_role(role)
     ca_dir = Path(ca_dir)
-    ca_key, ca_cert = _load_ca(ca_dir)
+    ca_key, ca_cert = load_ca(ca_dir)
     hint = f"see 'cipherhive certs list --ca {ca_dir}'"
-    with _ca_lock(ca_dir):
-        entries = _read_index(ca_dir)
-        now = _now()
-        targets: list[_Entry] = []
+    with ca_lock(ca_dir):
+        entries = read_index(ca_dir)
+        now = utcnow()
+        targets: list[Entry] = []
         serial = _parse_serial(text) if mode != "name" and role is None else None
         if mode == "serial" and serial is None:
             raise ValueError(f"invalid serial {text!r}: give it in hex as shown by 'certs list'")
@@ -671,9 +453,18 @@ def _revoke(
             if entry.revoked_at is not None:
                 raise LookupError(
                     f"certificate {entry.serial:x} ({entry.role} {entry.name!r}) was already "
-                    f"revoked at {_iso(entry.revoked_at)}; nothing to do"
+                    f"revoked at {iso(entry.revoked_at)}; nothing to do"
                 )
             targets = [entry]
+            if entry.purpose == PURPOSE_TLS:
+                # A member cut off from TLS must not keep signing round enrolments either.
+                targets += [
+                    e
+                    for e in entries
+                    if e.purpose == PURPOSE_ENROL
+                    and (e.role, e.name) == (entry.role, entry.name)
+                    and e.is_valid(now)
+                ]
         elif mode == "serial":
             raise LookupError(f"no certificate with serial {text!r} in {ca_dir}; {hint}")
         else:
@@ -687,8 +478,8 @@ def _revoke(
                 raise LookupError(f"no {what} with {label} {text!r} in {ca_dir}; {hint}")
         for entry in targets:
             entry.revoked_at = now
-        _write_index(ca_dir, entries)
-        _write_crl(ca_dir, ca_key, ca_cert, entries)
+        write_index(ca_dir, entries)
+        write_crl(ca_dir, ca_key, ca_cert, entries)
     for entry in targets:
         log.info("revoked %s %r (serial %x)", entry.role, entry.name, entry.serial)
     return [e.issued() for e in targets]
@@ -697,14 +488,16 @@ def _revoke(
 def revoke(ca_dir: Path, serial_or_name: str, role: str | None = None) -> list[IssuedCert]:
     """Revoke by hex serial, or every valid certificate with that name (optionally of a role).
 
-    With ``role`` given the argument is always treated as a name.
+    With ``role`` given the argument is always treated as a name. Revoking a
+    member's TLS certificate by serial also revokes its enrolment certificate;
+    every revoked certificate is returned (``purpose`` tells them apart).
     """
     return _revoke(Path(ca_dir), serial_or_name, role, "auto")
 
 
 def list_issued(ca_dir: Path) -> list[IssuedRecord]:
-    """Return every certificate the CA has issued, in issue order."""
-    return [e.record() for e in _read_index(Path(ca_dir))]
+    """Return every certificate the CA has issued (TLS and enrolment), in issue order."""
+    return [e.record() for e in read_index(Path(ca_dir))]
 
 
 # --------------------------------------------------------------------------
@@ -873,7 +666,7 @@ class RevocationList:
                 "copy crl.pem from the CA that issued the federation certificates"
             )
         next_update = crl.next_update_utc
-        if next_update is not None and next_update < _now():
+        if next_update is not None and next_update < utcnow():
             log.warning(
                 "CRL %s is stale (next update was %s); regenerate it on the CA",
                 self._path,
@@ -946,6 +739,9 @@ def _cmd_issue(args: argparse.Namespace) -> int:
     print(f"  key:            {cert.key_path}")
     print(f"  certificate:    {cert.cert_path}")
     print(f"  CA certificate: {Path(args.out) / CA_CERT}")
+    if cert.enrolment is not None:
+        print(f"  enrolment key:  {cert.enrolment.key_path} (signs round enrolments only)")
+        print(f"  enrolment cert: {cert.enrolment.cert_path} (serial {cert.enrolment.serial:x})")
     for serial in sorted(before):
         print(f"revoked previous certificate {serial:x}; CRL updated: {Path(args.ca) / CRL}")
     return 0
@@ -954,15 +750,16 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 @_cli
 def _cmd_list(args: argparse.Namespace) -> int:
     records = list_issued(args.ca)
-    now = _now()
+    now = utcnow()
     if args.json:
         rows = [
             {
                 "serial": f"{r.serial:x}",
                 "role": r.role,
                 "name": r.name,
-                "not_after": _iso(r.not_after),
-                "revoked_at": _iso(r.revoked_at),
+                "purpose": r.purpose,
+                "not_after": iso(r.not_after),
+                "revoked_at": iso(r.revoked_at),
                 "status": r.status(now),
             }
             for r in records
@@ -972,8 +769,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not records:
         print(f"no certificates issued by the CA in {args.ca} yet")
         return 0
-    table = [("SERIAL", "ROLE", "NAME", "NOT AFTER", "STATUS")] + [
-        (f"{r.serial:x}", r.role, r.name, _fmt_time(r.not_after), r.status(now)) for r in records
+    table = [("SERIAL", "ROLE", "NAME", "PURPOSE", "NOT AFTER", "STATUS")] + [
+        (f"{r.serial:x}", r.role, r.name, r.purpose, _fmt_time(r.not_after), r.status(now))
+        for r in records
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -990,7 +788,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     else:
         revoked = _revoke(args.ca, args.name, args.role, "name")
     for cert in revoked:
-        print(f"revoked {cert.role} certificate {cert.name!r} (serial {cert.serial:x})")
+        kind = "enrolment certificate" if cert.purpose == PURPOSE_ENROL else "certificate"
+        print(f"revoked {cert.role} {kind} {cert.name!r} (serial {cert.serial:x})")
     print(f"CRL updated: {Path(args.ca) / CRL} (servers reload it within seconds)")
     return 0
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cipherhive import certs
+from cipherhive import certs, enrolment
 
 
 def _mode(path: Path) -> int:
@@ -145,7 +145,8 @@ def test_issue_each_role(ca: Path, tmp_path: Path, role: str) -> None:
         assert san.get_values_for_type(x509.DNSName) == []
         assert san.get_values_for_type(x509.IPAddress) == []
 
-    [record] = certs.list_issued(ca)
+    # A node also gets an enrolment certificate (tests below); its TLS row comes first.
+    [record] = [r for r in certs.list_issued(ca) if r.purpose == "tls"]
     assert (record.serial, record.role, record.name) == (issued.serial, role, f"{role}-1")
     assert record.revoked_at is None and record.status() == "valid"
     raw = json.loads((ca / "issued.json").read_text())
@@ -205,8 +206,10 @@ def test_duplicate_refused_and_replace_revokes(ca: Path, tmp_path: Path) -> None
     assert by_serial[first.serial].status() == "revoked"
     assert by_serial[second.serial].status() == "valid"
     revoked = {r.serial_number for r in _load_crl(ca / "crl.pem")}
-    assert revoked == {first.serial}
+    assert first.enrolment is not None and second.enrolment is not None
+    assert revoked == {first.serial, first.enrolment.serial}  # the member's enrolment key goes too
     assert _load_cert(second.cert_path).serial_number == second.serial
+    assert by_serial[second.enrolment.serial].status() == "valid"
 
 
 @pytest.mark.parametrize("state", ["valid", "revoked"])
@@ -308,8 +311,11 @@ def test_revoke_by_serial_and_name(ca: Path, tmp_path: Path) -> None:
     b = certs.issue(ca, "admin", "beta", tmp_path / "b")
     c = certs.issue(ca, "node", "gamma", tmp_path / "c")
 
-    [got] = certs.revoke(ca, f"0x{c.serial:X}")
-    assert got.serial == c.serial and got.cert_path == c.cert_path
+    # A member's TLS certificate, revoked by serial, takes its enrolment certificate with it.
+    [got, got_enrol] = certs.revoke(ca, f"0x{c.serial:X}")
+    assert got.serial == c.serial and got.cert_path == c.cert_path and got.purpose == "tls"
+    assert c.enrolment is not None and a.enrolment is not None
+    assert (got_enrol.serial, got_enrol.purpose) == (c.enrolment.serial, "enrol")
     with pytest.raises(LookupError, match="already revoked"):
         certs.revoke(ca, f"{c.serial:x}")
 
@@ -317,8 +323,8 @@ def test_revoke_by_serial_and_name(ca: Path, tmp_path: Path) -> None:
         certs.revoke(ca, "beta", role="node")
     [only_admin] = certs.revoke(ca, "beta", role="admin")
     assert only_admin.serial == b.serial
-    [rest] = certs.revoke(ca, "alpha")
-    assert rest.serial == a.serial
+    rest = certs.revoke(ca, "alpha")
+    assert [(r.serial, r.purpose) for r in rest] == [(a.serial, "tls"), (a.enrolment.serial, "enrol")]
     with pytest.raises(LookupError, match="already revoked or expired"):
         certs.revoke(ca, "alpha")
     with pytest.raises(LookupError, match="no certificate"):
@@ -327,7 +333,13 @@ def test_revoke_by_serial_and_name(ca: Path, tmp_path: Path) -> None:
         certs.revoke(ca, "deadbeef")
 
     crl = _load_crl(ca / "crl.pem")
-    assert {r.serial_number for r in crl} == {a.serial, b.serial, c.serial}
+    assert {r.serial_number for r in crl} == {
+        a.serial,
+        a.enrolment.serial,
+        b.serial,
+        c.serial,
+        c.enrolment.serial,
+    }
     assert crl.is_signature_valid(_load_cert(ca / "ca.crt").public_key())  # type: ignore[arg-type]
     numbers = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert numbers == 4  # one CRL at init, then one per revoke call
@@ -353,7 +365,8 @@ def test_revocation_list_follows_file(ca: Path, tmp_path: Path) -> None:
     assert not throttled.is_revoked(node.serial)  # not re-checked within the interval
     throttled.refresh()
     assert throttled.is_revoked(node.serial)
-    assert throttled.revoked_serials() == frozenset({node.serial})
+    assert node.enrolment is not None
+    assert throttled.revoked_serials() == frozenset({node.serial, node.enrolment.serial})
 
 
 def test_revocation_list_rejects_foreign_crl(ca: Path, tmp_path: Path) -> None:
@@ -452,22 +465,26 @@ def test_cli_flow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert _run(["certs", "list", "--ca", ca]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert listing[0].split() == ["SERIAL", "ROLE", "NAME", "NOT", "AFTER", "STATUS"]
-    assert len(listing) == 4
+    assert listing[0].split() == ["SERIAL", "ROLE", "NAME", "PURPOSE", "NOT", "AFTER", "STATUS"]
+    assert len(listing) == 5  # the node's enrolment certificate has a row of its own
+    assert listing[4].split()[1:4] == ["node", "n-1", "enrol"]
     assert sum("revoked" in line for line in listing) == 1
 
     assert _run(["certs", "list", "--ca", ca, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["role"], r["name"], r["status"]) for r in rows] == [
-        ("server", "agg", "revoked"),
-        ("server", "agg", "valid"),
-        ("node", "n-1", "valid"),
+    assert [(r["role"], r["name"], r["purpose"], r["status"]) for r in rows] == [
+        ("server", "agg", "tls", "revoked"),
+        ("server", "agg", "tls", "valid"),
+        ("node", "n-1", "tls", "valid"),
+        ("node", "n-1", "enrol", "valid"),
     ]
 
     assert _run(["certs", "revoke", "--ca", ca, "--serial", rows[1]["serial"]]) == 0
     assert f"(serial {rows[1]['serial']})" in capsys.readouterr().out
     assert _run(["certs", "revoke", "--ca", ca, "--name", "n-1", "--role", "node"]) == 0
-    assert "revoked node certificate 'n-1'" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "revoked node certificate 'n-1'" in text
+    assert "revoked node enrolment certificate 'n-1'" in text
     assert _run(["certs", "revoke", "--ca", ca, "--name", "n-1"]) == 2
     assert capsys.readouterr().err.startswith("cipherhive certs: error: ")
     assert _run(["certs", "revoke", "--ca", ca, "--serial", "zz"]) == 2
@@ -556,3 +573,106 @@ def test_mutual_tls(ca: Path, tmp_path: Path, mtls_server: tuple[int, certs.Revo
     with pytest.raises(grpc.RpcError) as exc:
         _call(port, ca_pem, node)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# --------------------------------------------------------------------------- enrolment certificates
+
+
+def test_node_gets_an_enrolment_certificate(ca: Path, tmp_path: Path) -> None:
+    """A member's enrolment key: EC P-256, digitalSignature only, no TLS usage, its own SAN URI."""
+    out = tmp_path / "acme"
+    issued = certs.issue(ca, "node", "acme", out)
+    enrol = issued.enrolment
+    assert enrol is not None and enrol.purpose == "enrol"
+    assert enrol.cert_path == (out / "acme.enrol.crt").absolute()
+    assert enrol.key_path == (out / "acme.enrol.key").absolute()
+    assert _mode(enrol.key_path) == 0o600
+    assert enrol.key_path.read_bytes() != issued.key_path.read_bytes()
+
+    cert = _load_cert(enrol.cert_path)
+    cert.verify_directly_issued_by(_load_cert(ca / "ca.crt"))
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature
+    assert not (ku.value.key_cert_sign or ku.value.key_agreement or ku.value.key_encipherment)
+    eku = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.SERVER_AUTH not in eku
+    assert eku == [enrolment.ENROL_EKU]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["cipherhive://node/acme/enrol"]
+    assert cert.not_valid_after_utc == enrol.not_after
+
+    records = certs.list_issued(ca)
+    assert [(r.serial, r.role, r.name, r.purpose) for r in records] == [
+        (issued.serial, "node", "acme", "tls"),
+        (enrol.serial, "node", "acme", "enrol"),
+    ]
+    assert json.loads((ca / "issued.json").read_text())[1]["purpose"] == "enrol"
+    # The TLS side refuses it as an identity, and the verifier accepts it as an enrolment key.
+    with pytest.raises(certs.CertificateError, match="SAN URI"):
+        certs.peer_identity(enrol.cert_path.read_bytes())
+    crl = _load_crl(ca / "crl.pem")
+    who = enrolment.verify_certificate(cert, _load_cert(ca / "ca.crt"), crl)
+    assert (who.name, who.role, who.serial) == ("acme", "node", enrol.serial)
+    # It names the member's TLS certificate, so the fingerprint in an enrolment is certified.
+    assert who.tls_fingerprint == _load_cert(issued.cert_path).fingerprint(hashes.SHA256())
+
+
+@pytest.mark.parametrize("role", ["server", "admin"])
+def test_only_members_get_enrolment_certificates(ca: Path, tmp_path: Path, role: str) -> None:
+    issued = certs.issue(ca, role, "x", tmp_path)
+    assert issued.enrolment is None
+    assert not list(tmp_path.glob("*.enrol.*"))
+    assert [r.purpose for r in certs.list_issued(ca)] == ["tls"]
+
+
+def test_index_without_purpose_reads_as_tls(ca: Path, tmp_path: Path) -> None:
+    """Indexes written before enrolment certificates existed stay readable."""
+    certs.issue(ca, "admin", "ops", tmp_path)
+    raw = json.loads((ca / "issued.json").read_text())
+    del raw[0]["purpose"]
+    (ca / "issued.json").write_text(json.dumps(raw))
+    assert [r.purpose for r in certs.list_issued(ca)] == ["tls"]
+    raw[0]["purpose"] = "wildcard"
+    (ca / "issued.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="corrupt"):
+        certs.list_issued(ca)
+
+
+def test_revoking_the_enrolment_alone_keeps_tls(ca: Path, tmp_path: Path) -> None:
+    issued = certs.issue(ca, "node", "acme", tmp_path)
+    assert issued.enrolment is not None
+    [only] = certs.revoke(ca, f"{issued.enrolment.serial:x}")
+    assert only.purpose == "enrol"
+    status = {r.serial: r.status() for r in certs.list_issued(ca)}
+    assert status == {issued.serial: "valid", issued.enrolment.serial: "revoked"}
+    # Re-issuing after that needs --replace (the TLS certificate is live) and replaces both.
+    again = certs.issue(ca, "node", "acme", tmp_path, replace=True)
+    assert again.enrolment is not None
+    live = [(r.purpose, r.serial) for r in certs.list_issued(ca) if r.status() == "valid"]
+    assert live == [("tls", again.serial), ("enrol", again.enrolment.serial)]
+
+
+def test_cli_issue_shows_the_enrolment_pair(
+    ca: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o"
+    argv = ["certs", "issue", "--ca", str(ca), "--role", "node", "--name", "n-2", "--out", str(out)]
+    assert _run(argv) == 0
+    text = capsys.readouterr().out
+    assert f"enrolment key:  {(out / 'n-2.enrol.key').absolute()}" in text
+    assert "enrolment cert: " in text and "n-2.enrol.crt" in text
+
+
+def test_tls_refuses_an_enrolment_certificate(
+    ca: Path, tmp_path: Path, mtls_server: tuple[int, certs.RevocationList]
+) -> None:
+    """No serverAuth/clientAuth EKU: the TLS handshake itself refuses the enrolment key."""
+    port, _ = mtls_server
+    node = certs.issue(ca, "node", "hospital-b", tmp_path / "node")
+    assert node.enrolment is not None
+    with pytest.raises(grpc.RpcError) as exc:
+        _call(port, (ca / "ca.crt").read_bytes(), node.enrolment)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _call(port, (ca / "ca.crt").read_bytes(), node) == f"node/hospital-b/{node.serial:x}".encode()

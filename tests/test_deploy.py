@@ -567,6 +567,9 @@ def test_init_writes_keys_certificates_and_configs(init_output: Path) -> None:
         assert _mode(node.secret_context) == 0o600
         assert _mode(node.tls_key) == 0o600
         assert node.tls_cert.name == f"{name}.crt" and node.tls_ca.is_file()
+        # The member's enrolment pair (signs round enrolments; cipherhive.enrolment).
+        assert _mode(out / name / f"{name}.enrol.key") == 0o600
+        assert (out / name / f"{name}.enrol.crt").is_file()
         assert _mode(out / name) == 0o700
         for path in (node.secret_context, node.tls_key, node.tls_cert):
             assert path.stat().st_uid == os.getuid()
@@ -575,12 +578,24 @@ def test_init_writes_keys_certificates_and_configs(init_output: Path) -> None:
 def test_init_is_idempotent(init_output: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(init_output, out)
-    kept = ["authority/keys/secret.ctx", "server/server.crt", "node-2/node-2.key", "node-3/secret.ctx"]
+    kept = [
+        "authority/keys/secret.ctx",
+        "server/server.crt",
+        "node-2/node-2.key",
+        "node-2/node-2.enrol.key",
+        "node-3/secret.ctx",
+    ]
     before = {p: (out / p).read_bytes() for p in kept}
+    # A node folder from before enrolment certificates existed gets both of its pairs reissued.
+    (out / "node-1" / "node-1.enrol.crt").unlink()
+    (out / "node-1" / "node-1.enrol.key").unlink()
+    old_tls = (out / "node-1" / "node-1.crt").read_bytes()
     result = _run_init(out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert {p: (out / p).read_bytes() for p in kept} == before
     assert "keeping the federation key" in result.stdout
+    assert (out / "node-1" / "node-1.enrol.key").is_file()
+    assert (out / "node-1" / "node-1.crt").read_bytes() != old_tls
 
 
 def _health_status(port: int) -> int | None:

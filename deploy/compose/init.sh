@@ -9,7 +9,8 @@
 #   $OUT/authority/keys/    secret.ctx (0600), public.ctx, fingerprint
 #   $OUT/server/            server.crt, server.key, ca.crt, crl.pem, public.ctx, server.toml,
 #                           layout.json (the model layout the server pins, from node-1's model)
-#   $OUT/node-N/            node-N.crt, node-N.key, ca.crt, secret.ctx (0600), node-N.toml
+#   $OUT/node-N/            node-N.crt, node-N.key, node-N.enrol.crt, node-N.enrol.key (0600),
+#                           ca.crt, secret.ctx (0600), node-N.toml
 #
 # The server's folder never receives secret.ctx. Paths inside the TOML files are
 # relative (cipherhive resolves them against the file's folder), so the same files
@@ -79,7 +80,10 @@ fi
 issue() { # role name out [host ...]
     local role="$1" name="$2" dir="$3"
     shift 3
-    if [[ -f "$dir/$name.crt" && -f "$dir/$name.key" ]]; then
+    # A node also holds its enrolment pair ($name.enrol.crt/.key, for masked rounds); a folder
+    # from before enrolment certificates existed gets both pairs reissued.
+    if [[ -f "$dir/$name.crt" && -f "$dir/$name.key" ]] &&
+        [[ "$role" != node || (-f "$dir/$name.enrol.crt" && -f "$dir/$name.enrol.key") ]]; then
         return 0
     fi
     local hosts=()

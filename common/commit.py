@@ -1,0 +1,139 @@
+"""Signed commits: a member's word on what it uploaded, before any self-mask is released.
+
+SecAgg (Bonawitz et al., CCS 2017, §6, round 3 "ConsistencyCheck") has every
+surviving member sign the set of members the server claims survived, and no
+member reveals anything until it holds those signatures from enough peers.
+cipherhive's round has no dropouts (a round that loses a member fails), so
+the check is stronger: after its upload is acknowledged each member signs
+
+    "cipherhive/v1/commit" ‖ roster hash ‖ TLS certificate fingerprint
+      ‖ H(its per-block seeds) ‖ H(its c0 blocks)
+
+with its enrolment key, and releases its self-mask seed only once it holds a
+valid commit from **every** roster member (issue 11, step 5). The signer's
+certificate fingerprint is inside the signed bytes so that a forwarded commit
+says whose it is; the roster hash ties it to one roster of one round.
+
+Wire form: the fields above, length-prefixed (:mod:`cipherhive.wire`), then
+the signature (DER, low-``s``, ≤ 72 bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cipherhive import enrolment
+from cipherhive.roster import HASH_BYTES, MAX_SIGNATURE, Roster, RosterError
+from cipherhive.wire import Reader, WireError, field, fields, u64
+
+__all__ = [
+    "C0_LABEL",
+    "COMMIT_LABEL",
+    "SEEDS_LABEL",
+    "Commit",
+    "blocks_digest",
+    "make_commit",
+    "require_all_commits",
+    "verify_commit",
+]
+
+COMMIT_LABEL = b"cipherhive/v1/commit"
+SEEDS_LABEL = b"cipherhive/v1/seeds"
+C0_LABEL = b"cipherhive/v1/c0"
+
+
+def blocks_digest(label: bytes, blocks: Iterable[bytes]) -> bytes:
+    """``H(label ‖ block_0 ‖ … ‖ n)``: use :data:`SEEDS_LABEL` for seeds, :data:`C0_LABEL` for c0 blocks."""
+    digest = hashlib.sha256(field(label))
+    count = 0
+    for block in blocks:
+        digest.update(field(block))
+        count += 1
+    digest.update(field(u64(count)))
+    return digest.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One member's signed commit for one roster."""
+
+    roster_hash: bytes
+    cert_fingerprint: bytes
+    seeds_hash: bytes
+    c0_hash: bytes
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        """The canonical bytes the enrolment key signs."""
+        return fields(COMMIT_LABEL, self.roster_hash, self.cert_fingerprint, self.seeds_hash, self.c0_hash)
+
+    def encode(self) -> bytes:
+        """Wire bytes: the signed part, then the signature."""
+        return self.signed_bytes() + field(self.signature)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Commit:
+        """Parse wire bytes; refuses trailing bytes and wrong sizes."""
+        r = Reader(data, "commit")
+        r.expect(COMMIT_LABEL)
+        parts = [
+            r.take(name, HASH_BYTES, exact=HASH_BYTES)
+            for name in ("roster hash", "certificate fingerprint", "seeds hash", "c0 hash")
+        ]
+        signature = r.take("signature", MAX_SIGNATURE)
+        r.finish()
+        return cls(parts[0], parts[1], parts[2], parts[3], signature)
+
+
+def make_commit(
+    *,
+    roster: Roster,
+    cert_fingerprint: bytes,
+    seeds_hash: bytes,
+    c0_hash: bytes,
+    key: ec.EllipticCurvePrivateKey,
+) -> Commit:
+    """Sign this member's commit for ``roster`` (after the server acknowledged its upload)."""
+    if len(seeds_hash) != HASH_BYTES or len(c0_hash) != HASH_BYTES:
+        raise ValueError("the seeds and c0 hashes are SHA-256 digests (32 bytes)")
+    roster.member(cert_fingerprint)  # only a member commits
+    unsigned = Commit(roster.hash, cert_fingerprint, seeds_hash, c0_hash, b"")
+    return Commit(
+        roster.hash, cert_fingerprint, seeds_hash, c0_hash, enrolment.sign(key, unsigned.signed_bytes())
+    )
+
+
+def verify_commit(data: bytes, roster: Roster) -> Commit:
+    """Decode a forwarded commit and check it: this roster, a member's, signed by its enrolment key."""
+    try:
+        commit = Commit.decode(data)
+    except WireError as exc:
+        raise RosterError(f"malformed commit ({exc})") from None
+    if commit.roster_hash != roster.hash:
+        raise RosterError("a commit for another roster: the server showed members different rosters")
+    member = roster.member(commit.cert_fingerprint)
+    if not enrolment.verify_signature(member.enrol_key, commit.signature, commit.signed_bytes()):
+        raise RosterError(f"the commit of {member.name!r} is not signed by its enrolment key")
+    return commit
+
+
+def require_all_commits(roster: Roster, commits: Iterable[bytes]) -> dict[bytes, Commit]:
+    """Every member's valid commit, keyed by TLS fingerprint, or a refusal naming who is missing.
+
+    A node may release its self-mask seed only when this returns (issue 11, step 5).
+    """
+    got: dict[bytes, Commit] = {}
+    for data in commits:
+        commit = verify_commit(data, roster)
+        previous = got.setdefault(commit.cert_fingerprint, commit)
+        if previous != commit and previous.signed_bytes() != commit.signed_bytes():
+            name = roster.member(commit.cert_fingerprint).name
+            raise RosterError(f"{name!r} signed two different commits for one roster")
+    missing = [m.name for m in roster.members if m.cert_fingerprint not in got]
+    if missing:
+        raise RosterError(f"no valid commit yet from {', '.join(missing)}; the self-mask stays on")
+    return got
