@@ -115,6 +115,9 @@ class DigitsTrainer:
             order = torch.randperm(len(self.y), generator=generator)
             total_loss = 0.0
             for begin in range(0, len(order), self.batch_size):
+                if info.should_stop():
+                    # The node discards this result (nothing partial is uploaded): return at once.
+                    return TrainResult(num_samples=0)
                 batch = order[begin : begin + self.batch_size]
                 optimizer.zero_grad()
                 loss = loss_fn(model(self.x[batch]), self.y[batch])

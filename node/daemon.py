@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 from cipherhive import __version__, codec, keys
 from cipherhive.errors import UserError
 from cipherhive.logs import event
-from cipherhive.node import metrics
+from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
@@ -197,12 +196,7 @@ class Node(SumReceiver):
         return 0
 
     def serve_forever(self) -> int:
-        def on_signal(signum: int, _frame: object) -> None:
-            event(log, "shutting down", signal=signal.Signals(signum).name)
-            self.stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stopping.install(self.stop)
         try:
             return self.run()
         finally:
@@ -350,7 +344,11 @@ class Node(SumReceiver):
     ) -> None:
         t0 = time.perf_counter()
         try:
-            result = self.trainer.train(self.model, RoundInfo(ev.round, ev.base_round, self.name))
+            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set)
+            result = self.trainer.train(self.model, info)
+            if self._stop.is_set():
+                event(log, "stop requested during training: not submitting this round", **fields)
+                return
             weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
             # The trained values are read in place (no copy) while they are encrypted.
             local = self.flat.read()
@@ -359,6 +357,9 @@ class Node(SumReceiver):
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)
             return
         except Exception:
+            if self._stop.is_set():  # a trainer cut short may fail on its way out: not a fault
+                event(log, "stop requested during training: not submitting this round", **fields)
+                return
             log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
             return
         t_train = time.perf_counter() - t0

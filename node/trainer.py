@@ -15,6 +15,13 @@ arguments to get one. A trainer provides:
     model; return the number of samples used (the FedAvg weight, encrypted
     before it leaves the node) and rounded local metrics.
 
+    **Stopping.** ``info.should_stop()`` turns true once the node was asked to
+    stop (SIGTERM, Ctrl-C). Check it between batches and return early with
+    whatever result you have: the node sees the stop after ``train`` returns
+    and then neither encrypts nor submits anything, so a partial result is
+    never uploaded. A trainer that never checks it still works, but the node
+    then stops only when ``train`` returns (or at once on a second signal).
+
 Optional:
 
 ``federated_tensors(model) -> list[tuple[str, torch.Tensor]]``
@@ -43,11 +50,18 @@ import torch
 from cipherhive.errors import UserError
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class RoundInfo:
     round: int
     base_round: int
     node_name: str
+    #: True once the node was asked to stop: return from ``train`` early (nothing is submitted).
+    #: A default that never fires keeps trainers and tests that build a RoundInfo themselves working.
+    should_stop: Callable[[], bool] = field(default=_never, compare=False, repr=False)
 
 
 @dataclass

@@ -292,6 +292,9 @@ class LoraTrainer:
         for _ in range(self.epochs):
             loss_sum, correct, seen = 0.0, 0, 0
             for input_ids, attention_mask, labels in loader:
+                if info.should_stop():
+                    # The node discards this result (nothing partial is uploaded): return at once.
+                    return TrainResult(num_samples=0)
                 optimizer.zero_grad()
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
                 loss = nn.functional.cross_entropy(logits, labels)

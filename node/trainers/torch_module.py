@@ -154,6 +154,9 @@ class TorchModuleTrainer:
         for _ in range(self.epochs):
             loss_sum, correct, seen = 0.0, 0, 0
             for batch in train_loader:
+                if info.should_stop():
+                    # The node discards this result (nothing partial is uploaded): return at once.
+                    return TrainResult(num_samples=0)
                 inputs, target = _split_batch(batch)
                 optimizer.zero_grad()
                 output = model(*inputs)
