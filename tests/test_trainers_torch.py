@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -188,6 +189,32 @@ def test_training_reduces_loss_and_updates_batchnorm_statistics(fixtures: Module
     buffers = dict(model.named_buffers())
     assert not torch.equal(buffers["1.running_mean"], running_mean)
     assert int(buffers["1.num_batches_tracked"]) == 4 * 6
+
+
+def test_training_returns_early_when_a_stop_is_asked(fixtures: ModuleType) -> None:
+    """``should_stop`` is checked between batches: after 3 batches, training returns at once."""
+    trainer = _trainer(epochs=4, shard=1, shards=3)
+    model = trainer.build_model()
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n", should_stop=should_stop))
+    assert len(asked) == 4  # three batches trained, not 4 epochs x 6 batches
+    assert result.num_samples == 0 and result.metrics == {}
+    assert int(dict(model.named_buffers())["1.num_batches_tracked"]) == 3
+
+
+def test_digits_trainer_returns_early_when_a_stop_is_asked() -> None:
+    from cipherhive.demo.digits import DigitsTrainer
+
+    trainer = DigitsTrainer(epochs=50)
+    model = trainer.build_model()
+    started = time.monotonic()
+    result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n", should_stop=lambda: True))
+    assert result.num_samples == 0 and time.monotonic() - started < 1.0
 
 
 def test_training_is_reproducible_per_round(fixtures: ModuleType) -> None:
