@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cipherhive.transport import ClientTLS, channel, describe_rpc_error
+from cipherhive.transport import ClientTLS, TLSSettings, channel, describe_rpc_error, diagnose_tls
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -91,10 +91,26 @@ class Target:
         return cls(address, tls, timeout)
 
 
-def rpc_error(exc: grpc.RpcError, address: str) -> CtlError:
-    """Map a gRPC failure to exit 3 (no answer) or exit 1 (the server refused)."""
+#: ctl's names for the TLS settings, so a diagnosis names the flag to change.
+CTL_TLS_SETTINGS = TLSSettings(cert="--cert", key="--key", ca="--ca", server_name="--server-name")
+
+
+def rpc_error(exc: grpc.RpcError, address: str, tls: ClientTLS | None = None) -> CtlError:
+    """Map a gRPC failure to exit 3 (no answer) or exit 1 (the server refused).
+
+    With TLS, "no answer" is often a handshake that cannot succeed: the shared
+    diagnosis (:func:`cipherhive.transport.diagnose_tls`, which the node uses too)
+    then names the cause and the flag to change.
+    """
     code = exc.code() if hasattr(exc, "code") else None
     if code in _UNREACHABLE:
+        problem = diagnose_tls(address, tls, CTL_TLS_SETTINGS) if tls is not None else None
+        if problem is not None:
+            return CtlError(
+                f"{describe_rpc_error(exc)} (TLS handshake with {address} fails: {problem.cause})",
+                EXIT_UNREACHABLE,
+                hint=problem.fix,
+            )
         return CtlError(
             describe_rpc_error(exc),
             EXIT_UNREACHABLE,
@@ -134,7 +150,7 @@ class Client:
         try:
             return method(request, timeout=self.target.timeout)
         except grpc.RpcError as exc:
-            raise rpc_error(exc, self.target.address) from None
+            raise rpc_error(exc, self.target.address, self.target.tls) from None
 
     def status(self) -> pb.StatusReply:
         reply: pb.StatusReply = self._unary(self._admin.GetStatus, pb.StatusRequest())
@@ -199,7 +215,7 @@ class Client:
                     "whole server, cipherhive.v1.Admin, cipherhive.v1.Aggregation)",
                     EXIT_REFUSED,
                 ) from None
-            raise rpc_error(exc, self.target.address) from None
+            raise rpc_error(exc, self.target.address, self.target.tls) from None
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return name
 
@@ -213,16 +229,17 @@ class Client:
         try:
             call = self._admin.WatchEvents(pb.WatchRequest(since_round=since_round))
         except grpc.RpcError as exc:
-            raise rpc_error(exc, self.target.address) from None
-        return EventStream(call, self.target.address)
+            raise rpc_error(exc, self.target.address, self.target.tls) from None
+        return EventStream(call, self.target.address, self.target.tls)
 
 
 class EventStream:
     """Iterates a WatchEvents call, mapping errors, and can be cancelled from the consumer."""
 
-    def __init__(self, call: Any, address: str) -> None:
+    def __init__(self, call: Any, address: str, tls: ClientTLS | None = None) -> None:
         self._call = call
         self._address = address
+        self._tls = tls
         self._cancelled = False
 
     def __iter__(self) -> Iterator[pb.RoundEvent]:
@@ -233,7 +250,7 @@ class EventStream:
         except grpc.RpcError as exc:
             if self._cancelled:
                 return  # we cancelled it ourselves (count reached, Ctrl-C)
-            raise rpc_error(exc, self._address) from None
+            raise rpc_error(exc, self._address, self._tls) from None
 
     def cancel(self) -> None:
         self._cancelled = True

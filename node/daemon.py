@@ -39,6 +39,7 @@ from cipherhive.logs import event
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
+from cipherhive.node.connect import check_handshake
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.trainer import (
@@ -214,6 +215,7 @@ class Node(SumReceiver):
             assert cfg.tls_cert and cfg.tls_key and cfg.tls_ca
             tls = ClientTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_server_name)
         with channel(cfg.server, tls) as ch:
+            check_handshake(ch, cfg.server, tls)
             stub = pb_grpc.AggregationStub(ch)
             try:
                 reply = stub.Join(

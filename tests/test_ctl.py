@@ -395,7 +395,12 @@ def test_unreachable_server_is_exit_3(raw: Ctl, federation: LocalFederation) -> 
 
 def test_wrong_server_name_is_exit_3(ctl: Ctl) -> None:
     result = ctl("--server-name", "not-the-server.example", "status")
-    assert result.code == 3 and "check --server" in result.err
+    assert result.code == 3
+    # The diagnosis the node gives too (cipherhive.transport.diagnose_tls), with ctl's flag names.
+    assert (
+        "wrong server name: the server's certificate is not valid for 'not-the-server.example'" in result.err
+    )
+    assert "cipherhive ctl: hint: set --server-name to a name in the server's certificate" in result.err
 
 
 def test_missing_certificate_file_is_exit_2(raw: Ctl, federation: LocalFederation, tmp_path: Path) -> None:
