@@ -29,9 +29,21 @@ class ConfigError(UserError, ValueError):
     """A configuration value that is missing, mistyped or out of range."""
 
 
-def setting(default: Any, section: str, help: str, **kw: Any) -> Any:
-    """Declare one configuration field."""
-    meta = {"section": section, "help": help}
+def setting(
+    default: Any,
+    section: str,
+    help: str,
+    relative: typing.Callable[[Any, Path], Any] | None = None,
+    **kw: Any,
+) -> Any:
+    """Declare one configuration field.
+
+    ``relative(value, folder)`` makes a value read from a TOML file relative to that file's
+    folder, for settings that are not a plain ``Path`` but hold paths (tables, lists).
+    """
+    meta: dict[str, Any] = {"section": section, "help": help}
+    if relative is not None:
+        meta["relative"] = relative
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -142,8 +154,11 @@ def load(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[
         if field.name in values:
             raw, where = values[field.name]
             value = _convert(raw, _field_type(cls, field), where)
-            if isinstance(value, Path) and not value.is_absolute() and where.startswith(str(config_path)):
+            from_file = config_path is not None and where.startswith(str(config_path))
+            if isinstance(value, Path) and not value.is_absolute() and from_file:
                 value = base / value  # paths in a file are relative to the file
+            elif from_file and field.metadata.get("relative") is not None:
+                value = field.metadata["relative"](value, base)
             converted[field.name] = value
     try:
         return cls(**converted)

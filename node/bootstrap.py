@@ -54,7 +54,7 @@ def bootstrap(config: NodeConfig, source: Path) -> tuple[Checkpoint, int]:
         checkpoint = read_checkpoint(path)
     except Exception as exc:
         raise BootstrapError(f"{path} is not a cipherhive checkpoint: {exc}") from exc
-    trainer = load_trainer(config.plugin, config.options)
+    trainer = load_trainer(config.plugin, config.options, config.python_path)
     tensors = federated_tensors(trainer, trainer.build_model())
     base_hash_fn = getattr(trainer, "base_model_hash", None)
     layout = layout_of(tensors, base_hash_fn() if base_hash_fn else "")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cipherhive.config import ConfigError, setting
+from cipherhive.node.plugin_paths import resolve_folders, resolve_options
 
 
 @dataclass
@@ -52,7 +53,19 @@ class NodeConfig:
         "", "tls", "host name to expect in the server certificate, if not the address"
     )
     plugin: str = setting("", "trainer", "training plug-in as package.module:object")
-    options: dict[str, Any] = setting({}, "trainer", "keyword arguments for the plug-in factory (TOML table)")
+    python_path: list[str] = setting(
+        [],
+        "trainer",
+        "folders added to sys.path before the plug-in is imported (relative to the TOML file)",
+        relative=resolve_folders,
+    )
+    options: dict[str, Any] = setting(
+        {},
+        "trainer",
+        "keyword arguments for the plug-in factory (TOML table); relative paths in options named "
+        "`path`, `dir`, `file` or `*_path`, `*_dir`, `*_file` are resolved against the TOML file's folder",
+        relative=resolve_options,
+    )
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
 

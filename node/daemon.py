@@ -99,7 +99,7 @@ class Node(SumReceiver):
         except codec.CodecError as exc:
             raise NodeError(f"{config.secret_context}: {exc}") from exc
         try:
-            self.trainer = load_trainer(config.plugin, config.options)
+            self.trainer = load_trainer(config.plugin, config.options, config.python_path)
             self.model = self.trainer.build_model()
         except TrainerError:
             self.pool.close()

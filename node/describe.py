@@ -20,7 +20,7 @@ from cipherhive.node.update import layout_of
 
 def node_layout(config: NodeConfig) -> Layout:
     """The layout the daemon (``Node.__init__``) derives from this configuration."""
-    trainer = load_trainer(config.plugin, config.options)
+    trainer = load_trainer(config.plugin, config.options, config.python_path)
     model = trainer.build_model()
     tensors = federated_tensors(trainer, model)
     base_hash_fn = getattr(trainer, "base_model_hash", None)

@@ -45,7 +45,7 @@ def export_model(config: NodeConfig, out: Path) -> Path:
             f"no checkpoint in {config.state_dir}: this node has not applied a federated round yet "
             "(or --state-dir points elsewhere); there is no global model to export"
         )
-    trainer = load_trainer(config.plugin, config.options)
+    trainer = load_trainer(config.plugin, config.options, config.python_path)
     model = trainer.build_model()
     tensors = federated_tensors(trainer, model)
     base_hash_fn = getattr(trainer, "base_model_hash", None)

@@ -41,13 +41,16 @@ Optional:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from cipherhive.errors import UserError
+from cipherhive.node.plugin_paths import explain_missing_file
 
 
 def _never() -> bool:
@@ -89,15 +92,27 @@ class TrainerError(UserError, RuntimeError):
     """The plug-in cannot be loaded or misbehaved; the message names what to fix."""
 
 
-def load_trainer(spec: str, options: dict[str, Any] | None = None) -> Trainer:
-    """Import ``package.module:object`` and return a trainer instance."""
+def load_trainer(
+    spec: str, options: dict[str, Any] | None = None, python_path: Sequence[str | Path] = ()
+) -> Trainer:
+    """Import ``package.module:object`` and return a trainer instance.
+
+    ``python_path`` (``[trainer] python_path``) is put in front of ``sys.path`` first, for a
+    plug-in that is not installed into the node's environment.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise TrainerError(f"trainer {spec!r} must look like 'package.module:object'")
+    for folder in reversed([str(f) for f in python_path]):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise TrainerError(f"cannot import trainer module {module_name!r}: {exc}") from exc
+        raise TrainerError(
+            f"cannot import trainer module {module_name!r}: {exc}; install the plug-in into the node's "
+            "Python environment (pip install), or add its folder to [trainer] python_path"
+        ) from exc
     try:
         obj: Any = getattr(module, attr)
     except AttributeError as exc:
@@ -108,6 +123,8 @@ def load_trainer(spec: str, options: dict[str, Any] | None = None) -> Trainer:
             obj = factory(**(options or {}))
         except TypeError as exc:
             raise TrainerError(f"{spec} does not accept the options {sorted(options or {})}: {exc}") from exc
+        except OSError as exc:  # most often a relative path read from the working directory
+            raise TrainerError(explain_missing_file(spec, options or {}, exc)) from exc
     elif options:
         raise TrainerError(f"{spec} is an instance; [trainer] options are only for factories")
     if not isinstance(obj, Trainer):
