@@ -17,6 +17,9 @@ Exit codes:
      includes a failed TLS handshake), or it ended a `watch` stream: check
      --server, that the server runs, and the certificates
 
+`round wait N` exits with the round's outcome: 0 published, 1 failed or
+withdrawn, 3 the server could not be reached or --timeout passed first.
+
 Environment: CIPHERHIVE_CTL_SERVER, CIPHERHIVE_CTL_CERT, CIPHERHIVE_CTL_KEY and
 CIPHERHIVE_CTL_CA stand in for --server, --cert, --key and --ca.
 
@@ -52,6 +55,7 @@ from cipherhive.ctl.client import (
     Target,
 )
 from cipherhive.ctl.report import render_report
+from cipherhive.ctl.wait import outcome, wait_for_round
 from cipherhive.layout import Layout, LayoutError
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -179,6 +183,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--force",
         action="store_true",
         help="open it even with fewer online nodes than the participation floor (it will likely fail)",
+    )
+    p = _leaf(
+        round_sub,
+        "wait",
+        _round_wait,
+        "wait until a round ends; exit 0 published, 1 failed or withdrawn, 3 unreachable or timed out",
+    )
+    p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number (may not be open yet)")
+    p.add_argument(
+        "--timeout",
+        dest="wait_timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="give up after SECONDS with exit 3 (default: wait as long as it takes); "
+        "each call's own deadline is `ctl --timeout`",
     )
     p = _leaf(round_sub, "close", _round_close, "close the open round now: publish its sum or fail it")
     p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
@@ -347,6 +367,19 @@ def _federation_reset(client: Client, args: argparse.Namespace) -> int:
     reply = client.reset_layout()
     print(render.dumps(render.message_dict(reply)) if args.json else "layout reset: no layout is pinned")
     return EXIT_OK
+
+
+def _round_wait(client: Client, args: argparse.Namespace) -> int:
+    try:
+        info = wait_for_round(client, args.number, args.wait_timeout)
+    except KeyboardInterrupt:
+        raise CtlError(f"interrupted before round {args.number} ended", EXIT_UNREACHABLE) from None
+    word, code = outcome(info)
+    if args.json:
+        print(render.dumps({**render.round_dict(info), "outcome": word}))
+    else:
+        render.print_round(render.make_console(), info)
+    return code
 
 
 def _round_close(client: Client, args: argparse.Namespace) -> int:

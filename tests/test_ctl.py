@@ -382,6 +382,18 @@ def test_closing_a_finished_round_is_exit_1(ctl: Ctl) -> None:
     assert result.err.startswith("cipherhive ctl: error: FAILED_PRECONDITION: round 1 is not open")
 
 
+def test_round_wait_for_a_published_round(ctl: Ctl) -> None:
+    table = _ok(ctl("round", "wait", "2")).out
+    assert "round" in table and "2" in table and "3 / 3" in table
+    data = _ok(ctl("--json", "round", "wait", "1")).json()
+    assert data["round"] == 1 and data["outcome"] == "published" and data["state"] == "ROUND_SUM_READY"
+    started = time.monotonic()
+    late = ctl("round", "wait", "3", "--timeout", "1")  # round 3 is not open (max_rounds = 2)
+    assert late.code == 3 and late.out == "" and time.monotonic() - started < 5
+    assert late.err.startswith("cipherhive ctl: error: round 3 did not end within 1s")
+    assert "hint: wait longer (--timeout)" in late.err
+
+
 def test_unreachable_server_is_exit_3(raw: Ctl, federation: LocalFederation) -> None:
     flags = _admin_flags(federation)
     flags[1] = f"127.0.0.1:{free_port()}"  # nothing listens there
@@ -497,11 +509,35 @@ def test_start_and_close_a_round(ctl: Ctl, federation: LocalFederation) -> None:
     assert closed["mean_accuracy"] is None and closed["duration_seconds"] is not None
 
     # The other output forms: start in JSON, close as a line of text.
+    waiting = ctl("--json", "round", "wait", "3")
+    assert waiting.code == 1 and waiting.json()["outcome"] == "failed"
     opened = _ok(ctl("--json", "round", "start", "--timeout", "120", "--force")).json()
     assert opened["round"] == 4 and opened["state"] == "ROUND_OPEN" and opened["base_round"] == 2
     assert opened["duration_seconds"] is None and opened["deadline_unix"] > opened["opened_unix"]
+    # `round wait` in its own process blocks while round 4 is open and returns its outcome when it ends.
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cipherhive",
+            "ctl",
+            *_admin_flags(federation),
+            "round",
+            "wait",
+            "4",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3.0)
+    assert waiter.poll() is None
     line = _ok(ctl("round", "close", "4")).out
     assert line.startswith("round 4 closed: failed, 0/0 participants")
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 1, err
+    assert json.loads(out)["outcome"] == "failed" and json.loads(out)["round"] == 4
 
     events = _ok(ctl("--json", "watch", "--since", "2", "--count", "2")).out.splitlines()
     assert [(e["kind"], e["round"], e["replay"]) for e in map(json.loads, events)] == [
@@ -530,6 +566,8 @@ def test_withdraw_a_round(ctl: Ctl, tmp_path: Path) -> None:
     assert rows["2"][1] == "withdrawn" and rows["1"][1:3] == ["sum", "ready"]
     status = _ok(ctl("--json", "status")).json()
     assert status["rounds_withdrawn"] == 1 and status["latest_sum_round"] == 1
+    withdrawn = ctl("--json", "round", "wait", "2")
+    assert withdrawn.code == 1 and withdrawn.json()["outcome"] == "withdrawn"
 
     # Refusals: already withdrawn, failed, unknown, no reason.
     for argv, code, text in [
