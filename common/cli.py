@@ -70,8 +70,9 @@ def _node_export(args: argparse.Namespace) -> int:
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
-    out = export_model(cfg, args.out)
-    print(f"exported the node's global model to {out}")
+    out = export_model(cfg, args.out, args.round)
+    which = f"round {args.round}'s" if args.round is not None else "the node's current"
+    print(f"exported {which} global model to {out}")
     return 0
 
 
@@ -145,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
+    e.add_argument(
+        "--round",
+        type=int,
+        default=None,
+        metavar="N",
+        help="export round N, if its checkpoint is still kept (default: the current global model)",
+    )
     e.set_defaults(func=_node_export)
     e = node_sub.add_parser(
         "layout", help="write the model layout this node joins with (JSON), for `ctl federation init`"

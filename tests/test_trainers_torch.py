@@ -333,3 +333,54 @@ def test_bootstrap_from_an_export(fixtures: ModuleType, tmp_path: Path) -> None:
     assert installed is not None and installed.round == 12 and store.chain() == [12]
     for name, tensor in tensors:
         assert torch.equal(installed.tensors[name], tensor.detach())
+
+
+def test_export_any_kept_round_and_load_it_back(
+    fixtures: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`node export --round N` for every round still kept; load_export reads the folder back."""
+    from cipherhive.cli import main
+    from cipherhive.node.export import load_export
+
+    config = _config(tmp_path)
+    trainer = _trainer()
+    model = trainer.build_model()
+    tensors = federated_tensors(trainer, model)
+    layout = layout_of(tensors)
+    store = NodeState(config.state_dir, keep=2)
+    by_round: dict[int, dict[str, torch.Tensor]] = {}
+    for number in (1, 2, 3):
+        by_round[number] = {name: torch.full_like(t, float(number)) for name, t in tensors}
+        store.save(Checkpoint(number, layout.hash, by_round[number]))
+
+    out = export_model(config, tmp_path / "round-2", round_number=2)
+    loaded = load_export(out)
+    assert loaded.round == 2 and loaded.metadata["layout_hash"] == layout.hash
+    for name, _ in tensors:
+        assert torch.equal(loaded.federated[name], by_round[2][name])
+        assert torch.equal(loaded.tensors[name], by_round[2][name])  # the whole state_dict
+    assert "1.num_batches_tracked" in loaded.tensors and "1.num_batches_tracked" not in loaded.federated
+    assert load_export(out / "cipherhive.json").round == 2
+    assert load_export(export_model(config, tmp_path / "current")).round == 3
+
+    with pytest.raises(
+        ExportError, match=r"round 1 is not kept in .* \(kept rounds: 2, 3\); .*keep_checkpoints"
+    ):
+        export_model(config, tmp_path / "round-1", round_number=1)
+    with pytest.raises(ExportError, match="not a cipherhive export"):
+        load_export(tmp_path)
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        f'[node]\nstate_dir = "{config.state_dir}"\ninsecure = true\nname = "n"\nkeep_checkpoints = 2\n'
+        f'[trainer]\nplugin = "{SPEC}"\n'
+        f'options = {{ model = "{PLUGIN}:tiny_model", data = "{PLUGIN}:loaders" }}\n'
+    )
+    capsys.readouterr()
+    assert (
+        main(["node", "export", "--config", str(toml), "--round", "3", "--out", str(tmp_path / "cli")]) == 0
+    )
+    assert capsys.readouterr().out == f"exported round 3's global model to {tmp_path / 'cli'}\n"
+    assert load_export(tmp_path / "cli").round == 3
+    assert main(["node", "export", "--config", str(toml), "--round", "1", "--out", str(tmp_path / "x")]) != 0
+    assert "round 1 is not kept" in capsys.readouterr().err
