@@ -19,7 +19,7 @@ import grpc
 
 from cipherhive.logs import event
 from cipherhive.node.receive import SessionEnd
-from cipherhive.transport import ClientTLS, diagnose_tls, wait_connected
+from cipherhive.transport import ClientTLS, describe_rpc_error, diagnose_tls, wait_connected
 
 log = logging.getLogger("cipherhive.node")
 
@@ -41,3 +41,18 @@ def check_handshake(ch: grpc.Channel, address: str, tls: ClientTLS | None) -> No
         server=address,
     )
     raise SessionEnd
+
+
+def refusal_with_fix(exc: grpc.RpcError) -> str:
+    """A Join refusal as ``CODE: details``, plus what to do when the server's words do not say it.
+
+    A revoked certificate passes the TLS handshake (the server checks its revocation list
+    on every call), so it is refused here rather than diagnosed above.
+    """
+    text = describe_rpc_error(exc)
+    if exc.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in text:
+        text += (
+            "; fix: this member's certificate is no longer accepted: ask the federation's CA holder "
+            "for a new one (`cipherhive certs issue --role node`) and set tls_cert and tls_key to it"
+        )
+    return text

@@ -39,7 +39,7 @@ from cipherhive.logs import event
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.connect import check_handshake
+from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.trainer import (
@@ -232,7 +232,7 @@ class Node(SumReceiver):
             except grpc.RpcError as exc:
                 if exc.code() in TRANSIENT or self._stop.is_set():
                     raise
-                raise NodeError(f"server refused this node: {describe_rpc_error(exc)}") from exc
+                raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
             self._idle = None
             event(

@@ -46,8 +46,8 @@ def install(request_stop: Callable[[], None]) -> None:
         asked.append(name)
         event(
             log,
-            "shutting down: stopping training and not submitting this round "
-            "(send the signal again to exit at once)",
+            "shutting down (training in progress stops and is not submitted; "
+            "send the signal again to exit at once)",
             signal=name,
         )
         request_stop()

@@ -116,3 +116,15 @@ def test_expired_own_certificate_is_named(federation: LocalFederation, tmp_path:
     tls = ClientTLS(tmp_path / "old.crt", tmp_path / "old.key", federation.workdir / "node-1" / "ca.crt")
     found = diagnose_tls(f"127.0.0.1:{federation.port}", tls)
     assert found is not None and "expired on 2020-01-02" in found.cause
+
+
+def test_revoked_node_is_told_what_to_do(federation: LocalFederation) -> None:
+    """Last in this module: it revokes node-2. The handshake passes; Join is refused, with the fix."""
+    fed = federation
+    certs.revoke(fed.workdir / "ca", "node-2")
+    time.sleep(2.5)  # the server re-reads crl.pem when it changes (checked every second)
+    proc = fed.start_node(1)
+    assert proc.wait(60) == 2
+    log = fed.log("node-2")
+    assert "server refused this node: PERMISSION_DENIED: certificate" in log and "has been revoked" in log
+    assert "fix: this member's certificate is no longer accepted" in log
