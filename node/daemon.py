@@ -14,6 +14,9 @@ context, a checkpoint of another layout, a trainer that cannot load) and when
 the server refuses it at Join with a status retrying cannot fix (wrong key,
 revoked certificate, another model).
 
+SIGTERM/Ctrl-C stops training (``RoundInfo.should_stop``) and nothing of that
+round is submitted; a second signal exits at once (:mod:`cipherhive.node.stopping`).
+
 Decrypted values never leave the node: only ciphertexts, an "applied" or
 "rejected: reason" report per round and, if ``report_metrics`` is on, rounded
 local metrics are sent.
