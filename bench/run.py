@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cipherhive import codec, keys
-from cipherhive.bench import baselines
+from cipherhive.bench import baselines, masked
 from cipherhive.bench.options import MODES, add_bench_arguments
 from cipherhive.bench.synthetic import member_samples, member_update
 from cipherhive.demo.federation import LocalFederation
@@ -228,6 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_process_rss_bytes": baseline_rss(),
         "modes": results,
     }
+    if "cipherhive" in results:
+        secret_context = (keydir / keys.SECRET_FILE).read_bytes()
+        report["masked"] = masked.measure(secret_context, sample)
     if "cipherhive" in results and "plaintext" in results:
         ours, plain = results["cipherhive"], results["plaintext"]
         cores = default_workers()
@@ -295,6 +298,8 @@ def render(report: dict[str, Any]) -> str:
         f"{cfg['workers']} workers, {report['machine']['cores']} cores; "
         f"in-process figures on {cfg['sample']:,} values"
     )
+    if "masked" in report:
+        lines += ["", "double masks (SecAgg, issue 11), 1 core:", masked.render(report["masked"])]
     goal = report.get("round_goal")
     if goal:
         lines.append(

@@ -293,7 +293,7 @@ class SecretCodec:
         """
         if plan.modulus != self._s.modulus:
             raise CodecError("the mask plan was made for another data prime")
-        return masking.mask_ciphertext(self.encrypt(values), block_index, plan)
+        return masking.mask_ciphertext(self.encrypt(values), block_index, plan, POLY_MODULUS_DEGREE)
 
     def check_seeds(self, sum_bytes: bytes, seeds: list[bytes], block_index: int = 0) -> None:
         """Raise :class:`cipherhive.masking.SeedCheckFailed` unless c1 of the sum is Σ expand(seed).

@@ -158,11 +158,10 @@ def self_mask_sum(seeds: Sequence[bytes], block_index: int, modulus: int, count:
     return sum_masks([(seed, 1) for seed in seeds], block_index, modulus, count)
 
 
-def mask_ciphertext(data: bytes, block_index: int, plan: MaskPlan) -> bytes:
-    """A seeded ciphertext with the plan's masks added to c0, written back uncompressed."""
-    ct = sealformat.read_ciphertext(data)
-    mask = combined_mask(plan, block_index, ct.poly_modulus_degree * ct.coeff_modulus_size)
-    return sealformat.add_to_c0(data, mask, plan.modulus)
+def mask_ciphertext(data: bytes, block_index: int, plan: MaskPlan, count: int) -> bytes:
+    """A seeded ciphertext (c0 of ``count`` coefficients) with the plan's masks added to c0,
+    written back uncompressed; :func:`cipherhive.sealformat.add_to_c0` checks the count."""
+    return sealformat.add_to_c0(data, combined_mask(plan, block_index, count), plan.modulus)
 
 
 # ----------------------------------------------------------------------------- seed check
