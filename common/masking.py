@@ -60,6 +60,11 @@ class SeedCheckFailed(Exception):
     def __init__(self, block_index: int, message: str) -> None:
         super().__init__(message)
         self.block_index = block_index
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[SeedCheckFailed], tuple[int, str]]:
+        # Raised in the crypto pool's workers: it must unpickle with both arguments.
+        return (type(self), (self.block_index, self.message))
 
 
 @dataclass(frozen=True)

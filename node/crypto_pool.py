@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing.pool import AsyncResult, Pool
 from typing import Any
 
@@ -86,6 +86,13 @@ def _encrypt_masked(generation: int, items: list[tuple[int, np.ndarray]]) -> lis
 def _encrypt(blocks: list[np.ndarray]) -> list[bytes]:
     assert _worker_codec is not None
     return [_worker_codec.encrypt(block) for block in blocks]
+
+
+def _check_seeds(items: list[tuple[int, bytes, list[bytes]]]) -> list[None]:
+    assert isinstance(_worker_codec, SecretCodec)
+    for index, blob, seeds in items:
+        _worker_codec.check_seeds(blob, seeds, index)
+    return [None] * len(items)
 
 
 def _decrypt(blobs: list[bytes]) -> list[np.ndarray]:
@@ -209,6 +216,31 @@ class CryptoPool:
     def encrypt_vector(self, vector: np.ndarray) -> Iterator[bytes]:
         step = self.values_per_block
         return self.encrypt(vector[start : start + step] for start in range(0, vector.shape[0], step))
+
+    def check_seeds(self, blobs: Sequence[bytes], seeds: Sequence[list[bytes]]) -> None:
+        """Raise :class:`cipherhive.masking.SeedCheckFailed` unless every block's c1 is Σ expand(seed).
+
+        ``seeds`` gives, block by block, the roster's seeds of that block. Call it on
+        the *whole* sum before :meth:`decrypt` sees any block of it: nothing about a
+        decryption may be observable before every block passed (issue 11, step 7;
+        Li and Micciancio, EUROCRYPT 2021). Spread over the workers like encryption.
+        """
+        if not isinstance(self._local, SecretCodec):
+            raise masking.MaskError("the seed check needs the product's codec (SecretCodec)")
+        if len(seeds) != len(blobs):
+            raise masking.SeedCheckFailed(
+                min(len(seeds), len(blobs)), f"the sum has {len(blobs)} blocks but seeds for {len(seeds)}"
+            )
+        items = (
+            (index, blob, list(block_seeds))
+            for index, (blob, block_seeds) in enumerate(zip(blobs, seeds, strict=True))
+        )
+        if self._pool is None:
+            for index, blob, block_seeds in items:
+                self._local.check_seeds(blob, block_seeds, index)
+            return
+        for _ in self._ordered(_check_seeds, items):
+            pass
 
     def decrypt(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray]:
         return self._ordered(_decrypt, blobs)
