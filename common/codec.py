@@ -14,6 +14,13 @@ Three roles use this module:
 * server, load + add: :class:`PublicCodec.load` / :class:`RunningSum`;
 * node, decrypt + decode: :class:`SecretCodec.decrypt`.
 
+Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; issue 11) hooks in
+here without changing the ciphertext format (see :mod:`cipherhive.masking`):
+:meth:`SecretCodec.encrypt_masked` adds the masks to c0 of the seeded upload,
+:meth:`PublicCodec.remove_self_masks` takes the released self-masks off the
+sum as a plaintext (no key), and :meth:`SecretCodec.check_seeds` verifies a
+sum's second component against the members' seeds before anything is decrypted.
+
 SEAL's Python bindings only save to and load from a path, so each codec
 keeps an in-memory file (``memfd``) per thread for that.
 """
@@ -243,7 +250,7 @@ class PublicCodec:
         since sealapi cannot set a plaintext's coefficients) that SEAL subtracts.
         """
         coeffs = masking.self_mask_sum(seeds, block_index, self._s.modulus, POLY_MODULUS_DEGREE)
-        data = sealformat.plaintext_bytes(self._plain_header, tuple(self._parms_id), sum_ct.scale, coeffs)
+        data = sealformat.plaintext_bytes(self._plain_header, tuple(self._parms_id), SCALE, coeffs)
         plain = seal.Plaintext()
         plain.load(self._s.seal_context, self._mem.write(data))
         self._s.evaluator.sub_plain_inplace(sum_ct, plain)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,7 +80,6 @@ class MaskPlan:
     self_seed: bytes
     pairs: tuple[tuple[bytes, int], ...]
     modulus: int
-    _repr: str = field(default="MaskPlan(<secret>)", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.self_seed) != SEED_BYTES:
