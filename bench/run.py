@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from cipherhive import codec, keys
-from cipherhive.bench import baselines
+from cipherhive.bench import baselines, masked
 from cipherhive.bench.options import MODES, add_bench_arguments
 from cipherhive.bench.synthetic import member_samples, member_update
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.layout import LEADING_VALUES, WEIGHT_SLOT
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
 from cipherhive.node.update import weighted_vector
 from cipherhive.server.running_sum import RunningSum
@@ -64,8 +65,8 @@ def codecs_for(mode: str, keydir: Path) -> Codecs:
 
 
 def _vectors(size: int, nodes: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Members' ``[w, w·Δ]`` vectors for ``size - 1`` parameters, and the exact average."""
-    params = size - 1
+    """Members' ``[w, 1.0, w·Δ…]`` vectors for ``size - 2`` parameters, and the exact average."""
+    params = size - LEADING_VALUES
     zero = np.zeros(params, dtype=np.float32)
     vectors, weighted, total = [], np.zeros(params), 0
     for shard in range(nodes):
@@ -115,7 +116,7 @@ def in_process(mode: str, keydir: Path, sample: int, nodes: int, workers: int) -
     with CryptoPool(c.key, 1, c.factory) as one:
         decrypt_1 = sample / _best_seconds(lambda: list(one.decrypt(summed_blobs)))
         summed = np.concatenate(list(one.decrypt(summed_blobs)))
-    mean = summed[1:sample] / summed[0]
+    mean = summed[LEADING_VALUES:sample] / summed[WEIGHT_SLOT]
     return {
         "encrypt_params_per_s_1_worker": encrypt_1,
         "encrypt_params_per_s_all_workers": encrypt_all,
@@ -228,6 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_process_rss_bytes": baseline_rss(),
         "modes": results,
     }
+    if "cipherhive" in results:
+        secret_context = (keydir / keys.SECRET_FILE).read_bytes()
+        report["masked"] = masked.measure(secret_context, sample)
     if "cipherhive" in results and "plaintext" in results:
         ours, plain = results["cipherhive"], results["plaintext"]
         cores = default_workers()
@@ -295,6 +299,8 @@ def render(report: dict[str, Any]) -> str:
         f"{cfg['workers']} workers, {report['machine']['cores']} cores; "
         f"in-process figures on {cfg['sample']:,} values"
     )
+    if "masked" in report:
+        lines += ["", "double masks (SecAgg, issue 11), 1 core:", masked.render(report["masked"])]
     goal = report.get("round_goal")
     if goal:
         lines.append(

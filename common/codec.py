@@ -14,6 +14,13 @@ Three roles use this module:
 * server, load + add: :class:`PublicCodec.load` / :class:`RunningSum`;
 * node, decrypt + decode: :class:`SecretCodec.decrypt`.
 
+Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; issue 11) hooks in
+here without changing the ciphertext format (see :mod:`cipherhive.masking`):
+:meth:`SecretCodec.encrypt_masked` adds the masks to c0 of the seeded upload,
+:meth:`PublicCodec.remove_self_masks` takes the released self-masks off the
+sum as a plaintext (no key), and :meth:`SecretCodec.check_seeds` verifies a
+sum's second component against the members' seeds before anything is decrypted.
+
 SEAL's Python bindings only save to and load from a path, so each codec
 keeps an in-memory file (``memfd``) per thread for that.
 """
@@ -31,6 +38,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
 
+from cipherhive import masking, sealformat
 from cipherhive.errors import UserError
 
 POLY_MODULUS_DEGREE = 8192
@@ -145,13 +153,16 @@ class _Seal:
     context: ts.Context
     seal_context: seal.SEALContext
     evaluator: seal.Evaluator
+    #: The data prime q, read from the context: masks are uniform modulo it.
+    modulus: int
 
 
 def _open(data: bytes, n_threads: int) -> _Seal:
     ctx = _ckks_context(data, n_threads)
     _check_parameters(ctx)
     sc = ctx.seal_context().data
-    return _Seal(ctx, sc, seal.Evaluator(sc))
+    modulus = sc.first_context_data().parms().coeff_modulus()[0].value()
+    return _Seal(ctx, sc, seal.Evaluator(sc), modulus)
 
 
 class ServerCodec(Protocol):
@@ -202,6 +213,13 @@ class PublicCodec:
         self._s = s
         self._parms_id = list(s.seal_context.first_parms_id())
         self._mem = _MemFile()
+        # SEAL's header (magic, version) as this SEAL writes it: the template for
+        # plaintexts built by hand (the released self-masks).
+        self._plain_header = sealformat.read_header(self._mem.saved(seal.Plaintext()))
+
+    @property
+    def modulus(self) -> int:
+        return self._s.modulus
 
     def load(self, data: bytes) -> seal.Ciphertext:
         """Parse and validate one ciphertext against the federation's parameters."""
@@ -223,6 +241,19 @@ class PublicCodec:
 
     def dump(self, ct: seal.Ciphertext) -> bytes:
         return self._mem.saved(ct)
+
+    def remove_self_masks(self, sum_ct: seal.Ciphertext, block_index: int, seeds: list[bytes]) -> None:
+        """Subtract Σ PRG(b_i, block) mod q from ``sum_ct`` in place: SecAgg §4's unmasking.
+
+        Needs no key: the released self-mask seeds give a plaintext (NTT form,
+        this context's parms_id and scale, built with :mod:`cipherhive.sealformat`
+        since sealapi cannot set a plaintext's coefficients) that SEAL subtracts.
+        """
+        coeffs = masking.self_mask_sum(seeds, block_index, self._s.modulus, POLY_MODULUS_DEGREE)
+        data = sealformat.plaintext_bytes(self._plain_header, tuple(self._parms_id), SCALE, coeffs)
+        plain = seal.Plaintext()
+        plain.load(self._s.seal_context, self._mem.write(data))
+        self._s.evaluator.sub_plain_inplace(sum_ct, plain)
 
 
 class SecretCodec:
@@ -254,6 +285,59 @@ class SecretCodec:
         plain = seal.Plaintext()
         self._encoder.encode(block.view(np.complex128).tolist(), SCALE, plain)
         return self._mem.saved(self._encryptor.encrypt_symmetric(plain))
+
+    @property
+    def modulus(self) -> int:
+        """The data prime q (what a :class:`cipherhive.masking.MaskPlan` needs)."""
+        return self._s.modulus
+
+    def encrypt_masked(self, values: np.ndarray, block_index: int, plan: masking.MaskPlan) -> bytes:
+        """:meth:`encrypt`, then the plan's double masks added to c0 (SecAgg §4).
+
+        Adding to c0 of the seeded ciphertext is adding to the encoded plaintext
+        (c0 = -a·s + e + m) and keeps the seed, so the upload stays ~8 B/value;
+        it is written back uncompressed (random coefficients do not compress).
+        """
+        if plan.modulus != self._s.modulus:
+            raise CodecError("the mask plan was made for another data prime")
+        return masking.mask_ciphertext(self.encrypt(values), block_index, plan, POLY_MODULUS_DEGREE)
+
+    def check_seeds(self, sum_bytes: bytes, seeds: list[bytes], block_index: int = 0) -> None:
+        """Raise :class:`cipherhive.masking.SeedCheckFailed` unless c1 of the sum is Σ expand(seed).
+
+        Run on every block *before* decrypting it: a sum whose second component is
+        not the one the members' signed seeds produce could be a ciphertext chosen by
+        the server, and decrypting chosen ciphertexts recovers a CKKS key (Li and
+        Micciancio, EUROCRYPT 2021). Each seed is expanded by SEAL itself: a seeded
+        ciphertext with c0 = 0 and that seed is loaded (SEAL regenerates c1) and added.
+        No secret key is used; ``block_index`` only labels the error.
+        """
+
+        def fail(why: str) -> masking.SeedCheckFailed:
+            return masking.SeedCheckFailed(block_index, f"block {block_index} of the sum {why}")
+
+        try:
+            summed = sealformat.read_ciphertext(sum_bytes)
+        except sealformat.FormatError as exc:
+            raise fail(f"is not a ciphertext ({exc})") from exc
+        if summed.seeded or summed.size != 2 or summed.coeff_modulus_size != 1:
+            raise fail("is not a full two-component ciphertext at the data prime")
+        if not seeds:
+            raise fail("comes with no seeds")
+        acc: seal.Ciphertext | None = None
+        for seed in seeds:
+            try:
+                ct = _load_ciphertext(self._s.seal_context, self._mem, masking.seeded_zero(summed, seed))
+            except (CodecError, sealformat.FormatError) as exc:
+                raise fail("comes with a seed SEAL cannot expand") from exc
+            if acc is None:
+                acc = ct
+            else:
+                self._s.evaluator.add_inplace(acc, ct)
+        assert acc is not None
+        expected = sealformat.read_ciphertext(self._mem.saved(acc)).poly(1)
+        if not np.array_equal(expected, summed.poly(1)):
+            raise fail("does not match the members' seeds (second component differs)")
 
     def encrypt_all(self, values: np.ndarray) -> Iterable[bytes]:
         for start in range(0, values.shape[0], VALUES_PER_CIPHERTEXT):

@@ -31,6 +31,13 @@ MAX_LAYOUT_FILE_BYTES = 4 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._\-/:\[\]]{1,200}$")
 _BASE_HASH = re.compile(r"^([0-9a-f]{64})?$")
 
+#: Values in front of the parameters in the encrypted vector ``[w, 1.0, w·Δ…]``:
+#: the FedAvg weight (slot 0) and the check slot (slot 1, 1.0 from every member,
+#: so the sum holds the number of contributors there; issue 11).
+WEIGHT_SLOT = 0
+CHECK_SLOT = 1
+LEADING_VALUES = 2
+
 
 class LayoutError(UserError, ValueError):
     """A layout that breaks one of the bounds; the message names the tensor and the rule."""
@@ -106,8 +113,10 @@ class Layout:
 
     @property
     def num_values(self) -> int:
-        """Values in the encrypted vector: the parameters and the FedAvg weight."""
-        return self.num_params + 1
+        """Values in the encrypted vector ``[w, 1.0, w·Δ…]``: the FedAvg weight, the check
+        slot and the parameters. The one source of the vector's length: the server sizes
+        rounds and checks submission headers from it."""
+        return self.num_params + LEADING_VALUES
 
     def canonical(self) -> str:
         return json.dumps(

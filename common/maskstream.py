@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 KEY_BYTES = 32
 _LOW_60 = np.uint64((1 << 60) - 1)
-#: Words drawn beyond the count needed, so a rejection rarely costs a second pass.
+#: Words drawn per extra pass once a rejection left the first ``count`` words short.
 _SLACK = 16
 
 
@@ -43,9 +43,16 @@ def mask(key: bytes, block: int, modulus: int, count: int) -> np.ndarray:
         raise ValueError("block index out of range")
     stream = Cipher(algorithms.ChaCha20(key, _nonce(block)), mode=None).encryptor()
     q = np.uint64(modulus)
+    words = np.frombuffer(stream.update(bytes(8 * count)), dtype="<u8") & _LOW_60
+    if count == 0 or words.max() < q:
+        # The common case for a 60-bit prime (a rejection has probability ~1e-13 per
+        # word): no word rejected, the first ``count`` words are the mask.
+        return words.astype(np.uint64, copy=False)
     out = np.empty(count, dtype=np.uint64)
-    filled = 0
-    want = count + _SLACK
+    kept = words[words < q]
+    out[: kept.shape[0]] = kept
+    filled = kept.shape[0]
+    want = _SLACK
     while filled < count:
         words = np.frombuffer(stream.update(bytes(8 * want)), dtype="<u8") & _LOW_60
         kept = words[words < q][: count - filled]

@@ -34,6 +34,7 @@ from cipherhive.demo.lora_task import (
     held_out_data,
     label_counts,
 )
+from cipherhive.layout import LEADING_VALUES
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import export_model
 from cipherhive.node.trainer import RoundInfo
@@ -113,7 +114,8 @@ def run_lora_demo(args: argparse.Namespace) -> int:
     )
     say(
         f"federated: {len(tensors)} tensors, {num_values} values (LoRA r=4 on query/value + head; "
-        f"{frozen} base weights frozen) -> {codec.num_ciphertexts(num_values + 1)} ciphertext(s) per update"
+        f"{frozen} base weights frozen) -> "
+        f"{codec.num_ciphertexts(num_values + LEADING_VALUES)} ciphertext(s) per update"
     )
     say(f"work directory: {workdir}  ({'no TLS' if args.insecure else 'mutual TLS'})")
     say(f"initial test accuracy: {initial:.3f}")
@@ -199,7 +201,7 @@ def run_lora_demo(args: argparse.Namespace) -> int:
         "pretraining": pretraining,
         "federated_tensors": len(tensors),
         "federated_values": num_values,
-        "ciphertexts_per_update": codec.num_ciphertexts(num_values + 1),
+        "ciphertexts_per_update": codec.num_ciphertexts(num_values + LEADING_VALUES),
         "initial_accuracy": initial,
         "rounds": rows,
         "final_accuracy": rows[-1]["federated_accuracy"] if rows else 0.0,

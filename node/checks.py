@@ -13,6 +13,11 @@ The checks, and why each bound is what it is:
 * **participants ≥ the node's own floor** (``[node] min_participants``). Checked
   before anything is downloaded, so a node never even decrypts a sum of fewer
   members than it accepts (a sum of one update *is* that update).
+* **the check slot equals the announced participants**: every member encodes
+  1.0 in slot 1 of its vector (issue 11), so the decrypted sum holds the
+  number of contributors there. A server that announces more participants than
+  it summed (to pass the floor above) is caught: |slot - participants| must be
+  below 1e-3, far above CKKS error (~1e-9) and far below one member.
 * **total weight Σw**: finite, > 0, at least this node's own weight when it
   contributed (every other honest weight is positive), and at most
   ``participants x VALUE_RANGE / max_participants`` — the most that many honest
@@ -41,10 +46,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cipherhive.codec import VALUE_RANGE
+from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT
 
 #: The fixed reason labels of ``cipherhive_node_sums_rejected_total{reason}``.
 REASONS = (
     "too_few_participants",
+    "participants_mismatch",
     "bad_weight",
     "out_of_range",
     "update_too_large",
@@ -53,6 +60,8 @@ REASONS = (
 
 #: Slack for CKKS decryption error (~1e-9 for honest sums) in weight comparisons.
 _TOLERANCE = 1e-6
+#: Largest distance between the decrypted check slot and the announced participants.
+CHECK_SLOT_TOLERANCE = 1e-3
 
 
 class SumRejected(Exception):
@@ -93,6 +102,15 @@ def check_participants(participants: int, floor: int) -> None:
         raise SumRejected(
             "too_few_participants",
             f"the sum has {participants} participants, below this node's floor of {floor}",
+        )
+
+
+def check_participant_slot(value: float, participants: int) -> None:
+    """The check slot (Σ 1.0 over the contributors) must equal the announced participants."""
+    if not math.isfinite(value) or abs(value - participants) >= CHECK_SLOT_TOLERANCE:
+        raise SumRejected(
+            "participants_mismatch",
+            f"the sum's check slot does not count the {participants} participants the server announced",
         )
 
 
@@ -156,14 +174,17 @@ class CheckedApplier:
 
     def _feed(self, block: np.ndarray) -> None:
         limits = self.limits
-        if self.blocks * self.per_block >= self.global_.shape[0] + 1:
+        if self.blocks * self.per_block >= self.global_.shape[0] + LEADING_VALUES:
             raise SumRejected("malformed", "the sum has more blocks than this node's layout")
         start = self.blocks * self.per_block
         first = 0
         if start == 0:
-            check_total_weight(float(block[0]), limits)
-            self.total_weight = float(block[0])
-            first = 1
+            if block.shape[0] < LEADING_VALUES:
+                raise SumRejected("malformed", "the sum's first block cannot hold the weight and check slot")
+            check_participant_slot(float(block[CHECK_SLOT]), limits.participants)
+            check_total_weight(float(block[WEIGHT_SLOT]), limits)
+            self.total_weight = float(block[WEIGHT_SLOT])
+            first = LEADING_VALUES
         if not np.isfinite(block).all():
             raise SumRejected("out_of_range", "the sum holds values that are not finite numbers")
         if block.size and float(np.abs(block).max()) > limits.value_limit:
@@ -172,8 +193,8 @@ class CheckedApplier:
                 "the sum holds values beyond what honest members can encode "
                 "(made under another key, or corrupted)",
             )
-        lo = start + first - 1
-        hi = min(start + block.shape[0] - 1, self.global_.shape[0])
+        lo = start + first - LEADING_VALUES
+        hi = min(start + block.shape[0] - LEADING_VALUES, self.global_.shape[0])
         if hi > lo:
             part = block[first : first + hi - lo] / self.total_weight
             if part.size and float(np.abs(part).max()) > limits.max_update:

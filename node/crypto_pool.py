@@ -6,6 +6,14 @@ serialized secret context once. Work is handed out one ciphertext block at a
 time with a bounded window, so results stream out in order while later
 blocks are still being encrypted (the upload overlaps the encryption) and
 memory stays a few batches per worker, not a copy of the whole update.
+
+Masked uploads (SecAgg, Bonawitz et al., CCS 2017, §4; see
+:mod:`cipherhive.masking`): the round's :class:`~cipherhive.masking.MaskPlan`
+reaches the workers once per round, not with every block. It is written into a
+small shared-memory area that every worker inherited at start
+(:meth:`CryptoPool.set_mask_plan`), with a generation number; tasks carry only
+that number, and a worker re-reads the plan when it changes. The area is zeroed
+by :meth:`CryptoPool.clear_mask_plan` once the upload is encrypted.
 """
 
 from __future__ import annotations
@@ -13,19 +21,28 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing.pool import AsyncResult, Pool
 from typing import Any
 
 import numpy as np
 
-from cipherhive.codec import NodeCodec
+from cipherhive import masking
+from cipherhive.codec import NodeCodec, SecretCodec
 
 #: The product's encoding; the benchmark names its baselines here instead.
 DEFAULT_CODEC = "cipherhive.codec:SecretCodec"
 
 _worker_codec: NodeCodec | None = None
+
+#: Largest roster a mask plan is sized for in the shared area (pairs = members - 1).
+MAX_MASK_PAIRS = 4095
+_PLAN_SLOT = struct.Struct("<QI")  # generation, plan length
+_PLAN_AREA = _PLAN_SLOT.size + 12 + masking.SEED_BYTES + MAX_MASK_PAIRS * (masking.SEED_BYTES + 1)
+_worker_area: Any = None
+_worker_plan: tuple[int, masking.MaskPlan] | None = None
 
 
 def make_codec(factory: str, key: bytes) -> NodeCodec:
@@ -34,14 +51,48 @@ def make_codec(factory: str, key: bytes) -> NodeCodec:
     return codec
 
 
-def _init_worker(factory: str, key: bytes) -> None:
-    global _worker_codec
+def _init_worker(factory: str, key: bytes, area: Any = None) -> None:
+    global _worker_codec, _worker_area
     _worker_codec = make_codec(factory, key)
+    _worker_area = area
+
+
+def _read_plan(area: Any) -> tuple[int, masking.MaskPlan | None]:
+    view = memoryview(area).cast("B")
+    generation, length = _PLAN_SLOT.unpack_from(view)
+    if not length:
+        return generation, None
+    data = bytes(view[_PLAN_SLOT.size : _PLAN_SLOT.size + length])
+    return generation, masking.MaskPlan.from_bytes(data)
+
+
+def _plan_for(generation: int) -> masking.MaskPlan:
+    """The worker's copy of the plan of ``generation``, read from shared memory when new."""
+    global _worker_plan
+    if _worker_plan is None or _worker_plan[0] != generation:
+        current, plan = _read_plan(_worker_area)
+        if current != generation or plan is None:
+            raise masking.MaskError("the mask plan changed or was cleared while blocks were being encrypted")
+        _worker_plan = (generation, plan)
+    return _worker_plan[1]
+
+
+def _encrypt_masked(generation: int, items: list[tuple[int, np.ndarray]]) -> list[bytes]:
+    assert isinstance(_worker_codec, SecretCodec)
+    plan = _plan_for(generation)
+    return [_worker_codec.encrypt_masked(block, index, plan) for index, block in items]
 
 
 def _encrypt(blocks: list[np.ndarray]) -> list[bytes]:
     assert _worker_codec is not None
     return [_worker_codec.encrypt(block) for block in blocks]
+
+
+def _check_seeds(items: list[tuple[int, bytes, list[bytes]]]) -> list[None]:
+    assert isinstance(_worker_codec, SecretCodec)
+    for index, blob, seeds in items:
+        _worker_codec.check_seeds(blob, seeds, index)
+    return [None] * len(items)
 
 
 def _decrypt(blobs: list[bytes]) -> list[np.ndarray]:
@@ -76,9 +127,60 @@ class CryptoPool:
         self._local = make_codec(factory, secret_context)  # validates the key before workers start
         self.values_per_block = self._local.values_per_block
         self._pool: Pool | None = None
+        self._plan: masking.MaskPlan | None = None
+        self._generation = 0
+        self._area: Any = None
         if self.workers > 1:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(factory, secret_context))
+            self._area = ctx.RawArray("B", _PLAN_AREA) if isinstance(self._local, SecretCodec) else None
+            self._pool = ctx.Pool(
+                self.workers, initializer=_init_worker, initargs=(factory, secret_context, self._area)
+            )
+
+    def set_mask_plan(self, plan: masking.MaskPlan) -> None:
+        """Hand this upload's masks to every worker (once per round; not while encrypting)."""
+        if not isinstance(self._local, SecretCodec):
+            raise masking.MaskError("masked encryption needs the product's codec (SecretCodec)")
+        if len(plan.pairs) > MAX_MASK_PAIRS:
+            raise masking.MaskError(f"a mask plan holds at most {MAX_MASK_PAIRS} pairs")
+        self._generation += 1
+        self._plan = plan
+        if self._area is not None:
+            self._write_area(plan.to_bytes())
+
+    def clear_mask_plan(self) -> None:
+        """Forget the plan here and in the workers' shared area (its keys are secrets)."""
+        self._plan = None
+        self._generation += 1
+        if self._area is not None:
+            self._write_area(b"")
+
+    def _write_area(self, data: bytes) -> None:
+        view = memoryview(self._area).cast("B")
+        view[:] = bytes(len(view))
+        view[_PLAN_SLOT.size : _PLAN_SLOT.size + len(data)] = data
+        _PLAN_SLOT.pack_into(view, 0, self._generation, len(data))
+
+    def encrypt_masked(self, blocks: Iterable[np.ndarray]) -> Iterator[bytes]:
+        """:meth:`encrypt` with the current plan's masks; block ``i`` of the update gets stream ``i``."""
+        plan, generation = self._plan, self._generation
+        if plan is None:
+            raise masking.MaskError("no mask plan: call set_mask_plan first")
+        if self._pool is None:
+            local = self._local
+            assert isinstance(local, SecretCodec)
+            return (local.encrypt_masked(block, index, plan) for index, block in enumerate(blocks))
+        return self._ordered_masked(generation, blocks)
+
+    def _ordered_masked(self, generation: int, blocks: Iterable[np.ndarray]) -> Iterator[bytes]:
+        assert self._pool is not None
+        window: deque[AsyncResult[list[Any]]] = deque()
+        for batch in _batches(enumerate(blocks), BATCH):
+            window.append(self._pool.apply_async(_encrypt_masked, (generation, batch)))
+            if len(window) >= 2 * self.workers:
+                yield from window.popleft().get()
+        while window:
+            yield from window.popleft().get()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -114,6 +216,31 @@ class CryptoPool:
     def encrypt_vector(self, vector: np.ndarray) -> Iterator[bytes]:
         step = self.values_per_block
         return self.encrypt(vector[start : start + step] for start in range(0, vector.shape[0], step))
+
+    def check_seeds(self, blobs: Sequence[bytes], seeds: Sequence[list[bytes]]) -> None:
+        """Raise :class:`cipherhive.masking.SeedCheckFailed` unless every block's c1 is Σ expand(seed).
+
+        ``seeds`` gives, block by block, the roster's seeds of that block. Call it on
+        the *whole* sum before :meth:`decrypt` sees any block of it: nothing about a
+        decryption may be observable before every block passed (issue 11, step 7;
+        Li and Micciancio, EUROCRYPT 2021). Spread over the workers like encryption.
+        """
+        if not isinstance(self._local, SecretCodec):
+            raise masking.MaskError("the seed check needs the product's codec (SecretCodec)")
+        if len(seeds) != len(blobs):
+            raise masking.SeedCheckFailed(
+                min(len(seeds), len(blobs)), f"the sum has {len(blobs)} blocks but seeds for {len(seeds)}"
+            )
+        items = (
+            (index, blob, list(block_seeds))
+            for index, (blob, block_seeds) in enumerate(zip(blobs, seeds, strict=True))
+        )
+        if self._pool is None:
+            for index, blob, block_seeds in items:
+                self._local.check_seeds(blob, block_seeds, index)
+            return
+        for _ in self._ordered(_check_seeds, items):
+            pass
 
     def decrypt(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray]:
         return self._ordered(_decrypt, blobs)

@@ -1,12 +1,15 @@
 """Between the model and the encrypted vector: weight, check range, stream, divide, apply.
 
-The vector a node encrypts is ``[w, w·Δ]`` with Δ = local - global for every
-federated tensor (flattened in layout order) and ``w = samples / weight_unit``.
+The vector a node encrypts is ``[w, 1.0, w·Δ…]`` with Δ = local - global for
+every federated tensor (flattened in layout order) and ``w = samples / weight_unit``.
 The server sums these; after decryption ``Σ w·Δ / Σ w`` is exactly the
-FedAvg update, and no single member's sample count was ever visible.
+FedAvg update, and no single member's sample count was ever visible. The 1.0
+is the *check slot* (issue 11): the sum holds the number of contributors there,
+so a server that lies about a round's participants is caught after decryption
+(:func:`cipherhive.node.checks.check_participant_slot`).
 
-The weight comes *first* so that a node can divide and apply each decrypted
-block as it arrives, and the update is produced block by block from the
+The weight and the check slot come *first* so that a node can divide and apply
+each decrypted block as it arrives, and the update is produced block by block from the
 model's float32 values: neither side ever holds a float64 copy of the whole
 update (a 100 M-parameter model costs its float32 size twice, not six times).
 """
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from cipherhive.codec import VALUE_RANGE
-from cipherhive.layout import Layout, TensorSpec
+from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT, Layout, TensorSpec
 
 #: Elements per pass when scanning an update (bounds temporaries to a few MB).
 _SCAN = 1 << 20
@@ -93,7 +96,7 @@ class FlatParams:
 def check_update(local: np.ndarray, global_: np.ndarray, weight: float, max_participants: int) -> float:
     """Refuse an update the encoding would corrupt; returns its largest weighted magnitude."""
     limit = VALUE_RANGE / max_participants
-    peak = abs(weight)
+    peak = max(abs(weight), 1.0)  # the check slot's 1.0 counts too
     for start in range(0, local.shape[0], _SCAN):
         diff = local[start : start + _SCAN].astype(np.float64) - global_[start : start + _SCAN]
         if not np.isfinite(diff).all():
@@ -117,16 +120,19 @@ def sample_weight(num_samples: int, weight_unit: float) -> float:
 def weighted_blocks(
     local: np.ndarray, global_: np.ndarray, weight: float, per_block: int
 ) -> Iterator[np.ndarray]:
-    """The vector ``[w, w·Δ]`` in blocks of ``per_block`` float64 values, made on demand."""
-    total = local.shape[0] + 1
+    """The vector ``[w, 1.0, w·Δ…]`` in blocks of ``per_block`` float64 values, made on demand."""
+    if per_block < LEADING_VALUES:
+        raise ValueError(f"blocks of {per_block} values cannot hold the weight and the check slot")
+    total = local.shape[0] + LEADING_VALUES
     for start in range(0, total, per_block):
         end = min(start + per_block, total)
         block = np.empty(end - start, dtype=np.float64)
         first = 0
         if start == 0:
-            block[0] = weight
-            first = 1
-        lo, hi = start + first - 1, end - 1  # parameter indices covered by this block
+            block[WEIGHT_SLOT] = weight
+            block[CHECK_SLOT] = 1.0
+            first = LEADING_VALUES
+        lo, hi = start + first - LEADING_VALUES, end - LEADING_VALUES  # parameters in this block
         np.subtract(local[lo:hi], global_[lo:hi], out=block[first:], dtype=np.float64)
         block[first:] *= weight
         yield block
@@ -135,20 +141,21 @@ def weighted_blocks(
 def weighted_vector(
     local: np.ndarray, global_: np.ndarray, num_samples: int, weight_unit: float, max_participants: int
 ) -> np.ndarray:
-    """``[w, w·Δ]`` as one vector (for small updates and tests), after the same checks."""
+    """``[w, 1.0, w·Δ…]`` as one vector (for small updates and tests), after the same checks."""
     if not np.isfinite(global_).all():
         raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
     weight = sample_weight(num_samples, weight_unit)
     check_update(local, global_, weight, max_participants)
-    size = local.shape[0] + 1
+    size = local.shape[0] + LEADING_VALUES
     return np.concatenate(list(weighted_blocks(local, global_, weight, size)))
 
 
 def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
-    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value); the daemon uses
-    :class:`cipherhive.node.checks.CheckedApplier`, which also checks every value."""
-    total_weight = _total_weight(float(summed[0]))
-    return summed[1 : 1 + num_params] / total_weight
+    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value; the check slot after it
+    is skipped); the daemon uses :class:`cipherhive.node.checks.CheckedApplier`, which also
+    checks the check slot and every value."""
+    total_weight = _total_weight(float(summed[WEIGHT_SLOT]))
+    return summed[LEADING_VALUES : LEADING_VALUES + num_params] / total_weight
 
 
 def _total_weight(value: float) -> float:

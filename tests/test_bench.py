@@ -55,3 +55,8 @@ def test_bench_smoke_json(tmp_path: object) -> None:
     assert 8.0 < ours["upload_bytes_per_param_sample"] < 8.1
     assert 16.0 < ours["download_bytes_per_param_sample"] < 16.1
     assert report["round_goal"]["bound_seconds"] > 0
+    masked = report["masked"]
+    for members in (3, 8, 16):
+        assert masked[f"masked_vs_unmasked_{members}"] > 0.2
+    assert 8.0 < masked["masked_upload_bytes_per_value"] < 8.1
+    assert masked["seed_check_ms_per_member_per_block"] > 0

@@ -30,7 +30,7 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 LAYOUT = Layout((TensorSpec("dense.weight", (100, 150)), TensorSpec("dense.bias", (100,))))
-NUM_VALUES = LAYOUT.num_values  # 15101 -> 2 ciphertexts
+NUM_VALUES = LAYOUT.num_values  # 15102 -> 2 ciphertexts
 NUM_CTS = codec.num_ciphertexts(NUM_VALUES)
 S = grpc.StatusCode
 
@@ -409,7 +409,7 @@ def test_hostile_battery_then_exact_honest_round(env: Env) -> None:
     sent_cts: dict[str, list[bytes]] = {}
     for name in weights:
         delta = rng_np.normal(0, 0.05, LAYOUT.num_params)
-        vectors[name] = np.concatenate([weights[name] * delta, [weights[name]]])
+        vectors[name] = np.concatenate([[weights[name], 1.0], weights[name] * delta])
 
     failures = []
     for name, code, call in cases:

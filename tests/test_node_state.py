@@ -198,7 +198,7 @@ def _honest(node: Node, seed: int) -> list[np.ndarray]:
     out = []
     for samples in (400, 600, 900):
         w = samples / 1000.0
-        out.append(np.concatenate([[w], w * rng.normal(0.0, 0.05, n)]))
+        out.append(np.concatenate([[w, 1.0], w * rng.normal(0.0, 0.05, n)]))  # [w, check slot, w·Δ…]
     return out
 
 
@@ -226,6 +226,7 @@ def test_node_rejects_remembers_and_rolls_back(key_files: keys.KeyFiles, tmp_pat
     # Round 3: one member's [-100, 0, 0, …] among the honest updates.
     hostile = np.zeros(node.layout.num_values)
     hostile[0] = -100.0
+    hostile[1] = 1.0  # counts itself in the check slot, so the weight check is what catches it
     _publish(key_files, stub, 3, [*_honest(node, 3), hostile], participants=4)
     before = metrics.SUMS_REJECTED.labels("bad_weight")._value.get()
     node._handle(stub, _sum_ready(3, 2, participants=4))  # type: ignore[arg-type]

@@ -4,7 +4,9 @@ A real server and three real digits nodes on loopback with mutual TLS; the test
 holds a fourth member certificate, ``mallory``, and the federation's secret key.
 In each attack round mallory submits a well-formed ciphertext next to the three
 honest updates: a negative weight (``[-100, 0, 0, …]``), a ciphertext under
-another key, a tiny weight carrying a huge update. Every node must reject the
+another key, a tiny weight carrying a huge update, an upload that does not count
+itself in the check slot (the sum then disagrees with the announced
+participants, as when a server lies about them). Every node must reject the
 published sum, stay at its base and keep running (before the fix they exited
 with code 2, again on every restart, or applied the sum and wrecked the model);
 after the round is withdrawn, the next round without mallory must be the exact
@@ -76,15 +78,21 @@ def _layout() -> tuple[int, str]:
 
 
 def _attack_vector(kind: str, num_values: int) -> np.ndarray:
-    vector = np.zeros(num_values)  # the weight first, then w·Δ
+    """``[w, check slot, w·Δ…]``: mallory counts itself (1.0) unless the attack is not to."""
+    vector = np.zeros(num_values)
+    vector[1] = 1.0
     if kind == "negative-weight":
         vector[0] = -100.0
     elif kind == "tiny-weight":
         vector[0] = 1e-6
-        vector[1:] = 50.0  # the mean moves by ~40 per value: far beyond any honest update
+        vector[2:] = 50.0  # the mean moves by ~40 per value: far beyond any honest update
     else:
         vector[0] = 0.5
-        vector[1:] = 0.01
+        vector[2:] = 0.01
+    if kind == "uncounted":
+        # The sum then counts 3 contributors where the server announces 4: what a
+        # server that inflates the participants (to pass the nodes' floor) produces.
+        vector[1] = 0.0
     return vector
 
 
@@ -201,7 +209,12 @@ def _alive(fed: LocalFederation) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "reason"),
-    [("negative-weight", "bad_weight"), ("other-key", None), ("tiny-weight", "update_too_large")],
+    [
+        ("negative-weight", "bad_weight"),
+        ("other-key", None),
+        ("tiny-weight", "update_too_large"),
+        ("uncounted", "participants_mismatch"),
+    ],
 )
 def test_nodes_reject_a_spoiled_sum_and_carry_on(fed: LocalFederation, kind: str, reason: str | None) -> None:
     bases = [_applied_round(fed, i) for i in range(NODES)]

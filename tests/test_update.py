@@ -11,9 +11,15 @@ import torch
 
 from cipherhive import codec, keys
 from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
-from cipherhive.layout import Layout, TensorSpec, describe_difference
+from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, Layout, TensorSpec, describe_difference
 from cipherhive.node import update
-from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
+from cipherhive.node.checks import (
+    CheckedApplier,
+    SumLimits,
+    SumRejected,
+    check_participant_slot,
+    check_participants,
+)
 from cipherhive.node.update import UpdateError
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
@@ -33,14 +39,14 @@ def test_weighted_vector_layout() -> None:
     global_ = np.array([0.5, 2.0, 1.0])
     out = update.weighted_vector(local, global_, num_samples=250, weight_unit=1000.0, max_participants=64)
     assert out.dtype == np.float64
-    np.testing.assert_array_equal(out, [0.25, 0.125, 0.0, -1.0])
+    np.testing.assert_array_equal(out, [0.25, 1.0, 0.125, 0.0, -1.0])  # [w, check slot, w·Δ…]
     # The inputs are left alone.
     np.testing.assert_array_equal(local, [1.0, 2.0, -3.0])
 
 
 def test_weighted_vector_empty_update() -> None:
     out = update.weighted_vector(np.zeros(0), np.zeros(0), 10, 10.0, 8)
-    np.testing.assert_array_equal(out, [1.0])
+    np.testing.assert_array_equal(out, [1.0, 1.0])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -94,7 +100,7 @@ def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], membe
     locals_ = [global_ + rng.normal(0.0, 0.05, num_params) for _ in range(members)]
     samples = [int(n) for n in rng.integers(200, 2000, members)]
 
-    blocks = codec.num_ciphertexts(num_params + 1)
+    blocks = codec.num_ciphertexts(num_params + LEADING_VALUES)
     running = RunningSum(public, blocks)
     for local, n in zip(locals_, samples, strict=True):
         vector = update.weighted_vector(local, global_, n, 1000.0, 64)
@@ -108,11 +114,12 @@ def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], membe
     assert mean.shape == (num_params,)
     assert np.abs(mean - expected).max() < 1e-7
     assert abs(summed[0] - sum(samples) / 1000.0) < 1e-7
+    assert abs(summed[1] - members) < 1e-7  # the check slot counts the contributors
 
 
 @pytest.mark.parametrize("weight", [0.0, 1e-12, -1.0, np.nan, np.inf])
 def test_mean_from_sum_refuses_bad_weight(weight: float) -> None:
-    summed = np.array([weight, 1.0, 2.0, 0.0])
+    summed = np.array([weight, 1.0, 1.0, 2.0, 0.0])
     with pytest.raises(UpdateError, match="total weight"):
         update.mean_from_sum(summed, 2)
 
@@ -186,7 +193,7 @@ def test_layout_sizes() -> None:
     layout = _layout()
     assert [t.size for t in layout.tensors] == [6, 4, 1]
     assert layout.num_params == 11
-    assert layout.num_values == 12
+    assert layout.num_values == 13  # [w, 1.0, w·Δ…]
 
 
 def test_layout_hash_stable() -> None:
@@ -244,7 +251,12 @@ def test_layout_proto_round_trip() -> None:
 # --------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("per_block", [1, 2, 5, 7, 8, 100])
+def test_weighted_blocks_need_room_for_the_weight_and_check_slot() -> None:
+    with pytest.raises(ValueError, match="check slot"):
+        list(update.weighted_blocks(np.zeros(3), np.zeros(3), 0.5, 1))
+
+
+@pytest.mark.parametrize("per_block", [2, 3, 5, 7, 8, 100])
 def test_weighted_blocks_and_sum_applier_stream(per_block: int) -> None:
     """Block by block, both ways, equals the whole-vector computation for any block size."""
     rng = np.random.default_rng(per_block)
@@ -346,16 +358,17 @@ def test_checked_applier_applies_an_honest_sum(
     global_, vectors = honest_round
     out, applier = _apply(secret, _encrypted_sum(secret, public, vectors), global_, _limits(participants=3))
     summed = sum(vectors)
-    expected = summed[1:] / summed[0]
+    expected = summed[2:] / summed[0]
     assert applier.mean is not None
     assert np.abs(applier.mean - expected).max() < 1e-7
     np.testing.assert_array_equal(out, (global_ + applier.mean).astype(np.float32))
 
 
 def _weighted(weight: float, delta: float | np.ndarray, size: int = _NUM_PARAMS) -> np.ndarray:
-    vector = np.zeros(size + 1)
+    vector = np.zeros(size + LEADING_VALUES)
     vector[0] = weight
-    vector[1:] = weight * np.asarray(delta)
+    vector[1] = 1.0  # a hostile member that counts itself, so the later checks are reached
+    vector[2:] = weight * np.asarray(delta)
     return vector
 
 
@@ -374,7 +387,9 @@ def _weighted(weight: float, delta: float | np.ndarray, size: int = _NUM_PARAMS)
         (_weighted(1e-6, 1e9), "update_too_large", "bound of 10 per value"),
         # A huge value in the second block (after the first was written into out).
         (
-            np.concatenate([[0.1], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]),
+            np.concatenate(
+                [[0.1, 1.0], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]
+            ),
             "update_too_large",
             "bound of 10",
         ),
@@ -419,7 +434,7 @@ def test_checked_applier_restores_out_after_a_late_rejection(
 ) -> None:
     secret, public = codecs
     global_, vectors = honest_round
-    late = np.concatenate([[0.1], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)])
+    late = np.concatenate([[0.1, 1.0], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)])
     blobs = _encrypted_sum(secret, public, [*vectors, late])
     out = global_.copy()
     applier = CheckedApplier(global_, out, codec.VALUES_PER_CIPHERTEXT, _limits(), None)
@@ -443,7 +458,7 @@ def test_checked_applier_rejects_a_sum_under_another_key(
     blobs = _encrypted_sum(secret, public, vectors, mallory)
     with pytest.raises(SumRejected) as err:
         _apply(secret, blobs, global_, _limits())
-    assert err.value.reason in ("out_of_range", "bad_weight")
+    assert err.value.reason in ("participants_mismatch", "out_of_range", "bad_weight")
     # Alone, too (a server that made the whole "sum" up).
     with pytest.raises(SumRejected):
         _apply(secret, mallory, global_, _limits())
@@ -454,30 +469,76 @@ def test_checked_applier_rejects_non_finite(bad: float) -> None:
     global_ = np.zeros(6, dtype=np.float32)
     out = global_.copy()
     applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
-    applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+    applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
     with pytest.raises(SumRejected) as err:
         applier.feed(np.array([0.1, bad, 0.0, 0.0]))
     assert err.value.reason == "out_of_range"
     np.testing.assert_array_equal(out, global_)
     with pytest.raises(SumRejected) as err:
-        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([bad, 0.0, 0.0, 0.0]))
+        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([bad, 4.0, 0.0, 0.0]))
     assert err.value.reason == "bad_weight"
+    with pytest.raises(SumRejected) as err:
+        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([1.0, bad, 0.0, 0.0]))
+    assert err.value.reason == "participants_mismatch"
 
 
 def test_checked_applier_counts_blocks() -> None:
     global_ = np.zeros(6, dtype=np.float32)
     out = global_.copy()
     applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
-    applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+    applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
     with pytest.raises(SumRejected) as err:
         applier.finish(2)
     assert err.value.reason == "malformed"
     np.testing.assert_array_equal(out, global_)
     applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
     for _ in range(2):
-        applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+        applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
     with pytest.raises(SumRejected, match="more blocks"):
-        applier.feed(np.array([1.0, 0.1, 0.2, 0.3]))
+        applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize(
+    ("announced", "extra"),
+    [
+        (4, None),  # the server announces a fourth member that never contributed
+        (2, None),  # or fewer than it summed
+        (4, 0.0),  # a fourth upload that does not count itself
+        (4, 2.0),  # a member that counts twice
+    ],
+    ids=["server-inflates", "server-deflates", "uncounted-upload", "double-count"],
+)
+def test_checked_applier_rejects_a_sum_whose_check_slot_is_not_the_participants(
+    codecs: tuple[SecretCodec, PublicCodec],
+    honest_round: tuple[np.ndarray, list[np.ndarray]],
+    announced: int,
+    extra: float | None,
+) -> None:
+    """Every member encodes 1.0 in the check slot: the decrypted sum counts its contributors,
+    so a server that lies about a round's participants is caught (issue 11)."""
+    secret, public = codecs
+    global_, vectors = honest_round
+    members = list(vectors)
+    if extra is not None:
+        spoiled = _weighted(0.5, 0.0)
+        spoiled[CHECK_SLOT] = extra
+        members.append(spoiled)
+    blobs = _encrypted_sum(secret, public, members)
+    with pytest.raises(SumRejected) as err:
+        _apply(secret, blobs, global_, _limits(participants=announced, floor=2, own_weight=0.0))
+    assert err.value.reason == "participants_mismatch"
+    assert f"the {announced} participants the server announced" in err.value.message
+    # The honest sum with the true count passes, the slot within CKKS error of 3.
+    _out, applier = _apply(secret, _encrypted_sum(secret, public, vectors), global_, _limits(participants=3))
+    assert applier.blocks == len(blobs)
+
+
+def test_check_slot_tolerance() -> None:
+    check_participant_slot(3.0 + 5e-4, 3)
+    for bad in (3.0 + 2e-3, 2.0, float("nan"), float("inf")):
+        with pytest.raises(SumRejected) as err:
+            check_participant_slot(bad, 3)
+        assert err.value.reason == "participants_mismatch"
 
 
 @pytest.mark.parametrize(("participants", "floor"), [(2, 3), (0, 2), (4, 5)])

@@ -1,0 +1,107 @@
+"""What the double masks cost a node (issue 11, "Cost"): in process, one core.
+
+* encode + encrypt throughput with masks (self-mask plus ``members - 1``
+  pairwise masks, SecAgg §4) against without, at 3, 8 and 16 members (goal:
+  at least 0.7x at 8);
+* the seed check a node runs on every block of a sum before decrypting it,
+  per member per block;
+* bytes per value of a masked upload (still seeded, written uncompressed).
+
+Run alone with ``python -m cipherhive.bench.masked [--values N]``; `cipherhive
+bench` adds the same figures to its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tenseal as ts
+
+from cipherhive import codec, masking
+from cipherhive.masking import MaskPlan
+
+MEMBERS = (3, 8, 16)
+REPEATS = 3
+
+
+def _best(fn: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _plan(members: int, modulus: int) -> MaskPlan:
+    return MaskPlan.fresh([(os.urandom(32), 1 if j % 2 else -1) for j in range(members - 1)], modulus)
+
+
+def measure(secret_context: bytes, values: int, members: Sequence[int] = MEMBERS) -> dict[str, float]:
+    secret = codec.SecretCodec(secret_context)
+    public_ctx = ts.context_from(secret_context)
+    public_ctx.make_context_public()
+    public = codec.PublicCodec(bytes(public_ctx.serialize()))
+    per = codec.VALUES_PER_CIPHERTEXT
+    vector = np.random.default_rng(0).normal(0.0, 0.05, max(values, per))
+    blocks = [vector[s : s + per] for s in range(0, vector.shape[0], per)]
+    n = vector.shape[0]
+    unmasked = n / _best(lambda: [secret.encrypt(b) for b in blocks])
+    out: dict[str, float] = {"encrypt_params_per_s_unmasked": unmasked}
+    for m in members:
+        plan = _plan(m, secret.modulus)
+
+        def masked_pass(plan: MaskPlan = plan) -> None:
+            for index, block in enumerate(blocks):
+                secret.encrypt_masked(block, index, plan)
+
+        rate = n / _best(masked_pass)
+        out[f"encrypt_params_per_s_masked_{m}"] = rate
+        out[f"masked_vs_unmasked_{m}"] = rate / unmasked
+    # The seed check on one block of a sum of max(members) uploads.
+    plans = [_plan(max(members), secret.modulus) for _ in range(max(members))]
+    uploads = [secret.encrypt_masked(blocks[0], 0, p) for p in plans]
+    acc = public.load(uploads[0])
+    for blob in uploads[1:]:
+        public.add_inplace(acc, public.load(blob))
+    summed = public.dump(acc)
+    seeds = [masking.upload_seed(u) for u in uploads]
+    out["seed_check_ms_per_member_per_block"] = (
+        1e3 * _best(lambda: secret.check_seeds(summed, seeds, 0)) / len(seeds)
+    )
+    out["masked_upload_bytes_per_value"] = len(uploads[0]) / per
+    return out
+
+
+def render(figures: dict[str, float]) -> str:
+    lines = [f"encrypt, unmasked: {figures['encrypt_params_per_s_unmasked']:.3g} params/s (1 core)"]
+    for key, value in figures.items():
+        if key.startswith("encrypt_params_per_s_masked_"):
+            m = key.rsplit("_", 1)[1]
+            lines.append(
+                f"encrypt, masked, {m:>2} members: {value:.3g} params/s = "
+                f"{figures['masked_vs_unmasked_' + m]:.2f}x unmasked"
+            )
+    lines.append(f"seed check: {figures['seed_check_ms_per_member_per_block']:.3f} ms per member per block")
+    lines.append(f"masked upload: {figures['masked_upload_bytes_per_value']:.3f} bytes per value")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m cipherhive.bench.masked", description=__doc__)
+    parser.add_argument("--values", type=int, default=1 << 20, help="values encrypted per pass")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    secret = bytes(codec.new_secret_context().serialize(save_secret_key=True))
+    figures = measure(secret, args.values)
+    print(json.dumps(figures, indent=2) if args.json else render(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
