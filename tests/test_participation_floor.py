@@ -39,7 +39,7 @@ def test_round_below_floor_fails_and_releases_nothing(tmp_path: Path) -> None:
             fed.wait_for(
                 lambda: admin.GetStatus(pb.StatusRequest(), timeout=5).nodes_online == 2, 60, "nodes online"
             )
-            opened = admin.StartRound(pb.StartRoundRequest(timeout_seconds=6, force=True), timeout=10)
+            opened = admin.StartRound(pb.StartRoundRequest(timeout_seconds=60, force=True), timeout=10)
             assert opened.state == pb.ROUND_OPEN
             info = fed.wait_for(
                 lambda: (
