@@ -248,22 +248,25 @@ def test_missing_revocation_list_is_a_startup_error(fed: LocalFederation, tmp_pa
     # Allowed explicitly, it starts (and serves until told to stop).
     allowed = tmp_path / "allowed.toml"
     allowed.write_text(cases["missing"].replace("[tls]\n", "[tls]\nallow_missing_crl = true\n"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cipherhive", "server", "--config", str(allowed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = tmp_path / "allowed.log"
+    with log_path.open("wb") as log_file:  # a file, not a pipe nobody reads once the server is up
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cipherhive", "server", "--config", str(allowed)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        assert proc.stdout is not None
         deadline = time.monotonic() + 60
-        seen = ""
-        while time.monotonic() < deadline and "server listening" not in seen:
-            line = proc.stdout.readline()
-            if not line:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "server listening" in log_path.read_text(errors="replace"):
                 break
-            seen += line
-        assert "server listening" in seen, seen
+            time.sleep(0.1)
+        assert "server listening" in log_path.read_text(errors="replace"), log_path.read_text()
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the server did not stop on SIGTERM:\n{log_path.read_text()}") from None
