@@ -31,6 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -228,9 +229,7 @@ class Entry:
         )
 
     def record(self) -> IssuedRecord:
-        return IssuedRecord(
-            self.serial, self.role, self.name, self.not_after, self.revoked_at, self.purpose
-        )
+        return IssuedRecord(self.serial, self.role, self.name, self.not_after, self.revoked_at, self.purpose)
 
     def issued(self) -> IssuedCert:
         return IssuedCert(
@@ -294,6 +293,50 @@ def load_ca(ca_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
         raise ValueError(f"{key_path} does not belong to {cert_path}; restore the matching pair")
     return key, cert
+
+
+def leaf_builder(
+    ca_cert: x509.Certificate,
+    role: str,
+    name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    """What every leaf this CA signs shares: subject (OU role, CN name), issuer, validity,
+    not a CA, digital signature only. Callers add their purpose (EKU, SAN) and sign."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def authority_key_id(

@@ -61,6 +61,7 @@ from cipherhive.castore import (
     fsync_dir,
     iso,
     key_pem,
+    leaf_builder,
     load_ca,
     read_index,
     replace_file,
@@ -113,7 +114,6 @@ class CertificateError(ValueError):
     """A certificate or CRL is unusable for cipherhive (bad role, name or signature)."""
 
 
-
 @dataclass(frozen=True, slots=True)
 class Identity:
     """Who is on the other end of a mutual-TLS connection."""
@@ -149,7 +149,6 @@ def _check_days(days: int) -> None:
 
 def _role_uri(role: str, name: str) -> str:
     return f"{URI_SCHEME}://{role}/{name}"
-
 
 
 def _parse_serial(text: str) -> int | None:
@@ -318,39 +317,10 @@ def issue(
         not_after = min(now + timedelta(days=days), ca_not_after)
         eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                        x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    ]
-                )
-            )
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            leaf_builder(ca_cert, role, name, key.public_key(), now - _CLOCK_SKEW, not_after)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(authority_key_id(ca_key, ca_cert), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         entry = Entry(
@@ -770,8 +740,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"no certificates issued by the CA in {args.ca} yet")
         return 0
     table = [("SERIAL", "ROLE", "NAME", "PURPOSE", "NOT AFTER", "STATUS")] + [
-        (f"{r.serial:x}", r.role, r.name, r.purpose, _fmt_time(r.not_after), r.status(now))
-        for r in records
+        (f"{r.serial:x}", r.role, r.name, r.purpose, _fmt_time(r.not_after), r.status(now)) for r in records
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cipherhive.castore import utcnow
+from cipherhive.castore import leaf_builder, utcnow
 from cipherhive.fsutil import require_private_file
 
 __all__ = [
@@ -128,35 +128,7 @@ def build_certificate(
     if len(tls_fingerprint) != 32:
         raise ValueError("the TLS certificate fingerprint is a SHA-256 digest (32 bytes)")
     return (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        leaf_builder(ca_cert, role, name, public_key, not_before, not_after)
         # Present and without serverAuth/clientAuth: TLS stacks refuse the certificate.
         .add_extension(x509.ExtendedKeyUsage([ENROL_EKU]), critical=False)
         .add_extension(
@@ -165,7 +137,6 @@ def build_certificate(
         )
         .add_extension(x509.UnrecognizedExtension(TLS_BINDING, _OCTET_32 + tls_fingerprint), critical=False)
         .add_extension(authority_key_id, critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -233,8 +204,7 @@ def verify_certificate(
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         raise EnrolmentError(
-            f"certificate {subject!r} is not signed by the federation CA "
-            f"{ca_cert.subject.rfc4514_string()!r}"
+            f"certificate {subject!r} is not signed by the federation CA {ca_cert.subject.rfc4514_string()!r}"
         ) from None
     when = now or utcnow()
     if not cert.not_valid_before_utc - timedelta(minutes=5) <= when <= cert.not_valid_after_utc:
