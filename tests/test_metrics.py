@@ -59,7 +59,8 @@ def test_server_metrics(federation: tuple[LocalFederation, int, int]) -> None:
     assert m[("cipherhive_rounds_total", (("outcome", "published"),))] == 2
     assert m[("cipherhive_submissions_total", (("result", "accepted"),))] == 6
     assert m[("cipherhive_received_bytes_total", ())] > 6 * 60_000
-    assert m[("cipherhive_ingested_values_total", ())] == 6 * 4812  # 4810 parameters, the weight, the check slot
+    # 4810 parameters, the FedAvg weight and the check slot, per submission
+    assert m[("cipherhive_ingested_values_total", ())] == 6 * 4812
     assert m[("cipherhive_ingest_values_per_second", ())] > 0
     assert m[("cipherhive_round_duration_seconds_count", ())] == 2
     assert m[("cipherhive_calls_in_progress", ())] >= 3  # the nodes' watch streams, at least
