@@ -61,22 +61,11 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 def test_certificate_revoked_during_upload_counts_nothing(fed: LocalFederation) -> None:
     """The threaded server checked revocation only when a call began, so an upload whose
     certificate was revoked half-way was still accepted and added into the sum."""
-    fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
-    secret = codec.SecretCodec((fed.workdir / "keys" / keys.SECRET_FILE).read_bytes())
     with channel(f"127.0.0.1:{fed.port}", _tls(fed, "latecomer")) as ch, fed.admin_channel() as admin_ch:
         stub = pb_grpc.AggregationStub(ch)
-        stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=LAYOUT.to_proto()), timeout=30)
         admin = pb_grpc.AdminStub(admin_ch)
-        number = admin.StartRound(pb.StartRoundRequest(force=True), timeout=30).round
-        header = pb.SubmitHeader(
-            round=number,
-            submission_id="latecomer-0001",
-            layout_hash=LAYOUT.hash,
-            key_fingerprint=fingerprint,
-            num_values=NUM_VALUES,
-            num_ciphertexts=NUM_CTS,
-        )
-        chunks = list(_chunks(list(secret.encrypt_all(np.full(NUM_VALUES, 0.5))), per=1))
+        header, chunks = _prepare_upload(fed, stub, admin, "latecomer-0001")
+        number = header.round
         assert len(chunks) >= 2
         half_sent = threading.Event()
         go_on = threading.Event()
@@ -119,24 +108,11 @@ def test_trickling_upload_is_cut_and_rolled_back(fed: LocalFederation) -> None:
     ``min_upload_bytes_per_second`` (32 KiB/s) cuts it with RESOURCE_EXHAUSTED, and
     nothing it sent stays in the round.
     """
-    fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
-    secret = codec.SecretCodec((fed.workdir / "keys" / keys.SECRET_FILE).read_bytes())
     with channel(f"127.0.0.1:{fed.port}", _tls(fed, "node-2")) as ch, fed.admin_channel() as admin_ch:
         stub = pb_grpc.AggregationStub(ch)
-        stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=LAYOUT.to_proto()), timeout=30)
         admin = pb_grpc.AdminStub(admin_ch)
-        number = admin.GetStatus(pb.StatusRequest(), timeout=10).open_round
-        if not number:
-            number = admin.StartRound(pb.StartRoundRequest(force=True), timeout=30).round
-        header = pb.SubmitHeader(
-            round=number,
-            submission_id="trickle-0001",
-            layout_hash=LAYOUT.hash,
-            key_fingerprint=fingerprint,
-            num_values=NUM_VALUES,
-            num_ciphertexts=NUM_CTS,
-        )
-        chunks = list(_chunks(list(secret.encrypt_all(np.full(NUM_VALUES, 0.5))), per=1))
+        header, chunks = _prepare_upload(fed, stub, admin, "trickle-0001")
+        number = header.round
 
         def messages() -> Iterator[pb.SubmitRequest]:
             yield pb.SubmitRequest(header=header)
@@ -177,6 +153,28 @@ def test_log_formats_escape_and_bound_fields() -> None:
         line = logs._Formatter(as_json).format(record)
         assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
         assert len(line) < logs.MAX_FIELD + 300
+
+
+def _prepare_upload(
+    fed: LocalFederation, stub: pb_grpc.AggregationStub, admin: pb_grpc.AdminStub, submission_id: str
+) -> tuple[pb.SubmitHeader, list[pb.SubmitRequest]]:
+    """Join, find (or open) the round, and make a valid upload for it: header and one-ciphertext chunks."""
+    fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
+    secret = codec.SecretCodec((fed.workdir / "keys" / keys.SECRET_FILE).read_bytes())
+    stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=LAYOUT.to_proto()), timeout=30)
+    number = admin.GetStatus(pb.StatusRequest(), timeout=10).open_round
+    if not number:
+        number = admin.StartRound(pb.StartRoundRequest(force=True), timeout=30).round
+    header = pb.SubmitHeader(
+        round=number,
+        submission_id=submission_id,
+        layout_hash=LAYOUT.hash,
+        key_fingerprint=fingerprint,
+        num_values=NUM_VALUES,
+        num_ciphertexts=NUM_CTS,
+    )
+    chunks = list(_chunks(list(secret.encrypt_all(np.full(NUM_VALUES, 0.5))), per=1))
+    return header, chunks
 
 
 def _server(fed: LocalFederation, config: Path) -> subprocess.CompletedProcess[str]:
