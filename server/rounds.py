@@ -160,6 +160,7 @@ class RoundManager:
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
+            privacy=self.config.privacy_schedule().to_proto(),
         )
 
     def join(self, node: str, fingerprint: str, layout: Layout) -> None:
