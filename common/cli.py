@@ -54,6 +54,20 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from cipherhive.demo.options import DP_ROUNDS, ROUNDS
+
+    if args.rounds is None:
+        args.rounds = DP_ROUNDS if args.dp else ROUNDS
+    if args.dp and args.task != "digits":
+        print("cipherhive demo: error: --dp runs the digits task only", file=sys.stderr)
+        return 2
+    if args.dp and not args.epsilon > 0:
+        print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)
+        return 2
+    if args.dp_table:
+        from cipherhive.demo.dp_table import run_table
+
+        return run_table(args)
     if args.task == "lora":
         from cipherhive.demo.lora_run import run_lora_demo
 

@@ -67,6 +67,10 @@ class LocalFederation:
     #: Extra keys for the server's [server] and every node's [node] section.
     server_settings: dict[str, Any] = field(default_factory=dict)
     node_settings: dict[str, Any] = field(default_factory=dict)
+    #: The server's and every node's [privacy] section (differential privacy; empty: none). A node's
+    #: ``dataset`` defaults to "<node name>-data" and its ledger folder to the work directory's.
+    server_privacy: dict[str, Any] = field(default_factory=dict)
+    node_privacy: dict[str, Any] = field(default_factory=dict)
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -92,6 +96,8 @@ class LocalFederation:
                 certs.issue(ca, "node", self.node_name(i), self.workdir / self.node_name(i))
         for i in range(self.nodes):
             self.write_node_config(i)
+        if self.node_privacy:
+            self.init_privacy_ledgers()
         self.pin_layout()
         self.write_server_config()
 
@@ -157,6 +163,7 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
+                **({"privacy": self.server_privacy} if self.server_privacy else {}),
             },
         )
 
@@ -183,8 +190,27 @@ class LocalFederation:
                 },
                 **({"tls": tls} if tls else {}),
                 "trainer": {"plugin": self.plugin, "options": opts},
+                **({"privacy": self.privacy_section(index)} if self.node_privacy else {}),
             },
         )
+
+    def privacy_section(self, index: int) -> dict[str, Any]:
+        """Node ``index``'s [privacy] settings (see ``node_privacy``)."""
+        return {
+            "dataset": f"{self.node_name(index)}-data",
+            "ledger_dir": str(self.workdir / "privacy-ledgers"),
+            **self.node_privacy,
+        }
+
+    def init_privacy_ledgers(self) -> None:
+        """Create every node's privacy ledger, as a member does once with `cipherhive node privacy-init`."""
+        from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+
+        for i in range(self.nodes):
+            section = self.privacy_section(i)
+            path = ledger_path(Path(section["ledger_dir"]), section["dataset"])
+            if not path.exists():
+                PrivacyLedger.init(path, section["dataset"])
 
     # ------------------------------------------------------------ processes
 

@@ -360,7 +360,7 @@ class Node(SumReceiver):
         t0 = time.perf_counter()
         try:
             dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
-        except PrivacyLedgerError as exc:
+        except (PrivacyLedgerError, ScheduleRefused) as exc:
             level = logging.WARNING if isinstance(exc, BudgetExhausted) else logging.ERROR
             event(log, f"not taking part: {exc}", level, **fields)
             return

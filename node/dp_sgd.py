@@ -31,6 +31,7 @@ Use it in ``train(model, info)``::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ from torch.utils.data._utils.collate import default_collate
 from cipherhive.node.dp_random import CryptoStream
 from cipherhive.node.dp_round import DPRound
 from cipherhive.node.trainer import TrainerError
+
+# Opacus' hooks on a first layer whose input needs no gradient: expected, and said at every step.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 __all__ = ["CryptoDPOptimizer", "CryptoPoissonSampler", "DPUsageError", "PrivateTraining", "private_training"]
 

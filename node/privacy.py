@@ -107,6 +107,8 @@ class PrivacyGuard:
         if self.ledger is None or self.random is None:
             return None
         schedule = self.schedule
+        if not schedule.enabled:
+            raise ScheduleRefused("no DP schedule was accepted from the server yet; not training")
         spent = self.ledger.charge(round_number, schedule.round_event(), self.delta, self.config.max_epsilon)
         metrics.PRIVACY_EPSILON.set(spent)
         noise, sampling = self.random.next_round()
