@@ -41,9 +41,9 @@ __all__ = [
     "SEEDS_LABEL",
     "Commit",
     "blocks_digest",
-    "self_mask_digest",
     "make_commit",
     "require_all_commits",
+    "self_mask_digest",
     "verify_commit",
 ]
 

@@ -410,8 +410,8 @@ def pairwise_keys(
             raise RosterError(f"the X25519 key of {other.name!r} gives an all-zero shared secret")
         higher = my_cert_fingerprint > other.cert_fingerprint
         low, high = (other, me) if higher else (me, other)
-        key = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=roster.hash, info=pair_info(low, high)
-        ).derive(shared)
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=roster.hash, info=pair_info(low, high)).derive(
+            shared
+        )
         out.append((key, 1 if higher else -1))
     return out

@@ -37,6 +37,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -67,6 +69,8 @@ class LocalFederation:
     #: Extra keys for the server's [server] and every node's [node] section.
     server_settings: dict[str, Any] = field(default_factory=dict)
     node_settings: dict[str, Any] = field(default_factory=dict)
+    #: Extra keys for every node's [masking] section.
+    masking_settings: dict[str, Any] = field(default_factory=dict)
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -164,8 +168,15 @@ class LocalFederation:
         name = self.node_name(index)
         opts = {"shard": index, "shards": self.nodes, **self.node_options, **options}
         tls = self._tls(name)
+        masking: dict[str, Any] = {}
         if tls:
             tls["tls_server_name"] = "localhost"
+            # Each member pins the federation's membership itself (issue 11); the CRL is the CA's.
+            masking = {
+                "members": [self.node_name(i) for i in range(self.nodes)],
+                "crl": str(self.workdir / "ca" / certs.CRL),
+                **self.masking_settings,
+            }
         write_toml(
             self.workdir / f"{name}.toml",
             {
@@ -182,6 +193,7 @@ class LocalFederation:
                     **self.node_settings,
                 },
                 **({"tls": tls} if tls else {}),
+                **({"masking": masking} if masking else {}),
                 "trainer": {"plugin": self.plugin, "options": opts},
             },
         )
