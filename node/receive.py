@@ -349,6 +349,7 @@ class SumReceiver:
 
         def decrypted() -> Iterator[np.ndarray]:
             try:
+                failpoints.hit("node.decrypt")  # tests: prove nothing was decrypted before the checks
                 yield from self.pool.decrypt(read_records(path))
             finally:
                 path.unlink(missing_ok=True)

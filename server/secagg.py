@@ -54,6 +54,7 @@ from cipherhive.wire import WireError, fields
 if TYPE_CHECKING:
     from cipherhive.server.identity import Caller
     from cipherhive.server.rounds import OpenRound, RoundManager
+    from cipherhive.server.state import RoundRow
 
 log = logging.getLogger("cipherhive.server.secagg")
 
@@ -474,3 +475,21 @@ def proof(m: RoundManager, number: int) -> pb.RoundProof:
         roster=[r.enrolment for r in ordered],
         commits=[r.commit for r in ordered if r.commit is not None],
     )
+
+
+def progress(m: RoundManager, row: RoundRow, info: pb.RoundInfo) -> None:
+    """How far a masked round got, for the operator: counts only, never what was sent."""
+    with m._lock:
+        current = m._open if m._open is not None and m._open.number == row.round else None
+        if current is not None and current.mask is not None:
+            mask = current.mask
+            info.enrolled, info.committed, info.released = (
+                len(mask.enrolled),
+                len(mask.commits),
+                len(mask.seeds),
+            )
+            return
+    members = m.state.members(row.round, roster_only=row.state != "open")
+    info.enrolled = len(members)
+    info.committed = sum(r.commit is not None for r in members)
+    info.released = len(members) if row.state in ("sum_ready", "withdrawn") else 0
