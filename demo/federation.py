@@ -71,6 +71,8 @@ class LocalFederation:
     node_settings: dict[str, Any] = field(default_factory=dict)
     #: Extra keys for every node's [masking] section.
     masking_settings: dict[str, Any] = field(default_factory=dict)
+    #: Masked rounds (issue 11); off only for tests that play members sending unmasked uploads.
+    masked: bool = True
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -142,6 +144,7 @@ class LocalFederation:
             "min_participants": min(self.nodes, 3),
             "timeout_seconds": 120.0,
             "interval_seconds": 0.2,
+            **({} if self.masked else {"masked": False}),
             **self.rounds,
         }
         tls = self._tls("server")
@@ -171,6 +174,7 @@ class LocalFederation:
         masking: dict[str, Any] = {}
         if tls:
             tls["tls_server_name"] = "localhost"
+        if tls and self.masked:
             # Each member pins the federation's membership itself (issue 11); the CRL is the CA's.
             masking = {
                 "members": [self.node_name(i) for i in range(self.nodes)],

@@ -48,6 +48,7 @@ from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.masked_round import MaskedRounds
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
+from cipherhive.node.rollback import Rollbacks
 from cipherhive.node.secagg import Participation
 from cipherhive.node.trainer import (
     RoundInfo,
@@ -86,7 +87,7 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node(MaskedRounds, SumReceiver):
+class Node(Rollbacks, MaskedRounds, SumReceiver):
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
         try:
@@ -479,47 +480,3 @@ class Node(MaskedRounds, SumReceiver):
             )
         elif not self._rejected_before(stub, ev):
             self._apply_sum(stub, ev)
-
-    def _on_withdrawn(self, ev: pb.RoundEvent) -> None:
-        self.withdrawn.add(ev.round)
-        self.store.forget_rejection(ev.round)  # nothing left to remember about it
-        event(log, "round withdrawn", logging.WARNING, node=self.name, round=ev.round, reason=ev.reason)
-        self._roll_back(ev.round, ev.reason or "withdrawn")
-
-    def _roll_back(self, withdrawn: int, why: str) -> bool:
-        """Return to the newest kept checkpoint from before ``withdrawn`` if the model went
-        through it; True when the model changed (the session then restarts to replay from there)."""
-        chain = self.store.chain()
-        if withdrawn == 0 or withdrawn not in chain:
-            return False
-        target = self.store.rollback_target(withdrawn)
-        fields: dict[str, Any] = {"node": self.name, "round": withdrawn, "applied_round": self.applied_round}
-        if target is None:
-            self._idle = (
-                f"round {withdrawn}, which this node's model went through, was withdrawn ({why}) and no "
-                f"kept checkpoint is older (keep_checkpoints = {self.config.keep_checkpoints}): "
-                f"{BOOTSTRAP_HINT}"
-            )
-            event(log, self._idle, logging.ERROR, **fields)
-            return False
-        checkpoint = self.store.rollback(target)
-        if checkpoint is None:
-            fresh = self.trainer.build_model()
-            values = dict(federated_tensors(self.trainer, fresh))
-        else:
-            values = checkpoint.tensors
-        with torch.no_grad():
-            for name, tensor in self.tensors:
-                tensor.copy_(values[name])
-        self.global_values[:] = self.flat.read()
-        self.applied_round = target
-        metrics.APPLIED_ROUND.set(target)
-        metrics.ROLLBACKS.inc()
-        event(
-            log,
-            f"rolled back to round {target}: round {withdrawn} was withdrawn ({why})",
-            logging.WARNING,
-            **fields,
-        )
-        self._resync = True
-        return True

@@ -211,7 +211,10 @@ class SumReceiver:
         self._report(stub, ev.round, True)
         hook = getattr(self.trainer, "after_round", None)
         if hook is not None:
-            mean_update = split(self.tensors, applier.mean) if applier.mean is not None else {}
+            # float32, like checkpoints and exports: a full-precision decrypted value next to its
+            # ciphertext gives away the shared key (issue 11, step 9).
+            mean = applier.mean.astype(np.float32) if applier.mean is not None else None
+            mean_update = split(self.tensors, mean) if mean is not None else {}
             try:
                 hook(self.model, AppliedRound(ev.round, ev.participants, mean_update))
             except Exception:

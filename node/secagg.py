@@ -165,6 +165,7 @@ class Participation:
     #: The FedAvg weight and the trainer's result of the update (for the upload header).
     weight: float = 0.0
     result: Any = None
+    train_s: float = 0.0
 
     @property
     def round(self) -> int:

@@ -274,7 +274,8 @@ class RoundManager:
                     f"{floor} to publish a sum; start more nodes, or pass --force to open it anyway",
                 )
             now = time.time()
-            deadline = now + (timeout or self.config.timeout_seconds)
+            duration = timeout or self.config.timeout_seconds
+            deadline = now + duration
             nonce = secagg.new_nonce() if self.masked else None
             row = self.state.open_round(
                 self.state.latest_sum_round(),
@@ -282,7 +283,7 @@ class RoundManager:
                 self.expected_nodes(),
                 min_participants=floor,
                 nonce=nonce,
-                enrol_deadline=min(now + self.config.enrol_seconds, deadline),
+                enrol_deadline=now + min(self.config.enrol_seconds, duration / 2),
             )
             self._open = OpenRound(
                 row,
