@@ -37,6 +37,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -71,6 +73,10 @@ class LocalFederation:
     #: ``dataset`` defaults to "<node name>-data" and its ledger folder to the work directory's.
     server_privacy: dict[str, Any] = field(default_factory=dict)
     node_privacy: dict[str, Any] = field(default_factory=dict)
+    #: Extra keys for every node's [masking] section.
+    masking_settings: dict[str, Any] = field(default_factory=dict)
+    #: Masked rounds (issue 11); off only for tests that play members sending unmasked uploads.
+    masked: bool = True
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -144,6 +150,7 @@ class LocalFederation:
             "min_participants": min(self.nodes, 3),
             "timeout_seconds": 120.0,
             "interval_seconds": 0.2,
+            **({} if self.masked else {"masked": False}),
             **self.rounds,
         }
         tls = self._tls("server")
@@ -171,8 +178,16 @@ class LocalFederation:
         name = self.node_name(index)
         opts = {"shard": index, "shards": self.nodes, **self.node_options, **options}
         tls = self._tls(name)
+        masking: dict[str, Any] = {}
         if tls:
             tls["tls_server_name"] = "localhost"
+        if tls and self.masked:
+            # Each member pins the federation's membership itself (issue 11); the CRL is the CA's.
+            masking = {
+                "members": [self.node_name(i) for i in range(self.nodes)],
+                "crl": str(self.workdir / "ca" / certs.CRL),
+                **self.masking_settings,
+            }
         write_toml(
             self.workdir / f"{name}.toml",
             {
@@ -189,6 +204,7 @@ class LocalFederation:
                     **self.node_settings,
                 },
                 **({"tls": tls} if tls else {}),
+                **({"masking": masking} if masking else {}),
                 "trainer": {"plugin": self.plugin, "options": opts},
                 **({"privacy": self.privacy_section(index)} if self.node_privacy else {}),
             },

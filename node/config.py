@@ -52,6 +52,24 @@ class NodeConfig:
     tls_server_name: str = setting(
         "", "tls", "host name to expect in the server certificate, if not the address"
     )
+    members: list[str] = setting(
+        [],
+        "masking",
+        "the federation's members (names, or SHA-256 fingerprints of their TLS or enrolment "
+        "certificates): this node takes part only in masked rounds whose roster is drawn from them",
+    )
+    enrol_cert: Path | None = setting(
+        None, "masking", "enrolment certificate (default: NAME.enrol.crt next to tls_cert)"
+    )
+    enrol_key: Path | None = setting(
+        None, "masking", "enrolment key (default: NAME.enrol.key next to tls_key)"
+    )
+    crl: Path | None = setting(
+        None,
+        "masking",
+        "the federation CA's revocation list (PEM), checked for every roster member (default: "
+        "crl.pem next to tls_ca); a masked round is refused while it is missing",
+    )
     plugin: str = setting("", "trainer", "training plug-in as package.module:object")
     python_path: list[str] = setting(
         [],
@@ -92,6 +110,13 @@ class NodeConfig:
     )
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
+
+    def enrolment_files(self) -> tuple[Path, Path, Path]:
+        """(enrolment certificate, enrolment key, CRL), defaults next to the TLS files."""
+        assert self.tls_cert is not None and self.tls_key is not None and self.tls_ca is not None
+        cert = self.enrol_cert or self.tls_cert.with_name(self.tls_cert.stem + ".enrol.crt")
+        key = self.enrol_key or self.tls_key.with_name(self.tls_key.stem + ".enrol.key")
+        return cert, key, self.crl or self.tls_ca.with_name("crl.pem")
 
     def __post_init__(self) -> None:
         if not self.plugin:

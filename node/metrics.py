@@ -50,6 +50,12 @@ ROLLBACKS = Counter(
     "Times this node rolled its model back because a round it had applied was withdrawn",
     registry=REGISTRY,
 )
+MASKED_REFUSALS = Counter(
+    "cipherhive_node_masked_rounds_refused_total",
+    "Masked rounds this node did not take part in (a roster it refused, a step the server refused, "
+    "a base it already released a self-mask on); the log says why",
+    registry=REGISTRY,
+)
 
 for _reason in REASONS:
     SUMS_REJECTED.labels(_reason)  # every label shows, at 0, before the first rejection

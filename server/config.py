@@ -69,6 +69,19 @@ class ServerConfig:
     keep_sums: int = setting(
         0, "rounds", "published sums kept for nodes that catch up (0: all); older ones are deleted"
     )
+    masked: bool = setting(
+        True,
+        "rounds",
+        "mask every contribution inside its ciphertext (SecAgg double masking, issue 11): members enrol, "
+        "commit and release a self-mask seed before a sum is published; needs mutual TLS "
+        "(off with --insecure)",
+    )
+    enrol_seconds: float = setting(
+        30.0,
+        "rounds",
+        "masked rounds: the roster is fixed once every expected node enrolled, or after this (at most half "
+        "the round's timeout)",
+    )
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
@@ -146,6 +159,8 @@ class ServerConfig:
             raise ConfigError("stream_idle_seconds must be positive and min_upload_bytes_per_second >= 0")
         if self.max_participants < self.min_participants:
             raise ConfigError("max_participants must be at least min_participants")
+        if self.enrol_seconds <= 0:
+            raise ConfigError("enrol_seconds must be positive")
         if self.timeout_seconds <= 0 or self.weight_unit <= 0:
             raise ConfigError("timeout_seconds and weight_unit must be positive")
         if not 1 <= self.max_ciphertexts_per_chunk <= 60:
