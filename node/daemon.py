@@ -398,7 +398,7 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             self.privacy.check_trained(dp)
             weight = self.privacy.weight(int(result.num_samples), self.settings.weight_unit)
             # The trained values are read in place (no copy) while they are encrypted.
-            local = self.flat.read()
+            local = self.privacy.privatize(self.flat.read(), self.global_values)  # member-level DP
             check_update(local, self.global_values, weight, self.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)

@@ -34,7 +34,13 @@ from cipherhive.logs import event
 from cipherhive.masking import SeedCheckFailed
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
-from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
+from cipherhive.node.checks import (
+    CheckedApplier,
+    SumLimits,
+    SumRejected,
+    check_participants,
+    member_grid_bits,
+)
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.fetch import FetchError, fetch_sum
@@ -244,6 +250,7 @@ class SumReceiver:
             max_participants=self.settings.max_participants,
             participants=ev.participants,
             own_weight=self.store.own_weight(ev.round),
+            grid_bits=member_grid_bits(self.settings.privacy),
         )
         last = ""
         for attempt in range(1, ATTEMPTS + 1):

@@ -88,8 +88,9 @@ class ServerConfig:
     dp_mode: str = setting(
         "off",
         "privacy",
-        "differential privacy the federation announces: off, or record (record-level DP-SGD on every "
-        "member, each accounting its own ε; uniform FedAvg weights)",
+        "differential privacy the federation announces: off, record (record-level DP-SGD on every "
+        "member, each accounting its own ε; uniform FedAvg weights), or member (member-level "
+        "distributed DP: each member clips its whole update and adds discrete Gaussian noise)",
     )
     dp_rounds: int = setting(
         0, "privacy", "rounds the DP schedule plans, which members budget for (0: max_rounds)"
@@ -99,7 +100,16 @@ class ServerConfig:
     )
     dp_noise_multiplier: float = setting(0.0, "privacy", "noise standard deviation / clipping norm")
     dp_steps_per_round: int = setting(0, "privacy", "local DP-SGD steps per round (not epochs)")
-    dp_max_grad_norm: float = setting(1.0, "privacy", "per-record gradient clipping norm")
+    dp_max_grad_norm: float = setting(
+        1.0, "privacy", "clipping norm: of each record's gradient (record), of each update (member)"
+    )
+    dp_min_members: int = setting(
+        0, "privacy", "member: the floor k the noise is split over (0: min_participants)"
+    )
+    dp_colluders: int = setting(
+        0, "privacy", "member: colluding members t tolerated, at most dp_min_members - 1"
+    )
+    dp_grid_bits: int = setting(16, "privacy", "member: updates are rounded to multiples of 2^-dp_grid_bits")
     max_workers: int = setting(
         8,
         "limits",
@@ -175,6 +185,11 @@ class ServerConfig:
                 self.max_rounds = self.dp_rounds
             if self.max_rounds > self.dp_rounds:
                 raise ConfigError("max_rounds must not exceed dp_rounds: members budget for dp_rounds")
+        if self.dp_mode == "member" and self.dp_min_members > self.min_participants:
+            raise ConfigError(
+                f"dp_min_members = {self.dp_min_members} exceeds min_participants = {self.min_participants}: "
+                "rounds smaller than the floor the noise is split over would carry too little noise"
+            )
         try:
             self.privacy_schedule()
         except ScheduleError as exc:
@@ -198,4 +213,9 @@ class ServerConfig:
             self.dp_noise_multiplier,
             self.dp_steps_per_round,
             self.dp_max_grad_norm,
+            *(
+                (self.dp_min_members or self.min_participants, self.dp_colluders, self.dp_grid_bits)
+                if self.dp_mode == "member"
+                else ()
+            ),
         )

@@ -180,7 +180,7 @@ class RoundManager:
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
-            privacy=self.config.privacy_schedule().to_proto(),
+            privacy=self.config.privacy_schedule().for_layout(layout.num_params if layout else 0).to_proto(),
             masked=self.masked,
         )
 

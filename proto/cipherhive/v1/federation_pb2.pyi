@@ -77,26 +77,36 @@ class FederationSettings(_message.Message):
     def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySchedule, _Mapping]] = ..., masked: _Optional[bool] = ...) -> None: ...
 
 class PrivacySchedule(_message.Message):
-    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm")
+    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm", "min_members", "colluders", "grid_bits", "dimension")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OFF: _ClassVar[PrivacySchedule.Mode]
         RECORD: _ClassVar[PrivacySchedule.Mode]
+        MEMBER: _ClassVar[PrivacySchedule.Mode]
     OFF: PrivacySchedule.Mode
     RECORD: PrivacySchedule.Mode
+    MEMBER: PrivacySchedule.Mode
     MODE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    COLLUDERS_FIELD_NUMBER: _ClassVar[int]
+    GRID_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
     mode: PrivacySchedule.Mode
     rounds: int
     sample_rate: float
     noise_multiplier: float
     steps_per_round: int
     max_grad_norm: float
-    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    min_members: int
+    colluders: int
+    grid_bits: int
+    dimension: int
+    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., min_members: _Optional[int] = ..., colluders: _Optional[int] = ..., grid_bits: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class EnrolRequest(_message.Message):
     __slots__ = ("round", "enrolment")
