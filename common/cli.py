@@ -64,6 +64,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.dp and not args.epsilon > 0:
         print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)
         return 2
+    if args.member_table:
+        from cipherhive.demo.member_table import run_member_table
+
+        return run_member_table(args)
     if args.dp_table:
         from cipherhive.demo.dp_table import run_table
 
