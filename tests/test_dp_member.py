@@ -9,6 +9,7 @@ CKKS; the accountant tests compare with published closed forms.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -18,6 +19,7 @@ from scipy.stats import norm
 
 from cipherhive import keys
 from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.config import ConfigError
 from cipherhive.dpmember import (
     MemberMechanism,
     equivalent_multiplier,
@@ -28,11 +30,16 @@ from cipherhive.dpmember import (
 from cipherhive.dpschedule import PrivacySchedule, ScheduleError
 from cipherhive.layout import LEADING_VALUES
 from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
+from cipherhive.node.config import NodeConfig
 from cipherhive.node.dgauss import ExactSampler
+from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
 from cipherhive.node.dp_random import DPRandom
 from cipherhive.node.member_dp import clip_update, noised_integers, privatize
+from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.update import UpdateError, check_update, weighted_blocks
+from cipherhive.server.config import ServerConfig
 from cipherhive.server.running_sum import RunningSum
+from cipherhive.v1 import federation_pb2 as pb
 
 
 def _member(mech: MemberMechanism, delta: np.ndarray, seed: int) -> np.ndarray:
@@ -76,9 +83,11 @@ def test_residual_noise_after_colluders_subtract_their_own(k: int, t: int) -> No
 
 
 def _ratio(estimate: np.ndarray, victim: np.ndarray, mech: MemberMechanism) -> float:
-    """‖x̂ - x‖² / (d·(z_eff·C)²) with z_eff·C the honest members' noise per value."""
-    z_eff_c = math.sqrt(mech.honest * float(mech.sigma2)) * mech.gamma
-    return float(np.sum((estimate - victim) ** 2)) / (mech.dimension * z_eff_c**2)
+    """‖x̂ - x‖² / (d·(z_eff·C)²) with z_eff the announced multiplier z: the noise the honest members
+    must leave on the victim whatever the colluders do (not what the code believes it added)."""
+    return float(np.sum((estimate - victim) ** 2)) / (
+        mech.dimension * (mech.noise_multiplier * mech.clip) ** 2
+    )
 
 
 def test_zeros_attack_leaves_the_noise() -> None:
@@ -98,10 +107,11 @@ def test_zeros_attack_leaves_the_noise() -> None:
     assert float(np.mean(ratios)) >= 0.9
 
 
-def test_differencing_attack_leaves_the_noise() -> None:
+@pytest.mark.parametrize("t", [1, 3])
+def test_differencing_attack_leaves_the_noise(t: int) -> None:
     """Two rounds whose rosters differ by the victim (replaced by a member with a zero update); the
     others send the same updates; colluders subtract their own noise in both rounds."""
-    k, t, dim = 4, 1, 1500
+    k, dim = 4, 1500
     mech = MemberMechanism(1.0, 1.0, k, t, 10, dim)
     updates = _updates(k, dim, seed=11)
     ratios = []
@@ -280,3 +290,67 @@ def test_composed_gaussian_against_the_analytic_gaussian() -> None:
     mu = math.sqrt(20) / z_eq
     assert _analytic_delta(mu, eps) <= 1e-5  # an upper bound on the exact ε …
     assert _analytic_delta(mu, eps / 1.25) > 1e-5  # … within 25 % of it
+
+
+# --------------------------------------------------------------------------- the node's guard
+
+
+def _guard(tmp_path: Path, floor: int, colluders: int) -> PrivacyGuard:
+    config = NodeConfig(
+        plugin="x:y",
+        insecure=True,
+        name="n1",
+        state_dir=tmp_path / "state",
+        max_epsilon=50.0,
+        dataset="acme",
+        ledger_dir=tmp_path / "ledgers",
+        insecure_seed=1,
+        min_participants=floor,
+        colluders=colluders,
+    )
+    path = ledger_path(config.ledger_dir, "acme")
+    if not path.exists():
+        PrivacyLedger.init(path, "acme")
+    return PrivacyGuard(config, "n1")
+
+
+def _member_settings(k: int, t: int, dim: int = 50) -> pb.FederationSettings:
+    schedule = PrivacySchedule("member", 3, 0.0, 1.0, 0, 1.0, min_members=k, colluders=t, grid_bits=10)
+    return pb.FederationSettings(privacy=schedule.for_layout(dim).to_proto())
+
+
+def test_guard_needs_its_own_floor_and_colluders_to_cover_the_honest_members(tmp_path: Path) -> None:
+    # The schedule splits the noise over 4 - 0 = 4 honest members; this node's floor 4 minus its
+    # pinned 1 colluder guarantees only 3: the noise could fall short, so it refuses.
+    with pytest.raises(ScheduleRefused, match="guarantees only 3"):
+        _guard(tmp_path, 4, 1).accept(_member_settings(4, 0), applied_round=0)
+    _guard(tmp_path, 4, 1).accept(_member_settings(4, 1), applied_round=0)
+    _guard(tmp_path, 5, 1).accept(_member_settings(4, 0), applied_round=0)  # 4 honest guaranteed
+    with pytest.raises(ConfigError, match="colluders"):
+        _guard(tmp_path, 3, 3)
+
+
+def test_guard_charges_then_privatizes_once(tmp_path: Path) -> None:
+    guard = _guard(tmp_path, 3, 0)
+    guard.accept(_member_settings(3, 0), applied_round=0)
+    global_ = np.zeros(50, dtype=np.float32)
+    with pytest.raises(UpdateError, match="no member-level DP round was charged"):
+        guard.privatize(global_ + 1, global_)
+    assert guard.begin_round(1) is None  # the trainer trains as usual: no DP-SGD
+    assert [e.event.sample_rate for e in guard.ledger.entries()] == [1.0]  # type: ignore[union-attr]
+    sent = guard.privatize(global_ + 1, global_)
+    steps = np.ldexp(sent - global_, 10)
+    assert np.array_equal(steps, np.rint(steps)) and not np.array_equal(sent, global_ + 1)
+    with pytest.raises(UpdateError):  # each charged round's noise is used once
+        guard.privatize(global_ + 1, global_)
+
+
+def test_server_settings_for_member_mode() -> None:
+    server = ServerConfig(insecure=True, dp_mode="member", dp_rounds=5, dp_noise_multiplier=2.0)
+    schedule = server.privacy_schedule()
+    assert (schedule.min_members, schedule.colluders, schedule.grid_bits) == (3, 0, 16)
+    assert schedule.for_layout(4810).epsilon(1e-5) > 0
+    with pytest.raises(ConfigError, match="exceeds min_participants"):
+        ServerConfig(insecure=True, dp_mode="member", dp_rounds=5, dp_noise_multiplier=2.0, dp_min_members=4)
+    with pytest.raises(ConfigError, match="colluders"):
+        ServerConfig(insecure=True, dp_mode="member", dp_rounds=5, dp_noise_multiplier=2.0, dp_colluders=3)
