@@ -44,6 +44,7 @@ from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
+from cipherhive.node.optimizers import OptimizerError, OptimizerSpec, adopt, restored
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.trainer import (
     RoundInfo,
@@ -124,6 +125,16 @@ class Node(SumReceiver):
                 for name, tensor in self.tensors:
                     tensor.copy_(checkpoint.tensors[name])
             self.applied_round = checkpoint.round
+        try:
+            self.optimizer = restored(
+                checkpoint.optimizer if checkpoint else None,
+                self.applied_round,
+                self.layout.num_params,
+                f"{config.state_dir}/checkpoint.pt",
+            )
+        except OptimizerError as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
         # The model's federated values live in one float32 buffer; ``global_values`` is
         # the last applied global model (float32, the only other full-size copy).
         self.flat = FlatParams(self.tensors)
@@ -238,6 +249,7 @@ class Node(SumReceiver):
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
             self._idle = None
+            self._follow_optimizer(reply.settings.optimizer)
             event(
                 log,
                 "joined federation",
@@ -245,6 +257,7 @@ class Node(SumReceiver):
                 latest_sum_round=reply.latest_sum_round,
                 applied_round=self.applied_round,
                 min_participants=self.settings.min_participants,
+                optimizer=self.optimizer.spec.describe(),
             )
             self.withdrawn.update(reply.withdrawn_rounds)
             for number in sorted(reply.withdrawn_rounds):
@@ -266,6 +279,19 @@ class Node(SumReceiver):
             finally:
                 self._stream = None
                 stream.cancel()
+
+    def _follow_optimizer(self, announced: pb.ServerOptimizer) -> None:
+        """Take the optimizer the server announced; one this node's state cannot follow stops it."""
+        try:
+            spec = OptimizerSpec.from_proto(announced)
+        except OptimizerError as exc:
+            message = f"the server announced an optimizer this node cannot run ({exc}); reconnecting later"
+            event(log, message, logging.ERROR, node=self.name)
+            raise SessionEnd(message) from exc
+        try:
+            self.optimizer = adopt(self.optimizer, spec, self.applied_round)
+        except OptimizerError as exc:
+            raise NodeError(str(exc)) from exc
 
     def _check_kept(self, oldest_kept: int) -> None:
         """A node whose next sum the server pruned cannot catch up by replay: say what to do.
@@ -470,8 +496,15 @@ class Node(SumReceiver):
         if checkpoint is None:
             fresh = self.trainer.build_model()
             values = dict(federated_tensors(self.trainer, fresh))
+            self.optimizer.reset()
         else:
             values = checkpoint.tensors
+            try:
+                self.optimizer.load(checkpoint.optimizer, f"the kept checkpoint of round {target}")
+            except OptimizerError as exc:
+                self._idle = f"cannot roll back to round {target}: {exc}; {BOOTSTRAP_HINT}"
+                event(log, self._idle, logging.ERROR, **fields)
+                return False
         with torch.no_grad():
             for name, tensor in self.tensors:
                 tensor.copy_(values[name])

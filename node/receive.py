@@ -34,6 +34,7 @@ from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.fetch import FetchError, fetch_sum
+from cipherhive.node.optimizers import ServerOptimizer
 from cipherhive.node.trainer import AppliedRound
 from cipherhive.node.update import FlatParams, split
 from cipherhive.progress import track
@@ -89,6 +90,8 @@ class SumReceiver:
     tensors: list[tuple[str, Any]]
     trainer: Any
     model: Any
+    #: The server-side optimizer the federation announced (set at Join, before any sum is applied).
+    optimizer: ServerOptimizer
     _outcome_unimplemented: bool
 
     def _metadata(self) -> list[tuple[str, str]]:
@@ -178,7 +181,9 @@ class SumReceiver:
         metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
         self.flat.commit()
         failpoints.hit("node.applying")
-        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}))
+        record = self.optimizer.record(pending=True)
+        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}, record))
+        self.optimizer.commit()  # the moments are the state only once the checkpoint holds them
         self.global_values[:] = self.flat.read()
         self.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
@@ -228,7 +233,9 @@ class SumReceiver:
         last = ""
         for attempt in range(1, ATTEMPTS + 1):
             mean = np.empty(self.layout.num_params) if wants_mean else None
-            applier = CheckedApplier(self.global_values, self.flat.read(), per_block, limits, mean)
+            applier = CheckedApplier(
+                self.global_values, self.flat.read(), per_block, limits, mean, self.optimizer.step
+            )
             try:
                 for block in self._decrypted(stub, ev, n_ct):
                     failpoints.hit("node.download")

@@ -8,15 +8,20 @@ server.toml (read at start) or with ``cipherhive ctl federation init``
 (Admin.SetLayout); every layout is checked against the bounds in
 :mod:`cipherhive.layout` first. It can be replaced or reset only while no
 round has been published (and none is open): published sums are tied to it.
+The server-side optimizer (``[optimizer]``) is pinned the same way: it may change
+only while no round is published (:func:`pin_optimizer`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING
 
 import grpc
 
+from cipherhive.config import ConfigError
+from cipherhive.fedopt import PLAIN_FEDAVG, OptimizerSpec
 from cipherhive.layout import Layout, LayoutError
 from cipherhive.logs import audit, event
 from cipherhive.server.errors import RoundError
@@ -99,3 +104,42 @@ def pin_configured(m: RoundManager) -> None:
     except RoundError as exc:
         raise LayoutError(f"[federation] layout = {path}: {exc.message}") from None
     event(log, "federation layout pinned from the configuration", path=str(path), params=layout.num_params)
+
+
+OPTIMIZER_META = "optimizer"
+
+
+def pinned_optimizer(m: RoundManager) -> OptimizerSpec:
+    """The optimizer the federation's published rounds were applied with (none stored: FedAvg)."""
+    text = m.state.get_meta(OPTIMIZER_META)
+    if text is None:
+        return PLAIN_FEDAVG  # a state directory from before optimizers: its rounds were plain FedAvg
+    return OptimizerSpec.from_dict(json.loads(text), "the optimizer in the server's state:")
+
+
+def pin_optimizer(m: RoundManager) -> OptimizerSpec:
+    """At start: pin ``[optimizer]``; refused when published rounds were applied with another one.
+
+    Every node applies every published sum with the federation's optimizer, and a node
+    that catches up replays old sums: if the optimizer changed after a round was
+    published, that node would compute another model than the members who applied the
+    sums as they came. So the optimizer may change only while nothing is published.
+    """
+    wanted = m.config.optimizer_spec()
+    with m._lock:
+        current = pinned_optimizer(m)
+        stored = m.state.get_meta(OPTIMIZER_META)
+        if stored is not None and current == wanted:
+            return wanted
+        published = m.state.published_count()
+        if published and current != wanted:
+            raise ConfigError(
+                f"[optimizer] asks for {wanted.describe()}, but {published} round(s) of this federation "
+                f"were published and applied with {current.describe()}; members that replay them must "
+                f"apply them the same way. Set [optimizer] back to {current.describe()}, or start a new "
+                "federation (new state_dir) to use another optimizer"
+            )
+        m.state.set_meta(OPTIMIZER_META, wanted.canonical())
+    if stored is not None or wanted != PLAIN_FEDAVG:
+        audit("optimizer pinned", "server.toml", optimizer=wanted.describe())
+    return wanted

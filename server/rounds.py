@@ -114,6 +114,7 @@ class RoundManager:
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
         pinning.pin_configured(self)
+        self.optimizer = pinning.pin_optimizer(self)
 
     def _blocks(self, num_values: int) -> int:
         return codec.blocks_for(num_values, self.codec.values_per_block)
@@ -160,6 +161,7 @@ class RoundManager:
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
+            optimizer=self.optimizer.to_proto(),
         )
 
     def join(self, node: str, fingerprint: str, layout: Layout) -> None:
