@@ -59,6 +59,8 @@ class LocalFederation:
     plugin: str = "cipherhive.demo.digits:DigitsTrainer"
     node_options: dict[str, Any] = field(default_factory=dict)
     rounds: dict[str, Any] = field(default_factory=dict)
+    #: The server's [optimizer] section (empty: FedAvg).
+    optimizer: dict[str, Any] = field(default_factory=dict)
     port: int = 0
     #: Module run as ``python -m`` for every process (the benchmark swaps in its launcher).
     launcher: str = "cipherhive"
@@ -157,6 +159,7 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
+                **({"optimizer": self.optimizer} if self.optimizer else {}),
             },
         )
 
