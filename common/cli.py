@@ -54,6 +54,13 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from cipherhive.fedopt import OptimizerError, OptimizerSpec
+
+    try:
+        OptimizerSpec.make(args.optimizer, args.server_lr, where="--optimizer/--server-lr:")
+    except OptimizerError as exc:
+        print(f"cipherhive demo: error: {exc}", file=sys.stderr)
+        return 2
     if args.task == "lora":
         from cipherhive.demo.lora_run import run_lora_demo
 

@@ -100,6 +100,9 @@ class OptimizerSpec:
     def to_proto(self) -> pb.ServerOptimizer:
         return pb.ServerOptimizer(**asdict(self))
 
+    def canonical_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def canonical(self) -> str:
         """The settings as stable JSON (the server pins this text)."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -29,6 +29,8 @@ from rich.progress import (
 
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.demo.options import optimizer_section
+from cipherhive.fedopt import OptimizerSpec
 from cipherhive.v1 import federation_pb2 as pb
 
 
@@ -81,6 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         node_options={"seed": args.seed, "epochs": args.epochs, "record_dir": str(records)},
         rounds={"max_rounds": args.rounds},
+        optimizer=optimizer_section(args),
     )
     say = (lambda *a: None) if args.json else print
     data = load_data(args.nodes, args.seed)
@@ -90,6 +93,8 @@ def run_demo(args: argparse.Namespace) -> int:
         f"({len(data.y_train)} train / {len(data.y_test)} test), shards {[len(s) for s in data.shards]}"
     )
     say(f"work directory: {workdir}  ({'no TLS' if args.insecure else 'mutual TLS'})")
+    spec = OptimizerSpec.make(args.optimizer, args.server_lr)
+    say(f"server-side optimizer (run on every node): {spec.describe()}")
     say(f"initial test accuracy: {accuracy(model, data.x_test, data.y_test):.3f}")
     say(f"{'round':>5} {'nodes':>5} {'accuracy':>8} {'max_abs_error':>13} {'seconds':>7}")
     rows: list[dict[str, Any]] = []
@@ -140,6 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
         failed.append(f"processes exited uncleanly: {bad_exits}")
     result = {
         "nodes": args.nodes,
+        "optimizer": spec.canonical_dict(),
         "rounds": rows,
         "final_accuracy": rows[-1]["accuracy"] if rows else 0.0,
         "max_abs_error": max((r["max_abs_error"] for r in rows), default=None),
