@@ -94,6 +94,7 @@ def _node_layout(args: argparse.Namespace) -> int:
     print(f"wrote the model layout to {args.out}")
     print(f"layout hash: {layout.hash}")
     print(f"size: {layout.num_params} values in {len(layout.tensors)} tensors")
+    print(f"initial model fingerprint: {layout.initial_model_hash[:16]}… (keyed by the federation's secret)")
     print(f"pin it with: cipherhive ctl federation init --layout {args.out}")
     return 0
 

@@ -44,6 +44,8 @@ from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
+from cipherhive.node.describe import member_fingerprint_key
+from cipherhive.node.initial import initial_model_hash
 from cipherhive.node.optimizers import OptimizerError, OptimizerSpec, adopt, restored
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.trainer import (
@@ -110,7 +112,12 @@ class Node(SumReceiver):
             raise
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
-        self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "")
+        try:  # of the values build_model made, before any checkpoint is loaded into them
+            initial = initial_model_hash(member_fingerprint_key(config), self.tensors)
+        except UserError:
+            self.pool.close()
+            raise
+        self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "", initial)
         self.store = NodeState(config.state_dir, config.keep_checkpoints)
         self.applied_round = 0
         checkpoint = self.store.load()

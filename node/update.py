@@ -33,8 +33,12 @@ class UpdateError(ValueError):
     """An update that cannot be encoded faithfully (NaN, out of range, no samples)."""
 
 
-def layout_of(tensors: list[tuple[str, torch.Tensor]], base_model_hash: str = "") -> Layout:
-    return Layout(tuple(TensorSpec(n, tuple(t.shape)) for n, t in tensors), base_model_hash)
+def layout_of(
+    tensors: list[tuple[str, torch.Tensor]], base_model_hash: str = "", initial_model_hash: str = ""
+) -> Layout:
+    return Layout(
+        tuple(TensorSpec(n, tuple(t.shape)) for n, t in tensors), base_model_hash, initial_model_hash
+    )
 
 
 def flatten(tensors: list[tuple[str, torch.Tensor]]) -> np.ndarray:

@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 
 from cipherhive import codec, failpoints
-from cipherhive.layout import Layout, describe_difference
+from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server import pinning, recovery, scheduler, withdrawal
@@ -182,11 +182,7 @@ class RoundManager:
                 raise RoundError(
                     grpc.StatusCode.UNAVAILABLE, pinning.NOT_PINNED + "; this node will retry until then"
                 )
-            if current.hash != layout.hash:
-                raise RoundError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"model layout differs from the federation's: {describe_difference(current, layout)}",
-                )
+            pinning.check_joining(current, layout)
             self._joined.add(node)
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
