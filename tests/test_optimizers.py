@@ -27,6 +27,7 @@ from cipherhive.server.config import ServerConfig
 from cipherhive.server.rounds import RoundManager
 from cipherhive.server.spool import Spool
 from cipherhive.server.state import State
+from cipherhive.v1 import federation_pb2 as pb
 
 SIZE = 1000
 
@@ -222,3 +223,49 @@ def test_server_refuses_to_change_the_optimizer_once_a_round_is_published(tmp_pa
     ):
         start(optimizer="fedavg")
     start(optimizer="fedadam", learning_rate=0.1).state.close()  # the same settings: fine
+
+
+def test_a_node_rolls_its_moments_back_with_the_model(tmp_path: Path) -> None:
+    """A real Node (in-process, fake server): apply three FedYogi rounds, reject a hostile sum,
+    restart, withdraw rounds: the moments always belong to the model's round."""
+    from tests.test_node_state import FakeStub, _honest, _node, _publish, _sum_ready
+
+    files = keys.keygen(tmp_path / "keys")
+    yogi = OptimizerSpec.make("fedyogi", 0.05)
+    node = _node(files, tmp_path / "state", keep_checkpoints=5)
+    node.optimizer = adopt(node.optimizer, yogi, 0)
+    stub = FakeStub(node.layout.hash, node.layout.num_values)
+    moments: dict[int, list[np.ndarray]] = {0: [b.copy() for b in node.optimizer.state]}
+    models: dict[int, np.ndarray] = {0: node.flat.read().copy()}
+    for number in (1, 2, 3):
+        _publish(files, stub, number, _honest(node, number))
+        node._handle(stub, _sum_ready(number, number - 1))  # type: ignore[arg-type]
+        assert node.applied_round == number
+        moments[number] = [b.copy() for b in node.optimizer.state]
+        models[number] = node.flat.read().copy()
+    assert not np.array_equal(moments[2][0], moments[3][0])
+
+    def same(number: int) -> bool:
+        state = node.optimizer.state
+        return all(np.array_equal(a, b) for a, b in zip(moments[number], state, strict=True)) and (
+            np.array_equal(node.flat.read(), models[number])
+        )
+
+    hostile = np.zeros(node.layout.num_values)
+    hostile[0], hostile[1] = -100.0, 1.0
+    _publish(files, stub, 4, [*_honest(node, 4), hostile], participants=4)
+    node._handle(stub, _sum_ready(4, 3, participants=4))  # type: ignore[arg-type]
+    assert node.applied_round == 3 and same(3)  # rejected: model and moments untouched
+
+    node.close()
+    node = _node(files, tmp_path / "state", keep_checkpoints=5)  # restart: moments from the checkpoint
+    assert node.optimizer.spec == yogi and node.optimizer.rounds == 3 and same(3)
+    with pytest.raises(OptimizerError, match="round 3 was computed with the optimizer fedyogi"):
+        adopt(node.optimizer, OptimizerSpec.make("fedadam", 0.05), 3)
+
+    node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=3))  # type: ignore[arg-type]
+    assert node.applied_round == 2 and same(2)
+    node._resync = False
+    node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=1))  # type: ignore[arg-type]
+    assert node.applied_round == 0 and same(0) and node.optimizer.rounds == 0
+    node.close()
