@@ -69,6 +69,10 @@ class LocalFederation:
     #: Extra keys for the server's [server] and every node's [node] section.
     server_settings: dict[str, Any] = field(default_factory=dict)
     node_settings: dict[str, Any] = field(default_factory=dict)
+    #: The server's and every node's [privacy] section (differential privacy; empty: none). A node's
+    #: ``dataset`` defaults to "<node name>-data" and its ledger folder to the work directory's.
+    server_privacy: dict[str, Any] = field(default_factory=dict)
+    node_privacy: dict[str, Any] = field(default_factory=dict)
     #: Extra keys for every node's [masking] section.
     masking_settings: dict[str, Any] = field(default_factory=dict)
     #: Masked rounds (issue 11); off only for tests that play members sending unmasked uploads.
@@ -98,6 +102,8 @@ class LocalFederation:
                 certs.issue(ca, "node", self.node_name(i), self.workdir / self.node_name(i))
         for i in range(self.nodes):
             self.write_node_config(i)
+        if self.node_privacy:
+            self.init_privacy_ledgers()
         self.pin_layout()
         self.write_server_config()
 
@@ -164,6 +170,7 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
+                **({"privacy": self.server_privacy} if self.server_privacy else {}),
             },
         )
 
@@ -199,8 +206,27 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 **({"masking": masking} if masking else {}),
                 "trainer": {"plugin": self.plugin, "options": opts},
+                **({"privacy": self.privacy_section(index)} if self.node_privacy else {}),
             },
         )
+
+    def privacy_section(self, index: int) -> dict[str, Any]:
+        """Node ``index``'s [privacy] settings (see ``node_privacy``)."""
+        return {
+            "dataset": f"{self.node_name(index)}-data",
+            "ledger_dir": str(self.workdir / "privacy-ledgers"),
+            **self.node_privacy,
+        }
+
+    def init_privacy_ledgers(self) -> None:
+        """Create every node's privacy ledger, as a member does once with `cipherhive node privacy-init`."""
+        from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+
+        for i in range(self.nodes):
+            section = self.privacy_section(i)
+            path = ledger_path(Path(section["ledger_dir"]), section["dataset"])
+            if not path.exists():
+                PrivacyLedger.init(path, section["dataset"])
 
     # ------------------------------------------------------------ processes
 

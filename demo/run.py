@@ -3,7 +3,8 @@
 The demo is the only party that sees everything (it runs every member), so it
 can check the product: after each round it compares the average every node
 decrypted with the plaintext weighted average of the same updates, and
-evaluates the global model on a held-out test set.
+evaluates the global model on a held-out test set. With ``--dp`` every member
+trains with record-level DP-SGD and the table adds each member's ε so far.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from rich.progress import (
 )
 
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
+from cipherhive.demo.dp_table import DELTA, digits_schedule
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.v1 import federation_pb2 as pb
 
 
@@ -72,6 +75,24 @@ def _progress(args: argparse.Namespace) -> Progress | None:
     return bar
 
 
+def _privacy(fed: LocalFederation, args: argparse.Namespace) -> PrivacySchedule | None:
+    """With --dp: the server announces a schedule calibrated to --epsilon over the run's rounds, and
+    every node gets a budget of exactly that and a fresh ledger (noise from the OS, no fixed seed)."""
+    if not args.dp:
+        return None
+    schedule = digits_schedule(args.epsilon, args.rounds)
+    fed.server_privacy = {
+        "dp_mode": schedule.mode,
+        "dp_rounds": schedule.rounds,
+        "dp_sample_rate": schedule.sample_rate,
+        "dp_noise_multiplier": schedule.noise_multiplier,
+        "dp_steps_per_round": schedule.steps_per_round,
+        "dp_max_grad_norm": schedule.max_grad_norm,
+    }
+    fed.node_privacy = {"max_epsilon": args.epsilon, "delta": DELTA}
+    return schedule
+
+
 def run_demo(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
     records = workdir / "records"
@@ -82,6 +103,7 @@ def run_demo(args: argparse.Namespace) -> int:
         node_options={"seed": args.seed, "epochs": args.epochs, "record_dir": str(records)},
         rounds={"max_rounds": args.rounds},
     )
+    schedule = _privacy(fed, args)
     say = (lambda *a: None) if args.json else print
     data = load_data(args.nodes, args.seed)
     model = build_model(args.seed)
@@ -90,8 +112,11 @@ def run_demo(args: argparse.Namespace) -> int:
         f"({len(data.y_train)} train / {len(data.y_test)} test), shards {[len(s) for s in data.shards]}"
     )
     say(f"work directory: {workdir}  ({'no TLS' if args.insecure else 'mutual TLS'})")
+    if schedule is not None:
+        say(f"differential privacy: {schedule.describe()}; each member's ε at δ = {DELTA:g} below")
     say(f"initial test accuracy: {accuracy(model, data.x_test, data.y_test):.3f}")
-    say(f"{'round':>5} {'nodes':>5} {'accuracy':>8} {'max_abs_error':>13} {'seconds':>7}")
+    eps_head = f" {'epsilon':>7}" if schedule is not None else ""
+    say(f"{'round':>5} {'nodes':>5} {'accuracy':>8} {'max_abs_error':>13} {'seconds':>7}{eps_head}")
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     started = time.monotonic()
@@ -119,10 +144,14 @@ def run_demo(args: argparse.Namespace) -> int:
             figures["accuracy"] = round(accuracy(model, data.x_test, data.y_test), 4)
             figures["seconds"] = round(time.monotonic() - last, 2)
             last = time.monotonic()
+            if schedule is not None:
+                # From the public schedule alone: every member trained once per round so far.
+                figures["epsilon"] = round(schedule.epsilon(DELTA, rounds=number), 3)
             rows.append(figures)
             line = (
                 f"{number:>5} {info.participants:>5} {figures['accuracy']:>8.3f} "
                 f"{figures['max_abs_error']:>13.2e} {figures['seconds']:>7.1f}"
+                + (f" {figures['epsilon']:>7.2f}" if schedule is not None else "")
             )
             if bar is not None:
                 bar.console.print(line, highlight=False)
@@ -144,6 +173,17 @@ def run_demo(args: argparse.Namespace) -> int:
         "final_accuracy": rows[-1]["accuracy"] if rows else 0.0,
         "max_abs_error": max((r["max_abs_error"] for r in rows), default=None),
         "seconds": round(time.monotonic() - started, 2),
+        "privacy": None
+        if schedule is None
+        else {
+            "mode": schedule.mode,
+            "delta": DELTA,
+            "epsilon": rows[-1]["epsilon"] if rows else 0.0,
+            "noise_multiplier": schedule.noise_multiplier,
+            "sample_rate": schedule.sample_rate,
+            "steps_per_round": schedule.steps_per_round,
+            "max_grad_norm": schedule.max_grad_norm,
+        },
         "workdir": str(workdir),
         "errors": failed,
     }

@@ -1,4 +1,4 @@
-"""Settings of `cipherhive node` (TOML sections [node], [tls], [trainer], [log])."""
+"""Settings of `cipherhive node` (TOML sections [node], [tls], [trainer], [privacy], [log])."""
 
 from __future__ import annotations
 
@@ -84,6 +84,30 @@ class NodeConfig:
         "`path`, `dir`, `file` or `*_path`, `*_dir`, `*_file` are resolved against the TOML file's folder",
         relative=resolve_options,
     )
+    max_epsilon: float = setting(
+        0.0,
+        "privacy",
+        "this node's ε limit for its dataset, over every round it ever trains (record-level DP-SGD); "
+        "0: no DP, and a federation that announces a DP schedule is refused",
+    )
+    delta: float = setting(
+        1e-5, "privacy", "δ of the node's (ε, δ) guarantee; refused above 1/(10·N) for N training records"
+    )
+    dataset: str = setting(
+        "", "privacy", "name of the training dataset the privacy ledger accounts for (required with DP)"
+    )
+    ledger_dir: Path = setting(
+        Path("privacy-ledgers"),
+        "privacy",
+        "folder of the privacy ledgers, one per dataset (`cipherhive node privacy-init` creates one); "
+        "keep it across state directories and back it up: a lost ledger stops DP training",
+    )
+    insecure_seed: int | None = setting(
+        None,
+        "privacy",
+        "FIXED seed for DP noise and sampling: INSECURE, for tests and reproducible tables only "
+        "(unset: a fresh key from the operating system)",
+    )
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
 
@@ -108,6 +132,16 @@ class NodeConfig:
             raise ConfigError("max_update_value must be a positive number")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.max_epsilon < 0 or not 0 < self.delta < 1:
+            raise ConfigError("max_epsilon must be 0 (no DP) or positive, and delta in (0, 1)")
+        if self.max_epsilon > 0:
+            if not self.dataset:
+                raise ConfigError("DP needs [privacy] dataset: the dataset's name, which keys its ledger")
+            if self.report_metrics:
+                raise ConfigError(
+                    "report_metrics sends local metrics the privacy accountant does not cover; "
+                    "it cannot be combined with DP (max_epsilon > 0)"
+                )
         if self.insecure:
             if not self.name:
                 raise ConfigError("--insecure needs a node --name (there is no certificate to take it from)")

@@ -38,15 +38,17 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, keys
+from cipherhive import __version__, codec, failpoints, keys
 from cipherhive.logs import event
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
+from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedgerError
 from cipherhive.node.errors import NodeError
 from cipherhive.node.masked_round import MaskedRounds
+from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.rollback import Rollbacks
 from cipherhive.node.secagg import Participation
@@ -61,7 +63,6 @@ from cipherhive.node.update import (
     UpdateError,
     check_update,
     layout_of,
-    sample_weight,
     weighted_blocks,
 )
 from cipherhive.node.upload import submit_requests
@@ -104,6 +105,11 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
         except TrainerError:
             self.pool.close()
             raise
+        try:
+            self.privacy = PrivacyGuard(config, config.name or config.state_dir.name)
+        except PrivacyLedgerError as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
         self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "")
@@ -242,6 +248,10 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
+            try:
+                self.privacy.accept(reply.settings, self.applied_round)
+            except (ScheduleRefused, PrivacyLedgerError) as exc:
+                raise NodeError(f"not joining: {exc}") from exc
             self._idle = None
             if reply.settings.masked and self.masking is None and not cfg.insecure:
                 raise NodeError(
@@ -372,12 +382,21 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
         """Train on the global model; (weight, result, trained values) or None (logged why)."""
         t0 = time.perf_counter()
         try:
-            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set)
+            dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
+        except (PrivacyLedgerError, ScheduleRefused) as exc:
+            level = logging.WARNING if isinstance(exc, BudgetExhausted) else logging.ERROR
+            event(log, f"not taking part: {exc}", level, **fields)
+            return None
+        if dp is not None:
+            fields["epsilon"] = round(self.privacy.spent(), 4)
+        try:
+            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set, privacy=dp)
             result = self.trainer.train(self.model, info)
             if self._stop.is_set():
                 event(log, "stop requested during training: not submitting this round", **fields)
                 return None
-            weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
+            self.privacy.check_trained(dp)
+            weight = self.privacy.weight(int(result.num_samples), self.settings.weight_unit)
             # The trained values are read in place (no copy) while they are encrypted.
             local = self.flat.read()
             check_update(local, self.global_values, weight, self.settings.max_participants)
@@ -448,6 +467,7 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
                 raise
             event(log, f"server refused the update: {describe_rpc_error(exc)}", logging.WARNING, **fields)
             return
+        failpoints.hit("node.submitted")
         self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
         metrics.ROUNDS_JOINED.inc()
         metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cipherhive import codec
+from cipherhive import codec, failpoints
 from cipherhive.chain import ChainHash
 from cipherhive.enrolment import EnrolmentError
 from cipherhive.layout import Layout
@@ -257,6 +257,7 @@ class MaskedRounds:
                 self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
                 return
             part.receipt = receipt.receipt
+            failpoints.hit("node.submitted")
             self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
             metrics.ROUNDS_JOINED.inc()
             metrics.PHASE_SECONDS.labels("encrypt_upload").observe(

@@ -1,7 +1,8 @@
 """Prometheus metrics of a member node, served on ``[node] metrics_listen``.
 
-Durations and round numbers only: never a model value, a sample count or
-anything computed from decrypted data.
+Durations, round numbers and the privacy budget only: never a model value, a
+sample count or anything computed from decrypted data. ε is computed from the
+DP mechanism's parameters and this node's ledger, not from data.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ APPLIED_ROUND = Gauge(
     "Last round whose sum this node applied (its global version)",
     registry=REGISTRY,
 )
-
+PRIVACY_EPSILON = Gauge(
+    "cipherhive_node_privacy_epsilon",
+    "ε (at the node's δ, RDP accountant) its dataset has spent on DP-SGD, the current round included",
+    registry=REGISTRY,
+)
+PRIVACY_EPSILON_LIMIT = Gauge(
+    "cipherhive_node_privacy_epsilon_limit",
+    "The node's ε limit ([privacy] max_epsilon; 0: no DP)",
+    registry=REGISTRY,
+)
 
 SUMS_REJECTED = Counter(
     "cipherhive_node_sums_rejected_total",

@@ -180,6 +180,7 @@ class RoundManager:
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
+            privacy=self.config.privacy_schedule().to_proto(),
             masked=self.masked,
         )
 

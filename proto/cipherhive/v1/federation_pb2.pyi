@@ -51,7 +51,7 @@ class EncodingParams(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., values_per_ciphertext: _Optional[int] = ...) -> None: ...
 
 class FederationSettings(_message.Message):
-    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "masked")
+    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "privacy", "masked")
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class FederationSettings(_message.Message):
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_KEPT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     MASKED_FIELD_NUMBER: _ClassVar[int]
     key_fingerprint: str
     encoding: EncodingParams
@@ -71,8 +72,31 @@ class FederationSettings(_message.Message):
     layout_hash: str
     max_participants: int
     oldest_kept_round: int
+    privacy: PrivacySchedule
     masked: bool
-    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., masked: _Optional[bool] = ...) -> None: ...
+    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySchedule, _Mapping]] = ..., masked: _Optional[bool] = ...) -> None: ...
+
+class PrivacySchedule(_message.Message):
+    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OFF: _ClassVar[PrivacySchedule.Mode]
+        RECORD: _ClassVar[PrivacySchedule.Mode]
+    OFF: PrivacySchedule.Mode
+    RECORD: PrivacySchedule.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    mode: PrivacySchedule.Mode
+    rounds: int
+    sample_rate: float
+    noise_multiplier: float
+    steps_per_round: int
+    max_grad_norm: float
+    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class EnrolRequest(_message.Message):
     __slots__ = ("round", "enrolment")
