@@ -119,6 +119,7 @@ def check_arguments(
     python_path: Sequence[str | Path],
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
     """The plug-in as the nodes will import it, and each node's options; SimulationError if unusable."""
+
     def refuse(message: str) -> SimulationError:
         return SimulationError(message, started=False)
 
@@ -172,10 +173,11 @@ class _Run:
         try:
             self.fed.setup()
         except ProcessFailed as exc:  # `node layout` loads the plug-in with node-1's options
+            why = _error_line(exc.output)
+            hint = f" ({IMPORT_RULE}; python_path= adds folders)" if "cannot import" in why else ""
             raise SimulationError(
-                f"plug-in {self.spec} could not be loaded with {self.names[0]}'s options: "
-                f"{_error_line(exc.output)}"
-                f"; {IMPORT_RULE}; full output in {exc.log}",
+                f"plug-in {self.spec} could not be loaded with {self.names[0]}'s options: {why}"
+                f"{hint}; full output in {exc.log}",
                 log=exc.log,
                 started=False,
             ) from exc
