@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     per_node = node_options(args.node_options, args.nodes)
     python_path = args.python_path or [Path.cwd()]
     try:
-        check_arguments(args.plugin, args.nodes, args.rounds, options, per_node, python_path)
+        check_arguments(
+            args.plugin, args.nodes, args.rounds, options, per_node, python_path, timeout=args.timeout
+        )
     except SimulationError as exc:
         print(f"cipherhive simulate: error: {exc}", file=sys.stderr)
         return 2

@@ -61,7 +61,9 @@ def simulate(
     Raises :class:`SimulationError` naming the plug-in or node and its log when the plug-in
     cannot be loaded, a trainer fails, a round fails or a node stops.
     """
-    ref, common, own = check_arguments(trainer, nodes, rounds, options, node_options, python_path)
+    ref, common, own = check_arguments(
+        trainer, nodes, rounds, options, node_options, python_path, timeout=timeout
+    )
     started = time.monotonic()
     root = (
         Path(workdir).resolve() if workdir is not None else Path(tempfile.mkdtemp(prefix="cipherhive-sim-"))
@@ -117,6 +119,8 @@ def check_arguments(
     options: Mapping[str, Any] | None,
     node_options: Sequence[Mapping[str, Any]] | None,
     python_path: Sequence[str | Path],
+    *,
+    timeout: float = 1800.0,
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
     """The plug-in as the nodes will import it, and each node's options; SimulationError if unusable."""
 
@@ -127,6 +131,8 @@ def check_arguments(
         raise refuse(f"nodes must be 2 to {MAX_NODES} (a sum of one update is that update), not {nodes}")
     if rounds < 1:
         raise refuse(f"rounds must be at least 1, not {rounds}")
+    if not timeout > 0:
+        raise refuse(f"timeout must be a positive number of seconds, not {timeout}")
     per_node = list(node_options or [])
     if node_options is not None and len(per_node) != nodes:
         raise refuse(f"node_options has {len(per_node)} entries for {nodes} nodes: give one mapping per node")

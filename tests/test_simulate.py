@@ -253,6 +253,7 @@ def test_a_class_in_a_module_file_is_named_by_module_path_and_its_folder(
     [
         ({"nodes": 1}, "nodes must be 2 to"),
         ({"rounds": 0}, "rounds must be at least 1"),
+        ({"timeout": 0.0}, "timeout must be a positive number of seconds"),
         ({"node_options": [{}]}, "node_options has 1 entries for 3 nodes"),
         ({"options": {"a": {"b": None}}}, "option 'a.b' is None/null"),
         ({"trainer": "no_colon"}, "must look like 'package.module:object'"),
