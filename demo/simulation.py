@@ -65,6 +65,8 @@ def simulate(
         trainer, nodes, rounds, options, node_options, python_path, timeout=timeout
     )
     started = time.monotonic()
+    if workdir is not None:
+        _check_unused(Path(workdir).resolve())
     root = (
         Path(workdir).resolve() if workdir is not None else Path(tempfile.mkdtemp(prefix="cipherhive-sim-"))
     )
@@ -153,6 +155,17 @@ def check_arguments(
         raise refuse(str(exc)) from exc
     here = Path.cwd()
     return ref, resolve_options(dict(options or {}), here), [resolve_options(dict(o), here) for o in per_node]
+
+
+def _check_unused(root: Path) -> None:
+    """A folder with an earlier run's state would resume that federation (its rounds are done): refuse it."""
+    earlier = sorted(p.name for p in [root / "server-state", *root.glob("node-*-state")] if p.exists())
+    if earlier:
+        raise SimulationError(
+            f"workdir {root} already holds an earlier run's state ({', '.join(earlier)}); "
+            "give a new or empty folder, or delete that one",
+            started=False,
+        )
 
 
 def _null_key(options: Mapping[str, Any], prefix: str = "") -> str:

@@ -179,6 +179,8 @@ def test_a_plugin_that_cannot_be_imported_stops_before_any_round(tmp_path: Path)
             str(plugins),
             "--nodes",
             "2",
+            "--workdir",
+            str(tmp_path / "run"),
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -189,7 +191,7 @@ def test_a_plugin_that_cannot_be_imported_stops_before_any_round(tmp_path: Path)
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("cipherhive simulate: error: plug-in broken_trainer:Trainer could not be loaded")
     assert "No module named 'not_a_module_anywhere'" in error
-    assert "layout.log" in error and "python_path" in error
+    assert f"full output in {tmp_path / 'run' / 'layout.log'}" in error and "python_path" in error
 
 
 def test_a_missing_module_is_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -272,6 +274,16 @@ def test_bad_arguments_say_what_to_change(kwargs: dict[str, Any], fragment: str)
     with pytest.raises(SimulationError, match=re.escape(fragment)) as caught:
         check_arguments(**args)
     assert not caught.value.started
+
+
+def test_a_workdir_with_an_earlier_run_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node-1-state").mkdir()
+    with pytest.raises(
+        SimulationError, match="already holds an earlier run's state \\(node-1-state\\)"
+    ) as caught:
+        simulate("cipherhive.demo.digits:DigitsTrainer", nodes=2, rounds=1, workdir=tmp_path)
+    assert not caught.value.started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node-1-state"]  # nothing was written
 
 
 def test_path_options_are_resolved_against_the_callers_directory(
