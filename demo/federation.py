@@ -63,6 +63,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, list | tuple):
@@ -109,6 +111,14 @@ class LocalFederation:
     #: Extra keys for the server's [server] and every node's [node] section.
     server_settings: dict[str, Any] = field(default_factory=dict)
     node_settings: dict[str, Any] = field(default_factory=dict)
+    #: The server's and every node's [privacy] section (differential privacy; empty: none). A node's
+    #: ``dataset`` defaults to "<node name>-data" and its ledger folder to the work directory's.
+    server_privacy: dict[str, Any] = field(default_factory=dict)
+    node_privacy: dict[str, Any] = field(default_factory=dict)
+    #: Extra keys for every node's [masking] section.
+    masking_settings: dict[str, Any] = field(default_factory=dict)
+    #: Masked rounds (issue 11); off only for tests that play members sending unmasked uploads.
+    masked: bool = True
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -134,6 +144,8 @@ class LocalFederation:
                 certs.issue(ca, "node", self.node_name(i), self.workdir / self.node_name(i))
         for i in range(self.nodes):
             self.write_node_config(i)
+        if self.node_privacy:
+            self.init_privacy_ledgers()
         self.pin_layout()
         self.write_server_config()
 
@@ -196,6 +208,7 @@ class LocalFederation:
             "min_participants": min(self.nodes, 3),
             "timeout_seconds": 120.0,
             "interval_seconds": 0.2,
+            **({} if self.masked else {"masked": False}),
             **self.rounds,
         }
         tls = self._tls("server")
@@ -215,6 +228,7 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
+                **({"privacy": self.server_privacy} if self.server_privacy else {}),
             },
         )
 
@@ -224,8 +238,16 @@ class LocalFederation:
         shard = {"shard": index, "shards": self.nodes} if self.shard_options else {}
         opts = {**shard, **self.node_options, **own, **options}
         tls = self._tls(name)
+        masking: dict[str, Any] = {}
         if tls:
             tls["tls_server_name"] = "localhost"
+        if tls and self.masked:
+            # Each member pins the federation's membership itself (issue 11); the CRL is the CA's.
+            masking = {
+                "members": [self.node_name(i) for i in range(self.nodes)],
+                "crl": str(self.workdir / "ca" / certs.CRL),
+                **self.masking_settings,
+            }
         write_toml(
             self.workdir / f"{name}.toml",
             {
@@ -242,14 +264,34 @@ class LocalFederation:
                     **self.node_settings,
                 },
                 **({"tls": tls} if tls else {}),
+                **({"masking": masking} if masking else {}),
                 **({"log": {"log_json": True}} if self.node_log_json else {}),
                 "trainer": {
                     "plugin": self.plugin,
                     **({"python_path": self.python_path} if self.python_path else {}),
                     "options": opts,
                 },
+                **({"privacy": self.privacy_section(index)} if self.node_privacy else {}),
             },
         )
+
+    def privacy_section(self, index: int) -> dict[str, Any]:
+        """Node ``index``'s [privacy] settings (see ``node_privacy``)."""
+        return {
+            "dataset": f"{self.node_name(index)}-data",
+            "ledger_dir": str(self.workdir / "privacy-ledgers"),
+            **self.node_privacy,
+        }
+
+    def init_privacy_ledgers(self) -> None:
+        """Create every node's privacy ledger, as a member does once with `cipherhive node privacy-init`."""
+        from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+
+        for i in range(self.nodes):
+            section = self.privacy_section(i)
+            path = ledger_path(Path(section["ledger_dir"]), section["dataset"])
+            if not path.exists():
+                PrivacyLedger.init(path, section["dataset"])
 
     # ------------------------------------------------------------ processes
 

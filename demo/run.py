@@ -4,7 +4,8 @@ The demo is one use of `cipherhive.simulate`: the digits trainer, one shard
 per node. It is also the only party that sees everything (it runs every
 member), so it can check the product: after each round it compares the
 average every node decrypted with the plaintext weighted average of the same
-updates, and evaluates the global model on a held-out test set.
+updates, and evaluates the global model on a held-out test set. ``--dp`` runs
+the record-level DP variant (:mod:`cipherhive.demo.dp_demo`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def _progress(args: argparse.Namespace) -> Progress | None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The digits demo: `cipherhive.simulate` of the digits trainer, checked after every round."""
+    if getattr(args, "dp", False):
+        from cipherhive.demo.dp_demo import run_dp_demo
+
+        return run_dp_demo(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
     records = workdir / "records"
     say = (lambda *a: None) if args.json else print

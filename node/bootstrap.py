@@ -74,6 +74,12 @@ def bootstrap(config: NodeConfig, source: Path) -> tuple[Checkpoint, int]:
         raise BootstrapError(f"{path} is at round {checkpoint.round}; bootstrap needs a federated round")
     store = NodeState(config.state_dir, config.keep_checkpoints)
     previous = store.load()
-    clean = Checkpoint(checkpoint.round, layout.hash, {name: checkpoint.tensors[name] for name, _ in tensors})
+    # The chain hash comes along: without it the node could not enrol in masked rounds.
+    clean = Checkpoint(
+        checkpoint.round,
+        layout.hash,
+        {name: checkpoint.tensors[name] for name, _ in tensors},
+        checkpoint.chain_hash,
+    )
     store.install(clean)
     return clean, previous.round if previous else 0

@@ -53,6 +53,9 @@ class Checkpoint:
     round: int
     layout_hash: str
     tensors: dict[str, torch.Tensor]
+    #: The chain hash after this round (:mod:`cipherhive.chain`); empty in checkpoints from
+    #: before masked rounds, which cannot enrol (bootstrap from a member's export instead).
+    chain_hash: str = ""
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -60,7 +63,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(data, dict) or not {"round", "layout_hash", "tensors"} <= set(data):
         raise ValueError(f"{path} is not a cipherhive checkpoint (round, layout_hash, tensors)")
-    return Checkpoint(int(data["round"]), str(data["layout_hash"]), dict(data["tensors"]))
+    return Checkpoint(
+        int(data["round"]), str(data["layout_hash"]), dict(data["tensors"]), str(data.get("chain_hash", ""))
+    )
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -71,6 +76,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
                 "round": checkpoint.round,
                 "layout_hash": checkpoint.layout_hash,
                 "tensors": {k: v.detach() for k, v in checkpoint.tensors.items()},
+                "chain_hash": checkpoint.chain_hash,
             },
             fh,
         )

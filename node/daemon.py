@@ -28,6 +28,8 @@ import logging
 import random
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +38,20 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, keys
-from cipherhive.errors import UserError
+from cipherhive import __version__, codec, failpoints, keys
 from cipherhive.logs import event
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
+from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedgerError
+from cipherhive.node.errors import NodeError
+from cipherhive.node.masked_round import MaskedRounds
+from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
+from cipherhive.node.rollback import Rollbacks
+from cipherhive.node.secagg import Participation
 from cipherhive.node.trainer import (
     RoundInfo,
     TrainerError,
@@ -56,7 +63,6 @@ from cipherhive.node.update import (
     UpdateError,
     check_update,
     layout_of,
-    sample_weight,
     weighted_blocks,
 )
 from cipherhive.node.upload import submit_requests
@@ -66,14 +72,6 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.node")
-
-
-class NodeError(UserError, RuntimeError):
-    """A problem retrying cannot fix; the daemon stops with this message.
-
-    Only for local problems and a refusal at Join: nothing else that arrives over the
-    network may end the node (issue 10), it is rejected, skipped or retried instead.
-    """
 
 
 def _rounded(metrics: dict[str, float]) -> dict[str, float]:
@@ -90,7 +88,7 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node(SumReceiver):
+class Node(Rollbacks, MaskedRounds, SumReceiver):
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
         try:
@@ -107,6 +105,11 @@ class Node(SumReceiver):
         except TrainerError:
             self.pool.close()
             raise
+        try:
+            self.privacy = PrivacyGuard(config, config.name or config.state_dir.name)
+        except PrivacyLedgerError as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
         self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "")
@@ -140,6 +143,14 @@ class Node(SumReceiver):
         self._idle: str | None = None
         self._resync = False
         self._oldest_kept = 0
+        self._events: Iterator[pb.RoundEvent] | None = None
+        self._pending: deque[pb.RoundEvent] = deque()
+        self._part: Participation | None = None
+        self.chain = self._load_chain(checkpoint)
+        self.ledger = self._open_ledger(checkpoint is not None)
+        self.masking = self._load_masking()
+        for stale in config.state_dir.glob("upload-*.ct"):
+            stale.unlink()  # from before a restart: its masks cannot be completed
 
     # ------------------------------------------------------------ lifecycle
 
@@ -237,7 +248,22 @@ class Node(SumReceiver):
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
+            try:
+                self.privacy.accept(reply.settings, self.applied_round)
+            except (ScheduleRefused, PrivacyLedgerError) as exc:
+                raise NodeError(f"not joining: {exc}") from exc
             self._idle = None
+            if reply.settings.masked and self.masking is None and not cfg.insecure:
+                raise NodeError(
+                    "the federation runs masked rounds: list its members in [masking] members (names "
+                    "or certificate fingerprints) in this node's configuration"
+                )
+            if not reply.settings.masked and self.masking is not None:
+                self._idle = (
+                    "this node is configured for masked rounds ([masking] members) but the server runs "
+                    "unmasked ones; it follows the federation without submitting"
+                )
+                event(log, self._idle, logging.ERROR, node=self.name)
             event(
                 log,
                 "joined federation",
@@ -256,15 +282,16 @@ class Node(SumReceiver):
                 pb.WatchRequest(since_round=self.applied_round), metadata=self._metadata()
             )
             self._stream = stream
+            self._events, self._pending = iter(stream), deque()
             try:
-                for ev in stream:
+                while (ev := self._next_event()) is not None:
                     if self._stop.is_set():
                         return
                     self._handle(stub, ev)
                     if self._resync:
                         return
             finally:
-                self._stream = None
+                self._stream = self._events = None
                 stream.cancel()
 
     def _check_kept(self, oldest_kept: int) -> None:
@@ -292,6 +319,7 @@ class Node(SumReceiver):
         if ev.kind == pb.RoundEvent.SUM_READY:
             if ev.round > self.applied_round:
                 self._on_sum(stub, ev)
+            self._end_part(ev.round)
         elif ev.kind == pb.RoundEvent.WITHDRAWN:
             self._on_withdrawn(ev)
         elif ev.kind == pb.RoundEvent.OPENED:
@@ -300,6 +328,7 @@ class Node(SumReceiver):
                 return
             self._take_part(stub, ev)
         elif ev.kind == pb.RoundEvent.FAILED and not ev.replay:
+            self._end_part(ev.round)
             event(
                 log,
                 "round failed",
@@ -325,7 +354,7 @@ class Node(SumReceiver):
                 **fields,
             )
             return
-        if self.store.submitted_round() == ev.round:
+        if self.store.submitted_round() == ev.round and not ev.masked:
             return  # already acknowledged (e.g. the open round replayed after a reconnect)
         floor = ev.min_participants or self.settings.min_participants
         if floor < self.config.min_participants:
@@ -337,39 +366,63 @@ class Node(SumReceiver):
                 **fields,
             )
             return
+        if ev.masked:
+            self._masked_round(stub, ev)
+            return
         try:
             self._train_and_submit(stub, ev, fields)
         finally:
-            # Whatever happened, the model goes back to the global one: the trained values
-            # were only ever an input to this round's update.
-            self.flat.load(self.global_values)
+            self._restore_model()
 
-    def _train_and_submit(
-        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
-    ) -> None:
+    def _restore_model(self) -> None:
+        """Back to the global model: the trained values were only ever an input to an update."""
+        self.flat.load(self.global_values)
+
+    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> tuple[float, Any, np.ndarray] | None:
+        """Train on the global model; (weight, result, trained values) or None (logged why)."""
         t0 = time.perf_counter()
         try:
-            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set)
+            dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
+        except (PrivacyLedgerError, ScheduleRefused) as exc:
+            level = logging.WARNING if isinstance(exc, BudgetExhausted) else logging.ERROR
+            event(log, f"not taking part: {exc}", level, **fields)
+            return None
+        if dp is not None:
+            fields["epsilon"] = round(self.privacy.spent(), 4)
+        try:
+            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set, privacy=dp)
             result = self.trainer.train(self.model, info)
             if self._stop.is_set():
                 event(log, "stop requested during training: not submitting this round", **fields)
-                return
-            weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
+                return None
+            self.privacy.check_trained(dp)
+            weight = self.privacy.weight(int(result.num_samples), self.settings.weight_unit)
             # The trained values are read in place (no copy) while they are encrypted.
             local = self.flat.read()
             check_update(local, self.global_values, weight, self.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)
-            return
+            return None
         except Exception:
             if self._stop.is_set():  # a trainer cut short may fail on its way out: not a fault
                 event(log, "stop requested during training: not submitting this round", **fields)
-                return
+                return None
             log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
-            return
+            return None
         t_train = time.perf_counter() - t0
         metrics.PHASE_SECONDS.labels("train").observe(t_train)
-        header = pb.SubmitHeader(
+        event(
+            log,
+            "trained",
+            samples=result.num_samples,
+            train_s=round(t_train, 3),
+            metrics=_rounded(result.metrics),
+            **fields,
+        )
+        return weight, result, local
+
+    def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
+        return pb.SubmitHeader(
             round=ev.round,
             base_round=ev.base_round,
             submission_id=self.store.submission_id(ev.round),
@@ -380,6 +433,16 @@ class Node(SumReceiver):
             # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
             metrics=_rounded(result.metrics) if self.config.report_metrics else {},
         )
+
+    def _train_and_submit(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
+    ) -> None:
+        """An unmasked round (a server run with masking off): train, encrypt as it uploads."""
+        trained = self._train(ev, fields)
+        if trained is None:
+            return
+        weight, result, local = trained
+        header = self._header(ev, result)
         t1 = time.perf_counter()
         per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
         try:
@@ -402,13 +465,9 @@ class Node(SumReceiver):
         except grpc.RpcError as exc:
             if exc.code() in TRANSIENT:
                 raise
-            event(
-                log,
-                f"server refused the update: {describe_rpc_error(exc)}",
-                logging.WARNING,
-                **fields,
-            )
+            event(log, f"server refused the update: {describe_rpc_error(exc)}", logging.WARNING, **fields)
             return
+        failpoints.hit("node.submitted")
         self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
         metrics.ROUNDS_JOINED.inc()
         metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
@@ -416,11 +475,9 @@ class Node(SumReceiver):
             log,
             "update submitted",
             samples=result.num_samples,
-            train_s=round(t_train, 3),
             encrypt_upload_s=round(time.perf_counter() - t1, 3),
             bytes=receipt.num_bytes,
             duplicate=receipt.duplicate,
-            metrics=_rounded(result.metrics),
             **fields,
         )
 
@@ -443,47 +500,3 @@ class Node(SumReceiver):
             )
         elif not self._rejected_before(stub, ev):
             self._apply_sum(stub, ev)
-
-    def _on_withdrawn(self, ev: pb.RoundEvent) -> None:
-        self.withdrawn.add(ev.round)
-        self.store.forget_rejection(ev.round)  # nothing left to remember about it
-        event(log, "round withdrawn", logging.WARNING, node=self.name, round=ev.round, reason=ev.reason)
-        self._roll_back(ev.round, ev.reason or "withdrawn")
-
-    def _roll_back(self, withdrawn: int, why: str) -> bool:
-        """Return to the newest kept checkpoint from before ``withdrawn`` if the model went
-        through it; True when the model changed (the session then restarts to replay from there)."""
-        chain = self.store.chain()
-        if withdrawn == 0 or withdrawn not in chain:
-            return False
-        target = self.store.rollback_target(withdrawn)
-        fields: dict[str, Any] = {"node": self.name, "round": withdrawn, "applied_round": self.applied_round}
-        if target is None:
-            self._idle = (
-                f"round {withdrawn}, which this node's model went through, was withdrawn ({why}) and no "
-                f"kept checkpoint is older (keep_checkpoints = {self.config.keep_checkpoints}): "
-                f"{BOOTSTRAP_HINT}"
-            )
-            event(log, self._idle, logging.ERROR, **fields)
-            return False
-        checkpoint = self.store.rollback(target)
-        if checkpoint is None:
-            fresh = self.trainer.build_model()
-            values = dict(federated_tensors(self.trainer, fresh))
-        else:
-            values = checkpoint.tensors
-        with torch.no_grad():
-            for name, tensor in self.tensors:
-                tensor.copy_(values[name])
-        self.global_values[:] = self.flat.read()
-        self.applied_round = target
-        metrics.APPLIED_ROUND.set(target)
-        metrics.ROLLBACKS.inc()
-        event(
-            log,
-            f"rolled back to round {target}: round {withdrawn} was withdrawn ({why})",
-            logging.WARNING,
-            **fields,
-        )
-        self._resync = True
-        return True

@@ -131,7 +131,12 @@ def export_model(config: NodeConfig, out: Path, round_number: int | None = None)
         written = MODEL_FILE
     write_checkpoint(
         out / CHECKPOINT,
-        Checkpoint(checkpoint.round, layout.hash, {name: checkpoint.tensors[name] for name, _ in tensors}),
+        Checkpoint(
+            checkpoint.round,
+            layout.hash,
+            {name: checkpoint.tensors[name] for name, _ in tensors},
+            checkpoint.chain_hash,
+        ),
     )
     provenance = {
         "round": checkpoint.round,
