@@ -77,6 +77,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from cipherhive.demo.simulate_cli import run
+
+    return run(args)
+
+
 def _node_export(args: argparse.Namespace) -> int:
     from cipherhive import config, logs
     from cipherhive.node.config import NodeConfig
@@ -156,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherhive import config
     from cipherhive.bench.options import add_bench_arguments
     from cipherhive.demo.options import add_demo_arguments
+    from cipherhive.demo.simulate_cli import add_arguments as add_simulate_arguments
     from cipherhive.node.config import NodeConfig
     from cipherhive.server.config import ServerConfig
 
@@ -226,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run your trainer plug-in in a real local federation (temporary keys, certificates, processes)",
+    )
+    add_simulate_arguments(p)
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("bench", help="measure rounds against plaintext and per-layer TenSEAL baselines")
     add_bench_arguments(p)

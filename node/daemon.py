@@ -63,6 +63,7 @@ from cipherhive.node.update import (
     UpdateError,
     check_update,
     layout_of,
+    rounded_metrics,
     weighted_blocks,
 )
 from cipherhive.node.upload import submit_requests
@@ -72,11 +73,6 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.node")
-
-
-def _rounded(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics rounded to 4 significant digits (for the log, and the server only if opted in)."""
-    return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}
 
 
 @dataclass(frozen=True)
@@ -416,7 +412,7 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             "trained",
             samples=result.num_samples,
             train_s=round(t_train, 3),
-            metrics=_rounded(result.metrics),
+            metrics=rounded_metrics(result.metrics),
             **fields,
         )
         return weight, result, local
@@ -431,13 +427,14 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             num_values=self.layout.num_values,
             num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
             # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
-            metrics=_rounded(result.metrics) if self.config.report_metrics else {},
+            metrics=rounded_metrics(result.metrics) if self.config.report_metrics else {},
         )
 
     def _train_and_submit(
         self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
     ) -> None:
         """An unmasked round (a server run with masking off): train, encrypt as it uploads."""
+        t0 = time.perf_counter()
         trained = self._train(ev, fields)
         if trained is None:
             return
@@ -475,9 +472,11 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             log,
             "update submitted",
             samples=result.num_samples,
+            train_s=round(t1 - t0, 3),
             encrypt_upload_s=round(time.perf_counter() - t1, 3),
             bytes=receipt.num_bytes,
             duplicate=receipt.duplicate,
+            metrics=rounded_metrics(result.metrics),
             **fields,
         )
 
