@@ -34,7 +34,7 @@ from pathlib import Path
 from cipherhive.fsutil import atomic_write
 from cipherhive.wire import field, fields, u64
 
-__all__ = ["CHAIN_LABEL", "CHAIN_STEP_LABEL", "SUM_LABEL", "ChainHash", "sum_digest"]
+__all__ = ["CHAIN_LABEL", "CHAIN_STEP_LABEL", "SUM_LABEL", "ChainHash", "SumDigest", "sum_digest"]
 
 CHAIN_LABEL = b"cipherhive/v1/chain"
 CHAIN_STEP_LABEL = b"cipherhive/v1/chain/step"
@@ -49,14 +49,28 @@ def _digest_bytes(value: bytes | str, what: str) -> bytes:
     return raw
 
 
+class SumDigest:
+    """:func:`sum_digest` one block at a time, as a sum is downloaded."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256(field(SUM_LABEL))
+        self._count = 0
+
+    def update(self, block: bytes) -> None:
+        self._digest.update(field(block))
+        self._count += 1
+
+    def digest(self) -> bytes:
+        final = self._digest.copy()
+        final.update(field(u64(self._count)))
+        return final.digest()
+
+
 def sum_digest(blocks: Iterable[bytes]) -> bytes:
     """Digest of a published sum's serialized ciphertext blocks (streams: one block at a time)."""
-    digest = hashlib.sha256(field(SUM_LABEL))
-    count = 0
+    digest = SumDigest()
     for block in blocks:
-        digest.update(field(block))
-        count += 1
-    digest.update(field(u64(count)))
+        digest.update(block)
     return digest.digest()
 
 

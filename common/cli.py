@@ -61,6 +61,20 @@ def _demo(args: argparse.Namespace) -> int:
     except OptimizerError as exc:
         print(f"cipherhive demo: error: {exc}", file=sys.stderr)
         return 2
+    from cipherhive.demo.options import DP_ROUNDS, ROUNDS
+
+    if args.rounds is None:
+        args.rounds = DP_ROUNDS if args.dp else ROUNDS
+    if args.dp and args.task != "digits":
+        print("cipherhive demo: error: --dp runs the digits task only", file=sys.stderr)
+        return 2
+    if args.dp and not args.epsilon > 0:
+        print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)
+        return 2
+    if args.dp_table:
+        from cipherhive.demo.dp_table import run_table
+
+        return run_table(args)
     if args.task == "lora":
         from cipherhive.demo.lora_run import run_lora_demo
 
@@ -68,6 +82,12 @@ def _demo(args: argparse.Namespace) -> int:
     from cipherhive.demo.run import run_demo
 
     return run_demo(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from cipherhive.demo.simulate_cli import run
+
+    return run(args)
 
 
 def _node_export(args: argparse.Namespace) -> int:
@@ -114,6 +134,32 @@ def _node_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_privacy(args: argparse.Namespace) -> int:
+    from cipherhive import config, logs
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    if not cfg.dataset:
+        raise config.ConfigError("set [privacy] dataset: the name of the dataset the ledger accounts for")
+    path = ledger_path(cfg.ledger_dir, cfg.dataset)
+    if args.node_command == "privacy-init":
+        PrivacyLedger.init(path, cfg.dataset)
+        print(f"created the privacy ledger of dataset {cfg.dataset!r}: {path} (back it up; never delete it)")
+        return 0
+    ledger = PrivacyLedger(path, cfg.dataset)
+    entries = ledger.entries()
+    for e in entries:
+        print(
+            f"round {e.round}: {e.event.steps} steps, sample rate {e.event.sample_rate:g}, "
+            f"noise multiplier {e.event.noise_multiplier:g}"
+        )
+    spent = ledger.epsilon(cfg.delta)
+    print(f"dataset {cfg.dataset!r}: {len(entries)} rounds, ε = {spent:.4f} at δ = {cfg.delta:g}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cipherhive.bench.run import run_bench
 
@@ -124,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherhive import config
     from cipherhive.bench.options import add_bench_arguments
     from cipherhive.demo.options import add_demo_arguments
+    from cipherhive.demo.simulate_cli import add_arguments as add_simulate_arguments
     from cipherhive.node.config import NodeConfig
     from cipherhive.server.config import ServerConfig
 
@@ -147,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(p, ServerConfig)
     p.set_defaults(func=_server)
 
-    p = sub.add_parser("node", help="run a member node daemon (or: node export|layout|bootstrap)")
+    p = sub.add_parser(
+        "node", help="run a member node daemon (or: node export|layout|bootstrap|privacy-init|privacy)"
+    )
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
-    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout|bootstrap]")
+    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout|bootstrap|privacy-init|privacy]")
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
@@ -181,10 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint.pt of `cipherhive node export` (or its folder), or a checkpoint-<round>.pt",
     )
     b.set_defaults(func=_node_bootstrap)
+    for name, text in (
+        ("privacy-init", "create the privacy ledger of [privacy] dataset (once, before its first DP round)"),
+        ("privacy", "show the privacy ledger of [privacy] dataset and the ε it has spent"),
+    ):
+        b = node_sub.add_parser(name, help=text)
+        config.add_arguments(b, NodeConfig)
+        b.set_defaults(func=_node_privacy)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run your trainer plug-in in a real local federation (temporary keys, certificates, processes)",
+    )
+    add_simulate_arguments(p)
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("bench", help="measure rounds against plaintext and per-layer TenSEAL baselines")
     add_bench_arguments(p)

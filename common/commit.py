@@ -7,12 +7,17 @@ cipherhive's round has no dropouts (a round that loses a member fails), so
 the check is stronger: after its upload is acknowledged each member signs
 
     "cipherhive/v1/commit" ‖ roster hash ‖ TLS certificate fingerprint
-      ‖ H(its per-block seeds) ‖ H(its c0 blocks)
+      ‖ H(its per-block seeds) ‖ H(its uploaded blocks) ‖ H(its self-mask seed)
 
 with its enrolment key, and releases its self-mask seed only once it holds a
 valid commit from **every** roster member (issue 11, step 5). The signer's
 certificate fingerprint is inside the signed bytes so that a forwarded commit
 says whose it is; the roster hash ties it to one roster of one round.
+"H(its uploaded blocks)" is over the ciphertexts exactly as uploaded (c0 and
+the seed that expands to c1), so the server can check it against its spool;
+"H(its self-mask seed)" (:func:`self_mask_digest`, a hiding commitment: the
+seed is 32 random bytes) lets the server refuse a wrong seed at release
+rather than publish a sum no member can use.
 
 Wire form: the fields above, length-prefixed (:mod:`cipherhive.wire`), then
 the signature (DER, low-``s``, ≤ 72 bytes).
@@ -38,12 +43,19 @@ __all__ = [
     "blocks_digest",
     "make_commit",
     "require_all_commits",
+    "self_mask_digest",
     "verify_commit",
 ]
 
 COMMIT_LABEL = b"cipherhive/v1/commit"
 SEEDS_LABEL = b"cipherhive/v1/seeds"
 C0_LABEL = b"cipherhive/v1/c0"
+SELF_MASK_LABEL = b"cipherhive/v1/selfmask"
+
+
+def self_mask_digest(seed: bytes) -> bytes:
+    """``H("cipherhive/v1/selfmask" ‖ b_i)``: the commitment to a self-mask seed."""
+    return hashlib.sha256(fields(SELF_MASK_LABEL, seed)).digest()
 
 
 def blocks_digest(label: bytes, blocks: Iterable[bytes]) -> bytes:
@@ -65,11 +77,19 @@ class Commit:
     cert_fingerprint: bytes
     seeds_hash: bytes
     c0_hash: bytes
+    self_mask_hash: bytes
     signature: bytes
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the enrolment key signs."""
-        return fields(COMMIT_LABEL, self.roster_hash, self.cert_fingerprint, self.seeds_hash, self.c0_hash)
+        return fields(
+            COMMIT_LABEL,
+            self.roster_hash,
+            self.cert_fingerprint,
+            self.seeds_hash,
+            self.c0_hash,
+            self.self_mask_hash,
+        )
 
     def encode(self) -> bytes:
         """Wire bytes: the signed part, then the signature."""
@@ -82,11 +102,11 @@ class Commit:
         r.expect(COMMIT_LABEL)
         parts = [
             r.take(name, HASH_BYTES, exact=HASH_BYTES)
-            for name in ("roster hash", "certificate fingerprint", "seeds hash", "c0 hash")
+            for name in ("roster hash", "certificate fingerprint", "seeds hash", "c0 hash", "self-mask hash")
         ]
         signature = r.take("signature", MAX_SIGNATURE)
         r.finish()
-        return cls(parts[0], parts[1], parts[2], parts[3], signature)
+        return cls(parts[0], parts[1], parts[2], parts[3], parts[4], signature)
 
 
 def make_commit(
@@ -95,15 +115,21 @@ def make_commit(
     cert_fingerprint: bytes,
     seeds_hash: bytes,
     c0_hash: bytes,
+    self_mask_hash: bytes,
     key: ec.EllipticCurvePrivateKey,
 ) -> Commit:
     """Sign this member's commit for ``roster`` (after the server acknowledged its upload)."""
-    if len(seeds_hash) != HASH_BYTES or len(c0_hash) != HASH_BYTES:
-        raise ValueError("the seeds and c0 hashes are SHA-256 digests (32 bytes)")
+    if {len(seeds_hash), len(c0_hash), len(self_mask_hash)} != {HASH_BYTES}:
+        raise ValueError("the seeds, blocks and self-mask hashes are SHA-256 digests (32 bytes)")
     roster.member(cert_fingerprint)  # only a member commits
-    unsigned = Commit(roster.hash, cert_fingerprint, seeds_hash, c0_hash, b"")
+    unsigned = Commit(roster.hash, cert_fingerprint, seeds_hash, c0_hash, self_mask_hash, b"")
     return Commit(
-        roster.hash, cert_fingerprint, seeds_hash, c0_hash, enrolment.sign(key, unsigned.signed_bytes())
+        roster.hash,
+        cert_fingerprint,
+        seeds_hash,
+        c0_hash,
+        self_mask_hash,
+        enrolment.sign(key, unsigned.signed_bytes()),
     )
 
 

@@ -287,7 +287,7 @@ def _check_binding(name: str, got: RoundBinding, want: RoundBinding) -> None:
 def verify_roster(
     entries: Sequence[bytes],
     *,
-    me: Enrolment,
+    me: Enrolment | None,
     ca_cert: x509.Certificate,
     crl: enrolment.Revocations,
     pinned_members: Collection[str],
@@ -299,7 +299,9 @@ def verify_roster(
     ``me`` is this node's current enrolment for the round ``expected``
     describes; ``pinned_members`` are names, or SHA-256 fingerprints (hex, any
     case, colons allowed) of members' TLS or enrolment certificates, from this
-    node's own configuration. Everything compared is certified: the name and
+    node's own configuration. ``me`` is None when a node checks the proof of
+    a round it did not take part in (catching up): the roster is then checked
+    the same way, without the own-entry rules. Everything compared is certified: the name and
     both fingerprints come from the CA-signed enrolment certificate (the TLS
     fingerprint an entry carries must equal the one its certificate names),
     never from a field a member fills in alone. The node itself need not be
@@ -308,7 +310,7 @@ def verify_roster(
     """
     if floor < 2:
         raise ValueError("a roster floor below 2 would let one member's update out unmasked")
-    if me.binding != expected:
+    if me is not None and me.binding != expected:
         raise RosterError("this node's own enrolment is not for the round being checked")
     if len(entries) < floor:
         raise RosterError(
@@ -324,8 +326,8 @@ def verify_roster(
         except WireError as exc:
             raise RosterError(f"roster entry {i} is malformed ({exc})") from None
 
-    mine = me.encode()
-    if sum(raw == mine for raw in entries) != 1:
+    mine = me.encode() if me is not None else None
+    if me is not None and sum(raw == mine for raw in entries) != 1:
         if mine in entries:
             raise RosterError("this node's own entry appears more than once: a duplicate")
         if any(e.cert_fingerprint == me.cert_fingerprint or e.certificate == me.certificate for e in decoded):
@@ -408,8 +410,8 @@ def pairwise_keys(
             raise RosterError(f"the X25519 key of {other.name!r} gives an all-zero shared secret")
         higher = my_cert_fingerprint > other.cert_fingerprint
         low, high = (other, me) if higher else (me, other)
-        key = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=roster.hash, info=pair_info(low, high)
-        ).derive(shared)
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=roster.hash, info=pair_info(low, high)).derive(
+            shared
+        )
         out.append((key, 1 if higher else -1))
     return out

@@ -85,3 +85,12 @@ class Reader:
         """Refuse trailing bytes: a canonical message has exactly one encoding."""
         if self._pos != len(self._data):
             raise WireError(f"{self._what}: {len(self._data) - self._pos} trailing bytes")
+
+
+def split_fields(data: bytes, what: str, max_len: int = 1 << 16) -> list[bytes]:
+    """Every length-prefixed field of ``data`` (a list written with :func:`fields`)."""
+    reader = Reader(data, what)
+    out = []
+    while reader.position < len(data):
+        out.append(reader.take("field", max_len))
+    return out

@@ -329,6 +329,15 @@ def print_round(console: Console, info: pb.RoundInfo) -> None:
     ]
     if info.state == pb.ROUND_WITHDRAWN:
         rows.append(("withdrawn", fmt_time(info.withdrawn_unix)))
+    if info.phase:
+        # Masked rounds: how far the protocol got (counts only; nothing members sent).
+        rows.append(
+            (
+                "masked round",
+                f"phase {info.phase}: {info.enrolled} enrolled, {info.committed} committed, "
+                f"{info.released} released",
+            )
+        )
     for label, value in rows:
         grid.add_row(label, value)
     emit(console, grid)

@@ -6,6 +6,11 @@ data would be. The split is computed from the seed alone, so every process
 agrees on it without exchanging data. This is also the worked example of
 the trainer interface in the README.
 
+Under differential privacy (``info.privacy`` set: `cipherhive demo --dp`) a
+round is record-level DP-SGD through the helper
+:func:`cipherhive.node.dp_sgd.private_training`, with plain SGD at ``dp_lr``:
+the schedule's Poisson-sampled steps replace epochs and batches.
+
 ``record_dir`` is for the demo only: it lets the demo, which runs every
 party itself, compare the decrypted average with the plaintext one. A real
 node never writes its update anywhere.
@@ -86,11 +91,12 @@ class DigitsTrainer:
         batch_size: int = 32,
         record_dir: str = "",
         hidden: int = 64,
+        dp_lr: float = 0.5,
     ) -> None:
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self.seed, self.epochs, self.lr, self.batch_size = seed, epochs, lr, batch_size
-        self.hidden = hidden
+        self.hidden, self.dp_lr = hidden, dp_lr
         # One thread: training is then bit-for-bit repeatable, so a node that retrains a
         # round after a crash sends the same update (the fault-injection tests rely on it).
         torch.set_num_threads(1)
@@ -106,6 +112,11 @@ class DigitsTrainer:
 
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         start = _flat(model) if self.record_dir else None
+        if info.privacy is not None:
+            result = self._train_private(model, info)
+            if self.record_dir is not None and start is not None:
+                self._record(info.round, start, model, 1)  # uniform weights under DP
+            return result
         generator = torch.Generator().manual_seed(self.seed * 1000 + info.round * 10 + self.shard)
         optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
         loss_fn = nn.CrossEntropyLoss()
@@ -127,11 +138,34 @@ class DigitsTrainer:
         n = len(self.y)
         acc = accuracy(model, self.x.numpy(), self.y.numpy())
         if self.record_dir is not None and start is not None:
-            _save(
-                self.record_dir / f"round-{info.round}" / f"shard-{self.shard}.update.pt",
-                {"global": start, "local": _flat(model), "samples": n},
-            )
+            self._record(info.round, start, model, n)
         return TrainResult(num_samples=n, metrics={"loss": total_loss / n, "accuracy": acc})
+
+    def _train_private(self, model: nn.Module, info: RoundInfo) -> TrainResult:
+        """One round of DP-SGD: the helper's Poisson loader, clipping and noise; no momentum."""
+        from torch.utils.data import TensorDataset
+
+        from cipherhive.node.dp_sgd import private_training
+
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.dp_lr)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        with private_training(model, optimizer, TensorDataset(self.x, self.y), info.privacy) as dp:
+            for inputs, target in dp.loader:
+                if info.should_stop():
+                    return TrainResult(num_samples=0)
+                dp.optimizer.zero_grad()
+                loss_fn(dp.model(inputs), target).backward()
+                dp.optimizer.step()
+        # Accuracy on the member's own training data: it stays in the node's log.
+        return TrainResult(len(self.y), {"accuracy": accuracy(model, self.x.numpy(), self.y.numpy())})
+
+    def _record(self, round_number: int, start: torch.Tensor, model: nn.Module, weight: int) -> None:
+        assert self.record_dir is not None
+        _save(
+            self.record_dir / f"round-{round_number}" / f"shard-{self.shard}.update.pt",
+            {"global": start, "local": _flat(model), "samples": weight},
+        )
 
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:
         if self.record_dir is not None:

@@ -79,11 +79,13 @@ def bootstrap(config: NodeConfig, source: Path) -> tuple[Checkpoint, int]:
         raise BootstrapError(str(exc)) from exc
     store = NodeState(config.state_dir, config.keep_checkpoints)
     previous = store.load()
+    # The chain hash comes along: without it the node could not enrol in masked rounds.
     clean = Checkpoint(
         checkpoint.round,
         layout.hash,
         {name: checkpoint.tensors[name] for name, _ in tensors},
         checkpoint.optimizer,
+        checkpoint.chain_hash,
     )
     store.install(clean)
     return clean, previous.round if previous else 0

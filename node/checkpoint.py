@@ -58,6 +58,9 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     #: The optimizer's state after this round (:meth:`ServerOptimizer.record`); None: not recorded.
     optimizer: dict[str, Any] | None = None
+    #: The chain hash after this round (:mod:`cipherhive.chain`); empty in checkpoints from
+    #: before masked rounds, which cannot enrol (bootstrap from a member's export instead).
+    chain_hash: str = ""
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -71,6 +74,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         str(data["layout_hash"]),
         dict(data["tensors"]),
         dict(optimizer) if isinstance(optimizer, dict) else None,
+        str(data.get("chain_hash", "")),
     )
 
 
@@ -83,6 +87,8 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     }
     if checkpoint.optimizer is not None:
         data["optimizer"] = checkpoint.optimizer
+    if checkpoint.chain_hash:
+        data["chain_hash"] = checkpoint.chain_hash
     with atomic_file(path, mode=0o600) as fh:
         torch.save(data, fh)
 

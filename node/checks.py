@@ -57,6 +57,11 @@ REASONS = (
     "out_of_range",
     "update_too_large",
     "malformed",
+    # Masked rounds (issue 11): refused before anything is decrypted.
+    "unverifiable",
+    "proof",
+    "seeds",
+    "seed_check",
 )
 
 #: Slack for CKKS decryption error (~1e-9 for honest sums) in weight comparisons.
@@ -162,6 +167,8 @@ class CheckedApplier:
         self.total_weight = 0.0
         self.blocks = 0
         self._written = 0  # out[:_written] may differ from global_
+        #: :func:`cipherhive.chain.sum_digest` of the sum as received (set once it is checked).
+        self.sum_digest = b""
 
     def feed(self, block: np.ndarray) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Settings of `cipherhive node` (TOML sections [node], [tls], [trainer], [log])."""
+"""Settings of `cipherhive node` (TOML sections [node], [tls], [trainer], [privacy], [log])."""
 
 from __future__ import annotations
 
@@ -52,6 +52,24 @@ class NodeConfig:
     tls_server_name: str = setting(
         "", "tls", "host name to expect in the server certificate, if not the address"
     )
+    members: list[str] = setting(
+        [],
+        "masking",
+        "the federation's members (names, or SHA-256 fingerprints of their TLS or enrolment "
+        "certificates): this node takes part only in masked rounds whose roster is drawn from them",
+    )
+    enrol_cert: Path | None = setting(
+        None, "masking", "enrolment certificate (default: NAME.enrol.crt next to tls_cert)"
+    )
+    enrol_key: Path | None = setting(
+        None, "masking", "enrolment key (default: NAME.enrol.key next to tls_key)"
+    )
+    crl: Path | None = setting(
+        None,
+        "masking",
+        "the federation CA's revocation list (PEM), checked for every roster member (default: "
+        "crl.pem next to tls_ca); a masked round is refused while it is missing",
+    )
     plugin: str = setting("", "trainer", "training plug-in as package.module:object")
     python_path: list[str] = setting(
         [],
@@ -66,8 +84,39 @@ class NodeConfig:
         "`path`, `dir`, `file` or `*_path`, `*_dir`, `*_file` are resolved against the TOML file's folder",
         relative=resolve_options,
     )
+    max_epsilon: float = setting(
+        0.0,
+        "privacy",
+        "this node's ε limit for its dataset, over every round it ever trains (record-level DP-SGD); "
+        "0: no DP, and a federation that announces a DP schedule is refused",
+    )
+    delta: float = setting(
+        1e-5, "privacy", "δ of the node's (ε, δ) guarantee; refused above 1/(10·N) for N training records"
+    )
+    dataset: str = setting(
+        "", "privacy", "name of the training dataset the privacy ledger accounts for (required with DP)"
+    )
+    ledger_dir: Path = setting(
+        Path("privacy-ledgers"),
+        "privacy",
+        "folder of the privacy ledgers, one per dataset (`cipherhive node privacy-init` creates one); "
+        "keep it across state directories and back it up: a lost ledger stops DP training",
+    )
+    insecure_seed: int | None = setting(
+        None,
+        "privacy",
+        "FIXED seed for DP noise and sampling: INSECURE, for tests and reproducible tables only "
+        "(unset: a fresh key from the operating system)",
+    )
     log_level: str = setting("INFO", "log", "DEBUG, INFO, WARNING or ERROR")
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
+
+    def enrolment_files(self) -> tuple[Path, Path, Path]:
+        """(enrolment certificate, enrolment key, CRL), defaults next to the TLS files."""
+        assert self.tls_cert is not None and self.tls_key is not None and self.tls_ca is not None
+        cert = self.enrol_cert or self.tls_cert.with_name(self.tls_cert.stem + ".enrol.crt")
+        key = self.enrol_key or self.tls_key.with_name(self.tls_key.stem + ".enrol.key")
+        return cert, key, self.crl or self.tls_ca.with_name("crl.pem")
 
     def __post_init__(self) -> None:
         if not self.plugin:
@@ -83,6 +132,16 @@ class NodeConfig:
             raise ConfigError("max_update_value must be a positive number")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.max_epsilon < 0 or not 0 < self.delta < 1:
+            raise ConfigError("max_epsilon must be 0 (no DP) or positive, and delta in (0, 1)")
+        if self.max_epsilon > 0:
+            if not self.dataset:
+                raise ConfigError("DP needs [privacy] dataset: the dataset's name, which keys its ledger")
+            if self.report_metrics:
+                raise ConfigError(
+                    "report_metrics sends local metrics the privacy accountant does not cover; "
+                    "it cannot be combined with DP (max_epsilon > 0)"
+                )
         if self.insecure:
             if not self.name:
                 raise ConfigError("--insecure needs a node --name (there is no certificate to take it from)")

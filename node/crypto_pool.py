@@ -137,6 +137,13 @@ class CryptoPool:
                 self.workers, initializer=_init_worker, initargs=(factory, secret_context, self._area)
             )
 
+    @property
+    def modulus(self) -> int:
+        """The data prime q masks are reduced by (masked rounds need the product's codec)."""
+        if not isinstance(self._local, SecretCodec):
+            raise masking.MaskError("masked encryption needs the product's codec (SecretCodec)")
+        return self._local.modulus
+
     def set_mask_plan(self, plan: masking.MaskPlan) -> None:
         """Hand this upload's masks to every worker (once per round; not while encrypting)."""
         if not isinstance(self._local, SecretCodec):
@@ -217,7 +224,7 @@ class CryptoPool:
         step = self.values_per_block
         return self.encrypt(vector[start : start + step] for start in range(0, vector.shape[0], step))
 
-    def check_seeds(self, blobs: Sequence[bytes], seeds: Sequence[list[bytes]]) -> None:
+    def check_seeds(self, blobs: Iterable[bytes], seeds: Sequence[list[bytes]], count: int) -> None:
         """Raise :class:`cipherhive.masking.SeedCheckFailed` unless every block's c1 is Σ expand(seed).
 
         ``seeds`` gives, block by block, the roster's seeds of that block. Call it on
@@ -227,9 +234,9 @@ class CryptoPool:
         """
         if not isinstance(self._local, SecretCodec):
             raise masking.MaskError("the seed check needs the product's codec (SecretCodec)")
-        if len(seeds) != len(blobs):
+        if len(seeds) != count:
             raise masking.SeedCheckFailed(
-                min(len(seeds), len(blobs)), f"the sum has {len(blobs)} blocks but seeds for {len(seeds)}"
+                min(len(seeds), count), f"the sum has {count} blocks but seeds for {len(seeds)}"
             )
         items = (
             (index, blob, list(block_seeds))

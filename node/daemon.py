@@ -28,11 +28,12 @@ import logging
 import random
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 import tenseal as ts
 import torch
 
@@ -45,43 +46,30 @@ from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.describe import member_fingerprint_key
+from cipherhive.node.dp_ledger import PrivacyLedgerError
+from cipherhive.node.errors import NodeError
 from cipherhive.node.initial import initial_model_hash
+from cipherhive.node.masked_round import MaskedRounds
 from cipherhive.node.optimizers import OptimizerError, OptimizerSpec, adopt, restored
+from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
+from cipherhive.node.rollback import Rollbacks
+from cipherhive.node.secagg import Participation
 from cipherhive.node.trainer import (
-    RoundInfo,
     TrainerError,
     federated_tensors,
     load_trainer,
 )
+from cipherhive.node.training import Training
 from cipherhive.node.update import (
     FlatParams,
-    UpdateError,
-    check_update,
     layout_of,
-    sample_weight,
-    weighted_blocks,
 )
-from cipherhive.node.upload import submit_requests
-from cipherhive.progress import track
 from cipherhive.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.node")
-
-
-class NodeError(UserError, RuntimeError):
-    """A problem retrying cannot fix; the daemon stops with this message.
-
-    Only for local problems and a refusal at Join: nothing else that arrives over the
-    network may end the node (issue 10), it is rejected, skipped or retried instead.
-    """
-
-
-def _rounded(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics rounded to 4 significant digits (for the log, and the server only if opted in)."""
-    return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +81,7 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node(SumReceiver):
+class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
         try:
@@ -110,6 +98,11 @@ class Node(SumReceiver):
         except TrainerError:
             self.pool.close()
             raise
+        try:
+            self.privacy = PrivacyGuard(config, config.name or config.state_dir.name)
+        except PrivacyLedgerError as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
         try:  # of the values build_model made, before any checkpoint is loaded into them
@@ -158,6 +151,14 @@ class Node(SumReceiver):
         self._idle: str | None = None
         self._resync = False
         self._oldest_kept = 0
+        self._events: Iterator[pb.RoundEvent] | None = None
+        self._pending: deque[pb.RoundEvent] = deque()
+        self._part: Participation | None = None
+        self.chain = self._load_chain(checkpoint)
+        self.ledger = self._open_ledger(checkpoint is not None)
+        self.masking = self._load_masking()
+        for stale in config.state_dir.glob("upload-*.ct"):
+            stale.unlink()  # from before a restart: its masks cannot be completed
 
     # ------------------------------------------------------------ lifecycle
 
@@ -255,8 +256,23 @@ class Node(SumReceiver):
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self.name, self.settings = reply.node_name, reply.settings
+            try:
+                self.privacy.accept(reply.settings, self.applied_round)
+            except (ScheduleRefused, PrivacyLedgerError) as exc:
+                raise NodeError(f"not joining: {exc}") from exc
             self._idle = None
             self._follow_optimizer(reply.settings.optimizer)
+            if reply.settings.masked and self.masking is None and not cfg.insecure:
+                raise NodeError(
+                    "the federation runs masked rounds: list its members in [masking] members (names "
+                    "or certificate fingerprints) in this node's configuration"
+                )
+            if not reply.settings.masked and self.masking is not None:
+                self._idle = (
+                    "this node is configured for masked rounds ([masking] members) but the server runs "
+                    "unmasked ones; it follows the federation without submitting"
+                )
+                event(log, self._idle, logging.ERROR, node=self.name)
             event(
                 log,
                 "joined federation",
@@ -276,15 +292,16 @@ class Node(SumReceiver):
                 pb.WatchRequest(since_round=self.applied_round), metadata=self._metadata()
             )
             self._stream = stream
+            self._events, self._pending = iter(stream), deque()
             try:
-                for ev in stream:
+                while (ev := self._next_event()) is not None:
                     if self._stop.is_set():
                         return
                     self._handle(stub, ev)
                     if self._resync:
                         return
             finally:
-                self._stream = None
+                self._stream = self._events = None
                 stream.cancel()
 
     def _follow_optimizer(self, announced: pb.ServerOptimizer) -> None:
@@ -325,6 +342,7 @@ class Node(SumReceiver):
         if ev.kind == pb.RoundEvent.SUM_READY:
             if ev.round > self.applied_round:
                 self._on_sum(stub, ev)
+            self._end_part(ev.round)
         elif ev.kind == pb.RoundEvent.WITHDRAWN:
             self._on_withdrawn(ev)
         elif ev.kind == pb.RoundEvent.OPENED:
@@ -333,6 +351,7 @@ class Node(SumReceiver):
                 return
             self._take_part(stub, ev)
         elif ev.kind == pb.RoundEvent.FAILED and not ev.replay:
+            self._end_part(ev.round)
             event(
                 log,
                 "round failed",
@@ -358,7 +377,7 @@ class Node(SumReceiver):
                 **fields,
             )
             return
-        if self.store.submitted_round() == ev.round:
+        if self.store.submitted_round() == ev.round and not ev.masked:
             return  # already acknowledged (e.g. the open round replayed after a reconnect)
         floor = ev.min_participants or self.settings.min_participants
         if floor < self.config.min_participants:
@@ -370,92 +389,13 @@ class Node(SumReceiver):
                 **fields,
             )
             return
+        if ev.masked:
+            self._masked_round(stub, ev)
+            return
         try:
             self._train_and_submit(stub, ev, fields)
         finally:
-            # Whatever happened, the model goes back to the global one: the trained values
-            # were only ever an input to this round's update.
-            self.flat.load(self.global_values)
-
-    def _train_and_submit(
-        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
-    ) -> None:
-        t0 = time.perf_counter()
-        try:
-            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set)
-            result = self.trainer.train(self.model, info)
-            if self._stop.is_set():
-                event(log, "stop requested during training: not submitting this round", **fields)
-                return
-            weight = sample_weight(int(result.num_samples), self.settings.weight_unit)
-            # The trained values are read in place (no copy) while they are encrypted.
-            local = self.flat.read()
-            check_update(local, self.global_values, weight, self.settings.max_participants)
-        except UpdateError as exc:
-            event(log, f"not submitting: {exc}", logging.ERROR, **fields)
-            return
-        except Exception:
-            if self._stop.is_set():  # a trainer cut short may fail on its way out: not a fault
-                event(log, "stop requested during training: not submitting this round", **fields)
-                return
-            log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
-            return
-        t_train = time.perf_counter() - t0
-        metrics.PHASE_SECONDS.labels("train").observe(t_train)
-        header = pb.SubmitHeader(
-            round=ev.round,
-            base_round=ev.base_round,
-            submission_id=self.store.submission_id(ev.round),
-            layout_hash=self.layout.hash,
-            key_fingerprint=self.fingerprint,
-            num_values=self.layout.num_values,
-            num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
-            # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
-            metrics=_rounded(result.metrics) if self.config.report_metrics else {},
-        )
-        t1 = time.perf_counter()
-        per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
-        try:
-            receipt = stub.SubmitUpdate(
-                submit_requests(
-                    header,
-                    track(
-                        self.pool.encrypt(
-                            weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
-                        ),
-                        header.num_ciphertexts,
-                        f"round {ev.round}: encrypt+upload",
-                        node=self.name,
-                        round=ev.round,
-                    ),
-                    per_chunk,
-                ),
-                metadata=self._metadata(),
-            )
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT:
-                raise
-            event(
-                log,
-                f"server refused the update: {describe_rpc_error(exc)}",
-                logging.WARNING,
-                **fields,
-            )
-            return
-        self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
-        metrics.ROUNDS_JOINED.inc()
-        metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
-        event(
-            log,
-            "update submitted",
-            samples=result.num_samples,
-            train_s=round(t_train, 3),
-            encrypt_upload_s=round(time.perf_counter() - t1, 3),
-            bytes=receipt.num_bytes,
-            duplicate=receipt.duplicate,
-            metrics=_rounded(result.metrics),
-            **fields,
-        )
+            self._restore_model()
 
     # ------------------------------------------------------------ sums and withdrawals
 
@@ -476,54 +416,3 @@ class Node(SumReceiver):
             )
         elif not self._rejected_before(stub, ev):
             self._apply_sum(stub, ev)
-
-    def _on_withdrawn(self, ev: pb.RoundEvent) -> None:
-        self.withdrawn.add(ev.round)
-        self.store.forget_rejection(ev.round)  # nothing left to remember about it
-        event(log, "round withdrawn", logging.WARNING, node=self.name, round=ev.round, reason=ev.reason)
-        self._roll_back(ev.round, ev.reason or "withdrawn")
-
-    def _roll_back(self, withdrawn: int, why: str) -> bool:
-        """Return to the newest kept checkpoint from before ``withdrawn`` if the model went
-        through it; True when the model changed (the session then restarts to replay from there)."""
-        chain = self.store.chain()
-        if withdrawn == 0 or withdrawn not in chain:
-            return False
-        target = self.store.rollback_target(withdrawn)
-        fields: dict[str, Any] = {"node": self.name, "round": withdrawn, "applied_round": self.applied_round}
-        if target is None:
-            self._idle = (
-                f"round {withdrawn}, which this node's model went through, was withdrawn ({why}) and no "
-                f"kept checkpoint is older (keep_checkpoints = {self.config.keep_checkpoints}): "
-                f"{BOOTSTRAP_HINT}"
-            )
-            event(log, self._idle, logging.ERROR, **fields)
-            return False
-        checkpoint = self.store.rollback(target)
-        if checkpoint is None:
-            fresh = self.trainer.build_model()
-            values = dict(federated_tensors(self.trainer, fresh))
-            self.optimizer.reset()
-        else:
-            values = checkpoint.tensors
-            try:
-                self.optimizer.load(checkpoint.optimizer, f"the kept checkpoint of round {target}")
-            except OptimizerError as exc:
-                self._idle = f"cannot roll back to round {target}: {exc}; {BOOTSTRAP_HINT}"
-                event(log, self._idle, logging.ERROR, **fields)
-                return False
-        with torch.no_grad():
-            for name, tensor in self.tensors:
-                tensor.copy_(values[name])
-        self.global_values[:] = self.flat.read()
-        self.applied_round = target
-        metrics.APPLIED_ROUND.set(target)
-        metrics.ROLLBACKS.inc()
-        event(
-            log,
-            f"rolled back to round {target}: round {withdrawn} was withdrawn ({why})",
-            logging.WARNING,
-            **fields,
-        )
-        self._resync = True
-        return True

@@ -137,6 +137,7 @@ def export_model(config: NodeConfig, out: Path, round_number: int | None = None)
             layout.hash,
             {name: checkpoint.tensors[name] for name, _ in tensors},
             checkpoint.optimizer,  # a member bootstrapped from it continues with the same moments
+            checkpoint.chain_hash,
         ),
     )
     provenance = {

@@ -33,12 +33,15 @@ def fetch_sum(
     attempts: int = 5,
     num_values: int = 0,
     participants: int = 0,
+    seeds_out: list[list[bytes]] | None = None,
 ) -> Iterator[tuple[bytes, int]]:
     """Yield ``(ciphertext, participants)`` of the sum in order.
 
     Every chunk must describe the sum asked for (round, layout, ciphertext count and,
     when given, value count and participants) and continue where the last one ended;
     anything else raises :class:`FetchError` (the caller retries or rejects the sum).
+    With ``seeds_out`` (a masked round), every block must come with its members' seeds,
+    appended there in block order.
     """
     received = 0
     failures = 0
@@ -66,7 +69,14 @@ def fetch_sum(
                     raise FetchError(f"sum chunk starts at {chunk.first_ciphertext}, expected {received}")
                 if received + len(chunk.ciphertexts) > expected_ciphertexts:
                     raise FetchError(f"sum stream carries more than {expected_ciphertexts} ciphertexts")
-                for blob in chunk.ciphertexts:
+                if seeds_out is not None and len(chunk.seeds) != len(chunk.ciphertexts):
+                    raise FetchError(
+                        f"sum chunk carries seeds for {len(chunk.seeds)} of its "
+                        f"{len(chunk.ciphertexts)} blocks"
+                    )
+                for i, blob in enumerate(chunk.ciphertexts):
+                    if seeds_out is not None:
+                        seeds_out.append(list(chunk.seeds[i].seeds))
                     yield blob, chunk.participants
                     received += 1
             if received < expected_ciphertexts:

@@ -1,7 +1,8 @@
 """Prometheus metrics of a member node, served on ``[node] metrics_listen``.
 
-Durations and round numbers only: never a model value, a sample count or
-anything computed from decrypted data.
+Durations, round numbers and the privacy budget only: never a model value, a
+sample count or anything computed from decrypted data. ε is computed from the
+DP mechanism's parameters and this node's ledger, not from data.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ APPLIED_ROUND = Gauge(
     "Last round whose sum this node applied (its global version)",
     registry=REGISTRY,
 )
-
+PRIVACY_EPSILON = Gauge(
+    "cipherhive_node_privacy_epsilon",
+    "ε (at the node's δ, RDP accountant) its dataset has spent on DP-SGD, the current round included",
+    registry=REGISTRY,
+)
+PRIVACY_EPSILON_LIMIT = Gauge(
+    "cipherhive_node_privacy_epsilon_limit",
+    "The node's ε limit ([privacy] max_epsilon; 0: no DP)",
+    registry=REGISTRY,
+)
 
 SUMS_REJECTED = Counter(
     "cipherhive_node_sums_rejected_total",
@@ -38,6 +48,12 @@ SUMS_REJECTED = Counter(
 ROLLBACKS = Counter(
     "cipherhive_node_rollbacks_total",
     "Times this node rolled its model back because a round it had applied was withdrawn",
+    registry=REGISTRY,
+)
+MASKED_REFUSALS = Counter(
+    "cipherhive_node_masked_rounds_refused_total",
+    "Masked rounds this node did not take part in (a roster it refused, a step the server refused, "
+    "a base it already released a self-mask on); the log says why",
     registry=REGISTRY,
 )
 

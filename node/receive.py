@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
 from cipherhive import codec, failpoints
+from cipherhive.chain import ChainHash, SumDigest
 from cipherhive.layout import Layout
 from cipherhive.logs import event
+from cipherhive.masking import SeedCheckFailed
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
@@ -35,9 +39,12 @@ from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.fetch import FetchError, fetch_sum
 from cipherhive.node.optimizers import ServerOptimizer
+from cipherhive.node.secagg import MaskingSetup, Participation
+from cipherhive.node.sumproof import check_seed_hashes, verify_proof
 from cipherhive.node.trainer import AppliedRound
 from cipherhive.node.update import FlatParams, split
 from cipherhive.progress import track
+from cipherhive.roster import RosterError
 from cipherhive.transport import describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -93,6 +100,12 @@ class SumReceiver:
     #: The server-side optimizer the federation announced (set at Join, before any sum is applied).
     optimizer: ServerOptimizer
     _outcome_unimplemented: bool
+    #: Masked rounds: this node's pinned membership and keys (None: not configured).
+    masking: MaskingSetup | None
+    #: The chain hash of the applied model (None: a checkpoint from before masked rounds).
+    chain: ChainHash | None
+    #: This node's part in the round it is taking part in (masked rounds).
+    _part: Participation | None
 
     def _metadata(self) -> list[tuple[str, str]]:
         raise NotImplementedError
@@ -181,9 +194,23 @@ class SumReceiver:
         metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
         self.flat.commit()
         failpoints.hit("node.applying")
+        next_chain = None
+        if self.chain is not None:  # advanced only once the checkpoint that records it is written
+            next_chain = ChainHash(self.chain.value)
+            next_chain.apply(applier.sum_digest)
         record = self.optimizer.record(pending=True)
-        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}, record))
+        self.store.save(
+            Checkpoint(
+                ev.round,
+                self.layout.hash,
+                {n: t for n, t in self.tensors},
+                record,
+                next_chain.hex() if next_chain is not None else "",
+            )
+        )
         self.optimizer.commit()  # the moments are the state only once the checkpoint holds them
+        if next_chain is not None:
+            self.chain = next_chain
         self.global_values[:] = self.flat.read()
         self.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
@@ -199,7 +226,10 @@ class SumReceiver:
         self._report(stub, ev.round, True)
         hook = getattr(self.trainer, "after_round", None)
         if hook is not None:
-            mean_update = split(self.tensors, applier.mean) if applier.mean is not None else {}
+            # float32, like checkpoints and exports: a full-precision decrypted value next to its
+            # ciphertext gives away the shared key (issue 11, step 9).
+            mean = applier.mean.astype(np.float32) if applier.mean is not None else None
+            mean_update = split(self.tensors, mean) if mean is not None else {}
             try:
                 hook(self.model, AppliedRound(ev.round, ev.participants, mean_update))
             except Exception:
@@ -236,11 +266,18 @@ class SumReceiver:
             applier = CheckedApplier(
                 self.global_values, self.flat.read(), per_block, limits, mean, self.optimizer.step
             )
+            digest = SumDigest()
             try:
-                for block in self._decrypted(stub, ev, n_ct):
+                blocks = (
+                    self._masked(stub, ev, n_ct, digest)
+                    if ev.masked
+                    else self._decrypted(stub, ev, n_ct, digest)
+                )
+                for block in blocks:
                     failpoints.hit("node.download")
                     applier.feed(block)
                 applier.finish(n_ct)
+                applier.sum_digest = digest.digest()
                 return applier
             except (FetchError, codec.CodecError, ValueError) as exc:
                 applier.restore()
@@ -254,7 +291,9 @@ class SumReceiver:
                 )
         raise SumRejected("malformed", f"the sum stream was malformed {ATTEMPTS} times ({last})")
 
-    def _decrypted(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int) -> Iterator[np.ndarray]:
+    def _decrypted(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int, digest: SumDigest
+    ) -> Iterator[np.ndarray]:
         def blobs() -> Iterator[bytes]:
             for blob, _count in fetch_sum(
                 stub,
@@ -265,6 +304,7 @@ class SumReceiver:
                 num_values=self.layout.num_values,
                 participants=ev.participants,
             ):
+                digest.update(blob)
                 yield blob
 
         return track(
@@ -274,3 +314,84 @@ class SumReceiver:
             node=self.name,
             round=ev.round,
         )
+
+    def _masked(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int, digest: SumDigest
+    ) -> Iterator[np.ndarray]:
+        """A masked round's sum: proof, download to disk, every check, and only then decryption."""
+        setup, chain = self.masking, self.chain
+        if setup is None or chain is None:
+            raise SumRejected(
+                "unverifiable",
+                "a masked sum needs [masking] members and a chain hash to be checked before decryption",
+            )
+        proof = stub.GetRoundProof(pb.ProofRequest(round=ev.round), metadata=self._metadata(), timeout=60)
+        part = self._part if self._part is not None and self._part.round == ev.round else None
+        try:
+            proven = verify_proof(
+                setup,
+                proof,
+                round_number=ev.round,
+                chain_hash=chain.value,
+                block_count=n_ct,
+                me=part.enrolment if part is not None and part.commit_bytes else None,
+                my_commit=part.commit_bytes if part is not None else b"",
+            )
+        except RosterError as exc:
+            raise SumRejected("proof", f"its roster or commits do not verify: {exc}") from None
+        if ev.participants != proven.size:
+            raise SumRejected(
+                "participants_mismatch",
+                f"the server announced {ev.participants} participants for a roster of {proven.size}",
+            )
+        path = self.config.state_dir / f"sum-{ev.round}.download"
+        seeds: list[list[bytes]] = []
+        fetched = fetch_sum(
+            stub,
+            ev.round,
+            n_ct,
+            self.layout.hash,
+            self._metadata(),
+            num_values=self.layout.num_values,
+            participants=ev.participants,
+            seeds_out=seeds,
+        )
+        write_records(path, (blob for blob, _ in fetched), digest)
+        try:
+            check_seed_hashes(proven, seeds)
+            self.pool.check_seeds(read_records(path), seeds, n_ct)
+        except RosterError as exc:
+            path.unlink(missing_ok=True)
+            raise SumRejected("seeds", str(exc)) from None
+        except SeedCheckFailed as exc:
+            path.unlink(missing_ok=True)
+            raise SumRejected("seed_check", f"nothing was decrypted: {exc.message}") from None
+
+        def decrypted() -> Iterator[np.ndarray]:
+            try:
+                failpoints.hit("node.decrypt")  # tests: prove nothing was decrypted before the checks
+                yield from self.pool.decrypt(read_records(path))
+            finally:
+                path.unlink(missing_ok=True)
+
+        return track(decrypted(), n_ct, f"round {ev.round}: decrypt", node=self.name, round=ev.round)
+
+
+def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> None:
+    """A downloaded sum on disk (0600), so that it is checked in full before any decryption."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        for blob in blobs:
+            digest.update(blob)
+            fh.write(len(blob).to_bytes(4, "big"))
+            fh.write(blob)
+
+
+def read_records(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while head := fh.read(4):
+            size = int.from_bytes(head, "big")
+            blob = fh.read(size)
+            if len(blob) != size:
+                raise FetchError(f"{path} is truncated")
+            yield blob

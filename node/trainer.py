@@ -15,6 +15,12 @@ arguments to get one. A trainer provides:
     model; return the number of samples used (the FedAvg weight, encrypted
     before it leaves the node) and rounded local metrics.
 
+    **Differential privacy.** When the federation runs record-level DP,
+    ``info.privacy`` holds the round's parameters: train through
+    :func:`cipherhive.node.dp_sgd.private_training` (the node refuses to send an
+    update whose round did not use it), and the sample count is then unused
+    (every member weighs 1).
+
     **Stopping.** ``info.should_stop()`` turns true once the node was asked to
     stop (SIGTERM, Ctrl-C). Check it between batches and return early with
     whatever result you have: the node sees the stop after ``train`` returns
@@ -45,12 +51,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from cipherhive.errors import UserError
 from cipherhive.node.plugin_paths import explain_missing_file
+
+if TYPE_CHECKING:
+    from cipherhive.node.dp_round import DPRound
 
 
 def _never() -> bool:
@@ -65,6 +74,9 @@ class RoundInfo:
     #: True once the node was asked to stop: return from ``train`` early (nothing is submitted).
     #: A default that never fires keeps trainers and tests that build a RoundInfo themselves working.
     should_stop: Callable[[], bool] = field(default=_never, compare=False, repr=False)
+    #: Record-level DP-SGD parameters and randomness when the federation runs DP (issue 12): pass it
+    #: to :func:`cipherhive.node.dp_sgd.private_training`. None: train without DP.
+    privacy: DPRound | None = field(default=None, compare=False)
 
 
 @dataclass

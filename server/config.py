@@ -1,4 +1,4 @@
-"""Settings of `cipherhive server` (TOML sections [server], [tls], [rounds], [limits], [log])."""
+"""Settings of `cipherhive server` (TOML sections [server], [tls], [rounds], [privacy], [limits], [log])."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cipherhive.config import ConfigError, setting
+from cipherhive.dpschedule import MODES, PrivacySchedule, ScheduleError
 from cipherhive.fedopt import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_TAU, OptimizerError, OptimizerSpec
 
 #: The privacy floor: a sum of one update *is* that update.
@@ -69,6 +70,19 @@ class ServerConfig:
     keep_sums: int = setting(
         0, "rounds", "published sums kept for nodes that catch up (0: all); older ones are deleted"
     )
+    masked: bool = setting(
+        True,
+        "rounds",
+        "mask every contribution inside its ciphertext (SecAgg double masking, issue 11): members enrol, "
+        "commit and release a self-mask seed before a sum is published; needs mutual TLS "
+        "(off with --insecure)",
+    )
+    enrol_seconds: float = setting(
+        30.0,
+        "rounds",
+        "masked rounds: the roster is fixed once every expected node enrolled, or after this (at most half "
+        "the round's timeout)",
+    )
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
@@ -86,6 +100,21 @@ class ServerConfig:
     )
     beta2: float = setting(DEFAULT_BETA2, "optimizer", "second-moment decay of fedadam and fedyogi")
     tau: float = setting(DEFAULT_TAU, "optimizer", "adaptivity τ of fedadam and fedyogi: η·m / (√v + τ)")
+    dp_mode: str = setting(
+        "off",
+        "privacy",
+        "differential privacy the federation announces: off, or record (record-level DP-SGD on every "
+        "member, each accounting its own ε; uniform FedAvg weights)",
+    )
+    dp_rounds: int = setting(
+        0, "privacy", "rounds the DP schedule plans, which members budget for (0: max_rounds)"
+    )
+    dp_sample_rate: float = setting(
+        0.0, "privacy", "probability that a record joins a local batch (Poisson sampling)"
+    )
+    dp_noise_multiplier: float = setting(0.0, "privacy", "noise standard deviation / clipping norm")
+    dp_steps_per_round: int = setting(0, "privacy", "local DP-SGD steps per round (not epochs)")
+    dp_max_grad_norm: float = setting(1.0, "privacy", "per-record gradient clipping norm")
     max_workers: int = setting(
         8,
         "limits",
@@ -153,12 +182,26 @@ class ServerConfig:
             raise ConfigError("stream_idle_seconds must be positive and min_upload_bytes_per_second >= 0")
         if self.max_participants < self.min_participants:
             raise ConfigError("max_participants must be at least min_participants")
+        if self.enrol_seconds <= 0:
+            raise ConfigError("enrol_seconds must be positive")
         if self.timeout_seconds <= 0 or self.weight_unit <= 0:
             raise ConfigError("timeout_seconds and weight_unit must be positive")
         if not 1 <= self.max_ciphertexts_per_chunk <= 60:
             raise ConfigError("max_ciphertexts_per_chunk must be 1..60 (each is ~66 KB)")
         if self.max_message_bytes < 70_000 * self.max_ciphertexts_per_chunk:
             raise ConfigError("max_message_bytes is too small for max_ciphertexts_per_chunk")
+        if self.dp_mode not in MODES:
+            raise ConfigError(f"dp_mode must be one of {', '.join(MODES)}")
+        if self.dp_mode != "off":
+            self.dp_rounds = self.dp_rounds or self.max_rounds
+            if self.max_rounds == 0:
+                self.max_rounds = self.dp_rounds
+            if self.max_rounds > self.dp_rounds:
+                raise ConfigError("max_rounds must not exceed dp_rounds: members budget for dp_rounds")
+        try:
+            self.privacy_schedule()
+        except ScheduleError as exc:
+            raise ConfigError(f"[privacy]: {exc}") from exc
         if not self.insecure:
             missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n) is None]
             if missing:
@@ -166,3 +209,16 @@ class ServerConfig:
                     f"mutual TLS needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
                     "(make them with `cipherhive certs`), or pass --insecure for a local test"
                 )
+
+    def privacy_schedule(self) -> PrivacySchedule:
+        """The DP schedule announced to members in ``FederationSettings.privacy``."""
+        if self.dp_mode == "off":
+            return PrivacySchedule()
+        return PrivacySchedule(
+            self.dp_mode,
+            self.dp_rounds,
+            self.dp_sample_rate,
+            self.dp_noise_multiplier,
+            self.dp_steps_per_round,
+            self.dp_max_grad_norm,
+        )

@@ -99,6 +99,7 @@ class Server:
         if not config.insecure and config.tls_crl is not None:
             assert config.tls_ca is not None
             self._revocations = certs.RevocationList(config.tls_crl, ca_cert=config.tls_ca)
+        self.rounds.revocations = self._revocations
         self.run = Runner(config.max_workers)
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None

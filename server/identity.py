@@ -13,11 +13,15 @@ turns a refusal into the call's status, so no servicer repeats them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from cipherhive import certs
 from cipherhive.transport import NODE_NAME_METADATA
@@ -43,6 +47,9 @@ class Caller:
     name: str
     role: str
     serial: int = 0  # certificate serial, 0 in insecure mode
+    #: SHA-256 of the client certificate's DER (empty in insecure mode): what a masked
+    #: round's enrolment must name (issue 11).
+    tls_fingerprint: bytes = b""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -74,7 +81,7 @@ class Authenticator:
             ident = certs.peer_identity(pems[0])
         except certs.CertificateError as exc:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"client certificate not usable: {exc}") from exc
-        caller = Caller(ident.name, ident.role, ident.serial)
+        caller = Caller(ident.name, ident.role, ident.serial, _der_fingerprint(pems[0]))
         revoked = self.revoked(caller)
         if revoked:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, revoked)
@@ -106,3 +113,10 @@ class Authenticator:
                 f"{NODE_NAME_METADATA!r} metadata; got {name[:80]!r}",
             )
         return Caller(name, role)
+
+
+@functools.lru_cache(maxsize=256)
+def _der_fingerprint(pem: bytes) -> bytes:
+    """SHA-256 of a PEM certificate's DER (cached: the same few certificates call all day)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()

@@ -16,6 +16,7 @@ from cipherhive.server.spool import Spool, read_records
 from cipherhive.server.state import State
 from cipherhive.server.withdrawal import pruned_message
 from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.wire import split_fields
 
 #: A chunk closes once it passes this size (a block is far smaller), keeping
 #: every message well under gRPC's default 4 MiB limit.
@@ -53,8 +54,9 @@ def stream_sum(
             f"({row.num_ciphertexts} ciphertexts)",
         )
 
-    def chunk(first: int, blobs: list[bytes]) -> pb.AggregateChunk:
+    def chunk(first: int, blobs: list[bytes], block_seeds: list[pb.BlockSeeds]) -> pb.AggregateChunk:
         return pb.AggregateChunk(
+            seeds=block_seeds,
             round=row.round,
             first_ciphertext=first,
             ciphertexts=blobs,
@@ -64,15 +66,27 @@ def stream_sum(
             layout_hash=layout_hash,
         )
 
+    sum_path = spool.path(row.sum_file)
+    blobs = read_records(sum_path, skip=request.first_ciphertext)
+    # Masked rounds: each block's member seeds travel with it (nodes check c1 against them).
+    seeds: Iterator[list[bytes]] | None = None
+    if row.masked:
+        seeds = (
+            split_fields(record, "block seeds")
+            for record in read_records(sum_path.with_suffix(".seeds"), skip=request.first_ciphertext)
+        )
     batch: list[bytes] = []
+    batch_seeds: list[pb.BlockSeeds] = []
     size = 0
     first = request.first_ciphertext
-    for blob in read_records(spool.path(row.sum_file), skip=request.first_ciphertext):
+    for blob in blobs:
         batch.append(blob)
+        if seeds is not None:
+            batch_seeds.append(pb.BlockSeeds(seeds=next(seeds)))
         size += len(blob)
         if len(batch) == per_chunk or size > MAX_CHUNK_BYTES:
-            yield chunk(first, batch)
+            yield chunk(first, batch, batch_seeds)
             first += len(batch)
-            batch, size = [], 0
+            batch, batch_seeds, size = [], [], 0
     if batch:
-        yield chunk(first, batch)
+        yield chunk(first, batch, batch_seeds)

@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cipherhive.logs import event
+from cipherhive.server import secagg
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.server.spool import read_records
 
@@ -37,6 +38,8 @@ def recover(m: RoundManager) -> OpenRound | None:
         for index, blob in enumerate(read_records(m.spool.path(sub.spool_file))):
             running.add(index, m.codec.load(blob))
         restored.accepted[sub.node] = sub
+    if row.masked:
+        secagg.restore(m, restored)
     event(
         log,
         "resumed open round after restart",

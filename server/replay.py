@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from cipherhive.server import secagg
 from cipherhive.server.state import RoundRow
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -39,6 +40,9 @@ def round_event(
         time_unix=time.time(),
         # Rows from before the floor was recorded (schema 1) fall back to the setting.
         min_participants=row.min_participants or m.config.min_participants,
+        masked=bool(row.masked),
+        nonce=row.nonce or b"",
+        enrol_deadline_unix=row.enrol_deadline,
     )
 
 
@@ -62,7 +66,14 @@ def history(m: RoundManager, since_round: int) -> list[pb.RoundEvent]:
     for row in m.state.rounds(after=since_round):
         if row.state in kinds:
             out.append(round_event(m, kinds[row.state], row, replay=True))
-    opened = m.open_row()
-    if opened is not None:
-        out.append(round_event(m, pb.RoundEvent.OPENED, opened, replay=True))
+    with m._lock:
+        current = m._open if m._open is not None and not m._open.closing else None
+        if current is not None:
+            out.append(round_event(m, pb.RoundEvent.OPENED, current.row, replay=True))
+            # A masked round's later steps too: a node that reconnects mid-round carries on.
+            phase = current.mask.phase if current.mask is not None else ""
+            if phase in ("upload", "release"):
+                out.append(secagg.roster_event(m, current))
+            if phase == "release":
+                out.append(secagg.commits_event(m, current))
     return out

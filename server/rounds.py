@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from cryptography import x509
 
-from cipherhive import codec, failpoints
+from cipherhive import codec, enrolment, failpoints
 from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
-from cipherhive.server import pinning, recovery, scheduler, withdrawal
+from cipherhive.server import pinning, recovery, scheduler, secagg, withdrawal
 from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
@@ -78,6 +79,10 @@ class OpenRound:
     accepted: dict[str, SubmissionRow] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     closing: bool = False
+    #: Masked rounds: members, commits and released seeds (``secagg``).
+    mask: secagg.MaskState | None = None
+    #: The self-masks were already subtracted (a retried close must not subtract them twice).
+    unmasked: bool = False
 
     @property
     def number(self) -> int:
@@ -113,8 +118,23 @@ class RoundManager:
             key = secrets.token_hex(32)
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
+        #: Revocations for enrolment certificates (set by the daemon; None: no CRL configured).
+        self.revocations: enrolment.RevocationCheck | None = None
+        self._ca: x509.Certificate | None = None
         pinning.pin_configured(self)
         self.optimizer = pinning.pin_optimizer(self)
+
+    @property
+    def masked(self) -> bool:
+        """Rounds are masked (issue 11): configured so, and certificates to enrol with exist."""
+        return self.config.masked and not self.config.insecure
+
+    def ca_certificate(self) -> x509.Certificate:
+        """The federation CA (loaded once): enrolment certificates must chain to it."""
+        if self._ca is None:
+            assert self.config.tls_ca is not None
+            self._ca = x509.load_pem_x509_certificate(self.config.tls_ca.read_bytes())
+        return self._ca
 
     def _blocks(self, num_values: int) -> int:
         return codec.blocks_for(num_values, self.codec.values_per_block)
@@ -162,6 +182,8 @@ class RoundManager:
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
             optimizer=self.optimizer.to_proto(),
+            privacy=self.config.privacy_schedule().to_proto(),
+            masked=self.masked,
         )
 
     def join(self, node: str, fingerprint: str, layout: Layout) -> None:
@@ -250,14 +272,23 @@ class RoundManager:
                     f"only {len(online)} node(s) are online (joined and watching) and a round needs "
                     f"{floor} to publish a sum; start more nodes, or pass --force to open it anyway",
                 )
-            deadline = time.time() + (timeout or self.config.timeout_seconds)
+            now = time.time()
+            duration = timeout or self.config.timeout_seconds
+            deadline = now + duration
+            nonce = secagg.new_nonce() if self.masked else None
             row = self.state.open_round(
-                self.state.latest_sum_round(), deadline, self.expected_nodes(), min_participants=floor
+                self.state.latest_sum_round(),
+                deadline,
+                self.expected_nodes(),
+                min_participants=floor,
+                nonce=nonce,
+                enrol_deadline=now + min(self.config.enrol_seconds, duration / 2),
             )
             self._open = OpenRound(
                 row,
                 RunningSum(self.codec, self._blocks(layout.num_values)),
                 layout.num_values,
+                mask=secagg.MaskState(nonce, "enrol") if nonce is not None else None,
             )
         audit(
             "round opened",
@@ -267,6 +298,7 @@ class RoundManager:
             expected=len(row.expected),
             min_participants=floor,
             forced=force,
+            masked=nonce is not None,
             deadline=round(deadline, 3),
         )
         server_metrics.ROUNDS.labels("opened").inc()
@@ -313,10 +345,17 @@ class RoundManager:
         base = self.state.round(current.row.base_round) if current.row.base_round else None
         if not fail_reason and base is not None and base.state == "withdrawn":
             fail_reason = f"it builds on round {base.round}, which was withdrawn: {base.withdrawn_reason}"
+        cut_short = bool(fail_reason)  # its base was withdrawn: nobody's miss
+        publish = participants >= floor and not fail_reason
+        if current.mask is not None and not fail_reason:
+            # A masked sum is usable only with every roster member's upload and seed in it.
+            publish = secagg.complete(current)
+            fail_reason = "" if publish else secagg.failure(current)
+            participants = len(current.mask.roster) if publish else participants
         self.bus.publish(
             self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
         )
-        if participants >= floor and not fail_reason:
+        if publish:
 
             def blocks() -> Iterator[bytes]:
                 for blob in current.running.serialized():
@@ -324,6 +363,11 @@ class RoundManager:
                     failpoints.hit("server.publishing")
 
             try:
+                if current.mask is not None:
+                    if not current.unmasked:
+                        secagg.unmask(self, current)
+                        current.unmasked = True
+                    self.spool.write_seeds(number, secagg.seed_records(self, current))
                 sum_file, size = self.spool.write_sum(number, blocks())
             except BaseException:
                 with self._lock:
@@ -359,7 +403,9 @@ class RoundManager:
             server_metrics.ROUNDS.labels("failed").inc()
         server_metrics.ROUND_SECONDS.observe(max(0.0, time.time() - current.row.opened))
         self.spool.drop_round(number)
-        if not fail_reason:  # a round cut short (its base withdrawn) is nobody's miss
+        if current.mask is not None:
+            self.state.forget_members(number, keep_proof=kind == pb.RoundEvent.SUM_READY)
+        if not cut_short:
             self.state.record_missed(number, current.row.expected, set(accepted))
         with self._lock:
             self._open = None
@@ -412,6 +458,7 @@ class RoundManager:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "layout hash differs from the federation's; join again with the federation's model",
                 )
+            secagg.check_upload(current, node, header)
             expected_cts = len(current.running)
             if header.num_values != current.num_values or header.num_ciphertexts != expected_cts:
                 raise RoundError(

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from cipherhive.server import secagg
 from cipherhive.server.errors import RoundError
 
 if TYPE_CHECKING:
@@ -34,11 +35,21 @@ def tick(m: RoundManager) -> None:
     with m._lock:
         current = m._open
         due: tuple[int, str] | None = None
+        roster = False
         if current is not None and not current.closing:
             if now >= current.row.deadline:
                 due = (current.number, "deadline reached")
+            elif current.mask is not None:
+                roster = secagg.roster_due(current, now)
+                if secagg.complete(current):
+                    due = (current.number, "every member released its self-mask")
             elif current.row.expected and set(current.row.expected) <= set(current.accepted):
                 due = (current.number, "every expected node submitted")
+    if roster and current is not None:
+        why = secagg.fix_roster(m, current.number)
+        if why:
+            m.close_round(current.number, "enrol deadline", fail_reason=why)
+        return
     if due is not None:
         m.close_round(*due)
         return

@@ -81,4 +81,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (round, node)
     );
     """,
+    # 2 -> 3: masked rounds (issue 11): the round's nonce and phase, and per member its
+    # enrolment, commit and released self-mask seed.
+    """
+    ALTER TABLE rounds ADD COLUMN masked INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rounds ADD COLUMN nonce BLOB;
+    ALTER TABLE rounds ADD COLUMN phase TEXT NOT NULL DEFAULT '';
+    ALTER TABLE rounds ADD COLUMN enrol_deadline REAL NOT NULL DEFAULT 0;
+    ALTER TABLE rounds ADD COLUMN roster_hash BLOB;
+    CREATE TABLE members (
+        round INTEGER NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        enrolment BLOB NOT NULL,
+        in_roster INTEGER NOT NULL DEFAULT 0,
+        commit_bytes BLOB,
+        seed BLOB,
+        PRIMARY KEY (round, node)
+    );
+    """,
 ]

@@ -16,11 +16,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import grpc
 
 from cipherhive.logs import audit, event
-from cipherhive.server import metrics, views
+from cipherhive.server import metrics, secagg, views
 from cipherhive.server.guard import Runner, caller
 from cipherhive.server.identity import Authenticator, Refusal
 from cipherhive.server.ingest import ingest
@@ -31,6 +32,7 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
+Reply = TypeVar("Reply")
 #: Client-supplied strings are cut to this length before they are logged.
 MAX_LOGGED = 200
 
@@ -69,6 +71,41 @@ class AggregationService(pb_grpc.AggregationServicer):
         self, request: pb.OutcomeReport, context: grpc.aio.ServicerContext
     ) -> pb.OutcomeAck:
         return await self.run(views.report_outcome, self.m, caller().name, request)
+
+    # Masked rounds (issue 11): each body is short and runs in a worker thread.
+
+    async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolReply:
+        return await self._masked("enrolment", secagg.enrol, request)
+
+    async def SubmitCommit(
+        self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitReply:
+        return await self._masked("commit", secagg.submit_commit, request)
+
+    async def ReleaseSeed(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseReply:
+        return await self._masked("self-mask release", secagg.release_seed, request)
+
+    async def GetRoundProof(
+        self, request: pb.ProofRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoundProof:
+        return await self.run(secagg.proof, self.m, request.round)
+
+    async def _masked(self, what: str, body: Callable[..., Reply], request: Any) -> Reply:
+        """Run one masked-round step; a refusal is audited with who made it."""
+        who = caller()
+        try:
+            return await self.run(body, self.m, who, request)
+        except RoundError as exc:
+            audit(
+                f"{what} refused",
+                who.name,
+                round=request.round,
+                code=exc.code.name,
+                reason=exc.message[:MAX_LOGGED],
+            )
+            raise
 
     async def WatchRounds(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext

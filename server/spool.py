@@ -93,11 +93,21 @@ class Spool:
         size = atomic_write(path, encode_records(blobs), mode=0o600)
         return str(path.relative_to(self.root)), size
 
+    def write_seeds(self, number: int, records: Iterable[bytes]) -> Path:
+        """Durably write a masked round's per-block member seeds, next to its sum."""
+        path = self.seeds_path(number)
+        atomic_write(path, encode_records(records), mode=0o600)
+        return path
+
+    def seeds_path(self, number: int) -> Path:
+        return self.sums_dir / f"round-{number}.seeds"
+
     def delete_sum(self, relative: str) -> None:
-        """Remove a published sum (pruned, or its round withdrawn)."""
+        """Remove a published sum (pruned, or its round withdrawn), and its seeds if masked."""
         path = self.path(relative)
         if path.parent == self.sums_dir:
             path.unlink(missing_ok=True)
+            path.with_suffix(".seeds").unlink(missing_ok=True)
             fsync_dir(self.sums_dir)
 
     def drop_round(self, number: int) -> None:

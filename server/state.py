@@ -24,6 +24,7 @@ from cipherhive.server.schema import MIGRATIONS
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "MemberRow",
     "NodeRow",
     "OutcomeRow",
     "RoundRow",
@@ -54,6 +55,24 @@ class RoundRow:
     min_participants: int = 0
     withdrawn_reason: str = ""
     withdrawn_unix: float = 0.0
+    #: Masked rounds (issue 11): the nonce members sign, the phase, when the roster is fixed.
+    masked: int = 0
+    nonce: bytes | None = None
+    phase: str = ""
+    enrol_deadline: float = 0.0
+    roster_hash: bytes | None = None
+
+
+@dataclass
+class MemberRow:
+    """One member of a masked round: its enrolment, and later its commit and released seed."""
+
+    round: int
+    node: str
+    enrolment: bytes
+    in_roster: bool
+    commit: bytes | None
+    seed: bytes | None
 
 
 @dataclass
@@ -198,8 +217,16 @@ class State:
         return RoundRow(**data)
 
     def open_round(
-        self, base_round: int, deadline: float, expected: list[str], min_participants: int = 0
+        self,
+        base_round: int,
+        deadline: float,
+        expected: list[str],
+        min_participants: int = 0,
+        *,
+        nonce: bytes | None = None,
+        enrol_deadline: float = 0.0,
     ) -> RoundRow:
+        """Open the next round; with a ``nonce`` it is masked and starts in the enrol phase."""
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM rounds WHERE state = 'open'").fetchone():
@@ -207,8 +234,20 @@ class State:
             last = db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0]
             db.execute(
                 "INSERT INTO rounds (round, state, base_round, opened, deadline, expected, "
-                "min_participants) VALUES (?, 'open', ?, ?, ?, ?, ?)",
-                (last + 1, base_round, now, deadline, json.dumps(sorted(expected)), min_participants),
+                "min_participants, masked, nonce, phase, enrol_deadline) "
+                "VALUES (?, 'open', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    last + 1,
+                    base_round,
+                    now,
+                    deadline,
+                    json.dumps(sorted(expected)),
+                    min_participants,
+                    int(nonce is not None),
+                    nonce,
+                    "enrol" if nonce is not None else "",
+                    enrol_deadline,
+                ),
             )
         row = self.round(last + 1)
         assert row is not None
@@ -339,7 +378,9 @@ class State:
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, reason = ?, participants = ?, closed = ?, "
-                "sum_file = ?, num_ciphertexts = ?, num_values = ? WHERE round = ? AND state = 'open'",
+                "sum_file = ?, num_ciphertexts = ?, num_values = ?, "
+                "phase = CASE WHEN masked = 1 THEN 'done' ELSE phase END "
+                "WHERE round = ? AND state = 'open'",
                 (
                     state,
                     reason,
@@ -455,3 +496,68 @@ class State:
         if number > _MAX_SQL_INT:
             return []
         return self.outcomes_between(number, number).get(number, [])
+
+    # ------------------------------------------------------------ masked rounds
+
+    def _member(self, row: sqlite3.Row) -> MemberRow:
+        return MemberRow(
+            row["round"],
+            row["node"],
+            row["enrolment"],
+            bool(row["in_roster"]),
+            row["commit_bytes"],
+            row["seed"],
+        )
+
+    def members(self, number: int, roster_only: bool = False) -> list[MemberRow]:
+        """A masked round's enrolled members (or only its roster), by name."""
+        sql = "SELECT * FROM members WHERE round = ?" + (" AND in_roster = 1" if roster_only else "")
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY node", (number,)).fetchall()
+        return [self._member(r) for r in rows]
+
+    def add_enrolment(self, number: int, node: str, enrolment: bytes) -> None:
+        """Record an enrolment; raises sqlite3.IntegrityError if the node already enrolled."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO members (round, node, enrolment) VALUES (?, ?, ?)", (number, node, enrolment)
+            )
+
+    def fix_roster(self, number: int, nodes: list[str], roster_hash: bytes) -> None:
+        """The roster is fixed: these members, this hash; the round moves to its upload phase."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE members SET in_roster = 1 WHERE round = ? AND node = ?", [(number, n) for n in nodes]
+            )
+            db.execute(
+                "UPDATE rounds SET phase = 'upload', roster_hash = ? WHERE round = ? AND state = 'open'",
+                (roster_hash, number),
+            )
+
+    def set_phase(self, number: int, phase: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET phase = ? WHERE round = ? AND state = 'open'", (phase, number))
+
+    def set_commit(self, number: int, node: str, commit: bytes) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE members SET commit_bytes = ? WHERE round = ? AND node = ? AND commit_bytes IS NULL",
+                (commit, number, node),
+            )
+
+    def set_seed(self, number: int, node: str, seed: bytes) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE members SET seed = ? WHERE round = ? AND node = ? AND seed IS NULL",
+                (seed, number, node),
+            )
+
+    def forget_members(self, number: int, keep_proof: bool) -> None:
+        """At a round's end: released seeds are dropped; a published round keeps its proof
+        (enrolments and commits), a failed one keeps nothing."""
+        with self._tx() as db:
+            if keep_proof:
+                db.execute("DELETE FROM members WHERE round = ? AND in_roster = 0", (number,))
+                db.execute("UPDATE members SET seed = NULL WHERE round = ?", (number,))
+            else:
+                db.execute("DELETE FROM members WHERE round = ?", (number,))

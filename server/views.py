@@ -17,6 +17,7 @@ import grpc
 from cipherhive import __version__
 from cipherhive.layout import Layout, LayoutError
 from cipherhive.logs import audit
+from cipherhive.server import secagg
 from cipherhive.server.errors import RoundError
 from cipherhive.server.rounds import STATE_NAMES, RoundManager
 from cipherhive.server.state import OutcomeRow, RoundRow, SubmissionRow
@@ -72,7 +73,10 @@ def round_info(
         min_participants=row.min_participants or manager.config.min_participants,
         withdrawn_reason=row.withdrawn_reason,
         withdrawn_unix=row.withdrawn_unix,
+        phase=row.phase,
     )
+    if row.masked:
+        secagg.progress(manager, row, info)
     if not with_submissions:
         return info
     if submissions is None:

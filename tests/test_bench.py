@@ -46,7 +46,7 @@ def test_bench_smoke_json(tmp_path: object) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert set(report["modes"]) == {"cipherhive", "plaintext", "tenseal-vector"}
+    assert set(report["modes"]) == {"cipherhive", "unmasked", "plaintext", "tenseal-vector"}
     for mode, figures in report["modes"].items():
         for key, _, _ in FIGURES:
             assert key in figures and figures[key] >= 0, (mode, key)

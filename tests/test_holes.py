@@ -43,7 +43,7 @@ def _tls(fed: LocalFederation, name: str) -> ClientTLS:
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     workdir = tmp_path_factory.mktemp("holes")
     fed = LocalFederation(
-        workdir, nodes=3, rounds={"auto_start": False, "timeout_seconds": 600.0}, layout=LAYOUT
+        workdir, masked=False, nodes=3, rounds={"auto_start": False, "timeout_seconds": 600.0}, layout=LAYOUT
     )
     fed.setup()
     certs.issue(workdir / "ca", "node", "latecomer", workdir / "latecomer")

@@ -96,6 +96,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("hostile")
     fed = LocalFederation(
         workdir,
+        masked=False,
         nodes=3,
         rounds={"min_participants": 3, "auto_start": False, "timeout_seconds": 600.0},
         layout=LAYOUT,  # the operator pins the layout these test-held members use

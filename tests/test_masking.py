@@ -287,10 +287,10 @@ def test_crypto_pool_checks_every_block_before_anything_is_decrypted(
         summed.append(public.dump(acc))
         seeds.append([masking.upload_seed(member[index]) for member in uploads])
     with CryptoPool(key_files.secret.read_bytes(), workers) as pool:
-        pool.check_seeds(summed, seeds)
+        pool.check_seeds(summed, seeds, 3)
         swapped = [summed[0], summed[2], summed[1]]  # blocks out of order: each c1 belongs elsewhere
         with pytest.raises(SeedCheckFailed) as err:
-            pool.check_seeds(swapped, seeds)
+            pool.check_seeds(swapped, seeds, 3)
         assert err.value.block_index == 1
         with pytest.raises(SeedCheckFailed, match="seeds for 2"):
-            pool.check_seeds(summed, seeds[:2])
+            pool.check_seeds(summed, seeds[:2], 3)

@@ -29,7 +29,11 @@ pytestmark = pytest.mark.slow
 
 def test_round_below_floor_fails_and_releases_nothing(tmp_path: Path) -> None:
     fed = LocalFederation(
-        tmp_path, nodes=2, node_options={"epochs": 1}, rounds={"min_participants": 3, "auto_start": False}
+        tmp_path,
+        masked=False,
+        nodes=2,
+        node_options={"epochs": 1},
+        rounds={"min_participants": 3, "auto_start": False},
     )
     fed.setup()
     fed.start()
@@ -147,7 +151,7 @@ def _admin(fed: LocalFederation) -> Any:
 def test_a_round_keeps_the_floor_it_opened_with(tmp_path: Path) -> None:
     """Opened under 3, the server restarted with min_participants = 2: two submissions still fail it."""
     fed = LocalFederation(
-        tmp_path, nodes=3, rounds={"min_participants": 3, "auto_start": False}, layout=LAYOUT
+        tmp_path, masked=False, nodes=3, rounds={"min_participants": 3, "auto_start": False}, layout=LAYOUT
     )
     fed.setup()
     fed.start_server()
@@ -181,6 +185,7 @@ def test_a_round_keeps_the_floor_it_opened_with(tmp_path: Path) -> None:
 def test_presence_needs_a_join_and_absent_members_stop_being_expected(tmp_path: Path) -> None:
     fed = LocalFederation(
         tmp_path,
+        masked=False,
         nodes=3,
         rounds={"min_participants": 2, "auto_start": True, "missed_rounds_limit": 2, "interval_seconds": 0.2},
         layout=LAYOUT,

@@ -23,7 +23,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cipherhive import certs, enrolment
 from cipherhive.chain import ChainHash, sum_digest
-from cipherhive.commit import C0_LABEL, SEEDS_LABEL, Commit, blocks_digest, make_commit, require_all_commits
+from cipherhive.commit import (
+    C0_LABEL,
+    SEEDS_LABEL,
+    Commit,
+    blocks_digest,
+    make_commit,
+    require_all_commits,
+    self_mask_digest,
+)
 from cipherhive.roster import (
     Enrolment,
     Member,
@@ -538,6 +546,7 @@ def test_commits(fed: Fed) -> None:
             cert_fingerprint=fed.parties[n].tls_fp,
             seeds_hash=seeds,
             c0_hash=c0,
+            self_mask_hash=self_mask_digest(b"b" * 32),
             key=fed.parties[n].enrol_key,
         ).encode()
         for n in NAMES
@@ -554,12 +563,13 @@ def test_commits(fed: Fed) -> None:
         cert_fingerprint=fed.parties["hooli"].tls_fp,
         seeds_hash=seeds,
         c0_hash=c0,
+        self_mask_hash=self_mask_digest(b"b" * 32),
         key=fed.parties["acme"].enrol_key,
     ).encode()
     with pytest.raises(RosterError, match="not signed by its enrolment key"):
         require_all_commits(roster, [forged])
     # A commit for another roster (another member's view).
-    wrong = Commit(b"\x99" * 32, fed.parties["hooli"].tls_fp, seeds, c0, b"").encode()
+    wrong = Commit(b"\x99" * 32, fed.parties["hooli"].tls_fp, seeds, c0, bytes(32), b"").encode()
     with pytest.raises(RosterError, match="another roster"):
         require_all_commits(roster, [wrong])
     with pytest.raises(RosterError, match="malformed commit"):
@@ -570,6 +580,7 @@ def test_commits(fed: Fed) -> None:
         cert_fingerprint=fed.parties["acme"].tls_fp,
         seeds_hash=seeds,
         c0_hash=bytes(32),
+        self_mask_hash=self_mask_digest(b"b" * 32),
         key=fed.parties["acme"].enrol_key,
     ).encode()
     with pytest.raises(RosterError, match="two different commits"):
@@ -577,10 +588,11 @@ def test_commits(fed: Fed) -> None:
 
 
 def test_vector_commit_and_blocks_digest() -> None:
-    commit = Commit(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, b"\x04" * 32, b"")
+    commit = Commit(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, b"\x04" * 32, b"\x05" * 32, b"")
     assert commit.signed_bytes() == b"\0\0\0\x14cipherhive/v1/commit" + b"".join(
-        b"\0\0\0\x20" + bytes([i]) * 32 for i in (1, 2, 3, 4)
+        b"\0\0\0\x20" + bytes([i]) * 32 for i in (1, 2, 3, 4, 5)
     )
+    assert Commit.decode(commit.encode()) == commit
     assert blocks_digest(SEEDS_LABEL, [b"a"]).hex() == (
         "690e78062f69f4324a3db2e8387fa3d00b328b9ddcf245bf7c15032aef860b61"
     )

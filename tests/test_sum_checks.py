@@ -43,6 +43,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     workdir = tmp_path_factory.mktemp("sum-checks")
     federation = LocalFederation(
         workdir,
+        masked=False,
         nodes=NODES,
         node_options={"epochs": 1, "record_dir": str(workdir / "records")},
         rounds={"auto_start": False, "timeout_seconds": 120.0},

@@ -57,8 +57,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RoundManag
     state.close()
 
 
-
-
 def _header(number: int, fingerprint: str, sid: str) -> pb.SubmitHeader:
     return pb.SubmitHeader(
         round=number,

@@ -106,6 +106,13 @@ install -m 0644 "$keys/public.ctx" "$out/server/public.ctx"
 install -m 0644 "$ca/crl.pem" "$out/server/crl.pem" # refreshed on every run (revocations)
 for i in $(seq 1 "$nodes"); do
     install -m 0600 "$keys/secret.ctx" "$out/node-$i/secret.ctx"
+    # Masked rounds: every member checks its peers' enrolment certificates against the CRL.
+    install -m 0644 "$ca/crl.pem" "$out/node-$i/crl.pem"
+done
+# Every member pins the federation's membership (masked rounds refuse anyone else).
+members=""
+for i in $(seq 1 "$nodes"); do
+    members+="${members:+, }\"node-$i\""
 done
 
 # 5. Configuration files (rewritten every run: edit this script, not the copies).
@@ -149,6 +156,10 @@ tls_cert = "node-$i.crt"
 tls_key = "node-$i.key"
 tls_ca = "ca.crt"
 tls_server_name = "server"
+
+[masking]
+# Names (or certificate fingerprints) this member takes part with; crl.pem sits beside ca.crt.
+members = [$members]
 
 [trainer]
 plugin = "cipherhive.demo.digits:DigitsTrainer"

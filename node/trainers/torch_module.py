@@ -51,6 +51,15 @@ federated, each pattern must match at least one, and everything trainable
 that is not selected stays local to this member (personalised layers).
 ``federated_tensors`` is accepted as another name for the pattern list.
 
+**Differential privacy.** When the federation runs record-level DP
+(``info.privacy`` is set), a round is DP-SGD through
+:func:`cipherhive.node.dp_sgd.private_training`: the trainer takes the *dataset*
+of ``train_loader`` (and its ``collate_fn``; its batch size, shuffling and
+sampler are not used) and runs exactly the schedule's ``steps_per_round``
+Poisson-sampled steps instead of ``epochs``. The model must not contain
+BatchNorm. Training metrics are then measured on the Poisson batches as they are
+trained on; they stay in the node's own log.
+
 **Metrics** (rounded before they leave the node): ``loss`` and, for
 ``cross_entropy``, ``accuracy`` over the last local epoch; ``val_loss`` and
 ``val_accuracy`` on the validation loader when there is one. The sample
@@ -150,6 +159,8 @@ class TorchModuleTrainer:
         torch.manual_seed(round_seed(self.seed, info.round, self.shard or 0))
         optimizer = self._make_optimizer(model)
         model.train()
+        if info.privacy is not None:
+            return self._train_private(model, optimizer, info, train_loader, val_loader)
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(self.epochs):
             loss_sum, correct, seen = 0.0, 0, 0
@@ -178,6 +189,48 @@ class TorchModuleTrainer:
         dataset = getattr(train_loader, "dataset", None)
         num_samples = len(dataset) if isinstance(dataset, Sized) else seen
         return TrainResult(num_samples=num_samples, metrics=metrics)
+
+    def _train_private(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: RoundInfo,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None,
+    ) -> TrainResult:
+        """One round of DP-SGD on the training loader's dataset (see "Differential privacy")."""
+        from torch.utils.data import DataLoader
+
+        from cipherhive.node.dp_sgd import private_training
+
+        if not isinstance(train_loader, DataLoader):
+            raise TrainerError("under DP the data factory must return a torch DataLoader over a dataset")
+        loss_sum, correct, seen = 0.0, 0, 0
+        with private_training(
+            model, optimizer, train_loader.dataset, info.privacy, collate_fn=train_loader.collate_fn
+        ) as dp:
+            for batch in dp.loader:
+                if info.should_stop():
+                    return TrainResult(num_samples=0)
+                inputs, target = _split_batch(batch)
+                dp.optimizer.zero_grad()
+                output = dp.model(*inputs)
+                loss = self._loss(output, target)
+                loss.backward()  # type: ignore[no-untyped-call]
+                dp.optimizer.step()
+                n = int(target.shape[0])
+                if n:
+                    loss_sum += float(loss.detach()) * n
+                    seen += n
+                    if self.loss == "cross_entropy":
+                        correct += int((output.detach().argmax(dim=1) == target).sum())
+            records = dp.num_records
+        metrics = {"loss": loss_sum / seen} if seen else {}
+        if seen and self.loss == "cross_entropy":
+            metrics["accuracy"] = correct / seen
+        if val_loader is not None:
+            metrics.update({f"val_{k}": v for k, v in self.evaluate(model, val_loader).items()})
+        return TrainResult(num_samples=records, metrics=metrics)
 
     # ------------------------------------------------------------ helpers
 

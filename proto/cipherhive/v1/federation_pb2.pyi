@@ -53,7 +53,7 @@ class EncodingParams(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., values_per_ciphertext: _Optional[int] = ...) -> None: ...
 
 class FederationSettings(_message.Message):
-    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "optimizer")
+    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "privacy", "optimizer", "masked")
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -63,7 +63,9 @@ class FederationSettings(_message.Message):
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
     MAX_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_KEPT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
     key_fingerprint: str
     encoding: EncodingParams
     min_participants: int
@@ -73,8 +75,32 @@ class FederationSettings(_message.Message):
     layout_hash: str
     max_participants: int
     oldest_kept_round: int
+    privacy: PrivacySchedule
     optimizer: ServerOptimizer
-    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ...) -> None: ...
+    masked: bool
+    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySchedule, _Mapping]] = ..., optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., masked: _Optional[bool] = ...) -> None: ...
+
+class PrivacySchedule(_message.Message):
+    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OFF: _ClassVar[PrivacySchedule.Mode]
+        RECORD: _ClassVar[PrivacySchedule.Mode]
+    OFF: PrivacySchedule.Mode
+    RECORD: PrivacySchedule.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    mode: PrivacySchedule.Mode
+    rounds: int
+    sample_rate: float
+    noise_multiplier: float
+    steps_per_round: int
+    max_grad_norm: float
+    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class ServerOptimizer(_message.Message):
     __slots__ = ("name", "learning_rate", "beta1", "beta2", "tau")
@@ -89,6 +115,68 @@ class ServerOptimizer(_message.Message):
     beta2: float
     tau: float
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
+
+class EnrolRequest(_message.Message):
+    __slots__ = ("round", "enrolment")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENROLMENT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    enrolment: bytes
+    def __init__(self, round: _Optional[int] = ..., enrolment: _Optional[bytes] = ...) -> None: ...
+
+class EnrolReply(_message.Message):
+    __slots__ = ("enrolled", "roster_deadline_unix")
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    enrolled: int
+    roster_deadline_unix: float
+    def __init__(self, enrolled: _Optional[int] = ..., roster_deadline_unix: _Optional[float] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("round", "commit")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    commit: bytes
+    def __init__(self, round: _Optional[int] = ..., commit: _Optional[bytes] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: int
+    def __init__(self, committed: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("round", "seed")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    seed: bytes
+    def __init__(self, round: _Optional[int] = ..., seed: _Optional[bytes] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class ProofRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class RoundProof(_message.Message):
+    __slots__ = ("round", "nonce", "roster", "commits")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    nonce: bytes
+    roster: _containers.RepeatedScalarFieldContainer[bytes]
+    commits: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., roster: _Optional[_Iterable[bytes]] = ..., commits: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("key_fingerprint", "layout", "node_name", "software_version")
@@ -123,7 +211,7 @@ class WatchRequest(_message.Message):
     def __init__(self, since_round: _Optional[int] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
-    __slots__ = ("kind", "round", "base_round", "reason", "deadline_unix", "expected", "participants", "replay", "time_unix", "min_participants")
+    __slots__ = ("kind", "round", "base_round", "reason", "deadline_unix", "expected", "participants", "replay", "time_unix", "min_participants", "nonce", "roster", "commits", "masked", "enrol_deadline_unix")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[RoundEvent.Kind]
@@ -133,6 +221,8 @@ class RoundEvent(_message.Message):
         FAILED: _ClassVar[RoundEvent.Kind]
         HEARTBEAT: _ClassVar[RoundEvent.Kind]
         WITHDRAWN: _ClassVar[RoundEvent.Kind]
+        ROSTER: _ClassVar[RoundEvent.Kind]
+        COMMITS: _ClassVar[RoundEvent.Kind]
     KIND_UNSPECIFIED: RoundEvent.Kind
     OPENED: RoundEvent.Kind
     CLOSED: RoundEvent.Kind
@@ -140,6 +230,8 @@ class RoundEvent(_message.Message):
     FAILED: RoundEvent.Kind
     HEARTBEAT: RoundEvent.Kind
     WITHDRAWN: RoundEvent.Kind
+    ROSTER: RoundEvent.Kind
+    COMMITS: RoundEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +242,11 @@ class RoundEvent(_message.Message):
     REPLAY_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    ENROL_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     kind: RoundEvent.Kind
     round: int
     base_round: int
@@ -160,10 +257,15 @@ class RoundEvent(_message.Message):
     replay: bool
     time_unix: float
     min_participants: int
-    def __init__(self, kind: _Optional[_Union[RoundEvent.Kind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., reason: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., replay: _Optional[bool] = ..., time_unix: _Optional[float] = ..., min_participants: _Optional[int] = ...) -> None: ...
+    nonce: bytes
+    roster: _containers.RepeatedScalarFieldContainer[bytes]
+    commits: _containers.RepeatedScalarFieldContainer[bytes]
+    masked: bool
+    enrol_deadline_unix: float
+    def __init__(self, kind: _Optional[_Union[RoundEvent.Kind, str]] = ..., round: _Optional[int] = ..., base_round: _Optional[int] = ..., reason: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., replay: _Optional[bool] = ..., time_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., nonce: _Optional[bytes] = ..., roster: _Optional[_Iterable[bytes]] = ..., commits: _Optional[_Iterable[bytes]] = ..., masked: _Optional[bool] = ..., enrol_deadline_unix: _Optional[float] = ...) -> None: ...
 
 class SubmitHeader(_message.Message):
-    __slots__ = ("round", "base_round", "submission_id", "layout_hash", "key_fingerprint", "num_values", "num_ciphertexts", "metrics")
+    __slots__ = ("round", "base_round", "submission_id", "layout_hash", "key_fingerprint", "num_values", "num_ciphertexts", "metrics", "roster_hash")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +281,7 @@ class SubmitHeader(_message.Message):
     NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
     NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     round: int
     base_round: int
     submission_id: str
@@ -187,7 +290,8 @@ class SubmitHeader(_message.Message):
     num_values: int
     num_ciphertexts: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., base_round: _Optional[int] = ..., submission_id: _Optional[str] = ..., layout_hash: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., num_values: _Optional[int] = ..., num_ciphertexts: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    roster_hash: bytes
+    def __init__(self, round: _Optional[int] = ..., base_round: _Optional[int] = ..., submission_id: _Optional[str] = ..., layout_hash: _Optional[str] = ..., key_fingerprint: _Optional[str] = ..., num_values: _Optional[int] = ..., num_ciphertexts: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., roster_hash: _Optional[bytes] = ...) -> None: ...
 
 class SubmitChunk(_message.Message):
     __slots__ = ("index", "first_ciphertext", "ciphertexts")
@@ -250,7 +354,7 @@ class OutcomeAck(_message.Message):
     def __init__(self, withdrawn: _Optional[bool] = ...) -> None: ...
 
 class AggregateChunk(_message.Message):
-    __slots__ = ("round", "first_ciphertext", "ciphertexts", "num_ciphertexts", "num_values", "participants", "layout_hash")
+    __slots__ = ("round", "first_ciphertext", "ciphertexts", "num_ciphertexts", "num_values", "participants", "layout_hash", "seeds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FIRST_CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +362,7 @@ class AggregateChunk(_message.Message):
     NUM_VALUES_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     first_ciphertext: int
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
@@ -265,7 +370,14 @@ class AggregateChunk(_message.Message):
     num_values: int
     participants: int
     layout_hash: str
-    def __init__(self, round: _Optional[int] = ..., first_ciphertext: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., num_ciphertexts: _Optional[int] = ..., num_values: _Optional[int] = ..., participants: _Optional[int] = ..., layout_hash: _Optional[str] = ...) -> None: ...
+    seeds: _containers.RepeatedCompositeFieldContainer[BlockSeeds]
+    def __init__(self, round: _Optional[int] = ..., first_ciphertext: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., num_ciphertexts: _Optional[int] = ..., num_values: _Optional[int] = ..., participants: _Optional[int] = ..., layout_hash: _Optional[str] = ..., seeds: _Optional[_Iterable[_Union[BlockSeeds, _Mapping]]] = ...) -> None: ...
+
+class BlockSeeds(_message.Message):
+    __slots__ = ("seeds",)
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    seeds: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, seeds: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -367,7 +479,7 @@ class NodeOutcome(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., applied: _Optional[bool] = ..., reason: _Optional[str] = ..., reported_unix: _Optional[float] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions", "min_participants", "outcomes", "withdrawn_reason", "withdrawn_unix")
+    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions", "min_participants", "outcomes", "withdrawn_reason", "withdrawn_unix", "phase", "enrolled", "committed", "released")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +494,10 @@ class RoundInfo(_message.Message):
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_REASON_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: RoundState
     base_round: int
@@ -396,7 +512,11 @@ class RoundInfo(_message.Message):
     outcomes: _containers.RepeatedCompositeFieldContainer[NodeOutcome]
     withdrawn_reason: str
     withdrawn_unix: float
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ..., min_participants: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., withdrawn_reason: _Optional[str] = ..., withdrawn_unix: _Optional[float] = ...) -> None: ...
+    phase: str
+    enrolled: int
+    committed: int
+    released: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ..., min_participants: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., withdrawn_reason: _Optional[str] = ..., withdrawn_unix: _Optional[float] = ..., phase: _Optional[str] = ..., enrolled: _Optional[int] = ..., committed: _Optional[int] = ..., released: _Optional[int] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ("limit", "before_round")

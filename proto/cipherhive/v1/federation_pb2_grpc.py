@@ -61,6 +61,26 @@ class AggregationStub:
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.FromString,
                 _registered_method=True)
+        self.Enrol = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/Enrol',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.EnrolRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.EnrolReply.FromString,
+                _registered_method=True)
+        self.SubmitCommit = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/SubmitCommit',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.CommitRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.CommitReply.FromString,
+                _registered_method=True)
+        self.ReleaseSeed = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/ReleaseSeed',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.ReleaseReply.FromString,
+                _registered_method=True)
+        self.GetRoundProof = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/GetRoundProof',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.ProofRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundProof.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -107,6 +127,34 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enrol(self, request, context):
+        """Masked rounds (SecAgg, Bonawitz et al., CCS 2017, with issue 11's changes):
+        enrol (a signed fresh X25519 key) -> ROSTER event -> masked upload ->
+        SubmitCommit -> COMMITS event -> ReleaseSeed -> the server removes the
+        self-masks and publishes; GetRoundProof gives what a node checks first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitCommit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseSeed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoundProof(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +182,26 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.ReportOutcome,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.SerializeToString,
+            ),
+            'Enrol': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enrol,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.EnrolRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.EnrolReply.SerializeToString,
+            ),
+            'SubmitCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitCommit,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.CommitRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.CommitReply.SerializeToString,
+            ),
+            'ReleaseSeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSeed,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ReleaseRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.ReleaseReply.SerializeToString,
+            ),
+            'GetRoundProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoundProof,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ProofRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundProof.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +341,114 @@ class Aggregation:
             '/cipherhive.v1.Aggregation/ReportOutcome',
             cipherhive_dot_v1_dot_federation__pb2.OutcomeReport.SerializeToString,
             cipherhive_dot_v1_dot_federation__pb2.OutcomeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enrol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/Enrol',
+            cipherhive_dot_v1_dot_federation__pb2.EnrolRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.EnrolReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/SubmitCommit',
+            cipherhive_dot_v1_dot_federation__pb2.CommitRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.CommitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/ReleaseSeed',
+            cipherhive_dot_v1_dot_federation__pb2.ReleaseRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoundProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/GetRoundProof',
+            cipherhive_dot_v1_dot_federation__pb2.ProofRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.RoundProof.FromString,
             options,
             channel_credentials,
             insecure,

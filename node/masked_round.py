@@ -1,0 +1,334 @@
+"""Taking part in a masked round: enrol, check the roster, train, mask, upload, commit, release.
+
+The steps are those of :mod:`cipherhive.node.secagg`, driven by the round's
+events (OPENED, ROSTER, COMMITS). The round's :class:`Participation` stays in
+memory across reconnects: after a server restart the node re-sends the same
+enrolment and the same masked ciphertexts from disk, and carries on from the
+step it had reached. It never trains or masks twice for one round, and a
+node that restarted mid-round sits that round out (its keys are gone).
+
+Whatever goes wrong in a round (a roster this node refuses, a commit missing,
+the server refusing a step) ends with this node not taking part: it is
+logged with the reason and never ends the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cipherhive import codec, failpoints
+from cipherhive.chain import ChainHash
+from cipherhive.enrolment import EnrolmentError
+from cipherhive.layout import Layout
+from cipherhive.ledger import FILE_NAME as ledger_file
+from cipherhive.ledger import LedgerError, ReleaseLedger
+from cipherhive.logs import event
+from cipherhive.node import metrics
+from cipherhive.node.checkpoint import Checkpoint, NodeState
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.node.errors import NodeError
+from cipherhive.node.receive import TRANSIENT, SessionEnd
+from cipherhive.node.secagg import MaskingSetup, Participation
+from cipherhive.node.update import rounded_metrics, weighted_blocks
+from cipherhive.node.upload import submit_requests
+from cipherhive.roster import RosterError
+from cipherhive.transport import describe_rpc_error
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cipherhive.node")
+Kind = pb.RoundEvent.Kind
+
+
+class MaskedRounds:
+    """The masked-round half of :class:`cipherhive.node.daemon.Node` (a mixin)."""
+
+    config: NodeConfig
+    name: str
+    settings: pb.FederationSettings
+    pool: CryptoPool
+    store: NodeState
+    layout: Layout
+    global_values: np.ndarray
+    withdrawn: set[int]
+    masking: MaskingSetup | None
+    chain: ChainHash | None
+    ledger: ReleaseLedger
+    _part: Participation | None
+    _events: Iterator[pb.RoundEvent] | None
+    _pending: deque[pb.RoundEvent]
+    fingerprint: str
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> tuple[float, Any, np.ndarray] | None:
+        raise NotImplementedError
+
+    def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
+        raise NotImplementedError
+
+    def _restore_model(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ start-up
+
+    def _load_chain(self, checkpoint: Checkpoint | None) -> ChainHash | None:
+        if checkpoint is None:
+            try:
+                return ChainHash.genesis(self.fingerprint, self.layout.hash)
+            except ValueError:
+                return None  # a benchmark's baseline codec (no SEAL key fingerprint): unmasked only
+        if not checkpoint.chain_hash:
+            return None  # from before masked rounds: it cannot enrol (logged when a round opens)
+        try:
+            return ChainHash.from_hex(checkpoint.chain_hash)
+        except ValueError as exc:
+            self.pool.close()
+            raise NodeError(
+                f"the checkpoint in {self.config.state_dir} holds a damaged chain hash ({exc})"
+            ) from exc
+
+    def _open_ledger(self, has_checkpoint: bool) -> ReleaseLedger:
+        """The release ledger (fail closed): created only for a brand-new state directory."""
+        path = self.config.state_dir / ledger_file
+        try:
+            if not path.exists() and not path.is_symlink() and not has_checkpoint:
+                return ReleaseLedger.init(path)
+            return ReleaseLedger(path)
+        except (LedgerError, OSError) as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
+
+    def _load_masking(self) -> MaskingSetup | None:
+        cfg = self.config
+        if cfg.insecure or not cfg.members:
+            return None
+        assert cfg.tls_cert is not None and cfg.tls_ca is not None
+        cert, key, crl = cfg.enrolment_files()
+        try:
+            return MaskingSetup.load(
+                members=cfg.members,
+                floor=cfg.min_participants,
+                tls_cert=cfg.tls_cert,
+                tls_ca=cfg.tls_ca,
+                enrol_cert=cert,
+                enrol_key=key,
+                crl=crl,
+                aggregator=cfg.tls_server_name or cfg.server.rpartition(":")[0],
+                federation_fingerprint=self.fingerprint,
+            )
+        except EnrolmentError as exc:
+            self.pool.close()
+            raise NodeError(f"masked rounds: {exc}") from exc
+
+    # ------------------------------------------------------------ events
+
+    def _next_event(self) -> pb.RoundEvent | None:
+        """The next round event: one put back first, then the watch stream (None: it ended)."""
+        if self._pending:
+            return self._pending.popleft()
+        if self._events is None:
+            return None
+        return next(self._events, None)
+
+    def _await(self, number: int, kind: Kind) -> pb.RoundEvent | None:
+        """Read events until round ``number``'s ``kind``; None if the round ends first.
+
+        Anything else that matters (a withdrawal, the next round, the end of this one)
+        is put back for the main loop; heartbeats are dropped.
+        """
+        while True:
+            ev = self._next_event()
+            if ev is None:
+                raise SessionEnd("the event stream ended")
+            if ev.kind == pb.RoundEvent.HEARTBEAT:
+                continue
+            if ev.round == number and ev.kind == kind:
+                return ev
+            if ev.round == number and ev.kind in (
+                pb.RoundEvent.ROSTER,
+                pb.RoundEvent.COMMITS,
+                pb.RoundEvent.OPENED,
+            ):
+                continue  # an earlier step again (replayed after a reconnect)
+            self._pending.appendleft(ev)
+            if ev.kind in (pb.RoundEvent.FAILED, pb.RoundEvent.SUM_READY, pb.RoundEvent.CLOSED) or (
+                ev.kind == pb.RoundEvent.OPENED and ev.round > number
+            ):
+                if ev.kind == pb.RoundEvent.CLOSED and ev.round == number:
+                    self._pending.popleft()
+                    continue  # a masked round closes as it publishes: keep waiting
+                return None
+            if ev.kind == pb.RoundEvent.WITHDRAWN:
+                return None
+
+    # ------------------------------------------------------------ the round
+
+    def _ledger_key(self, base_round: int) -> str:
+        """The base-model version a release is recorded for (issue 11, step 8).
+
+        The chain hash names the model's whole history; a later withdrawal of a round
+        built on this base makes a new version of it (that round's sum was published,
+        so the next round on this base reveals no more than a round with another roster).
+        """
+        assert self.chain is not None
+        withdrawn_after = max((r for r in self.withdrawn if r > base_round), default=0)
+        return f"{base_round}:{self.chain.hex()}:w{withdrawn_after}"
+
+    def _refuse_round(self, ev: pb.RoundEvent, why: str, level: int = logging.WARNING) -> None:
+        event(log, f"not taking part in round {ev.round}: {why}", level, node=self.name, round=ev.round)
+        metrics.MASKED_REFUSALS.inc()
+
+    def _masked_round(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
+        setup, chain = self.masking, self.chain
+        if setup is None or chain is None:
+            why = (
+                "list the federation's members in [masking] members to take part in masked rounds"
+                if setup is None
+                else "this node's checkpoint predates masked rounds (no chain hash); bootstrap it "
+                "from a member's `cipherhive node export`"
+            )
+            self._refuse_round(ev, why, logging.ERROR)
+            return
+        part = self._part
+        if part is None or part.round != ev.round or part.binding.nonce != ev.nonce:
+            if part is not None:
+                part.discard()
+                self._part = None
+            if self.store.submitted_round() == ev.round:
+                self._refuse_round(ev, "this node restarted after uploading to it; its masks are gone")
+                return
+            key = self._ledger_key(ev.base_round)
+            try:
+                if not self.ledger.may_upload(key):
+                    self._refuse_round(
+                        ev,
+                        f"this node already released a self-mask on base round {ev.base_round}; "
+                        "uploading on it again would let its update be differenced",
+                    )
+                    return
+            except LedgerError as exc:
+                self._refuse_round(ev, str(exc), logging.ERROR)
+                return
+            blocks = codec.blocks_for(self.layout.num_values, self.pool.values_per_block)
+            try:
+                part = Participation.enrol(setup, ev.round, ev.base_round, ev.nonce, chain.value, blocks)
+            except ValueError as exc:
+                self._refuse_round(ev, f"cannot enrol ({exc})")
+                return
+            self._part = part
+        if not self._step(stub.Enrol, pb.EnrolRequest(round=ev.round, enrolment=part.enrolment.encode()), ev):
+            return
+        roster_ev = self._await(ev.round, pb.RoundEvent.ROSTER)
+        if roster_ev is None:
+            return
+        try:
+            roster = part.accept_roster(list(roster_ev.roster))
+        except RosterError as exc:
+            self._refuse_round(ev, f"refused its roster: {exc}")
+            part.discard()
+            self._part = None
+            return
+        event(log, "roster verified", node=self.name, round=ev.round, members=len(roster.members))
+        started = time.perf_counter()
+        if part.upload is None and not self._mask_update(ev, part):
+            return
+        assert part.upload is not None
+        if not part.receipt:
+            header = self._header(ev, part.result)
+            header.roster_hash = roster.hash
+            per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
+            try:
+                receipt = stub.SubmitUpdate(
+                    submit_requests(header, part.upload.blobs(), per_chunk), metadata=self._metadata()
+                )
+            except grpc.RpcError as exc:
+                if exc.code() in TRANSIENT:
+                    raise
+                self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
+                return
+            part.receipt = receipt.receipt
+            failpoints.hit("node.submitted")
+            self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
+            metrics.ROUNDS_JOINED.inc()
+            metrics.PHASE_SECONDS.labels("encrypt_upload").observe(
+                time.perf_counter() - started - part.train_s
+            )
+            event(
+                log,
+                "update submitted",
+                node=self.name,
+                round=ev.round,
+                samples=part.result.num_samples,
+                train_s=round(part.train_s, 3),
+                encrypt_upload_s=round(time.perf_counter() - started - part.train_s, 3),
+                bytes=receipt.num_bytes,
+                duplicate=receipt.duplicate,
+                metrics=rounded_metrics(part.result.metrics),
+                masked=True,
+            )
+        if not self._step(stub.SubmitCommit, pb.CommitRequest(round=ev.round, commit=part.commit()), ev):
+            return
+        commits_ev = self._await(ev.round, pb.RoundEvent.COMMITS)
+        if commits_ev is None:
+            return
+        try:
+            seed = part.release(list(commits_ev.commits), self.ledger, self._ledger_key(ev.base_round))
+        except (RosterError, LedgerError) as exc:
+            self._refuse_round(ev, f"not releasing the self-mask: {exc}")
+            return
+        if self._step(stub.ReleaseSeed, pb.ReleaseRequest(round=ev.round, seed=seed), ev):
+            event(log, "self-mask released", node=self.name, round=ev.round)
+
+    def _mask_update(self, ev: pb.RoundEvent, part: Participation) -> bool:
+        """Train, then mask and encrypt to disk (fsynced) before anything is sent."""
+        fields: dict[str, Any] = {"node": self.name, "round": ev.round}
+        started = time.perf_counter()
+        try:
+            trained = self._train(ev, fields)
+            if trained is None:
+                return False
+            weight, result, local = trained
+            part.train_s = time.perf_counter() - started
+            plan = part.mask_plan(self.pool.modulus)
+            self.pool.set_mask_plan(plan)
+            try:
+                part.write_upload(
+                    self.config.state_dir / f"upload-{ev.round}.ct",
+                    self.pool.encrypt_masked(
+                        weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
+                    ),
+                )
+            finally:
+                self.pool.clear_mask_plan()
+            part.weight, part.result = weight, result
+            return True
+        finally:
+            self._restore_model()
+
+    def _step(self, call: Any, request: Any, ev: pb.RoundEvent) -> bool:
+        """One unary step of the round; a refusal ends this node's part in it (logged)."""
+        try:
+            call(request, metadata=self._metadata(), timeout=60)
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT:
+                raise
+            self._refuse_round(ev, f"the server refused {type(request).__name__}: {describe_rpc_error(exc)}")
+            return False
+        return True
+
+    def _end_part(self, number: int) -> None:
+        """Round ``number`` is over: drop its participation (keys, upload file)."""
+        part = self._part
+        if part is not None and part.round <= number:
+            part.discard()
+            self._part = None

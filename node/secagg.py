@@ -1,0 +1,278 @@
+"""The node's half of a masked round (issue 11; SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+
+One :class:`Participation` per round this node takes part in, kept in memory
+across reconnects (a server restart resumes the round where it was):
+
+1. :meth:`Participation.enrol` — a fresh X25519 key, signed with the
+   enrolment key over the round's binding (§4 round 0 with §6's signature);
+2. :meth:`Participation.accept_roster` — every check of issue 11 step 2
+   (:func:`cipherhive.roster.verify_roster`), against this node's own pinned
+   membership, floor, CA and CRL; a refusal means nothing is uploaded;
+3. :meth:`Participation.mask_plan` — pairwise keys and a fresh self-mask seed;
+   the X25519 private key is dropped as soon as the keys are derived;
+4. :meth:`Participation.write_upload` — the masked ciphertexts go to a 0600
+   file, fsynced, *before* the first byte is sent, and only that file is ever
+   sent (a reconnect resends it; nothing is masked twice);
+5. :meth:`Participation.commit` — the signed commit, after the receipt;
+6. :meth:`Participation.release` — the self-mask seed, only with every
+   member's valid commit in hand and after the release ledger recorded it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from cipherhive import codec, enrolment, masking
+from cipherhive.commit import (
+    C0_LABEL,
+    SEEDS_LABEL,
+    blocks_digest,
+    make_commit,
+    require_all_commits,
+    self_mask_digest,
+)
+from cipherhive.fsutil import fsync_dir
+from cipherhive.ledger import ReleaseLedger
+from cipherhive.roster import (
+    Enrolment,
+    Roster,
+    RosterError,
+    RoundBinding,
+    make_enrolment,
+    pairwise_keys,
+    verify_roster,
+)
+
+__all__ = ["MaskingSetup", "Participation", "params_id"]
+
+
+def params_id() -> bytes:
+    """The CKKS parameters every roster entry must share (the key fingerprint pins the rest)."""
+    bits = "-".join(str(b) for b in codec.COEFF_MOD_BIT_SIZES)
+    return f"ckks/{codec.POLY_MODULUS_DEGREE}/{bits}/{codec.SCALE_BITS}".encode()
+
+
+@dataclass(frozen=True)
+class MaskingSetup:
+    """What this node checks rosters against: all from its own configuration, never the server."""
+
+    members: tuple[str, ...]
+    floor: int
+    ca_cert: x509.Certificate
+    crl_path: Path
+    enrol_cert: bytes
+    enrol_key: ec.EllipticCurvePrivateKey
+    tls_fingerprint: bytes
+    aggregator: str
+    federation: bytes
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        members: Sequence[str],
+        floor: int,
+        tls_cert: Path,
+        tls_ca: Path,
+        enrol_cert: Path,
+        enrol_key: Path,
+        crl: Path,
+        aggregator: str,
+        federation_fingerprint: str,
+    ) -> MaskingSetup:
+        """Read the files; a missing or unusable one raises :class:`enrolment.EnrolmentError`."""
+        try:
+            ca = x509.load_pem_x509_certificate(tls_ca.read_bytes())
+            tls = x509.load_pem_x509_certificate(tls_cert.read_bytes())
+            enrol_pem = enrol_cert.read_bytes()
+        except (OSError, ValueError) as exc:
+            raise enrolment.EnrolmentError(f"cannot read a certificate for masked rounds: {exc}") from exc
+        key = enrolment.load_key(enrol_key)
+        tls_fp = hashlib.sha256(tls.public_bytes(serialization.Encoding.DER)).digest()
+        return cls(
+            tuple(members),
+            floor,
+            ca,
+            crl,
+            enrol_pem,
+            key,
+            tls_fp,
+            aggregator,
+            bytes.fromhex(federation_fingerprint),
+        )
+
+    def revocations(self) -> x509.CertificateRevocationList:
+        """The CRL, read now; fail closed: a missing or unreadable CRL refuses the roster."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise RosterError(
+                f"cannot read the revocation list {self.crl_path} ({exc}); without it no roster member's "
+                "certificate can be checked, so this node does not take part: copy crl.pem from the CA"
+            ) from None
+        return crl
+
+    def binding(self, round_number: int, nonce: bytes, chain_hash: bytes, block_count: int) -> RoundBinding:
+        return RoundBinding(
+            self.federation, self.aggregator, round_number, nonce, chain_hash, params_id(), block_count
+        )
+
+
+@dataclass
+class UploadFile:
+    """The masked update on disk: sent as is, and what the commit is over."""
+
+    path: Path
+    count: int
+    seeds_hash: bytes
+    blocks_hash: bytes
+
+    def blobs(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as fh:
+            for _ in range(self.count):
+                size = int.from_bytes(fh.read(4), "big")
+                blob = fh.read(size)
+                if len(blob) != size:
+                    raise OSError(f"{self.path} is truncated")
+                yield blob
+
+
+@dataclass
+class Participation:
+    """This node's state in one masked round, kept across reconnects."""
+
+    setup: MaskingSetup
+    binding: RoundBinding
+    base_round: int
+    enrolment: Enrolment
+    _x25519: X25519PrivateKey | None
+    roster: Roster | None = None
+    plan: masking.MaskPlan | None = None
+    upload: UploadFile | None = None
+    receipt: str = ""
+    commit_bytes: bytes = b""
+    released: bool = False
+    #: The FedAvg weight and the trainer's result of the update (for the upload header).
+    weight: float = 0.0
+    result: Any = None
+    train_s: float = 0.0
+
+    @property
+    def round(self) -> int:
+        return self.binding.round
+
+    @classmethod
+    def enrol(
+        cls,
+        setup: MaskingSetup,
+        round_number: int,
+        base_round: int,
+        nonce: bytes,
+        chain_hash: bytes,
+        blocks: int,
+    ) -> Participation:
+        """A fresh X25519 key and the signed enrolment for this round (never reused)."""
+        binding = setup.binding(round_number, nonce, chain_hash, blocks)
+        private = X25519PrivateKey.generate()
+        entry = make_enrolment(
+            binding=binding,
+            cert_fingerprint=setup.tls_fingerprint,
+            x25519_public=private.public_key(),
+            certificate=setup.enrol_cert,
+            key=setup.enrol_key,
+        )
+        return cls(setup, binding, base_round, entry, private)
+
+    def accept_roster(self, entries: Sequence[bytes]) -> Roster:
+        """Verify the roster (issue 11, step 2); the same roster again is accepted, another refused."""
+        roster = verify_roster(
+            entries,
+            me=self.enrolment,
+            ca_cert=self.setup.ca_cert,
+            crl=self.setup.revocations(),
+            pinned_members=self.setup.members,
+            floor=self.setup.floor,
+            expected=self.binding,
+        )
+        if self.roster is not None and roster.hash != self.roster.hash:
+            raise RosterError("the server sent a different roster for the same round; abandoning it")
+        self.roster = roster
+        return roster
+
+    def mask_plan(self, modulus: int) -> masking.MaskPlan:
+        """Pairwise keys and a fresh self-mask seed; the X25519 private key is dropped here."""
+        if self.plan is not None:
+            return self.plan
+        if self.roster is None or self._x25519 is None:
+            raise RosterError("no verified roster (or the key was already used): cannot mask")
+        pairs = pairwise_keys(self.roster, self._x25519, self.setup.tls_fingerprint)
+        self._x25519 = None  # issue 11, step 8: erased once the masks are made
+        self.plan = masking.MaskPlan.fresh(pairs, modulus)
+        return self.plan
+
+    def write_upload(self, path: Path, blobs: Iterable[bytes]) -> UploadFile:
+        """Write the masked ciphertexts (0600), fsync, and hash them as the commit will say."""
+        seeds: list[bytes] = []
+        digest_blocks: list[bytes] = []
+        tmp = path.with_suffix(".partial")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        count = 0
+        with os.fdopen(fd, "wb") as fh:
+            for blob in blobs:
+                fh.write(len(blob).to_bytes(4, "big"))
+                fh.write(blob)
+                seeds.append(masking.upload_seed(blob))
+                digest_blocks.append(hashlib.sha256(blob).digest())
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        upload = UploadFile(path, count, blocks_digest(SEEDS_LABEL, seeds), b"")
+        upload.blocks_hash = blocks_digest(C0_LABEL, upload.blobs())
+        self.upload = upload
+        return upload
+
+    def commit(self) -> bytes:
+        """The signed commit (issue 11, step 5), once the upload has its receipt."""
+        if self.commit_bytes:
+            return self.commit_bytes
+        assert self.roster is not None and self.upload is not None and self.plan is not None
+        self.commit_bytes = make_commit(
+            roster=self.roster,
+            cert_fingerprint=self.setup.tls_fingerprint,
+            seeds_hash=self.upload.seeds_hash,
+            c0_hash=self.upload.blocks_hash,
+            self_mask_hash=self_mask_digest(self.plan.self_seed),
+            key=self.setup.enrol_key,
+        ).encode()
+        return self.commit_bytes
+
+    def release(self, commits: Sequence[bytes], ledger: ReleaseLedger, base_key: str) -> bytes:
+        """The self-mask seed, only with every member's valid commit and the ledger's record first."""
+        assert self.roster is not None and self.plan is not None
+        got = require_all_commits(self.roster, commits)
+        mine = got[self.setup.tls_fingerprint]
+        if mine.encode() != self.commit_bytes:
+            raise RosterError("the server forwarded another commit in this node's name; not releasing")
+        if not self.released:
+            ledger.record_release(base_key)  # raises if a release on this base was recorded before
+            self.released = True
+        return self.plan.self_seed
+
+    def discard(self) -> None:
+        """The round is over: its upload file goes, and no key of it stays in memory."""
+        self._x25519 = None
+        self.plan = None
+        if self.upload is not None:
+            self.upload.path.unlink(missing_ok=True)

@@ -1,0 +1,495 @@
+"""The server's half of a masked round (issue 11; SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+
+Phases of an open masked round (``rounds.phase``)::
+
+    enrol    members send signed enrolments (a fresh X25519 key bound to this
+             round's nonce); the roster is fixed when every expected member
+             enrolled, or at the enrol deadline (fewer than the floor: the round
+             fails and nothing was uploaded)            -> ROSTER event
+    upload   roster members upload masked ciphertexts, then sign a commit to
+             what they uploaded; the server checks each commit against its own
+             spool (seeds, blocks) and the member's enrolment key
+             every member committed                     -> COMMITS event
+    release  members release their self-mask seeds (each checked against the
+             commitment in the member's commit); with every seed the server
+             subtracts Σ PRG(b_i) from the encrypted sum (§4 "unmasking", no
+             key needed) and publishes it with every member's per-block seeds
+                                                        -> SUM_READY
+
+The server never checks what the members check among themselves (pinned
+membership, chain hashes, parameters): a server that lies is refused by the
+members, so it gains nothing from skipping those checks. What it does check
+is what keeps an honest server from publishing a sum nobody can use: the
+enrolment names the caller's own TLS certificate and is signed by its
+certified enrolment key, the commit matches the spooled upload, and the
+released seed matches its commitment.
+
+Everything is durable (SQLite ``members``) before it is acknowledged, so a
+restart resumes the phase it was in; a round that fails leaves the
+self-masks on (nothing released can be differenced: see the node's ledger).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cipherhive import enrolment, masking
+from cipherhive.commit import C0_LABEL, SEEDS_LABEL, Commit, blocks_digest, self_mask_digest
+from cipherhive.logs import audit, event
+from cipherhive.roster import Enrolment, roster_hash
+from cipherhive.server.errors import RoundError
+from cipherhive.server.spool import read_records
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.wire import WireError, fields
+
+if TYPE_CHECKING:
+    from cipherhive.server.identity import Caller
+    from cipherhive.server.rounds import OpenRound, RoundManager
+    from cipherhive.server.state import RoundRow
+
+log = logging.getLogger("cipherhive.server.secagg")
+
+NONCE_BYTES = 32
+SEED_BYTES = masking.SEED_BYTES
+
+
+class _NothingRevoked:
+    """Revocation answer for a server started without a CRL (``allow_missing_crl``)."""
+
+    def is_revoked(self, serial: int) -> bool:
+        return False
+
+
+@dataclass
+class Entry:
+    """A verified roster entry as the server keeps it."""
+
+    node: str
+    encoded: bytes
+    cert_fingerprint: bytes
+    enrol_key: ec.EllipticCurvePublicKey
+
+
+@dataclass
+class MaskState:
+    """The open masked round's members, in memory (mirrors the ``members`` table)."""
+
+    nonce: bytes
+    phase: str
+    enrolled: dict[str, Entry] = field(default_factory=dict)
+    roster: dict[str, Entry] = field(default_factory=dict)
+    roster_hash: bytes = b""
+    commits: dict[str, Commit] = field(default_factory=dict)
+    seeds: dict[str, bytes] = field(default_factory=dict)
+
+    def ordered(self) -> list[Entry]:
+        """Roster members in pair order (TLS certificate fingerprint), as members order them."""
+        return sorted(self.roster.values(), key=lambda e: e.cert_fingerprint)
+
+    def missing(self, done: Collection[str]) -> list[str]:
+        return sorted(n for n in self.roster if n not in done)
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def _refuse(code: grpc.StatusCode, message: str) -> RoundError:
+    return RoundError(code, message)
+
+
+def _check_entry(m: RoundManager, who: Caller, number: int, nonce: bytes, data: bytes) -> Entry:
+    """An enrolment the caller may make for this round, or a refusal saying why."""
+    try:
+        entry = Enrolment.decode(data)
+    except WireError as exc:
+        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed enrolment ({exc})") from None
+    b = entry.binding
+    if b.round != number or b.nonce != nonce:
+        raise _refuse(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the enrolment was made for round {b.round} with another nonce, not round {number}: "
+            "enrol again from the round's OPENED event",
+        )
+    if b.federation != bytes.fromhex(m.fingerprint):
+        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, "the enrolment is for another federation key")
+    if b.block_count != len(m._open.running if m._open else ()):
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the enrolment is for {b.block_count} blocks; this federation's layout has "
+            f"{len(m._open.running if m._open else ())}",
+        )
+    if not who.tls_fingerprint or entry.cert_fingerprint != who.tls_fingerprint:
+        raise _refuse(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "the enrolment names another TLS certificate than the one this call came with",
+        )
+    ca = m.ca_certificate()
+    revocations = m.revocations or _NothingRevoked()
+    try:
+        ident = enrolment.verify_certificate(entry.certificate, ca, revocations)
+    except enrolment.EnrolmentError as exc:
+        raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"enrolment certificate refused: {exc}") from None
+    if ident.name != who.name or ident.tls_fingerprint != who.tls_fingerprint:
+        raise _refuse(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"the enrolment certificate is {ident.name!r}'s, issued with another TLS certificate; "
+            "sign with this member's own NAME.enrol.key",
+        )
+    if not enrolment.verify_signature(ident.public_key, entry.signature, entry.signed_bytes()):
+        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the enrolment's signature does not verify")
+    return Entry(who.name, data, entry.cert_fingerprint, ident.public_key)
+
+
+def enrol(m: RoundManager, who: Caller, request: pb.EnrolRequest) -> pb.EnrolReply:
+    """Enrol: record a member's signed enrolment for the open round (idempotent)."""
+    with m._lock:
+        current, mask = _open_masked(m, request.round)
+        if who.name not in m._joined:
+            raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, "join the federation before enrolling")
+        previous = mask.enrolled.get(who.name)
+        if previous is not None:
+            if previous.encoded == request.enrolment:
+                return _enrol_reply(current, mask)
+            raise _refuse(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"{who.name!r} already enrolled in round {current.number} with another key; one "
+                "enrolment per member per round (a node that lost its key sits this round out)",
+            )
+        if mask.phase != "enrol":
+            raise _refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the roster of round {current.number} is already fixed; take part in the next round",
+            )
+        entry = _check_entry(m, who, current.number, mask.nonce, request.enrolment)
+        try:
+            m.state.add_enrolment(current.number, who.name, request.enrolment)
+        except sqlite3.IntegrityError:
+            raise _refuse(grpc.StatusCode.ALREADY_EXISTS, "enrolment already recorded") from None
+        mask.enrolled[who.name] = entry
+        everyone = set(current.row.expected) <= set(mask.enrolled)
+    audit("enrolled", who.name, round=current.number, enrolled=len(mask.enrolled))
+    if everyone:
+        m._wake.set()
+    return _enrol_reply(current, mask)
+
+
+def _enrol_reply(current: OpenRound, mask: MaskState) -> pb.EnrolReply:
+    return pb.EnrolReply(enrolled=len(mask.enrolled), roster_deadline_unix=current.row.enrol_deadline)
+
+
+def _open_masked(m: RoundManager, number: int) -> tuple[OpenRound, MaskState]:
+    """The open round if it is ``number`` and masked (caller holds the lock)."""
+    current = m._open
+    if current is None or current.closing or current.number != number:
+        open_now = current.number if current is not None and not current.closing else 0
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"round {number} is not open"
+            + (f" (round {open_now} is)" if open_now else " (no round is open)"),
+        )
+    if current.mask is None:
+        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} is not a masked round")
+    return current, current.mask
+
+
+def roster_due(current: OpenRound, now: float) -> bool:
+    """Fix the roster now: every expected member enrolled, or the enrol deadline passed."""
+    mask = current.mask
+    if mask is None or mask.phase != "enrol":
+        return False
+    if now >= current.row.enrol_deadline:
+        return True
+    return bool(current.row.expected) and set(current.row.expected) <= set(mask.enrolled)
+
+
+def fix_roster(m: RoundManager, number: int) -> str:
+    """Fix the open round's roster; returns "" or why the round must fail instead."""
+    with m._lock:
+        current, mask = _open_masked(m, number)
+        if mask.phase != "enrol":
+            return ""
+        floor = max(current.row.min_participants or m.config.min_participants, 2)
+        if len(mask.enrolled) < floor:
+            return (
+                f"only {len(mask.enrolled)} member(s) enrolled by the enrol deadline and a masked round "
+                f"needs {floor}; nothing was uploaded"
+            )
+        encoded = sorted(e.encoded for e in mask.enrolled.values())
+        digest = roster_hash(encoded, mask.nonce)
+        m.state.fix_roster(number, sorted(mask.enrolled), digest)
+        mask.roster = dict(mask.enrolled)
+        mask.roster_hash = digest
+        mask.phase = "upload"
+        row = m.state.round(number)
+        assert row is not None
+        current.row = row
+    audit("roster fixed", "scheduler", round=number, members=sorted(mask.roster), hash=digest.hex()[:16])
+    m.bus.publish(roster_event(m, current))
+    return ""
+
+
+def roster_event(m: RoundManager, current: OpenRound) -> pb.RoundEvent:
+    assert current.mask is not None
+    ev = m._event(pb.RoundEvent.ROSTER, current.row)
+    ev.roster.extend(e.encoded for e in current.mask.ordered())
+    return ev
+
+
+def commits_event(m: RoundManager, current: OpenRound) -> pb.RoundEvent:
+    assert current.mask is not None
+    ev = m._event(pb.RoundEvent.COMMITS, current.row)
+    ev.roster.extend(e.encoded for e in current.mask.ordered())
+    ev.commits.extend(current.mask.commits[e.node].encode() for e in current.mask.ordered())
+    return ev
+
+
+def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None:
+    """A masked round takes uploads only from its roster, masked for its roster (caller holds the lock)."""
+    mask = current.mask
+    if mask is None:
+        return
+    if mask.phase == "enrol":
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"round {current.number} is still enrolling; upload after its ROSTER event",
+        )
+    if node not in mask.roster:
+        raise _refuse(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{node!r} is not in the roster of round {current.number}; a masked round takes uploads "
+            "only from the members it enrolled",
+        )
+    if mask.phase != "upload":
+        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {current.number} no longer takes uploads")
+    if header.roster_hash != mask.roster_hash:
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the update was masked for another roster than this round's; nothing was added",
+        )
+
+
+def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
+    """(H(per-block seeds), H(uploaded blocks)) of one spooled upload, as a member commits them."""
+    seeds: list[bytes] = []
+    raw: list[bytes] = []
+    for blob in blobs:
+        seeds.append(masking.upload_seed(blob))
+        raw.append(blob)
+    return blocks_digest(SEEDS_LABEL, seeds), blocks_digest(C0_LABEL, raw)
+
+
+def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
+    """SubmitCommit: check a member's signed commit against its spooled upload and record it."""
+    with m._lock:
+        current, mask = _open_masked(m, request.round)
+        entry = mask.roster.get(who.name)
+        if entry is None:
+            raise _refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who.name!r} is not in the roster of round {current.number}",
+            )
+        previous = mask.commits.get(who.name)
+        if previous is not None:
+            if previous.encode() == request.commit:
+                return pb.CommitReply(committed=len(mask.commits))
+            raise _refuse(
+                grpc.StatusCode.ALREADY_EXISTS, "a different commit is already recorded for this member"
+            )
+        sub = current.accepted.get(who.name)
+        if sub is None or sub.spool_file is None:
+            raise _refuse(
+                grpc.StatusCode.FAILED_PRECONDITION, "commit after the upload's receipt, not before"
+            )
+        spool_file = sub.spool_file
+        roster_digest = mask.roster_hash
+    try:
+        commit = Commit.decode(request.commit)
+    except WireError as exc:
+        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed commit ({exc})") from None
+    if commit.roster_hash != roster_digest or commit.cert_fingerprint != entry.cert_fingerprint:
+        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the commit is for another roster or another member")
+    if not enrolment.verify_signature(entry.enrol_key, commit.signature, commit.signed_bytes()):
+        raise _refuse(
+            grpc.StatusCode.INVALID_ARGUMENT, "the commit is not signed by this member's enrolment key"
+        )
+    try:
+        seeds_hash, blocks_hash = upload_digests(read_records(m.spool.path(spool_file)))
+    except (masking.MaskError, ValueError) as exc:
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION, f"the spooled upload cannot be read: {exc}"
+        ) from None
+    if (commit.seeds_hash, commit.c0_hash) != (seeds_hash, blocks_hash):
+        raise _refuse(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the commit does not match the upload this server acknowledged (seeds or blocks differ)",
+        )
+    with m._lock:
+        current, mask = _open_masked(m, request.round)
+        if who.name not in mask.commits:
+            m.state.set_commit(current.number, who.name, request.commit)
+            mask.commits[who.name] = commit
+        everyone = set(mask.roster) <= set(mask.commits) and mask.phase == "upload"
+        if everyone:
+            m.state.set_phase(current.number, "release")
+            mask.phase = "release"
+            row = m.state.round(current.number)
+            assert row is not None
+            current.row = row
+        committed = len(mask.commits)
+    audit("commit accepted", who.name, round=current.number, committed=committed)
+    if everyone:
+        audit("every member committed", "scheduler", round=current.number, members=committed)
+        m.bus.publish(commits_event(m, current))
+    return pb.CommitReply(committed=committed)
+
+
+def release_seed(m: RoundManager, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
+    """ReleaseSeed: record a member's self-mask seed once it matches its commitment."""
+    with m._lock:
+        current, mask = _open_masked(m, request.round)
+        if who.name not in mask.roster:
+            raise _refuse(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who.name!r} is not in the roster of round {current.number}",
+            )
+        previous = mask.seeds.get(who.name)
+        if previous is not None:
+            if previous == request.seed:
+                return pb.ReleaseReply(released=len(mask.seeds))
+            raise _refuse(
+                grpc.StatusCode.ALREADY_EXISTS, "a different seed is already recorded for this member"
+            )
+        if mask.phase != "release":
+            raise _refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {current.number} is not releasing yet: not every member has committed",
+            )
+        if (
+            len(request.seed) != SEED_BYTES
+            or self_mask_digest(request.seed) != mask.commits[who.name].self_mask_hash
+        ):
+            raise _refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the seed does not match the self-mask commitment in this member's commit",
+            )
+        m.state.set_seed(current.number, who.name, request.seed)
+        mask.seeds[who.name] = request.seed
+        released = len(mask.seeds)
+        everyone = set(mask.roster) <= set(mask.seeds)
+    audit("self-mask released", who.name, round=current.number, released=released)
+    if everyone:
+        m._wake.set()
+    return pb.ReleaseReply(released=released)
+
+
+def complete(current: OpenRound) -> bool:
+    """Every roster member released its seed: the sum can be unmasked and published."""
+    mask = current.mask
+    return mask is not None and mask.phase == "release" and set(mask.roster) <= set(mask.seeds)
+
+
+def failure(current: OpenRound) -> str:
+    """Why an incomplete masked round fails, naming who is missing in its phase."""
+    mask = current.mask
+    assert mask is not None
+    if mask.phase == "enrol":
+        return f"the roster was never fixed ({len(mask.enrolled)} enrolled)"
+    if mask.phase == "upload":
+        missing = mask.missing(set(current.accepted))
+        if missing:
+            return f"{', '.join(missing)} did not upload; no self-mask was released"
+        return f"{', '.join(mask.missing(mask.commits))} did not commit; no self-mask was released"
+    return f"{', '.join(mask.missing(mask.seeds))} withheld the self-mask seed; the sum stays masked"
+
+
+def unmask(m: RoundManager, current: OpenRound) -> None:
+    """Subtract Σ PRG(b_i) from every block of the running sum (SecAgg §4, unmasking)."""
+    mask = current.mask
+    assert mask is not None
+    seeds = [mask.seeds[e.node] for e in mask.ordered()]
+    for index, block in enumerate(current.running.blocks()):
+        m.codec.remove_self_masks(block, index, seeds)
+
+
+def seed_records(m: RoundManager, current: OpenRound) -> Iterator[bytes]:
+    """Per block, every member's upload seed in pair order: what nodes check c1 against."""
+    mask = current.mask
+    assert mask is not None
+    streams = []
+    for e in mask.ordered():
+        sub = current.accepted[e.node]
+        assert sub.spool_file is not None
+        streams.append(read_records(m.spool.path(sub.spool_file)))
+    for blobs in zip(*streams, strict=True):
+        yield fields(*(masking.upload_seed(b) for b in blobs))
+
+
+def restore(m: RoundManager, current: OpenRound) -> None:
+    """After a restart: the open masked round's members, commits and seeds, from the database."""
+    row = current.row
+    assert row.nonce is not None
+    mask = MaskState(row.nonce, row.phase or "enrol", roster_hash=row.roster_hash or b"")
+    for member in m.state.members(row.round):
+        entry = Enrolment.decode(member.enrolment)
+        # Verified when it enrolled; only the key is needed again (to check its commit).
+        key = x509.load_der_x509_certificate(entry.certificate).public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        kept = Entry(member.node, member.enrolment, entry.cert_fingerprint, key)
+        mask.enrolled[member.node] = kept
+        if member.in_roster:
+            mask.roster[member.node] = kept
+        if member.commit is not None:
+            mask.commits[member.node] = Commit.decode(member.commit)
+        if member.seed is not None:
+            mask.seeds[member.node] = member.seed
+    current.mask = mask
+    event(log, "resumed masked round", round=row.round, phase=mask.phase, enrolled=len(mask.enrolled))
+
+
+def proof(m: RoundManager, number: int) -> pb.RoundProof:
+    """GetRoundProof: the roster and commits of a published masked round."""
+    row = m.state.round(number)
+    if row is None:
+        raise _refuse(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
+    if not row.masked or row.nonce is None:
+        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} was not masked")
+    if row.state not in ("sum_ready", "withdrawn"):
+        raise _refuse(
+            grpc.StatusCode.FAILED_PRECONDITION, f"round {number} has no published sum ({row.state})"
+        )
+    members = m.state.members(number, roster_only=True)
+    ordered = sorted(members, key=lambda r: Enrolment.decode(r.enrolment).cert_fingerprint)
+    return pb.RoundProof(
+        round=number,
+        nonce=row.nonce,
+        roster=[r.enrolment for r in ordered],
+        commits=[r.commit for r in ordered if r.commit is not None],
+    )
+
+
+def progress(m: RoundManager, row: RoundRow, info: pb.RoundInfo) -> None:
+    """How far a masked round got, for the operator: counts only, never what was sent."""
+    with m._lock:
+        current = m._open if m._open is not None and m._open.number == row.round else None
+        if current is not None and current.mask is not None:
+            mask = current.mask
+            info.enrolled, info.committed, info.released = (
+                len(mask.enrolled),
+                len(mask.commits),
+                len(mask.seeds),
+            )
+            return
+    members = m.state.members(row.round, roster_only=row.state != "open")
+    info.enrolled = len(members)
+    info.committed = sum(r.commit is not None for r in members)
+    info.released = len(members) if row.state in ("sum_ready", "withdrawn") else 0

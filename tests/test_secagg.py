@@ -1,0 +1,350 @@
+"""Masked rounds against real processes (issue 11): what the operator and colluding members see.
+
+A real server and real node processes on loopback with mutual TLS; where the
+attack needs a colluding member, the test plays that member itself
+(:mod:`tests.member`): it holds the federation's secret context, reads the
+server's spool and database as its operator could, and stops at the step it
+chooses. Each test fails on a server that does not mask, or on a node that
+skips a check.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cipherhive import codec, sealformat
+from cipherhive.demo.federation import LocalFederation
+from cipherhive.layout import Layout
+from cipherhive.server.spool import encode_records, read_records
+from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+from tests.faults import check_fedavg
+from tests.member import Member, released_seeds, spooled
+
+pytestmark = pytest.mark.slow
+
+WEIGHT_UNIT = 1000.0
+
+
+def _federation(workdir: Path, nodes: int, **rounds: object) -> LocalFederation:
+    fed = LocalFederation(
+        workdir,
+        nodes=nodes,
+        node_options={"epochs": 1, "record_dir": str(workdir / "records")},
+        rounds={"auto_start": False, "timeout_seconds": 60.0, "enrol_seconds": 20.0, **rounds},
+    )
+    fed.setup()
+    return fed
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[LocalFederation]]:
+    feds: list[LocalFederation] = []
+    yield feds
+    for fed in feds:
+        fed.stop_all()
+
+
+def _admin(fed: LocalFederation) -> pb_grpc.AdminStub:
+    return pb_grpc.AdminStub(fed.admin_channel())
+
+
+def _wait_online(fed: LocalFederation, count: int) -> None:
+    def online() -> bool:
+        nodes = _admin(fed).ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+        return sum(n.online for n in nodes) >= count
+
+    fed.wait_for(online, 90, f"{count} nodes online")
+
+
+def _start_round(fed: LocalFederation) -> int:
+    return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
+
+
+def _layout(fed: LocalFederation) -> Layout:
+    return Layout.read_file(fed.layout_file)
+
+
+def _update(fed: LocalFederation, number: int, shard: int) -> tuple[np.ndarray, float]:
+    """A real node's update of a round and its FedAvg weight (from the demo trainer's records)."""
+    record = torch.load(
+        fed.workdir / "records" / f"round-{number}" / f"shard-{shard}.update.pt", weights_only=True
+    )
+    return (record["local"] - record["global"]).numpy(), int(record["samples"]) / WEIGHT_UNIT
+
+
+def _noise(decrypted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(median magnitude, |correlation with the truth|) of a decryption."""
+    corr = float(np.corrcoef(decrypted, truth)[0, 1])
+    return float(np.median(np.abs(decrypted))), abs(corr)
+
+
+def _log_has(fed: LocalFederation, key: str, pattern: str) -> bool:
+    return re.search(pattern, fed.log(key)) is not None
+
+
+# --------------------------------------------------------------------------- one round, five members
+
+
+def test_spooled_uploads_are_noise_and_the_sum_is_exact(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """The operator holding the whole spool, colluding with one member (its secret.ctx and its own
+    masks), decrypts every other member's upload to noise; the round's sum is FedAvg within 1e-7."""
+    fed = _federation(tmp_path, nodes=5)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(4):
+        fed.start_node(i)
+    layout = _layout(fed)
+    colluder = Member(fed, "node-5", layout, [fed.node_name(i) for i in range(5)])
+    colluder.join()
+    _wait_online(fed, 5)
+    number = _start_round(fed)
+
+    part = colluder.enrol(colluder.wait(pb.RoundEvent.OPENED, number))
+    roster = part.accept_roster(list(colluder.wait(pb.RoundEvent.ROSTER, number).roster))
+    assert len(roster.members) == 5
+    rng = np.random.default_rng(5)
+    own_update, own_weight = rng.normal(0, 0.01, layout.num_params), 0.25
+    colluder.upload(part, colluder.vector(own_update, own_weight), number, 0)
+    colluder.commit(part, number)
+    commits = colluder.wait(pb.RoundEvent.COMMITS, number)
+    fed.wait_for(lambda: len(released_seeds(fed.workdir, number)) == 4, 60, "the honest members' releases")
+    spool = spooled(fed.workdir, number)  # the operator's copy, before the round ends
+    assert sorted(spool) == [fed.node_name(i) for i in range(5)]
+    colluder.release(part, commits)
+
+    assert fed.wait_round(number, 60).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / f"round-{number}").glob("*.applied.pt"))) == 4,
+        60,
+        "every node to apply the sum",
+    )
+    assert spooled(fed.workdir, number) == {}, "individual uploads must be deleted when the round ends"
+
+    # Every honest member's upload, decrypted with the shared key: magnitude of the modulus, no signal.
+    truths: list[tuple[np.ndarray, float]] = []
+    for shard in range(4):
+        update, weight = _update(fed, number, shard)
+        truths.append((update, weight))
+        blob = spool[fed.node_name(shard)][0]
+        decrypted = colluder.codec.decrypt(blob)[: layout.num_values]
+        magnitude, corr = _noise(decrypted[2:], weight * update)
+        assert magnitude > 1e4, f"upload of {fed.node_name(shard)} decrypts to values of {magnitude:.3g}"
+        assert corr < 0.1, f"upload of {fed.node_name(shard)} correlates {corr:.3f} with its update"
+        # The control: an unmasked encryption of the same vector decrypts to it.
+        plain = colluder.codec.decrypt(colluder.codec.encrypt(colluder.vector(update, weight)[:8192]))
+        assert np.abs(plain[2:100] - weight * update[:98]).max() < 1e-6
+
+    total = colluder.checked_sum(number)
+    weights = [w for _, w in truths] + [own_weight]
+    assert abs(total[0] - sum(weights)) < 1e-6
+    assert abs(total[1] - 5) < 1e-6, "the check slot holds the roster size"
+    fedavg = (sum(w * u for u, w in truths) + own_weight * own_update) / sum(weights)
+    assert np.abs(total[2:] / total[0] - fedavg).max() < 1e-7
+    info = _admin(fed).GetRound(pb.GetRoundRequest(round=number), timeout=10)
+    assert info.participants == 5 and info.phase == "done"
+    colluder.close()
+
+
+# --------------------------------------------------------------------------- a forced failure
+
+
+def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """Round 1: the colluder enrols and withholds its upload: the round fails before any release
+    and the partial sum, with every mask the colluder knows removed, is noise. Round 2: members
+    re-enrol with fresh keys; the colluder uploads and commits but withholds its seed after the
+    others released. Round 3, on the same base: the members that released refuse it."""
+    fed = _federation(tmp_path, nodes=4, timeout_seconds=15.0, enrol_seconds=5.0)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    layout = _layout(fed)
+    colluder = Member(fed, "node-4", layout, [fed.node_name(i) for i in range(4)])
+    colluder.join()
+    _wait_online(fed, 4)
+    honest = [fed.node_name(i) for i in range(3)]
+
+    # Round 1: enrol, then withhold the upload.
+    first = _start_round(fed)
+    part1 = colluder.enrol(colluder.wait(pb.RoundEvent.OPENED, first))
+    roster1 = part1.accept_roster(list(colluder.wait(pb.RoundEvent.ROSTER, first).roster))
+    fed.wait_for(lambda: len(spooled(fed.workdir, first)) == 3, 60, "the honest uploads")
+    spool = spooled(fed.workdir, first)
+    info = fed.wait_round(first, 60)
+    assert info.state == pb.ROUND_FAILED and "node-4 did not upload" in info.reason, info.reason
+    assert released_seeds(fed.workdir, first) == {}, (
+        "no self-mask may be released in a round that failed early"
+    )
+    # The partial sum the server held, plus the colluder's own pairwise masks (a zero update masked
+    # for this roster, its self-mask removed again): every pairwise mask cancels, the honest
+    # members' self-masks stay on.
+    public = codec.PublicCodec((fed.workdir / "keys" / "public.ctx").read_bytes())
+    plan = part1.mask_plan(colluder.codec.modulus)
+    partial = public.load(spool[honest[0]][0])
+    for name in honest[1:]:
+        public.add_inplace(partial, public.load(spool[name][0]))
+    zero = np.zeros(colluder.codec.values_per_block)
+    public.add_inplace(partial, public.load(colluder.codec.encrypt_masked(zero, 0, plan)))
+    public.remove_self_masks(partial, 0, [plan.self_seed])
+    decrypted = colluder.codec.decrypt(public.dump(partial))[: layout.num_values]
+    truth = sum(w * u for u, w in (_update(fed, first, s) for s in range(3)))
+    magnitude, corr = _noise(decrypted[2:], truth)
+    assert magnitude > 1e4 and corr < 0.1, (magnitude, corr)
+
+    # Round 2: fresh keys; the colluder withholds its seed once the others released theirs.
+    second = _start_round(fed)
+    part2 = colluder.enrol(colluder.wait(pb.RoundEvent.OPENED, second))
+    roster2 = part2.accept_roster(list(colluder.wait(pb.RoundEvent.ROSTER, second).roster))
+    keys1 = {m.name: m.entry.x25519_public for m in roster1.members}
+    keys2 = {m.name: m.entry.x25519_public for m in roster2.members}
+    assert all(keys1[n] != keys2[n] for n in honest), "members must enrol with fresh X25519 keys"
+    colluder.upload(part2, colluder.vector(np.zeros(layout.num_params), 0.1), second, 0)
+    colluder.commit(part2, second)
+    colluder.wait(pb.RoundEvent.COMMITS, second)
+    fed.wait_for(lambda: len(released_seeds(fed.workdir, second)) == 3, 60, "the honest releases")
+    info = fed.wait_round(second, 60)
+    assert info.state == pb.ROUND_FAILED and "node-4 withheld the self-mask seed" in info.reason, info.reason
+
+    # Round 3 on the same base: every member that released refuses to upload on it again.
+    third = _start_round(fed)
+    info = fed.wait_round(third, 60)
+    assert info.state == pb.ROUND_FAILED
+    for name in honest:
+        assert _log_has(fed, name, r"already released a self-mask on base round 0"), fed.log(name)[-2000:]
+        assert fed.procs[name].poll() is None, f"{name} exited"
+    colluder.close()
+
+
+# --------------------------------------------------------------------------- a chosen ciphertext
+
+
+def _tamper_c1(sum_file: Path) -> None:
+    """Change one coefficient of c1 in block 0 of a published sum: a chosen ciphertext."""
+    blobs = list(read_records(sum_file))
+    ct = sealformat.read_ciphertext(blobs[0])
+    coefficients = ct.coefficients.copy()
+    n = ct.poly_modulus_degree * ct.coeff_modulus_size
+    coefficients[n + 17] = (int(coefficients[n + 17]) + 1) % 1152921504606748673
+    ct.coefficients = coefficients
+    blobs[0] = ct.to_bytes()
+    sum_file.write_bytes(b"".join(encode_records(blobs)))
+
+
+def test_a_chosen_ciphertext_is_refused_before_anything_is_decrypted(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    fed = _federation(tmp_path, nodes=4, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.stop("server")
+    sum_file = fed.workdir / "server-state" / "sums" / "round-1.sum"
+    _tamper_c1(sum_file)
+    fed.start_server()
+    fed.wait_serving()
+    # A fourth member catches up on round 1; it dies if it ever reaches a decryption.
+    fed.start_node(3, env={"CIPHERHIVE_FAILPOINTS": "node.decrypt"})
+    fed.wait_for(lambda: _log_has(fed, "node-4", r"rejected the sum of round 1"), 90, "the rejection")
+    log = fed.log("node-4")
+    assert "nothing was decrypted" in log and "reason=seed_check" in log, log[-2000:]
+    assert "failpoint node.decrypt" not in log
+    time.sleep(1)
+    assert fed.procs["node-4"].poll() is None, "the node must keep running"
+
+
+# --------------------------------------------------------------------------- rosters and split views
+
+
+def _set_chain_hash(fed: LocalFederation, name: str, value: str) -> None:
+    path = fed.workdir / f"{name}-state" / "checkpoint.pt"
+    data = torch.load(path, weights_only=True)
+    data["chain_hash"] = value
+    torch.save(data, path)
+
+
+def test_forged_roster_and_split_view_are_refused_by_the_members(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """A roster with a name outside a member's pinned membership, and (after a round) members
+    whose chain hashes differ, as if the server had shown them different sums: no upload."""
+    fed = _federation(tmp_path, nodes=3, timeout_seconds=20.0, enrol_seconds=5.0)
+    stopper.append(fed)
+    # node-1 pins a membership without node-3.
+    toml = fed.workdir / "node-1.toml"
+    toml.write_text(toml.read_text().replace('"node-2", "node-3"', '"node-2"'))
+    fed.start()
+    _wait_online(fed, 3)
+    first = _start_round(fed)
+    info = fed.wait_round(first, 60)
+    assert info.state == pb.ROUND_FAILED and "node-1 did not upload" in info.reason, info.reason
+    assert _log_has(fed, "node-1", r"'node-3' is not in this node's pinned membership")
+
+    fed.stop("node-1")
+    fed.write_node_config(0)
+    fed.start_node(0)
+    _wait_online(fed, 3)
+    second = _start_round(fed)
+    assert fed.wait_round(second, 90).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / f"round-{second}").glob("*.applied.pt"))) == 3,
+        60,
+        "every node to apply round 2",
+    )
+
+    # node-3 now holds another history (a split view): nobody shares a roster with it.
+    fed.stop("node-3")
+    _set_chain_hash(fed, "node-3", "ab" * 32)
+    fed.start_node(2)
+    _wait_online(fed, 3)
+    third = _start_round(fed)
+    info = fed.wait_round(third, 60)
+    assert info.state == pb.ROUND_FAILED, info.reason
+    assert _log_has(fed, "node-1", r"applied a different history of sums")
+    assert _log_has(fed, "node-3", r"applied a different history of sums")
+
+
+# --------------------------------------------------------------------------- server restart
+
+
+def test_server_restart_mid_round_resends_the_same_upload(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """The server dies after acknowledging the second upload; after its restart every node
+    finishes the round from where it was: nobody trains again, uploads are resent from disk."""
+    fed = _federation(tmp_path, nodes=3, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    fed.start_server(env={"CIPHERHIVE_FAILPOINTS": "server.acknowledged:2"})
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    fed.wait_for(lambda: fed.procs["server"].poll() is not None, 120, "the failpoint to stop the server")
+    fed.start_server()
+    fed.wait_serving()
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
+        60,
+        "every node to apply round 1",
+    )
+    for i in range(3):
+        name = fed.node_name(i)
+        assert len(re.findall(r"trained \[", fed.log(name))) == 1, f"{name} trained twice:\n{fed.log(name)}"
+    check_fedavg(fed)
+    assert not list(fed.workdir.glob("node-*-state/upload-*.ct")), "upload files must go when the round ends"
