@@ -47,6 +47,7 @@ in words for the log and the server. Neither ever contains a decrypted value.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,13 +152,20 @@ def check_total_weight(total: float, limits: SumLimits) -> None:
         )
 
 
+#: Turns the mean update of values ``lo:hi`` into the change added to the global model
+#: (a server-side optimizer, :meth:`cipherhive.node.optimizers.ServerOptimizer.step`).
+Step = Callable[[int, int, np.ndarray], np.ndarray]
+
+
 class CheckedApplier:
-    """Check and apply a decrypted sum block by block: ``out = float32(global + Σw·Δ / Σw)``.
+    """Check and apply a decrypted sum block by block: ``out = float32(global + step(Σw·Δ / Σw))``.
 
     ``out`` is written, ``global_`` only read. A block is checked before any of
     it is written; when a check fails, what earlier blocks wrote into ``out`` is
     restored from ``global_`` before :class:`SumRejected` is raised, so ``out``
     equals the global model again. ``mean`` (optional) receives the float64 average.
+    ``step`` (default: the average itself, FedAvg) is the server-side optimizer; the
+    checks bound the average the members sent, not the optimizer's step.
     """
 
     def __init__(
@@ -167,8 +175,10 @@ class CheckedApplier:
         per_block: int,
         limits: SumLimits,
         mean: np.ndarray | None = None,
+        step: Step | None = None,
     ) -> None:
         self.global_ = global_
+        self.step = step
         self.out = out
         self.per_block = per_block
         self.limits = limits
@@ -246,6 +256,7 @@ class CheckedApplier:
                 )
             if self.mean is not None:
                 self.mean[lo:hi] = part
-            self.out[lo:hi] = self.global_[lo:hi] + part
+            change = part if self.step is None else self.step(lo, hi, part)
+            self.out[lo:hi] = self.global_[lo:hi] + change
             self._written = hi
         self.blocks += 1

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cipherhive.config import ConfigError, setting
 from cipherhive.dpschedule import MODES, PrivacySchedule, ScheduleError
+from cipherhive.fedopt import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_TAU, OptimizerError, OptimizerSpec
 
 #: The privacy floor: a sum of one update *is* that update.
 MIN_PARTICIPANTS_FLOOR = 2
@@ -85,6 +86,20 @@ class ServerConfig:
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
+    optimizer: str = setting(
+        "fedavg",
+        "optimizer",
+        "what every node does with the decrypted average: fedavg, fedavgm, fedadam or fedyogi "
+        "(Reddi et al., ICLR 2021); fixed once a round is published",
+    )
+    learning_rate: float = setting(
+        0.0, "optimizer", "server learning rate η (0: 1 for fedavg and fedavgm, 0.01 for fedadam and fedyogi)"
+    )
+    beta1: float = setting(
+        DEFAULT_BETA1, "optimizer", "momentum of fedavgm, first-moment decay of fedadam and fedyogi"
+    )
+    beta2: float = setting(DEFAULT_BETA2, "optimizer", "second-moment decay of fedadam and fedyogi")
+    tau: float = setting(DEFAULT_TAU, "optimizer", "adaptivity τ of fedadam and fedyogi: η·m / (√v + τ)")
     dp_mode: str = setting(
         "off",
         "privacy",
@@ -153,7 +168,15 @@ class ServerConfig:
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
     audit_file: Path | None = setting(None, "log", "also append the audit trail (JSON lines) to this file")
 
+    def optimizer_spec(self) -> OptimizerSpec:
+        """The validated ``[optimizer]`` settings (what the server announces to every node)."""
+        return OptimizerSpec.make(self.optimizer, self.learning_rate, self.beta1, self.beta2, self.tau)
+
     def __post_init__(self) -> None:
+        try:
+            self.optimizer_spec()
+        except OptimizerError as exc:
+            raise ConfigError(str(exc)) from None
         if self.min_participants < MIN_PARTICIPANTS_FLOOR:
             raise ConfigError(
                 f"min_participants = {self.min_participants} would release a single member's "
