@@ -133,6 +133,19 @@ class CryptoDPOptimizer(DPOptimizer):  # type: ignore[misc]
         self._privacy = privacy
         self._tally = tally
 
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+        try:
+            result: bool | None = super().pre_step(closure)
+        except ValueError as exc:
+            if "Per sample gradient" not in str(exc):
+                raise
+            raise DPUsageError(
+                "Opacus computed no per-record gradient for a trainable parameter (a layer whose weights "
+                "are used outside its own forward, or a parameter the model did not use): "
+                "freeze it or train it in a layer Opacus supports"
+            ) from exc
+        return result
+
     def add_noise(self) -> None:
         # The announced parameters, not attributes a trainer could have changed.
         std = self._privacy.noise_multiplier * self._privacy.max_grad_norm
@@ -169,6 +182,22 @@ def check_model(model: nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise DPUsageError(f"Opacus cannot train this model privately: {errors[0]}")
+    # Opacus computes per-record gradients layer by layer, from a layer's input and output (functorch
+    # for layers it has no rule for). Parameters held in a container that is never called as a layer
+    # (peft's LoRA on an embedding keeps its matrices in a ParameterDict) would get none.
+    containers = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ParameterDict | nn.ParameterList)
+        and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+    if containers:
+        raise DPUsageError(
+            "Opacus cannot train this model privately: the trainable parameters in "
+            f"{', '.join(containers[:4])} are not used as a layer's own weights, so it cannot compute "
+            "their per-record gradients "
+            "(with LoRA, put adapters on linear layers only, not on embeddings)"
+        )
 
 
 def _dataset(data: Any) -> Dataset[Any]:

@@ -67,6 +67,20 @@ The sample count (the FedAvg weight) is the training set's size; metrics are
 ``loss`` and ``accuracy`` over the last epoch, ``val_loss`` and
 ``val_accuracy`` on ``val``.
 
+**Differential privacy.** When the federation runs record-level DP
+(``info.privacy`` is set), a round is DP-SGD through
+:func:`cipherhive.node.dp_sgd.private_training` (Opacus, ChaCha20 noise and
+Poisson sampling) instead of ``epochs`` shuffled epochs: exactly the
+schedule's ``steps_per_round`` Poisson batches of the training *dataset*
+(``batch_size`` is not used), AdamW on the trainable tensors only. Per-record
+gradients are computed for the trainable layers alone (the LoRA matrices and
+the head, all ``nn.Linear``); the frozen base needs none. The helper's
+refusals apply, and so does Opacus' list of layers it can compute per-record
+gradients for: a trainable layer it does not support (e.g. LoRA on an
+embedding, ``target_modules = "word_embeddings"``) is refused before
+anything is trained, as is BatchNorm anywhere in the model. Training metrics
+are measured on the Poisson batches; they and ``val_*`` stay in the node's log.
+
 **History.** With ``history_dir`` set, the global adapter (the federated
 tensors, identical on every member) is saved after each applied round as
 ``round-NNNN.safetensors``, for evaluation or rollback. Only the global
@@ -286,8 +300,10 @@ class LoraTrainer:
         torch.manual_seed(round_seed(self.seed, info.round, self.shard))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        loader = DataLoader(train_set, batch_size=self.batch_size, shuffle=True)
         model.train()
+        if info.privacy is not None:
+            return self._train_private(model, optimizer, info, train_set, val_set)
+        loader = DataLoader(train_set, batch_size=self.batch_size, shuffle=True)
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(self.epochs):
             loss_sum, correct, seen = 0.0, 0, 0
@@ -309,6 +325,38 @@ class LoraTrainer:
         if val_set is not None:
             metrics.update({f"val_{k}": v for k, v in evaluate(model, val_set, self.batch_size * 4).items()})
         return TrainResult(num_samples=seen, metrics=metrics)
+
+    def _train_private(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: RoundInfo,
+        train_set: Dataset[Any],
+        val_set: Dataset[Any] | None,
+    ) -> TrainResult:
+        """One round of DP-SGD on the adapters (and head); see "Differential privacy"."""
+        # The helper refuses a DataLoader (not Poisson-sampled) and what Opacus cannot handle.
+        from cipherhive.node.dp_sgd import private_training
+
+        loss_sum, correct, seen = 0.0, 0, 0
+        with private_training(model, optimizer, train_set, info.privacy) as dp:
+            for input_ids, attention_mask, labels in dp.loader:
+                if info.should_stop():
+                    return TrainResult(num_samples=0)
+                dp.optimizer.zero_grad()
+                logits = dp.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                loss = nn.functional.cross_entropy(logits, labels)
+                loss.backward()  # type: ignore[no-untyped-call]
+                dp.optimizer.step()
+                if len(labels):
+                    loss_sum += float(loss.detach()) * len(labels)
+                    correct += int((logits.detach().argmax(dim=-1) == labels).sum())
+                    seen += len(labels)
+            records = dp.num_records
+        metrics = {"loss": loss_sum / seen, "accuracy": correct / seen} if seen else {}
+        if val_set is not None:
+            metrics.update({f"val_{k}": v for k, v in evaluate(model, val_set, self.batch_size * 4).items()})
+        return TrainResult(num_samples=records, metrics=metrics)
 
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:
         if self.history_dir is None:
