@@ -61,12 +61,12 @@ def _demo(args: argparse.Namespace) -> int:
     except OptimizerError as exc:
         print(f"cipherhive demo: error: {exc}", file=sys.stderr)
         return 2
-    from cipherhive.demo.options import DP_ROUNDS, ROUNDS
+    from cipherhive.demo.options import DP_ROUNDS, LORA_DP_ROUNDS, ROUNDS
 
     if args.rounds is None:
-        args.rounds = DP_ROUNDS if args.dp else ROUNDS
-    if args.dp and args.task != "digits":
-        print("cipherhive demo: error: --dp runs the digits task only", file=sys.stderr)
+        args.rounds = (LORA_DP_ROUNDS if args.task == "lora" else DP_ROUNDS) if args.dp else ROUNDS
+    if (args.dp_table or args.member_table) and args.task != "digits":
+        print("cipherhive demo: error: the DP tables run the digits task only", file=sys.stderr)
         return 2
     if args.dp and not args.epsilon > 0:
         print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)

@@ -9,12 +9,17 @@ from cipherhive.fedopt import NAMES
 
 #: Rounds of the digits demo; under DP more, shorter rounds (18 steps each) train better for the same ε.
 ROUNDS, DP_ROUNDS = 5, 20
+#: Rounds of the LoRA demo under DP (30 steps each; see cipherhive.demo.lora_run.lora_schedule).
+LORA_DP_ROUNDS = 10
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, help="member nodes to start (at least 2)")
     parser.add_argument(
-        "--rounds", type=int, default=None, help="federated rounds to run (default 5; 20 with --dp)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="federated rounds to run (default 5; with --dp 20, or 10 with --task lora)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the data split and the model")
     parser.add_argument("--epochs", type=int, default=5, help="local epochs per round")
