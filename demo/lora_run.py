@@ -54,8 +54,8 @@ from cipherhive.v1 import federation_pb2 as pb
 
 PLUGIN = "cipherhive.node.trainers.lora:LoraTrainer"
 
-#: The LoRA demo's public DP schedule: every record joins a batch with probability 0.1 (24 to 63 of
-#: the demo members' 243-632 training records), 30 steps a round, clipping norm 1, δ = 1e-5; AdamW
+#: The LoRA demo's public DP schedule: every record joins a batch with probability 0.1 (about 29 to 74
+#: of the demo members' 286-742 training records), 30 steps a round, clipping norm 1, δ = 1e-5; AdamW
 #: at a higher learning rate than without DP (noisy steps, measured in one process at ε = 8 over
 #: 10 rounds: lr 2e-3 0.84, 1e-2 0.875, 3e-2 0.86).
 DP_SAMPLE_RATE = 0.1

@@ -133,3 +133,16 @@ def test_batchnorm_and_loaders_are_refused(base: Path) -> None:
     shuffled._datasets = loader_data(tokenizer=str(base), shard=0, shards=3)
     with pytest.raises(DPUsageError, match="not a DataLoader"):
         shuffled.train(shuffled.build_model(), RoundInfo(1, 0, "n1", privacy=_dp_round()))
+
+
+def test_demo_accepts_dp_for_the_lora_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cipherhive.demo.lora_run as lora_run
+    from cipherhive.cli import main
+
+    seen: list[Any] = []
+    monkeypatch.setattr(lora_run, "run_lora_demo", lambda args: seen.append(args) or 0)
+    assert main(["demo", "--task", "lora", "--dp", "--epsilon", "3"]) == 0
+    assert seen[0].dp and seen[0].epsilon == 3.0 and seen[0].rounds == 10
+    schedule = lora_run.lora_schedule(3.0, seen[0].rounds)
+    assert schedule.epsilon(1e-5) == pytest.approx(3.0, rel=0.01)
+    assert main(["demo", "--task", "lora", "--dp-table"]) == 2  # the DP tables are digits only
