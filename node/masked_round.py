@@ -35,6 +35,7 @@ from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.errors import NodeError
+from cipherhive.node.federated_eval import Trained
 from cipherhive.node.receive import TRANSIENT, SessionEnd
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.update import weighted_blocks
@@ -70,7 +71,7 @@ class MaskedRounds:
     def _metadata(self) -> list[tuple[str, str]]:
         raise NotImplementedError
 
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> tuple[float, Any, np.ndarray] | None:
+    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
         raise NotImplementedError
 
     def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
@@ -287,7 +288,7 @@ class MaskedRounds:
             trained = self._train(ev, fields)
             if trained is None:
                 return False
-            weight, result, local = trained
+            weight, result, local, evaluation = trained
             part.train_s = time.perf_counter() - started
             plan = part.mask_plan(self.pool.modulus)
             self.pool.set_mask_plan(plan)
@@ -295,7 +296,9 @@ class MaskedRounds:
                 part.write_upload(
                     self.config.state_dir / f"upload-{ev.round}.ct",
                     self.pool.encrypt_masked(
-                        weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
+                        weighted_blocks(
+                            local, self.global_values, weight, self.pool.values_per_block, evaluation
+                        )
                     ),
                 )
             finally:
