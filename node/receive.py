@@ -203,7 +203,7 @@ class SumReceiver:
         fields: dict[str, Any] = {"node": self.name, "round": ev.round, "participants": ev.participants}
         # The federated evaluation of the round's base (issue 13), rounded; nothing goes to the server.
         evaluation = federated_eval.show(applier.leading, self.settings.weight_unit, ev.base_round, fields)
-        event(log, "applied round sum", fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3), **fields)
+        event(log, "applied round sum", **fields, fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3))
         self._report(stub, ev.round, True)
         hook = getattr(self.trainer, "after_round", None)
         if hook is not None:
