@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from cipherhive import codec, keys
 from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.demo.federation import LocalFederation
 from cipherhive.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES, LEADING_VALUES
 from cipherhive.node import federated_eval as fe
 from cipherhive.node import metrics
@@ -227,3 +229,70 @@ def test_through_encryption_the_sum_decodes_to_the_plaintext_mean(
     for name in EVAL_METRICS:
         exact = sum(n * m.get(name, 0.0) for n, m in members) / total
         assert found.metrics[name] == float(f"{exact:.4g}")
+
+
+# --------------------------------------------------------------------------- real processes
+
+EVAL_PLUGIN = """
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cipherhive.node.trainer import TrainResult
+
+# shard -> what evaluate() returns: shard 2's trainer reports a NaN loss (and a metric not federated).
+EVALUATIONS = {
+    0: (100, {"loss": 0.5, "accuracy": 0.9}),
+    1: (300, {"loss": 1.5, "accuracy": 0.6}),
+    2: (50, {"loss": math.nan, "accuracy": 0.8, "f1": 0.3}),
+}
+
+
+class FixedEvalTrainer:
+    def __init__(self, shard: int = 0, shards: int = 3) -> None:
+        self.shard = shard
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return nn.Linear(4, 2)
+
+    def train(self, model, info):
+        with torch.no_grad():
+            model.weight.add_(0.01 * (self.shard + 1))
+        return TrainResult(num_samples=10 * (self.shard + 1))
+
+    def evaluate(self, model):
+        return EVALUATIONS[self.shard]
+
+    def after_round(self, model, applied):
+        Path(f"applied-{self.shard}-{applied.round}.json").write_text(json.dumps(applied.federated_eval))
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_reporting_nan_does_not_spoil_the_round(tmp_path: Path) -> None:
+    """Real processes, masked round: node-3's NaN loss is not sent (a warning), the sum is applied
+    everywhere, the loss is the mean over the two others and the accuracy over all three."""
+    (tmp_path / "fixed_eval.py").write_text(EVAL_PLUGIN, encoding="utf-8")
+    fed = LocalFederation(tmp_path, nodes=3, plugin="fixed_eval:FixedEvalTrainer", rounds={"max_rounds": 1})
+    fed.setup()
+    try:
+        fed.start()
+        assert fed.wait_round(1, 180).state == pb.ROUND_SUM_READY
+        fed.wait_for(lambda: all((tmp_path / f"applied-{i}-1.json").exists() for i in range(3)), 60, "apply")
+    finally:
+        codes = fed.stop_all()
+    assert all(c in (0, None) for c in codes.values()), codes
+    expected = {"examples": 450.0, "loss": 1.25, "accuracy": float(f"{310 / 450:.4g}")}
+    for i in range(3):
+        assert json.loads((tmp_path / f"applied-{i}-1.json").read_text()) == expected
+        log = fed.log(fed.node_name(i))
+        assert "rejected" not in log
+        line = next(x for x in log.splitlines() if "applied round sum" in x)
+        for field in ("eval_examples=450", "eval_loss=1.25", "eval_loss_examples=400"):
+            assert field in line, line
+        assert "eval_accuracy=0.6889" in line and "eval_accuracy_examples" not in line, line
+    assert "not sending part of this node's evaluation: loss = nan" in fed.log("node-3")

@@ -246,6 +246,7 @@ def test_mse_regression_without_validation(fixtures: ModuleType) -> None:
     assert set(first.metrics) == {"loss"}
     assert second.metrics["loss"] < first.metrics["loss"]
     assert first.num_samples == 64
+    assert trainer.evaluate(model) == (0, {})  # no validation loader: no federated evaluation
 
 
 # --------------------------------------------------------------------------- export
