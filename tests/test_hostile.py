@@ -31,7 +31,7 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 LAYOUT = Layout((TensorSpec("dense.weight", (100, 150)), TensorSpec("dense.bias", (100,))))
-NUM_VALUES = LAYOUT.num_values  # 15102 -> 2 ciphertexts
+NUM_VALUES = LAYOUT.num_values  # 15100 parameters + LEADING_VALUES -> 2 ciphertexts
 NUM_CTS = codec.num_ciphertexts(NUM_VALUES)
 S = grpc.StatusCode
 
