@@ -54,6 +54,13 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from cipherhive.fedopt import OptimizerError, OptimizerSpec
+
+    try:
+        OptimizerSpec.make(args.optimizer, args.server_lr, where="--optimizer/--server-lr:")
+    except OptimizerError as exc:
+        print(f"cipherhive demo: error: {exc}", file=sys.stderr)
+        return 2
     from cipherhive.demo.options import DP_ROUNDS, ROUNDS
 
     if args.rounds is None:
@@ -64,6 +71,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.dp and not args.epsilon > 0:
         print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)
         return 2
+    if args.member_table:
+        from cipherhive.demo.member_table import run_member_table
+
+        return run_member_table(args)
     if args.dp_table:
         from cipherhive.demo.dp_table import run_table
 
@@ -75,6 +86,12 @@ def _demo(args: argparse.Namespace) -> int:
     from cipherhive.demo.run import run_demo
 
     return run_demo(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from cipherhive.demo.simulate_cli import run
+
+    return run(args)
 
 
 def _node_export(args: argparse.Namespace) -> int:
@@ -101,6 +118,7 @@ def _node_layout(args: argparse.Namespace) -> int:
     print(f"wrote the model layout to {args.out}")
     print(f"layout hash: {layout.hash}")
     print(f"size: {layout.num_params} values in {len(layout.tensors)} tensors")
+    print(f"initial model fingerprint: {layout.initial_model_hash[:16]}… (keyed by the federation's secret)")
     print(f"pin it with: cipherhive ctl federation init --layout {args.out}")
     return 0
 
@@ -156,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherhive import config
     from cipherhive.bench.options import add_bench_arguments
     from cipherhive.demo.options import add_demo_arguments
+    from cipherhive.demo.simulate_cli import add_arguments as add_simulate_arguments
     from cipherhive.node.config import NodeConfig
     from cipherhive.server.config import ServerConfig
 
@@ -226,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="run your trainer plug-in in a real local federation (temporary keys, certificates, processes)",
+    )
+    add_simulate_arguments(p)
+    p.set_defaults(func=_simulate)
 
     p = sub.add_parser("bench", help="measure rounds against plaintext and per-layer TenSEAL baselines")
     add_bench_arguments(p)

@@ -100,3 +100,28 @@ def ensure_private_dir(path: Path) -> None:
     """Create a directory only its owner can enter (state that may hold key-derived data)."""
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+_MEMBERS_DOMAIN = b"cipherhive/members-key/v1\0"
+
+
+def members_key(secret_context: bytes, purpose: str) -> bytes:
+    """A 32-byte key every member computes alike and the server cannot: derived from the secret key.
+
+    For values members must agree on that the server must not be able to test guesses
+    against (the initial model's fingerprint: a plain hash of a seeded model would let
+    the server confirm a guessed seed or checkpoint). It is SHA-256 over a purpose and
+    the secret key's coefficients, not the key file's bytes, so a member whose secret.ctx
+    was serialized again still derives the same key; nothing about the secret key can be
+    learned from it.
+    """
+    ctx = ts.context_from(secret_context)
+    if not ctx.has_secret_key():
+        raise codec.CodecError(
+            "this context holds no secret key; members need the federation's secret context "
+            "(secret.ctx from `cipherhive keygen`)"
+        )
+    poly = ctx.secret_key().data.data()
+    digest = hashlib.sha256(_MEMBERS_DOMAIN + purpose.encode() + b"\0")
+    digest.update(b"".join(int(poly[i]).to_bytes(8, "little") for i in range(poly.coeff_count())))
+    return digest.digest()

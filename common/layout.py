@@ -3,6 +3,13 @@
 Every member must flatten its update the same way, or the server would add
 unrelated numbers together. The layout travels at join time; its hash travels
 with every submission and is checked by the server.
+
+A layout also carries the fingerprint of the initial model's values
+(``initial_model_hash``, :mod:`cipherhive.node.initial`), so that every member
+starts from the same model. It is pinned and checked beside the layout hash, not
+folded into it: the hash ties sums, submissions and checkpoints to the shapes, and
+federations pinned before the fingerprint existed keep their published sums and
+their members' checkpoints.
 """
 
 from __future__ import annotations
@@ -109,10 +116,22 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
+def check_initial_hash(value: object) -> str:
+    """``initial_model_hash`` must be empty (not pinned) or 64 lowercase hex characters."""
+    if not isinstance(value, str) or not _BASE_HASH.match(value):
+        raise LayoutError(
+            "initial_model_hash must be empty or 64 lowercase hex characters (HMAC-SHA256); "
+            "write the layout with `cipherhive node layout`"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class Layout:
     tensors: tuple[TensorSpec, ...]
     base_model_hash: str = ""
+    #: Fingerprint of the initial model's values (:mod:`cipherhive.node.initial`); "": not pinned.
+    initial_model_hash: str = ""
 
     @property
     def num_params(self) -> int:
@@ -136,13 +155,27 @@ class Layout:
 
     @property
     def hash(self) -> str:
+        """Identifies the shapes (and the base): what sums and checkpoints are tied to.
+        The initial model's fingerprint is not part of it (see the module docstring)."""
         return hashlib.sha256(self.canonical().encode()).hexdigest()
+
+    def pinned_text(self) -> str:
+        """What the server stores when it pins this layout: :meth:`canonical` plus the fingerprint."""
+        if not self.initial_model_hash:
+            return self.canonical()
+        data = json.loads(self.canonical())
+        data["initial_model_hash"] = self.initial_model_hash
+        return json.dumps(data, separators=(",", ":"))
+
+    def same_pin(self, other: Layout) -> bool:
+        return self.hash == other.hash and self.initial_model_hash == other.initial_model_hash
 
     def to_proto(self) -> pb.Layout:
         return pb.Layout(
             tensors=[pb.TensorSpec(name=t.name, shape=list(t.shape)) for t in self.tensors],
             num_params=self.num_params,
             base_model_hash=self.base_model_hash,
+            initial_model_hash=self.initial_model_hash,
         )
 
     @classmethod
@@ -150,18 +183,25 @@ class Layout:
         return cls(
             tuple(TensorSpec(t.name, tuple(int(d) for d in t.shape)) for t in msg.tensors),
             msg.base_model_hash,
+            msg.initial_model_hash,
         )
 
     @classmethod
     def from_canonical(cls, text: str) -> Layout:
+        """Read :meth:`canonical` or :meth:`pinned_text` (a pin from before fingerprints has none)."""
         data = json.loads(text)
-        return cls(tuple(TensorSpec(n, tuple(s)) for n, s in data["tensors"]), data["base_model_hash"])
+        return cls(
+            tuple(TensorSpec(n, tuple(s)) for n, s in data["tensors"]),
+            data["base_model_hash"],
+            data.get("initial_model_hash", ""),
+        )
 
     @classmethod
     def checked_from_proto(cls, msg: pb.Layout) -> Layout:
         """:meth:`from_proto` for a layout that comes from the network: bounds first."""
         parts = [(t.name, list(t.shape)) for t in _bounded(msg.tensors)]
         total = check_bounds(parts, msg.base_model_hash)
+        check_initial_hash(msg.initial_model_hash)
         if msg.num_params != total:
             raise LayoutError(
                 f"layout.num_params {msg.num_params} is not the sum of its tensors' sizes ({total})"
@@ -188,7 +228,8 @@ class Layout:
             parts.append((item[0], item[1]))
         base = data.get("base_model_hash", "")
         check_bounds(parts, base)
-        return cls(tuple(TensorSpec(n, tuple(s)) for n, s in parts), base)
+        initial = check_initial_hash(data.get("initial_model_hash", ""))
+        return cls(tuple(TensorSpec(n, tuple(s)) for n, s in parts), base, initial)
 
     @classmethod
     def read_file(cls, path: Path) -> Layout:
@@ -207,7 +248,8 @@ class Layout:
         rows = ",\n".join(f"    {json.dumps([t.name, list(t.shape)])}" for t in self.tensors)
         return (
             '{\n  "tensors": [\n' + rows + "\n  ],\n"
-            f'  "base_model_hash": {json.dumps(self.base_model_hash)}\n}}\n'
+            f'  "base_model_hash": {json.dumps(self.base_model_hash)},\n'
+            f'  "initial_model_hash": {json.dumps(self.initial_model_hash)}\n}}\n'
         )
 
 
@@ -231,8 +273,20 @@ def describe_difference(ours: Layout, theirs: Layout) -> str:
     for i, (a, b) in enumerate(zip(ours.tensors, theirs.tensors, strict=False)):
         if a != b:
             return f"tensor #{i} is {b.name}{list(b.shape)} but the federation has {a.name}{list(a.shape)}"
-    return (
-        f"{len(theirs.tensors)} tensors sent but the federation has {len(ours.tensors)}"
-        if len(ours.tensors) != len(theirs.tensors)
-        else "layouts are equal"
-    )
+    if len(ours.tensors) != len(theirs.tensors):
+        return f"{len(theirs.tensors)} tensors sent but the federation has {len(ours.tensors)}"
+    if ours.initial_model_hash and theirs.initial_model_hash != ours.initial_model_hash:
+        if not theirs.initial_model_hash:
+            return (
+                "this node sent no initial model fingerprint (its cipherhive predates them) but the "
+                "federation pins one; upgrade cipherhive on this node"
+            )
+        return (
+            "initial model differs from the federation's: same tensors and shapes, but other initial "
+            f"values (fingerprint {theirs.initial_model_hash[:12]}… where the federation pinned "
+            f"{ours.initial_model_hash[:12]}…); "
+            "every member must start from the same model: build it with the same seed (torch.manual_seed "
+            "before creating it) or load the same initial checkpoint file, with the same trainer options, "
+            "then restart this node"
+        )
+    return "layouts are equal"

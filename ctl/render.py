@@ -20,6 +20,7 @@ from rich import box
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from cipherhive.fedopt import OptimizerError, OptimizerSpec
 from cipherhive.v1 import federation_pb2 as pb
 
 DASH = "—"
@@ -211,6 +212,14 @@ def _table(*columns: str, title: str | None = None) -> Table:
     return table
 
 
+def _optimizer(announced: pb.ServerOptimizer) -> str:
+    """The server-side optimizer every node runs (an unset field: a server from before them, FedAvg)."""
+    try:
+        return OptimizerSpec.from_proto(announced).describe()
+    except OptimizerError:
+        return announced.name or DASH
+
+
 def print_status(console: Console, status: pb.StatusReply, now: float | None = None) -> None:
     now = time.time() if now is None else now
     s = status.settings
@@ -233,6 +242,7 @@ def print_status(console: Console, status: pb.StatusReply, now: float | None = N
         ("min participants", str(s.min_participants)),
         ("max participants", str(s.max_participants)),
         ("round timeout", fmt_seconds(s.round_timeout_seconds)),
+        ("optimizer", _optimizer(s.optimizer)),
         ("key fingerprint", s.key_fingerprint or DASH),
         (
             "layout",

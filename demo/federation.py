@@ -7,7 +7,9 @@ and real node processes talking gRPC with mutual TLS over loopback.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,13 +28,37 @@ from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 
+class ProcessFailed(RuntimeError):
+    """A process of the federation (or a one-off command such as `node layout`) failed.
+
+    Says which one and where its output is, so a caller can point a person at the log.
+    """
+
+    def __init__(self, who: str, code: int | None, log: Path, output: str) -> None:
+        self.who, self.code, self.log, self.output = who, code, log, output
+        super().__init__(f"{who} exited with {code}:\n{output[-3000:]}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # A JSON string is a TOML basic string, once DEL (which TOML wants escaped) is escaped too.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_value(value: Any) -> str:
+    """``value`` as TOML (a user's trainer options may hold any JSON but null, which TOML lacks)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -40,15 +66,19 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        raise ValueError("TOML has no null: leave the option out instead of setting it to null/None")
+    return _toml_string(str(value))
 
 
 def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     lines = []
     for section, table in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -60,7 +90,21 @@ class LocalFederation:
     insecure: bool = False
     plugin: str = "cipherhive.demo.digits:DigitsTrainer"
     node_options: dict[str, Any] = field(default_factory=dict)
+    #: Options for one node each (index i for node i), on top of ``node_options``.
+    per_node_options: list[dict[str, Any]] = field(default_factory=list)
+    #: Give every node ``shard`` (its index) and ``shards`` (the node count) as options, as the
+    #: built-in demo trainers expect; a user's own plug-in gets only the options it is given.
+    shard_options: bool = True
+    #: ``[trainer] python_path`` of every node: folders the plug-in is imported from.
+    python_path: list[str] = field(default_factory=list)
+    #: Nodes log JSON lines (``[log] log_json``), for a caller that reads their logs.
+    node_log_json: bool = False
+    #: Working directory of every process (default: ``workdir``); relative paths a plug-in
+    #: reads are read from here.
+    cwd: Path | None = None
     rounds: dict[str, Any] = field(default_factory=dict)
+    #: The server's [optimizer] section (empty: FedAvg).
+    optimizer: dict[str, Any] = field(default_factory=dict)
     port: int = 0
     #: Module run as ``python -m`` for every process (the benchmark swaps in its launcher).
     launcher: str = "cipherhive"
@@ -120,17 +164,33 @@ class LocalFederation:
         if self.layout is not None:
             self.layout_file.write_text(self.layout.pretty(), encoding="utf-8")
             return
-        args = ["node", "layout", "--config", str(self.workdir / f"{self.node_name(0)}.toml")]
+        config = str(self.workdir / f"{self.node_name(0)}.toml")
+        self.run_command("layout", ["node", "layout", "--config", config, "--out", str(self.layout_file)])
+
+    def export_model(self, index: int, out: Path) -> Path:
+        """`cipherhive node export` of node ``index``'s current global model into ``out`` (a subprocess,
+        like `node layout`: the trainer is imported by the node's configuration, not here)."""
+        config = str(self.workdir / f"{self.node_name(index)}.toml")
+        self.run_command("export", ["node", "export", "--config", config, "--out", str(out)])
+        return out
+
+    def run_command(self, what: str, args: list[str]) -> str:
+        """Run ``cipherhive ARGS`` to completion, its output in ``WHAT.log``; ProcessFailed if it fails."""
         done = subprocess.run(
-            [sys.executable, "-m", "cipherhive", *args, "--out", str(self.layout_file)],
+            [sys.executable, "-m", "cipherhive", *args],
             capture_output=True,
             text=True,
             env=dict(os.environ, **self.env),
-            cwd=self.workdir,
+            cwd=self.cwd or self.workdir,
             check=False,
         )
+        log = self.workdir / f"{what}.log"
+        log.write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
-            raise RuntimeError(f"`cipherhive node layout` failed:\n{done.stdout}{done.stderr}")
+            raise ProcessFailed(
+                f"`cipherhive {' '.join(args[:2])}`", done.returncode, log, done.stdout + done.stderr
+            )
+        return done.stdout
 
     def node_name(self, index: int) -> str:
         return f"node-{index + 1}"
@@ -170,13 +230,16 @@ class LocalFederation:
                 **({"tls": tls} if tls else {}),
                 "federation": {"layout": str(self.layout_file)},
                 "rounds": rounds,
+                **({"optimizer": self.optimizer} if self.optimizer else {}),
                 **({"privacy": self.server_privacy} if self.server_privacy else {}),
             },
         )
 
     def write_node_config(self, index: int, **options: Any) -> None:
         name = self.node_name(index)
-        opts = {"shard": index, "shards": self.nodes, **self.node_options, **options}
+        own = self.per_node_options[index] if index < len(self.per_node_options) else {}
+        shard = {"shard": index, "shards": self.nodes} if self.shard_options else {}
+        opts = {**shard, **self.node_options, **own, **options}
         tls = self._tls(name)
         masking: dict[str, Any] = {}
         if tls:
@@ -205,7 +268,12 @@ class LocalFederation:
                 },
                 **({"tls": tls} if tls else {}),
                 **({"masking": masking} if masking else {}),
-                "trainer": {"plugin": self.plugin, "options": opts},
+                **({"log": {"log_json": True}} if self.node_log_json else {}),
+                "trainer": {
+                    "plugin": self.plugin,
+                    **({"python_path": self.python_path} if self.python_path else {}),
+                    "options": opts,
+                },
                 **({"privacy": self.privacy_section(index)} if self.node_privacy else {}),
             },
         )
@@ -240,7 +308,7 @@ class LocalFederation:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=self.workdir,
+            cwd=self.cwd or self.workdir,
         )
         log.close()
         self.procs[key] = proc
@@ -276,8 +344,11 @@ class LocalFederation:
         codes["server"] = self.stop("server")
         return codes
 
+    def log_file(self, key: str) -> Path:
+        return self.workdir / ("server.log" if key == "server" else f"{key}.log")
+
     def log(self, key: str) -> str:
-        path = self.workdir / ("server.log" if key == "server" else f"{key}.log")
+        path = self.log_file(key)
         return path.read_text(errors="replace") if path.exists() else ""
 
     # ------------------------------------------------------------ operator view
@@ -322,6 +393,19 @@ class LocalFederation:
                 if not before:
                     return [info for page in reversed(pages) for info in page]
 
+    def get_round(self, number: int) -> pb.RoundInfo | None:
+        """Round ``number`` as the operator sees it; None while it has not been opened."""
+        with self.admin_channel() as ch:
+            try:
+                info: pb.RoundInfo = pb_grpc.AdminStub(ch).GetRound(
+                    pb.GetRoundRequest(round=number), timeout=10
+                )
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+        return info
+
     def wait_round(self, number: int, timeout: float) -> pb.RoundInfo:
         """Wait until round ``number`` has published its sum (perhaps withdrawn since) or failed."""
 
@@ -347,7 +431,7 @@ class LocalFederation:
                     -signal.SIGTERM,
                     -signal.SIGKILL,
                 ):
-                    raise RuntimeError(f"{key} exited with {proc.returncode}:\n{self.log(key)[-3000:]}")
+                    raise ProcessFailed(key, proc.returncode, self.log_file(key), self.log(key))
             try:
                 value = predicate()
             except grpc.RpcError:

@@ -34,6 +34,8 @@ from cipherhive.demo.lora_task import (
     held_out_data,
     label_counts,
 )
+from cipherhive.demo.options import optimizer_section
+from cipherhive.fedopt import OptimizerSpec
 from cipherhive.layout import LEADING_VALUES
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import export_model
@@ -118,6 +120,8 @@ def run_lora_demo(args: argparse.Namespace) -> int:
         f"{codec.num_ciphertexts(num_values + LEADING_VALUES)} ciphertext(s) per update"
     )
     say(f"work directory: {workdir}  ({'no TLS' if args.insecure else 'mutual TLS'})")
+    spec = OptimizerSpec.make(args.optimizer, args.server_lr)
+    say(f"server-side optimizer (run on every node): {spec.describe()}")
     say(f"initial test accuracy: {initial:.3f}")
 
     fed = LocalFederation(
@@ -127,6 +131,7 @@ def run_lora_demo(args: argparse.Namespace) -> int:
         plugin=PLUGIN,
         node_options=options,
         rounds={"max_rounds": args.rounds},
+        optimizer=optimizer_section(args),
     )
     names = [fed.node_name(i) for i in range(args.nodes)]
     rows: list[dict[str, Any]] = []
@@ -197,6 +202,7 @@ def run_lora_demo(args: argparse.Namespace) -> int:
     result = {
         "task": "lora",
         "nodes": args.nodes,
+        "optimizer": spec.canonical_dict(),
         "epochs_per_round": args.epochs,
         "pretraining": pretraining,
         "federated_tensors": len(tensors),

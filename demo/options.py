@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cipherhive.fedopt import NAMES
+
 #: Rounds of the digits demo; under DP more, shorter rounds (18 steps each) train better for the same ε.
 ROUNDS, DP_ROUNDS = 5, 20
 
@@ -36,8 +38,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=int, default=5, help="with --dp-table: seeds per row")
     parser.add_argument(
+        "--member-table",
+        action="store_true",
+        help="print the README's member-level DP table: noise on the mean update relative to the "
+        "clipping norm, by number of members, at ε = 8 (in one process, seconds)",
+    )
+    parser.add_argument(
         "--task",
         choices=["digits", "lora"],
         default="digits",
         help="digits: a classifier on handwritten digits; lora: LoRA adapters on a small local transformer",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=NAMES,
+        default="fedavg",
+        help="server-side optimizer every node runs on the decrypted average (Reddi et al., ICLR 2021)",
+    )
+    parser.add_argument(
+        "--server-lr",
+        type=float,
+        default=0.0,
+        help="the optimizer's learning rate η (0: 1 for fedavg and fedavgm, 0.01 for fedadam and fedyogi)",
+    )
+
+
+def optimizer_section(args: argparse.Namespace) -> dict[str, object]:
+    """The server's [optimizer] section for the demo's flags."""
+    return {"optimizer": args.optimizer, "learning_rate": args.server_lr}

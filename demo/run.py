@@ -1,10 +1,11 @@
 """Run the demo federation and report accuracy and encryption error per round.
 
-The demo is the only party that sees everything (it runs every member), so it
-can check the product: after each round it compares the average every node
-decrypted with the plaintext weighted average of the same updates, and
-evaluates the global model on a held-out test set. With ``--dp`` every member
-trains with record-level DP-SGD and the table adds each member's ε so far.
+The demo is one use of `cipherhive.simulate`: the digits trainer, one shard
+per node. It is also the only party that sees everything (it runs every
+member), so it can check the product: after each round it compares the
+average every node decrypted with the plaintext weighted average of the same
+updates, and evaluates the global model on a held-out test set. ``--dp`` runs
+the record-level DP variant (:mod:`cipherhive.demo.dp_demo`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from rich.progress import (
 )
 
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
-from cipherhive.demo.dp_table import DELTA, digits_schedule
-from cipherhive.demo.federation import LocalFederation
-from cipherhive.dpschedule import PrivacySchedule
-from cipherhive.v1 import federation_pb2 as pb
+from cipherhive.demo.options import optimizer_section
+from cipherhive.demo.sim_result import RoundRecord, SimulationError
+from cipherhive.demo.simulation import simulate
+from cipherhive.fedopt import OptimizerSpec
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -75,35 +76,14 @@ def _progress(args: argparse.Namespace) -> Progress | None:
     return bar
 
 
-def _privacy(fed: LocalFederation, args: argparse.Namespace) -> PrivacySchedule | None:
-    """With --dp: the server announces a schedule calibrated to --epsilon over the run's rounds, and
-    every node gets a budget of exactly that and a fresh ledger (noise from the OS, no fixed seed)."""
-    if not args.dp:
-        return None
-    schedule = digits_schedule(args.epsilon, args.rounds)
-    fed.server_privacy = {
-        "dp_mode": schedule.mode,
-        "dp_rounds": schedule.rounds,
-        "dp_sample_rate": schedule.sample_rate,
-        "dp_noise_multiplier": schedule.noise_multiplier,
-        "dp_steps_per_round": schedule.steps_per_round,
-        "dp_max_grad_norm": schedule.max_grad_norm,
-    }
-    fed.node_privacy = {"max_epsilon": args.epsilon, "delta": DELTA}
-    return schedule
-
-
 def run_demo(args: argparse.Namespace) -> int:
+    """The digits demo: `cipherhive.simulate` of the digits trainer, checked after every round."""
+    if getattr(args, "dp", False):
+        from cipherhive.demo.dp_demo import run_dp_demo
+
+        return run_dp_demo(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
     records = workdir / "records"
-    fed = LocalFederation(
-        workdir,
-        nodes=args.nodes,
-        insecure=args.insecure,
-        node_options={"seed": args.seed, "epochs": args.epochs, "record_dir": str(records)},
-        rounds={"max_rounds": args.rounds},
-    )
-    schedule = _privacy(fed, args)
     say = (lambda *a: None) if args.json else print
     data = load_data(args.nodes, args.seed)
     model = build_model(args.seed)
@@ -112,78 +92,71 @@ def run_demo(args: argparse.Namespace) -> int:
         f"({len(data.y_train)} train / {len(data.y_test)} test), shards {[len(s) for s in data.shards]}"
     )
     say(f"work directory: {workdir}  ({'no TLS' if args.insecure else 'mutual TLS'})")
-    if schedule is not None:
-        say(f"differential privacy: {schedule.describe()}; each member's ε at δ = {DELTA:g} below")
+    spec = OptimizerSpec.make(args.optimizer, args.server_lr)
+    say(f"server-side optimizer (run on every node): {spec.describe()}")
     say(f"initial test accuracy: {accuracy(model, data.x_test, data.y_test):.3f}")
-    eps_head = f" {'epsilon':>7}" if schedule is not None else ""
-    say(f"{'round':>5} {'nodes':>5} {'accuracy':>8} {'max_abs_error':>13} {'seconds':>7}{eps_head}")
+    say(f"{'round':>5} {'nodes':>5} {'accuracy':>8} {'max_abs_error':>13} {'seconds':>7}")
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     started = time.monotonic()
     bar = _progress(args)
+
+    def check_round(record: RoundRecord) -> None:
+        """Compare what the nodes decrypted with plaintext FedAvg, and test the global model."""
+        if bar is not None:
+            bar.update(bar.task_ids[0], description=f"round {record.round + 1}: train, encrypt, aggregate")
+        folder = records / f"round-{record.round}"
+        deadline = started + args.timeout
+        # after_round (which writes these files) runs once a node has reported the round applied.
+        while len(list(folder.glob("shard-*.applied.pt"))) < args.nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for every node to record round {record.round}")
+            time.sleep(0.1)
+        figures = round_figures(records, record.round, args.nodes, len(record.participants))
+        load_flat(model, figures.pop("global"))
+        figures["accuracy"] = round(accuracy(model, data.x_test, data.y_test), 4)
+        figures["seconds"] = record.seconds
+        rows.append(figures)
+        line = (
+            f"{record.round:>5} {figures['participants']:>5} {figures['accuracy']:>8.3f} "
+            f"{figures['max_abs_error']:>13.2e} {figures['seconds']:>7.1f}"
+        )
+        if bar is not None:
+            bar.console.print(line, highlight=False)
+            bar.advance(bar.task_ids[0])
+        else:
+            say(line)
+
     try:
-        fed.setup()
-        fed.start()
-        last = started
-        for number in range(1, args.rounds + 1):
-            if bar is not None:
-                bar.update(bar.task_ids[0], description=f"round {number}: train, encrypt, aggregate")
-            remaining = args.timeout - (time.monotonic() - started)
-            info = fed.wait_round(number, remaining)
-            if info.state == pb.ROUND_FAILED:
-                failed.append(f"round {number}: {info.reason}")
-                break
-            folder = records / f"round-{number}"
-            fed.wait_for(
-                lambda f=folder: len(list(f.glob("shard-*.applied.pt"))) == args.nodes,
-                max(remaining, 1.0),
-                f"every node to apply round {number}",
-            )
-            figures = round_figures(records, number, args.nodes, info.participants)
-            load_flat(model, figures.pop("global"))
-            figures["accuracy"] = round(accuracy(model, data.x_test, data.y_test), 4)
-            figures["seconds"] = round(time.monotonic() - last, 2)
-            last = time.monotonic()
-            if schedule is not None:
-                # From the public schedule alone: every member trained once per round so far.
-                figures["epsilon"] = round(schedule.epsilon(DELTA, rounds=number), 3)
-            rows.append(figures)
-            line = (
-                f"{number:>5} {info.participants:>5} {figures['accuracy']:>8.3f} "
-                f"{figures['max_abs_error']:>13.2e} {figures['seconds']:>7.1f}"
-                + (f" {figures['epsilon']:>7.2f}" if schedule is not None else "")
-            )
-            if bar is not None:
-                bar.console.print(line, highlight=False)
-                bar.advance(bar.task_ids[0])
-            else:
-                say(line)
-    except (TimeoutError, RuntimeError) as exc:
+        simulate(
+            "cipherhive.demo.digits:DigitsTrainer",
+            args.nodes,
+            args.rounds,
+            options={
+                "seed": args.seed,
+                "epochs": args.epochs,
+                "record_dir": str(records),
+                "shards": args.nodes,
+            },
+            node_options=[{"shard": i} for i in range(args.nodes)],
+            workdir=workdir,
+            timeout=args.timeout,
+            insecure=args.insecure,
+            optimizer=optimizer_section(args),
+            on_round=check_round,
+        )
+    except (SimulationError, TimeoutError) as exc:
         failed.append(str(exc))
     finally:
         if bar is not None:
             bar.stop()
-        codes = fed.stop_all()
-    bad_exits = {k: c for k, c in codes.items() if c not in (0, None)}
-    if bad_exits:
-        failed.append(f"processes exited uncleanly: {bad_exits}")
     result = {
         "nodes": args.nodes,
+        "optimizer": spec.canonical_dict(),
         "rounds": rows,
         "final_accuracy": rows[-1]["accuracy"] if rows else 0.0,
         "max_abs_error": max((r["max_abs_error"] for r in rows), default=None),
         "seconds": round(time.monotonic() - started, 2),
-        "privacy": None
-        if schedule is None
-        else {
-            "mode": schedule.mode,
-            "delta": DELTA,
-            "epsilon": rows[-1]["epsilon"] if rows else 0.0,
-            "noise_multiplier": schedule.noise_multiplier,
-            "sample_rate": schedule.sample_rate,
-            "steps_per_round": schedule.steps_per_round,
-            "max_grad_norm": schedule.max_grad_norm,
-        },
         "workdir": str(workdir),
         "errors": failed,
     }

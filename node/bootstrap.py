@@ -25,6 +25,7 @@ from cipherhive.errors import UserError
 from cipherhive.node.checkpoint import CHECKPOINT, Checkpoint, NodeState, read_checkpoint
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import PROVENANCE
+from cipherhive.node.optimizers import OptimizerError, restored
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
 
@@ -72,6 +73,10 @@ def bootstrap(config: NodeConfig, source: Path) -> tuple[Checkpoint, int]:
             raise BootstrapError(f"{path}: tensor {name} holds values that are not finite")
     if checkpoint.round < 1:
         raise BootstrapError(f"{path} is at round {checkpoint.round}; bootstrap needs a federated round")
+    try:  # the optimizer's moments travel with the model; the node checks them against the federation's
+        restored(checkpoint.optimizer, checkpoint.round, layout.num_params, str(path))
+    except OptimizerError as exc:
+        raise BootstrapError(str(exc)) from exc
     store = NodeState(config.state_dir, config.keep_checkpoints)
     previous = store.load()
     # The chain hash comes along: without it the node could not enrol in masked rounds.
@@ -79,6 +84,7 @@ def bootstrap(config: NodeConfig, source: Path) -> tuple[Checkpoint, int]:
         checkpoint.round,
         layout.hash,
         {name: checkpoint.tensors[name] for name, _ in tensors},
+        checkpoint.optimizer,
         checkpoint.chain_hash,
     )
     store.install(clean)

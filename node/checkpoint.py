@@ -4,8 +4,11 @@ what it remembers about rounds (its own submission, the sums it rejected).
 Files in ``state_dir``:
 
 * ``checkpoint-<round>.pt`` — the federated tensors after applying that round
-  (``{"round", "layout_hash", "tensors"}``); the newest ``keep`` are kept so a node
-  can roll back when a round it applied is withdrawn.
+  (``{"round", "layout_hash", "tensors"}``, and ``"optimizer"``: the server-side
+  optimizer's settings and moments after that round, see
+  :mod:`cipherhive.node.optimizers`; absent in checkpoints from before optimizers,
+  which were plain FedAvg); the newest ``keep`` are kept so a node can roll back
+  when a round it applied is withdrawn, and the moments roll back with the model.
 * ``checkpoint.pt`` — the current global model: a hard link to the newest applied
   ``checkpoint-<round>.pt`` (or a copy where links are not supported). Replacing
   it is the *commit point* of applying, rolling back and bootstrapping: the model
@@ -53,6 +56,8 @@ class Checkpoint:
     round: int
     layout_hash: str
     tensors: dict[str, torch.Tensor]
+    #: The optimizer's state after this round (:meth:`ServerOptimizer.record`); None: not recorded.
+    optimizer: dict[str, Any] | None = None
     #: The chain hash after this round (:mod:`cipherhive.chain`); empty in checkpoints from
     #: before masked rounds, which cannot enrol (bootstrap from a member's export instead).
     chain_hash: str = ""
@@ -63,23 +68,29 @@ def read_checkpoint(path: Path) -> Checkpoint:
     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(data, dict) or not {"round", "layout_hash", "tensors"} <= set(data):
         raise ValueError(f"{path} is not a cipherhive checkpoint (round, layout_hash, tensors)")
+    optimizer = data.get("optimizer")
     return Checkpoint(
-        int(data["round"]), str(data["layout_hash"]), dict(data["tensors"]), str(data.get("chain_hash", ""))
+        int(data["round"]),
+        str(data["layout_hash"]),
+        dict(data["tensors"]),
+        dict(optimizer) if isinstance(optimizer, dict) else None,
+        str(data.get("chain_hash", "")),
     )
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Streamed to a temporary file, fsynced, renamed: no in-memory copy of the model."""
+    data: dict[str, Any] = {
+        "round": checkpoint.round,
+        "layout_hash": checkpoint.layout_hash,
+        "tensors": {k: v.detach() for k, v in checkpoint.tensors.items()},
+    }
+    if checkpoint.optimizer is not None:
+        data["optimizer"] = checkpoint.optimizer
+    if checkpoint.chain_hash:
+        data["chain_hash"] = checkpoint.chain_hash
     with atomic_file(path, mode=0o600) as fh:
-        torch.save(
-            {
-                "round": checkpoint.round,
-                "layout_hash": checkpoint.layout_hash,
-                "tensors": {k: v.detach() for k, v in checkpoint.tensors.items()},
-                "chain_hash": checkpoint.chain_hash,
-            },
-            fh,
-        )
+        torch.save(data, fh)
 
 
 class NodeState:

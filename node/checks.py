@@ -35,6 +35,12 @@ The checks, and why each bound is what it is:
   whether they make a plausible evaluation is checked when they are read
   (:func:`cipherhive.node.federated_eval.decode`), and an implausible one is only not
   shown: it says nothing about the update, so it is no reason to reject the sum.
+* **member-level DP** (``grid_bits`` set): every decrypted value is rounded
+  back to the grid 2^-grid_bits *before* it is checked, applied or shown, so
+  the sum used is exactly the members' integer sum and CKKS error never acts
+  as noise; a value more than a quarter step off the grid (CKKS error is
+  ~1e-9, a step at least ~1e-6) means a contributor did not follow the grid
+  (``off_grid``). The total weight, a count of contributors then, is rounded too.
 * **the stream**: the round and layout asked for, the number of blocks (see
   :mod:`cipherhive.node.fetch` for chunk order and counts).
 
@@ -45,12 +51,17 @@ in words for the log and the server. Neither ever contains a decrypted value.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from cipherhive.codec import VALUE_RANGE
 from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT
+from cipherhive.v1 import federation_pb2 as pb
+
+#: Largest distance, in grid steps, a decrypted value may be from the member-level DP grid.
+GRID_TOLERANCE = 0.25
 
 #: The fixed reason labels of ``cipherhive_node_sums_rejected_total{reason}``.
 REASONS = (
@@ -65,6 +76,8 @@ REASONS = (
     "proof",
     "seeds",
     "seed_check",
+    # Member-level DP (issue 12): a decrypted value far from the announced grid.
+    "off_grid",
 )
 
 #: Slack for CKKS decryption error (~1e-9 for honest sums) in weight comparisons.
@@ -98,12 +111,19 @@ class SumLimits:
     max_participants: int
     participants: int
     own_weight: float = 0.0
+    #: Member-level DP: decrypted values are rounded to multiples of 2^-grid_bits (0: off).
+    grid_bits: int = 0
 
     @property
     def value_limit(self) -> float:
         """Largest magnitude ``participants`` honest members can make a summed value reach."""
         share = VALUE_RANGE / max(1, self.max_participants)
         return max(1, self.participants) * share * (1 + 1e-6) + _TOLERANCE
+
+
+def member_grid_bits(schedule: pb.PrivacySchedule) -> int:
+    """The grid a sum is rounded to: member-level DP's, else 0 (no rounding)."""
+    return int(schedule.grid_bits) if schedule.mode == pb.PrivacySchedule.MEMBER else 0
 
 
 def check_participants(participants: int, floor: int) -> None:
@@ -136,13 +156,20 @@ def check_total_weight(total: float, limits: SumLimits) -> None:
         )
 
 
+#: Turns the mean update of values ``lo:hi`` into the change added to the global model
+#: (a server-side optimizer, :meth:`cipherhive.node.optimizers.ServerOptimizer.step`).
+Step = Callable[[int, int, np.ndarray], np.ndarray]
+
+
 class CheckedApplier:
-    """Check and apply a decrypted sum block by block: ``out = float32(global + Σw·Δ / Σw)``.
+    """Check and apply a decrypted sum block by block: ``out = float32(global + step(Σw·Δ / Σw))``.
 
     ``out`` is written, ``global_`` only read. A block is checked before any of
     it is written; when a check fails, what earlier blocks wrote into ``out`` is
     restored from ``global_`` before :class:`SumRejected` is raised, so ``out``
     equals the global model again. ``mean`` (optional) receives the float64 average.
+    ``step`` (default: the average itself, FedAvg) is the server-side optimizer; the
+    checks bound the average the members sent, not the optimizer's step.
     """
 
     def __init__(
@@ -152,8 +179,10 @@ class CheckedApplier:
         per_block: int,
         limits: SumLimits,
         mean: np.ndarray | None = None,
+        step: Step | None = None,
     ) -> None:
         self.global_ = global_
+        self.step = step
         self.out = out
         self.per_block = per_block
         self.limits = limits
@@ -186,6 +215,16 @@ class CheckedApplier:
             self.out[: self._written] = self.global_[: self._written]
             self._written = 0
 
+    def _to_grid(self, values: np.ndarray) -> np.ndarray:
+        steps = np.ldexp(values, self.limits.grid_bits)
+        rounded = np.rint(steps)
+        if steps.size and float(np.abs(steps - rounded).max()) > GRID_TOLERANCE:
+            raise SumRejected(
+                "off_grid", "the sum holds values off the member-level DP grid (a contributor ignored it)"
+            )
+        out: np.ndarray = np.ldexp(rounded, -self.limits.grid_bits)
+        return out
+
     def _feed(self, block: np.ndarray) -> None:
         limits = self.limits
         if self.blocks * self.per_block >= self.global_.shape[0] + LEADING_VALUES:
@@ -196,8 +235,11 @@ class CheckedApplier:
             if block.shape[0] < LEADING_VALUES:
                 raise SumRejected("malformed", "the sum's first block cannot hold the weight and check slot")
             check_participant_slot(float(block[CHECK_SLOT]), limits.participants)
-            check_total_weight(float(block[WEIGHT_SLOT]), limits)
-            self.total_weight = float(block[WEIGHT_SLOT])
+            weight = float(block[WEIGHT_SLOT])
+            if limits.grid_bits and math.isfinite(weight):
+                weight = float(round(weight))  # uniform weights: a count of contributors
+            check_total_weight(weight, limits)
+            self.total_weight = weight
             first = LEADING_VALUES
         if not np.isfinite(block).all():
             raise SumRejected("out_of_range", "the sum holds values that are not finite numbers")
@@ -212,7 +254,10 @@ class CheckedApplier:
         lo = start + first - LEADING_VALUES
         hi = min(start + block.shape[0] - LEADING_VALUES, self.global_.shape[0])
         if hi > lo:
-            part = block[first : first + hi - lo] / self.total_weight
+            values = block[first : first + hi - lo]
+            if limits.grid_bits:
+                values = self._to_grid(values)
+            part = values / self.total_weight
             if part.size and float(np.abs(part).max()) > limits.max_update:
                 raise SumRejected(
                     "update_too_large",
@@ -220,6 +265,7 @@ class CheckedApplier:
                 )
             if self.mean is not None:
                 self.mean[lo:hi] = part
-            self.out[lo:hi] = self.global_[lo:hi] + part
+            change = part if self.step is None else self.step(lo, hi, part)
+            self.out[lo:hi] = self.global_[lo:hi] + change
             self._written = hi
         self.blocks += 1

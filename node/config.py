@@ -102,6 +102,12 @@ class NodeConfig:
         "folder of the privacy ledgers, one per dataset (`cipherhive node privacy-init` creates one); "
         "keep it across state directories and back it up: a lost ledger stops DP training",
     )
+    colluders: int = setting(
+        0,
+        "privacy",
+        "member-level DP: colluding members this node tolerates (at most min_participants - 1); it "
+        "refuses a schedule whose noise needs more honest members than min_participants - colluders",
+    )
     insecure_seed: int | None = setting(
         None,
         "privacy",
@@ -127,6 +133,11 @@ class NodeConfig:
             raise ConfigError(
                 f"min_participants = {self.min_participants} would apply a single member's update "
                 "as a sum; it must be at least 2"
+            )
+        if not 0 <= self.colluders <= self.min_participants - 1:
+            raise ConfigError(
+                f"colluders = {self.colluders} must be in [0, min_participants - 1]: with min_participants "
+                "- 1 colluders masking can no longer hide a member, and noise cannot either"
             )
         if not self.max_update_value > 0:
             raise ConfigError("max_update_value must be a positive number")

@@ -34,50 +34,42 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, failpoints, keys
+from cipherhive import __version__, codec, keys
+from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
-from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedgerError
+from cipherhive.node.describe import member_fingerprint_key
+from cipherhive.node.dp_ledger import PrivacyLedgerError
 from cipherhive.node.errors import NodeError
-from cipherhive.node.federated_eval import Trained, evaluate_base
+from cipherhive.node.initial import initial_model_hash
 from cipherhive.node.masked_round import MaskedRounds
+from cipherhive.node.optimizers import OptimizerError, OptimizerSpec, adopt, restored
 from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
 from cipherhive.node.rollback import Rollbacks
 from cipherhive.node.secagg import Participation
 from cipherhive.node.trainer import (
-    RoundInfo,
     TrainerError,
     federated_tensors,
     load_trainer,
 )
+from cipherhive.node.training import Training
 from cipherhive.node.update import (
     FlatParams,
-    UpdateError,
-    check_update,
     layout_of,
-    weighted_blocks,
 )
-from cipherhive.node.upload import submit_requests
-from cipherhive.progress import track
 from cipherhive.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.node")
-
-
-def _rounded(metrics: dict[str, float]) -> dict[str, float]:
-    """Metrics rounded to 4 significant digits (for the log, and the server only if opted in)."""
-    return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node(Rollbacks, MaskedRounds, SumReceiver):
+class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
         self.config = config
         try:
@@ -113,7 +105,12 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             raise NodeError(str(exc)) from exc
         self.tensors = federated_tensors(self.trainer, self.model)
         base_hash_fn = getattr(self.trainer, "base_model_hash", None)
-        self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "")
+        try:  # of the values build_model made, before any checkpoint is loaded into them
+            initial = initial_model_hash(member_fingerprint_key(config), self.tensors)
+        except UserError:
+            self.pool.close()
+            raise
+        self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "", initial)
         self.store = NodeState(config.state_dir, config.keep_checkpoints)
         self.applied_round = 0
         checkpoint = self.store.load()
@@ -128,6 +125,16 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
                 for name, tensor in self.tensors:
                     tensor.copy_(checkpoint.tensors[name])
             self.applied_round = checkpoint.round
+        try:
+            self.optimizer = restored(
+                checkpoint.optimizer if checkpoint else None,
+                self.applied_round,
+                self.layout.num_params,
+                f"{config.state_dir}/checkpoint.pt",
+            )
+        except OptimizerError as exc:
+            self.pool.close()
+            raise NodeError(str(exc)) from exc
         # The model's federated values live in one float32 buffer; ``global_values`` is
         # the last applied global model (float32, the only other full-size copy).
         self.flat = FlatParams(self.tensors)
@@ -254,6 +261,7 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             except (ScheduleRefused, PrivacyLedgerError) as exc:
                 raise NodeError(f"not joining: {exc}") from exc
             self._idle = None
+            self._follow_optimizer(reply.settings.optimizer)
             if reply.settings.masked and self.masking is None and not cfg.insecure:
                 raise NodeError(
                     "the federation runs masked rounds: list its members in [masking] members (names "
@@ -272,6 +280,7 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
                 latest_sum_round=reply.latest_sum_round,
                 applied_round=self.applied_round,
                 min_participants=self.settings.min_participants,
+                optimizer=self.optimizer.spec.describe(),
             )
             self.withdrawn.update(reply.withdrawn_rounds)
             for number in sorted(reply.withdrawn_rounds):
@@ -294,6 +303,19 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             finally:
                 self._stream = self._events = None
                 stream.cancel()
+
+    def _follow_optimizer(self, announced: pb.ServerOptimizer) -> None:
+        """Take the optimizer the server announced; one this node's state cannot follow stops it."""
+        try:
+            spec = OptimizerSpec.from_proto(announced)
+        except OptimizerError as exc:
+            message = f"the server announced an optimizer this node cannot run ({exc}); reconnecting later"
+            event(log, message, logging.ERROR, node=self.name)
+            raise SessionEnd(message) from exc
+        try:
+            self.optimizer = adopt(self.optimizer, spec, self.applied_round)
+        except OptimizerError as exc:
+            raise NodeError(str(exc)) from exc
 
     def _check_kept(self, oldest_kept: int) -> None:
         """A node whose next sum the server pruned cannot catch up by replay: say what to do.
@@ -374,114 +396,6 @@ class Node(Rollbacks, MaskedRounds, SumReceiver):
             self._train_and_submit(stub, ev, fields)
         finally:
             self._restore_model()
-
-    def _restore_model(self) -> None:
-        """Back to the global model: the trained values were only ever an input to an update."""
-        self.flat.load(self.global_values)
-
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
-        """Evaluate and train the global model; (weight, result, trained values, evaluation slots)."""
-        t0 = time.perf_counter()
-        try:
-            dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
-        except (PrivacyLedgerError, ScheduleRefused) as exc:
-            level = logging.WARNING if isinstance(exc, BudgetExhausted) else logging.ERROR
-            event(log, f"not taking part: {exc}", level, **fields)
-            return None
-        if dp is not None:
-            fields["epsilon"] = round(self.privacy.spent(), 4)
-        # The base model's evaluation rides this round's upload (issue 13).
-        evaluation = evaluate_base(self.trainer, self.model, self.settings, dp is not None, fields)
-        try:
-            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set, privacy=dp)
-            result = self.trainer.train(self.model, info)
-            if self._stop.is_set():
-                event(log, "stop requested during training: not submitting this round", **fields)
-                return None
-            self.privacy.check_trained(dp)
-            weight = self.privacy.weight(int(result.num_samples), self.settings.weight_unit)
-            # The trained values are read in place (no copy) while they are encrypted.
-            local = self.flat.read()
-            check_update(local, self.global_values, weight, self.settings.max_participants)
-        except UpdateError as exc:
-            event(log, f"not submitting: {exc}", logging.ERROR, **fields)
-            return None
-        except Exception:
-            if self._stop.is_set():  # a trainer cut short may fail on its way out: not a fault
-                event(log, "stop requested during training: not submitting this round", **fields)
-                return None
-            log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
-            return None
-        t_train = time.perf_counter() - t0
-        metrics.PHASE_SECONDS.labels("train").observe(t_train)
-        event(
-            log,
-            "trained",
-            samples=result.num_samples,
-            train_s=round(t_train, 3),
-            metrics=_rounded(result.metrics),
-            **fields,
-        )
-        return weight, result, local, evaluation
-
-    def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
-        return pb.SubmitHeader(
-            round=ev.round,
-            base_round=ev.base_round,
-            submission_id=self.store.submission_id(ev.round),
-            layout_hash=self.layout.hash,
-            key_fingerprint=self.fingerprint,
-            num_values=self.layout.num_values,
-            num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
-            # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
-            metrics=_rounded(result.metrics) if self.config.report_metrics else {},
-        )
-
-    def _train_and_submit(
-        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
-    ) -> None:
-        """An unmasked round (a server run with masking off): train, encrypt as it uploads."""
-        trained = self._train(ev, fields)
-        if trained is None:
-            return
-        weight, result, local, evaluation = trained
-        blocks = weighted_blocks(local, self.global_values, weight, self.pool.values_per_block, evaluation)
-        header = self._header(ev, result)
-        t1 = time.perf_counter()
-        per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
-        try:
-            receipt = stub.SubmitUpdate(
-                submit_requests(
-                    header,
-                    track(
-                        self.pool.encrypt(blocks),
-                        header.num_ciphertexts,
-                        f"round {ev.round}: encrypt+upload",
-                        node=self.name,
-                        round=ev.round,
-                    ),
-                    per_chunk,
-                ),
-                metadata=self._metadata(),
-            )
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT:
-                raise
-            event(log, f"server refused the update: {describe_rpc_error(exc)}", logging.WARNING, **fields)
-            return
-        failpoints.hit("node.submitted")
-        self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
-        metrics.ROUNDS_JOINED.inc()
-        metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
-        event(
-            log,
-            "update submitted",
-            samples=result.num_samples,
-            encrypt_upload_s=round(time.perf_counter() - t1, 3),
-            bytes=receipt.num_bytes,
-            duplicate=receipt.duplicate,
-            **fields,
-        )
 
     # ------------------------------------------------------------ sums and withdrawals
 

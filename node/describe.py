@@ -3,28 +3,50 @@
 The operator pins the federation's layout (`cipherhive ctl federation init
 --layout layout.json`, or ``[federation] layout`` in server.toml) from this
 file; it is built exactly as the daemon builds it (the same trainer plug-in,
-options and base model), so the node's Join matches it. Nothing secret is
-read: no key, no checkpoint, no data beyond what ``build_model`` needs.
+options and base model), so the node's Join matches it. It includes the
+fingerprint of the initial model's values (:mod:`cipherhive.node.initial`), keyed
+with the federation's secret context, which is why it runs on a member: the file
+reveals nothing the server could test a guess against. No checkpoint is read, no
+data beyond what ``build_model`` needs, and nothing secret is written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from cipherhive.errors import UserError
 from cipherhive.fsutil import atomic_write
 from cipherhive.layout import Layout
 from cipherhive.node.config import NodeConfig
+from cipherhive.node.initial import fingerprint_key, initial_model_hash
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
 
 
 def node_layout(config: NodeConfig) -> Layout:
     """The layout the daemon (``Node.__init__``) derives from this configuration."""
+    key = member_fingerprint_key(config)
     trainer = load_trainer(config.plugin, config.options, config.python_path)
     model = trainer.build_model()
     tensors = federated_tensors(trainer, model)
     base_hash_fn = getattr(trainer, "base_model_hash", None)
-    return layout_of(tensors, base_hash_fn() if base_hash_fn else "")
+    return layout_of(tensors, base_hash_fn() if base_hash_fn else "", initial_model_hash(key, tensors))
+
+
+class FingerprintError(UserError, RuntimeError):
+    """The initial model cannot be fingerprinted: the secret context is missing or unusable."""
+
+
+def member_fingerprint_key(config: NodeConfig) -> bytes:
+    """The key of the initial model's fingerprint, or an error saying what to do."""
+    try:
+        return fingerprint_key(config.secret_context)
+    except (OSError, ValueError) as exc:
+        raise FingerprintError(
+            f"cannot fingerprint the initial model: {exc}. The layout's initial model fingerprint "
+            "is keyed with the federation's secret context ([node] secret_context), so run this on "
+            "a member, with its node.toml"
+        ) from None
 
 
 def write_layout(config: NodeConfig, out: Path) -> Layout:

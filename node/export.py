@@ -9,8 +9,9 @@ many applied rounds are kept), by default the current one.
 * ``model.safetensors`` — the whole model's ``state_dict`` (metadata ``round``),
   unless the trainer writes its own export (the LoRA trainer's merged model,
   also ``model.safetensors`` from ``save_pretrained``, plus ``adapter/``);
-* ``checkpoint.pt`` — ``{"round", "layout_hash", "tensors"}``: the federated
-  tensors only, what ``cipherhive node bootstrap`` installs;
+* ``checkpoint.pt`` — ``{"round", "layout_hash", "tensors", "optimizer"}``: the
+  federated tensors only, and the server-side optimizer's state at that round,
+  what ``cipherhive node bootstrap`` installs;
 * ``cipherhive.json`` — ``round``, ``layout_hash``, ``base_model_hash``,
   ``federated_tensors`` (count), ``federated_values``, ``plugin``,
   ``written_by`` and ``checkpoint`` (the file name above).
@@ -135,6 +136,7 @@ def export_model(config: NodeConfig, out: Path, round_number: int | None = None)
             checkpoint.round,
             layout.hash,
             {name: checkpoint.tensors[name] for name, _ in tensors},
+            checkpoint.optimizer,  # a member bootstrapped from it continues with the same moments
             checkpoint.chain_hash,
         ),
     )

@@ -38,7 +38,7 @@ from cipherhive.node.errors import NodeError
 from cipherhive.node.federated_eval import Trained
 from cipherhive.node.receive import TRANSIENT, SessionEnd
 from cipherhive.node.secagg import MaskingSetup, Participation
-from cipherhive.node.update import weighted_blocks
+from cipherhive.node.update import rounded_metrics, weighted_blocks
 from cipherhive.node.upload import submit_requests
 from cipherhive.roster import RosterError
 from cipherhive.transport import describe_rpc_error
@@ -265,7 +265,17 @@ class MaskedRounds:
                 time.perf_counter() - started - part.train_s
             )
             event(
-                log, "update submitted", node=self.name, round=ev.round, bytes=receipt.num_bytes, masked=True
+                log,
+                "update submitted",
+                node=self.name,
+                round=ev.round,
+                samples=part.result.num_samples,
+                train_s=round(part.train_s, 3),
+                encrypt_upload_s=round(time.perf_counter() - started - part.train_s, 3),
+                bytes=receipt.num_bytes,
+                duplicate=receipt.duplicate,
+                metrics=rounded_metrics(part.result.metrics),
+                masked=True,
             )
         if not self._step(stub.SubmitCommit, pb.CommitRequest(round=ev.round, commit=part.commit()), ev):
             return

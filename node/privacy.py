@@ -13,19 +13,29 @@ The daemon asks four things of :class:`PrivacyGuard`, in this order:
 4. :meth:`~PrivacyGuard.weight`: under DP every member weighs 1 (uniform
    FedAvg, divided by the public number of contributors): a sample count,
    raw or noised, is business information record-level DP does not cover.
+
+In ``member`` mode (member-level distributed DP, :mod:`cipherhive.node.member_dp`)
+the trainer trains as usual (``RoundInfo.privacy`` stays None); the ledger
+charges the round before training all the same, and :meth:`~PrivacyGuard.privatize`
+replaces the trained values by the clipped, grid-rounded, noised update. At Join
+the schedule must promise at least as many honest members as this node's own
+floor and pinned colluders guarantee (``k - t ≤ floor - colluders``).
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+
+from cipherhive.dpmember import MemberMechanism
 from cipherhive.dpschedule import PrivacySchedule, ScheduleError
 from cipherhive.errors import UserError
 from cipherhive.logs import event
 from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
-from cipherhive.node.dp_random import DPRandom
+from cipherhive.node.dp_random import CryptoStream, DPRandom
 from cipherhive.node.dp_round import DPRound
 from cipherhive.node.update import UpdateError, sample_weight
 from cipherhive.v1 import federation_pb2 as pb
@@ -48,6 +58,8 @@ class PrivacyGuard:
         self.schedule = PrivacySchedule()
         self.ledger: PrivacyLedger | None = None
         self.random: DPRandom | None = None
+        #: Member mode: the charged round's mechanism and (noise, rounding) streams, until used.
+        self._member: tuple[MemberMechanism, CryptoStream, CryptoStream] | None = None
         metrics.PRIVACY_EPSILON_LIMIT.set(config.max_epsilon)
         if self.enabled:
             self.ledger = PrivacyLedger(ledger_path(config.ledger_dir, config.dataset), config.dataset)
@@ -74,6 +86,8 @@ class PrivacyGuard:
                 "this node trains only with differential privacy ([privacy] max_epsilon is set), but the "
                 "federation announces no DP schedule"
             )
+        if schedule.member:
+            self._check_member(schedule)
         self.schedule = schedule
         if self.ledger is None:
             return
@@ -99,6 +113,20 @@ class PrivacyGuard:
                 f"{remaining} rounds to go), beyond this node's limit of {self.config.max_epsilon:g}"
             )
 
+    def _check_member(self, schedule: PrivacySchedule) -> None:
+        """The honest members the schedule splits its noise over must be guaranteed by this node's
+        own floor and pinned colluders, or the sum's noise could fall short of z·C."""
+        if schedule.dimension < 1:
+            raise ScheduleRefused("the member-level DP schedule does not say how many values it covers")
+        honest = schedule.min_members - schedule.colluders
+        own = self.config.min_participants - self.config.colluders
+        if honest > own:
+            raise ScheduleRefused(
+                f"the federation's schedule ({schedule.describe()}) splits the noise over {honest} honest "
+                f"members, but this node's floor ({self.config.min_participants}) minus its pinned "
+                f"colluders ({self.config.colluders}) guarantees only {own}"
+            )
+
     def begin_round(self, round_number: int) -> DPRound | None:
         """Charge the ledger for one round and hand out its DP parameters (None without DP).
 
@@ -112,6 +140,10 @@ class PrivacyGuard:
         spent = self.ledger.charge(round_number, schedule.round_event(), self.delta, self.config.max_epsilon)
         metrics.PRIVACY_EPSILON.set(spent)
         noise, sampling = self.random.next_round()
+        if schedule.member:
+            self._member = (schedule.mechanism(), noise, sampling)
+            event(log, "member-level DP round charged", round=round_number, epsilon=round(spent, 4))
+            return None
         return DPRound(
             round=round_number,
             sample_rate=schedule.sample_rate,
@@ -123,6 +155,19 @@ class PrivacyGuard:
             sampling=sampling,
             insecure=self.random.insecure,
         )
+
+    def privatize(self, local: np.ndarray, global_: np.ndarray) -> np.ndarray:
+        """Member mode: the values to send instead of ``local`` (clipped, on the grid, noised);
+        otherwise ``local`` itself. Each charged round's noise is used once."""
+        if self._member is None:
+            if self.schedule.member:
+                raise UpdateError("no member-level DP round was charged; nothing was sent")
+            return local
+        from cipherhive.node.member_dp import privatize
+
+        mech, noise, rounding = self._member
+        self._member = None
+        return privatize(local, global_, mech, noise, rounding)
 
     @staticmethod
     def check_trained(dp: DPRound | None) -> None:

@@ -34,10 +34,17 @@ from cipherhive.logs import event
 from cipherhive.masking import SeedCheckFailed
 from cipherhive.node import federated_eval, metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
-from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected, check_participants
+from cipherhive.node.checks import (
+    CheckedApplier,
+    SumLimits,
+    SumRejected,
+    check_participants,
+    member_grid_bits,
+)
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.fetch import FetchError, fetch_sum
+from cipherhive.node.optimizers import ServerOptimizer
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.sumproof import check_seed_hashes, verify_proof
 from cipherhive.node.trainer import AppliedRound
@@ -96,6 +103,8 @@ class SumReceiver:
     tensors: list[tuple[str, Any]]
     trainer: Any
     model: Any
+    #: The server-side optimizer the federation announced (set at Join, before any sum is applied).
+    optimizer: ServerOptimizer
     _outcome_unimplemented: bool
     #: Masked rounds: this node's pinned membership and keys (None: not configured).
     masking: MaskingSetup | None
@@ -191,11 +200,23 @@ class SumReceiver:
         metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
         self.flat.commit()
         failpoints.hit("node.applying")
-        chain_hex = ""
-        if self.chain is not None:
-            self.chain.apply(applier.sum_digest)
-            chain_hex = self.chain.hex()
-        self.store.save(Checkpoint(ev.round, self.layout.hash, {n: t for n, t in self.tensors}, chain_hex))
+        next_chain = None
+        if self.chain is not None:  # advanced only once the checkpoint that records it is written
+            next_chain = ChainHash(self.chain.value)
+            next_chain.apply(applier.sum_digest)
+        record = self.optimizer.record(pending=True)
+        self.store.save(
+            Checkpoint(
+                ev.round,
+                self.layout.hash,
+                {n: t for n, t in self.tensors},
+                record,
+                next_chain.hex() if next_chain is not None else "",
+            )
+        )
+        self.optimizer.commit()  # the moments are the state only once the checkpoint holds them
+        if next_chain is not None:
+            self.chain = next_chain
         self.global_values[:] = self.flat.read()
         self.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
@@ -240,11 +261,14 @@ class SumReceiver:
             max_participants=self.settings.max_participants,
             participants=ev.participants,
             own_weight=self.store.own_weight(ev.round),
+            grid_bits=member_grid_bits(self.settings.privacy),
         )
         last = ""
         for attempt in range(1, ATTEMPTS + 1):
             mean = np.empty(self.layout.num_params) if wants_mean else None
-            applier = CheckedApplier(self.global_values, self.flat.read(), per_block, limits, mean)
+            applier = CheckedApplier(
+                self.global_values, self.flat.read(), per_block, limits, mean, self.optimizer.step
+            )
             digest = SumDigest()
             try:
                 blocks = (

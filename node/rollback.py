@@ -22,6 +22,7 @@ from cipherhive.logs import event
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
+from cipherhive.node.optimizers import OptimizerError, ServerOptimizer
 from cipherhive.node.receive import BOOTSTRAP_HINT
 from cipherhive.node.trainer import federated_tensors
 from cipherhive.node.update import FlatParams
@@ -47,6 +48,7 @@ class Rollbacks:
     _idle: str | None
     _resync: bool
     layout: Layout
+    optimizer: ServerOptimizer
 
     def _reset_chain(self, checkpoint: Checkpoint | None) -> None:
         """The chain hash goes back with the model: the one the target checkpoint recorded."""
@@ -84,8 +86,15 @@ class Rollbacks:
         if checkpoint is None:
             fresh = self.trainer.build_model()
             values = dict(federated_tensors(self.trainer, fresh))
+            self.optimizer.reset()
         else:
             values = checkpoint.tensors
+            try:  # the optimizer's moments go back with the model
+                self.optimizer.load(checkpoint.optimizer, f"the kept checkpoint of round {target}")
+            except OptimizerError as exc:
+                self._idle = f"cannot roll back to round {target}: {exc}; {BOOTSTRAP_HINT}"
+                event(log, self._idle, logging.ERROR, **fields)
+                return False
         with torch.no_grad():
             for name, tensor in self.tensors:
                 tensor.copy_(values[name])

@@ -43,8 +43,12 @@ class UpdateError(ValueError):
     """An update that cannot be encoded faithfully (NaN, out of range, no samples)."""
 
 
-def layout_of(tensors: list[tuple[str, torch.Tensor]], base_model_hash: str = "") -> Layout:
-    return Layout(tuple(TensorSpec(n, tuple(t.shape)) for n, t in tensors), base_model_hash)
+def layout_of(
+    tensors: list[tuple[str, torch.Tensor]], base_model_hash: str = "", initial_model_hash: str = ""
+) -> Layout:
+    return Layout(
+        tuple(TensorSpec(n, tuple(t.shape)) for n, t in tensors), base_model_hash, initial_model_hash
+    )
 
 
 def flatten(tensors: list[tuple[str, torch.Tensor]]) -> np.ndarray:
@@ -218,3 +222,8 @@ def split(tensors: list[tuple[str, torch.Tensor]], vector: np.ndarray) -> dict[s
         out[name] = torch.from_numpy(vector[offset : offset + n].copy()).reshape(tensor.shape)
         offset += n
     return out
+
+
+def rounded_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics rounded to 4 significant digits (for the log, and the server only if opted in)."""
+    return {k: float(f"{float(v):.4g}") for k, v in metrics.items() if np.isfinite(v)}

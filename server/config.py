@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cipherhive.config import ConfigError, setting
 from cipherhive.dpschedule import MODES, PrivacySchedule, ScheduleError
+from cipherhive.fedopt import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_TAU, OptimizerError, OptimizerSpec
 
 #: The privacy floor: a sum of one update *is* that update.
 MIN_PARTICIPANTS_FLOOR = 2
@@ -85,11 +86,26 @@ class ServerConfig:
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
+    optimizer: str = setting(
+        "fedavg",
+        "optimizer",
+        "what every node does with the decrypted average: fedavg, fedavgm, fedadam or fedyogi "
+        "(Reddi et al., ICLR 2021); fixed once a round is published",
+    )
+    learning_rate: float = setting(
+        0.0, "optimizer", "server learning rate η (0: 1 for fedavg and fedavgm, 0.01 for fedadam and fedyogi)"
+    )
+    beta1: float = setting(
+        DEFAULT_BETA1, "optimizer", "momentum of fedavgm, first-moment decay of fedadam and fedyogi"
+    )
+    beta2: float = setting(DEFAULT_BETA2, "optimizer", "second-moment decay of fedadam and fedyogi")
+    tau: float = setting(DEFAULT_TAU, "optimizer", "adaptivity τ of fedadam and fedyogi: η·m / (√v + τ)")
     dp_mode: str = setting(
         "off",
         "privacy",
-        "differential privacy the federation announces: off, or record (record-level DP-SGD on every "
-        "member, each accounting its own ε; uniform FedAvg weights)",
+        "differential privacy the federation announces: off, record (record-level DP-SGD on every "
+        "member, each accounting its own ε; uniform FedAvg weights), or member (member-level "
+        "distributed DP: each member clips its whole update and adds discrete Gaussian noise)",
     )
     dp_rounds: int = setting(
         0, "privacy", "rounds the DP schedule plans, which members budget for (0: max_rounds)"
@@ -99,7 +115,16 @@ class ServerConfig:
     )
     dp_noise_multiplier: float = setting(0.0, "privacy", "noise standard deviation / clipping norm")
     dp_steps_per_round: int = setting(0, "privacy", "local DP-SGD steps per round (not epochs)")
-    dp_max_grad_norm: float = setting(1.0, "privacy", "per-record gradient clipping norm")
+    dp_max_grad_norm: float = setting(
+        1.0, "privacy", "clipping norm: of each record's gradient (record), of each update (member)"
+    )
+    dp_min_members: int = setting(
+        0, "privacy", "member: the floor k the noise is split over (0: min_participants)"
+    )
+    dp_colluders: int = setting(
+        0, "privacy", "member: colluding members t tolerated, at most dp_min_members - 1"
+    )
+    dp_grid_bits: int = setting(16, "privacy", "member: updates are rounded to multiples of 2^-dp_grid_bits")
     max_workers: int = setting(
         8,
         "limits",
@@ -143,7 +168,15 @@ class ServerConfig:
     log_json: bool = setting(False, "log", "write JSON lines instead of readable lines")
     audit_file: Path | None = setting(None, "log", "also append the audit trail (JSON lines) to this file")
 
+    def optimizer_spec(self) -> OptimizerSpec:
+        """The validated ``[optimizer]`` settings (what the server announces to every node)."""
+        return OptimizerSpec.make(self.optimizer, self.learning_rate, self.beta1, self.beta2, self.tau)
+
     def __post_init__(self) -> None:
+        try:
+            self.optimizer_spec()
+        except OptimizerError as exc:
+            raise ConfigError(str(exc)) from None
         if self.min_participants < MIN_PARTICIPANTS_FLOOR:
             raise ConfigError(
                 f"min_participants = {self.min_participants} would release a single member's "
@@ -175,6 +208,11 @@ class ServerConfig:
                 self.max_rounds = self.dp_rounds
             if self.max_rounds > self.dp_rounds:
                 raise ConfigError("max_rounds must not exceed dp_rounds: members budget for dp_rounds")
+        if self.dp_mode == "member" and self.dp_min_members > self.min_participants:
+            raise ConfigError(
+                f"dp_min_members = {self.dp_min_members} exceeds min_participants = {self.min_participants}: "
+                "rounds smaller than the floor the noise is split over would carry too little noise"
+            )
         try:
             self.privacy_schedule()
         except ScheduleError as exc:
@@ -198,4 +236,9 @@ class ServerConfig:
             self.dp_noise_multiplier,
             self.dp_steps_per_round,
             self.dp_max_grad_norm,
+            *(
+                (self.dp_min_members or self.min_participants, self.dp_colluders, self.dp_grid_bits)
+                if self.dp_mode == "member"
+                else ()
+            ),
         )

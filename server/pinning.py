@@ -8,16 +8,21 @@ server.toml (read at start) or with ``cipherhive ctl federation init``
 (Admin.SetLayout); every layout is checked against the bounds in
 :mod:`cipherhive.layout` first. It can be replaced or reset only while no
 round has been published (and none is open): published sums are tied to it.
+The server-side optimizer (``[optimizer]``) is pinned the same way: it may change
+only while no round is published (:func:`pin_optimizer`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING
 
 import grpc
 
-from cipherhive.layout import Layout, LayoutError
+from cipherhive.config import ConfigError
+from cipherhive.fedopt import PLAIN_FEDAVG, OptimizerSpec
+from cipherhive.layout import Layout, LayoutError, describe_difference
 from cipherhive.logs import audit, event
 from cipherhive.server.errors import RoundError
 
@@ -31,6 +36,21 @@ HOW_TO_PIN = (
     "`cipherhive ctl federation init --layout layout.json` (or set [federation] layout in server.toml)"
 )
 NOT_PINNED = f"the operator has not pinned the federation's model layout yet: {HOW_TO_PIN}"
+
+
+def check_joining(pinned: Layout, layout: Layout) -> None:
+    """A joining node must match the pinned shapes and, when one is pinned, the initial model.
+
+    A federation pinned before fingerprints existed has none and admits any initial model,
+    as it always did (pin one with a layout file from `cipherhive node layout`).
+    """
+    if pinned.hash != layout.hash:
+        raise RoundError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model layout differs from the federation's: {describe_difference(pinned, layout)}",
+        )
+    if pinned.initial_model_hash and layout.initial_model_hash != pinned.initial_model_hash:
+        raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, describe_difference(pinned, layout))
 
 
 def _changeable(m: RoundManager, what: str) -> None:
@@ -54,9 +74,24 @@ def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> La
     """Pin ``layout`` (already bounds-checked); the same layout again is a no-op."""
     with m._lock:
         current = m.layout()
-        if current is not None and current.hash == layout.hash:
+        if current is not None and current.same_pin(layout):
             return current
+        if current is not None and current.hash == layout.hash and not layout.initial_model_hash:
+            return current  # a file without a fingerprint (older `node layout`) keeps the pinned one
+        if current is not None and current.hash == layout.hash and not current.initial_model_hash:
+            # Adding the initial model's fingerprint to shapes pinned without one: published sums
+            # stay valid (same shapes), so this is allowed at any time, and needs no --replace.
+            m.state.set_meta("layout", layout.pinned_text())
+            audit("initial model fingerprint pinned", actor, layout_hash=layout.hash[:16])
+            return layout
         if current is not None:
+            if not replace and current.hash == layout.hash:
+                raise RoundError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "another initial model is pinned already (fingerprint "
+                    f"{current.initial_model_hash[:12]}…, same shapes); pass --replace to replace it "
+                    "(only while no round has been published)",
+                )
             if not replace:
                 raise RoundError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -64,7 +99,7 @@ def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> La
                     "values); pass --replace to replace it (only while no round has been published)",
                 )
             _changeable(m, "replace")
-        m.state.set_meta("layout", layout.canonical())
+        m.state.set_meta("layout", layout.pinned_text())
     audit(
         "layout pinned" if current is None else "layout replaced",
         actor,
@@ -92,10 +127,59 @@ def pin_configured(m: RoundManager) -> None:
         return
     layout = Layout.read_file(path)
     current = m.layout()
-    if current is not None and current.hash == layout.hash:
-        return
-    try:
-        set_layout(m, layout, replace=True, actor=f"server.toml ({path})")
-    except RoundError as exc:
-        raise LayoutError(f"[federation] layout = {path}: {exc.message}") from None
-    event(log, "federation layout pinned from the configuration", path=str(path), params=layout.num_params)
+    if current is None or not current.same_pin(layout):
+        try:
+            pinned = set_layout(m, layout, replace=True, actor=f"server.toml ({path})")
+        except RoundError as exc:
+            raise LayoutError(f"[federation] layout = {path}: {exc.message}") from None
+        event(
+            log, "federation layout pinned from the configuration", path=str(path), params=layout.num_params
+        )
+        current = pinned
+    if not current.initial_model_hash:
+        event(
+            log,
+            f"the pinned layout has no initial model fingerprint, so members are not checked for a "
+            f"common starting point; write {path} again with `cipherhive node layout` (this version) "
+            "and restart, or pin it with `cipherhive ctl federation init --layout`",
+            logging.WARNING,
+        )
+
+
+OPTIMIZER_META = "optimizer"
+
+
+def pinned_optimizer(m: RoundManager) -> OptimizerSpec:
+    """The optimizer the federation's published rounds were applied with (none stored: FedAvg)."""
+    text = m.state.get_meta(OPTIMIZER_META)
+    if text is None:
+        return PLAIN_FEDAVG  # a state directory from before optimizers: its rounds were plain FedAvg
+    return OptimizerSpec.from_dict(json.loads(text), "the optimizer in the server's state:")
+
+
+def pin_optimizer(m: RoundManager) -> OptimizerSpec:
+    """At start: pin ``[optimizer]``; refused when published rounds were applied with another one.
+
+    Every node applies every published sum with the federation's optimizer, and a node
+    that catches up replays old sums: if the optimizer changed after a round was
+    published, that node would compute another model than the members who applied the
+    sums as they came. So the optimizer may change only while nothing is published.
+    """
+    wanted = m.config.optimizer_spec()
+    with m._lock:
+        current = pinned_optimizer(m)
+        stored = m.state.get_meta(OPTIMIZER_META)
+        if stored is not None and current == wanted:
+            return wanted
+        published = m.state.published_count()
+        if published and current != wanted:
+            raise ConfigError(
+                f"[optimizer] asks for {wanted.describe()}, but {published} round(s) of this federation "
+                f"were published and applied with {current.describe()}; members that replay them must "
+                f"apply them the same way. Set [optimizer] back to {current.describe()}, or start a new "
+                "federation (new state_dir) to use another optimizer"
+            )
+        m.state.set_meta(OPTIMIZER_META, wanted.canonical())
+    if stored is not None or wanted != PLAIN_FEDAVG:
+        audit("optimizer pinned", "server.toml", optimizer=wanted.describe())
+    return wanted

@@ -37,7 +37,7 @@ import grpc
 from cryptography import x509
 
 from cipherhive import codec, enrolment, failpoints
-from cipherhive.layout import Layout, describe_difference
+from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server import pinning, recovery, scheduler, secagg, withdrawal
@@ -122,6 +122,7 @@ class RoundManager:
         self.revocations: enrolment.RevocationCheck | None = None
         self._ca: x509.Certificate | None = None
         pinning.pin_configured(self)
+        self.optimizer = pinning.pin_optimizer(self)
 
     @property
     def masked(self) -> bool:
@@ -180,7 +181,8 @@ class RoundManager:
             layout_hash=layout.hash if layout else "",
             max_participants=self.config.max_participants,
             oldest_kept_round=self.state.oldest_kept_round(),
-            privacy=self.config.privacy_schedule().to_proto(),
+            optimizer=self.optimizer.to_proto(),
+            privacy=self.config.privacy_schedule().for_layout(layout.num_params if layout else 0).to_proto(),
             masked=self.masked,
         )
 
@@ -202,11 +204,7 @@ class RoundManager:
                 raise RoundError(
                     grpc.StatusCode.UNAVAILABLE, pinning.NOT_PINNED + "; this node will retry until then"
                 )
-            if current.hash != layout.hash:
-                raise RoundError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"model layout differs from the federation's: {describe_difference(current, layout)}",
-                )
+            pinning.check_joining(current, layout)
             self._joined.add(node)
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)

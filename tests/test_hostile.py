@@ -570,6 +570,12 @@ def test_bogus_layouts_are_refused_without_allocating(env: Env) -> None:
         (_layout_msg([("w", [1] * 9)]), "'w': has 9 dimensions"),
         (_layout_msg([("w", [2]), ("w", [2])]), "appears twice"),
         (_layout_msg([("w", [2])], base="not-a-hash"), "base_model_hash must be empty or 64"),
+        (
+            pb.Layout(
+                tensors=[pb.TensorSpec(name="w", shape=[2])], num_params=2, initial_model_hash="x" * 65
+            ),
+            "initial_model_hash must be empty or 64",
+        ),
         (pb.Layout(tensors=[pb.TensorSpec(name="w", shape=[2])], num_params=2**38), "is not the sum"),
     ]
     with env.channel("mallory") as mallory, env.channel("admin") as admin:

@@ -393,7 +393,7 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
         nodes=3,
         node_options={"epochs": 1, "record_dir": str(tmp_path / "records")},
         # Flood members watch, so they count as expected: the operator opens and closes the round.
-        rounds={"auto_start": False, "timeout_seconds": 600.0},
+        rounds={"auto_start": False, "timeout_seconds": 600.0, "enrol_seconds": 5.0},
     )
     fed.setup()
     watchers = [f"flood-{i}" for i in range(-(-watch // per))]
@@ -442,12 +442,9 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
         with fed.admin_channel() as ch:
             admin = pb_grpc.AdminStub(ch)
             row = admin.StartRound(pb.StartRoundRequest(), timeout=10)
-            fed.wait_for(
-                lambda: len(admin.GetRound(pb.GetRoundRequest(round=row.round), timeout=10).submissions) == 3,
-                300,
-                "three submissions",
-            )
-            closed = admin.CloseRound(pb.CloseRoundRequest(round=row.round), timeout=30)
+        # A masked round: the flood members never enrol, so the roster is fixed at the enrol
+        # deadline with the three nodes, and the round publishes once all three released.
+        closed = fed.wait_round(row.round, 300)
         assert closed.state == pb.ROUND_SUM_READY, closed.reason
         fed.wait_for(lambda: len(_records(tmp_path, row.round, "applied")) == 3, 120, "nodes to apply")
         round_seconds = time.monotonic() - started

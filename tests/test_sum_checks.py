@@ -26,7 +26,7 @@ import torch
 from cipherhive import certs, codec, keys
 from cipherhive.demo.digits import DigitsTrainer
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import LEADING_VALUES
+from cipherhive.layout import LEADING_VALUES, Layout
 from cipherhive.node.trainer import federated_tensors
 from cipherhive.node.update import layout_of
 from cipherhive.transport import ClientTLS, channel
@@ -106,7 +106,7 @@ def _attack_round(fed: LocalFederation, kind: str) -> int:
     fingerprint = keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)  # mallory lies about it
     with _mallory(fed) as ch, fed.admin_channel() as ach:
         stub, admin = pb_grpc.AggregationStub(ch), pb_grpc.AdminStub(ach)
-        stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=_layout_proto()), timeout=30)
+        stub.Join(pb.JoinRequest(key_fingerprint=fingerprint, layout=_layout_proto(fed)), timeout=30)
         watch = stub.WatchRounds(pb.WatchRequest(since_round=10**9))
         try:
             fed.wait_for(
@@ -141,9 +141,10 @@ def _fingerprint(fed: LocalFederation) -> str:
     return keys.fingerprint_of_file(fed.workdir / "keys" / keys.PUBLIC_FILE)
 
 
-def _layout_proto() -> pb.Layout:
-    trainer = DigitsTrainer(shard=0, shards=NODES, epochs=1)
-    return layout_of(federated_tensors(trainer, trainer.build_model())).to_proto()
+def _layout_proto(fed: LocalFederation) -> pb.Layout:
+    """What the federation pinned, initial model fingerprint included: mallory is a member, it holds
+    the secret key and the initial model, so it can compute the fingerprint like any member."""
+    return Layout.read_file(fed.layout_file).to_proto()
 
 
 def _withdrawn_by_the_nodes(fed: LocalFederation, number: int) -> None:
@@ -167,7 +168,7 @@ def _withdrawn_by_the_nodes(fed: LocalFederation, number: int) -> None:
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert (err.value.details() or "").startswith(f"round {number} was withdrawn: ")
         rejoin = stub.Join(
-            pb.JoinRequest(key_fingerprint=_fingerprint(fed), layout=_layout_proto()), timeout=30
+            pb.JoinRequest(key_fingerprint=_fingerprint(fed), layout=_layout_proto(fed)), timeout=30
         )
         assert number in rejoin.withdrawn_rounds
 

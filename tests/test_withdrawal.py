@@ -248,13 +248,16 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_node_layout_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_node_layout_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], keyfiles: keys.KeyFiles
+) -> None:
     """`cipherhive node layout` writes what the node joins with, and says how to pin it."""
     from cipherhive.cli import main
 
     toml = tmp_path / "node.toml"
     toml.write_text(
-        '[node]\ninsecure = true\nname = "n"\n[trainer]\nplugin = "cipherhive.demo.digits:DigitsTrainer"\n'
+        f'[node]\ninsecure = true\nname = "n"\nsecret_context = "{keyfiles.secret}"\n'
+        '[trainer]\nplugin = "cipherhive.demo.digits:DigitsTrainer"\n'
         "options = { shard = 0, shards = 3 }\n",
         encoding="utf-8",
     )
@@ -265,6 +268,8 @@ def test_node_layout_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"layout hash: {layout.hash}" in printed
     assert f"size: {layout.num_params} values in {len(layout.tensors)} tensors" in printed
     assert "cipherhive ctl federation init --layout" in printed
+    assert len(layout.initial_model_hash) == 64  # the initial values' fingerprint is in the file
+    assert f"initial model fingerprint: {layout.initial_model_hash[:16]}" in printed
     assert [t.name for t in layout.tensors] == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert not (tmp_path / "node-state").exists()  # nothing of the node's state is touched
 

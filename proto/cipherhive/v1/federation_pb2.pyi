@@ -29,14 +29,16 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("tensors", "num_params", "base_model_hash")
+    __slots__ = ("tensors", "num_params", "base_model_hash", "initial_model_hash")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     num_params: int
     base_model_hash: str
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_params: _Optional[int] = ..., base_model_hash: _Optional[str] = ...) -> None: ...
+    initial_model_hash: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_params: _Optional[int] = ..., base_model_hash: _Optional[str] = ..., initial_model_hash: _Optional[str] = ...) -> None: ...
 
 class EncodingParams(_message.Message):
     __slots__ = ("poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "values_per_ciphertext")
@@ -51,7 +53,7 @@ class EncodingParams(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., values_per_ciphertext: _Optional[int] = ...) -> None: ...
 
 class FederationSettings(_message.Message):
-    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "privacy", "masked")
+    __slots__ = ("key_fingerprint", "encoding", "min_participants", "round_timeout_seconds", "weight_unit", "max_ciphertexts_per_chunk", "layout_hash", "max_participants", "oldest_kept_round", "privacy", "optimizer", "masked")
     KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,7 @@ class FederationSettings(_message.Message):
     MAX_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_KEPT_ROUND_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MASKED_FIELD_NUMBER: _ClassVar[int]
     key_fingerprint: str
     encoding: EncodingParams
@@ -73,30 +76,55 @@ class FederationSettings(_message.Message):
     max_participants: int
     oldest_kept_round: int
     privacy: PrivacySchedule
+    optimizer: ServerOptimizer
     masked: bool
-    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySchedule, _Mapping]] = ..., masked: _Optional[bool] = ...) -> None: ...
+    def __init__(self, key_fingerprint: _Optional[str] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., min_participants: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ..., weight_unit: _Optional[float] = ..., max_ciphertexts_per_chunk: _Optional[int] = ..., layout_hash: _Optional[str] = ..., max_participants: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ..., privacy: _Optional[_Union[PrivacySchedule, _Mapping]] = ..., optimizer: _Optional[_Union[ServerOptimizer, _Mapping]] = ..., masked: _Optional[bool] = ...) -> None: ...
 
 class PrivacySchedule(_message.Message):
-    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm")
+    __slots__ = ("mode", "rounds", "sample_rate", "noise_multiplier", "steps_per_round", "max_grad_norm", "min_members", "colluders", "grid_bits", "dimension")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OFF: _ClassVar[PrivacySchedule.Mode]
         RECORD: _ClassVar[PrivacySchedule.Mode]
+        MEMBER: _ClassVar[PrivacySchedule.Mode]
     OFF: PrivacySchedule.Mode
     RECORD: PrivacySchedule.Mode
+    MEMBER: PrivacySchedule.Mode
     MODE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    MIN_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    COLLUDERS_FIELD_NUMBER: _ClassVar[int]
+    GRID_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
     mode: PrivacySchedule.Mode
     rounds: int
     sample_rate: float
     noise_multiplier: float
     steps_per_round: int
     max_grad_norm: float
-    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    min_members: int
+    colluders: int
+    grid_bits: int
+    dimension: int
+    def __init__(self, mode: _Optional[_Union[PrivacySchedule.Mode, str]] = ..., rounds: _Optional[int] = ..., sample_rate: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., steps_per_round: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., min_members: _Optional[int] = ..., colluders: _Optional[int] = ..., grid_bits: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
+
+class ServerOptimizer(_message.Message):
+    __slots__ = ("name", "learning_rate", "beta1", "beta2", "tau")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    learning_rate: float
+    beta1: float
+    beta2: float
+    tau: float
+    def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
 
 class EnrolRequest(_message.Message):
     __slots__ = ("round", "enrolment")
