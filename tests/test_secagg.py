@@ -348,3 +348,38 @@ def test_server_restart_mid_round_resends_the_same_upload(
         assert len(re.findall(r"trained \[", fed.log(name))) == 1, f"{name} trained twice:\n{fed.log(name)}"
     check_fedavg(fed)
     assert not list(fed.workdir.glob("node-*-state/upload-*.ct")), "upload files must go when the round ends"
+
+
+# --------------------------------------------------------------------------- a member restarts mid-round
+
+
+def test_a_member_killed_mid_round_finishes_it_after_a_restart(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """Killed right after its upload's receipt, then right after recording its self-mask release
+    (before sending it), a member restarts each time and finishes the round with the same upload
+    and the same seed: the round publishes, and nobody is left refusing the base on its ledger."""
+    fed = _federation(tmp_path, nodes=3, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    fed.start_node(0, env={"CIPHERHIVE_FAILPOINTS": "node.submitted"})
+    fed.start_node(1)
+    fed.start_node(2)
+    fed.wait_for(lambda: fed.procs["node-1"].poll() is not None, 120, "node-1 to die after its receipt")
+    fed.start_node(0, env={"CIPHERHIVE_FAILPOINTS": "node.released"})
+    fed.wait_for(
+        lambda: fed.procs["node-1"].poll() is not None, 120, "node-1 to die after its release record"
+    )
+    fed.start_node(0)
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
+        60,
+        "every node to apply round 1",
+    )
+    log = fed.log("node-1")
+    assert log.count("resuming round after a restart with the same upload") == 2, log[-3000:]
+    assert len(re.findall(r"trained \[", log)) == 1, "a restarted member must not train (or mask) again"
+    check_fedavg(fed)
+    assert not list(fed.workdir.glob("node-*-state/round-*.part.json")), "participation files must go"
