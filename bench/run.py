@@ -65,7 +65,8 @@ def codecs_for(mode: str, keydir: Path) -> Codecs:
 
 
 def _vectors(size: int, nodes: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Members' ``[w, 1.0, w·Δ…]`` vectors for ``size - 2`` parameters, and the exact average."""
+    """Members' ``[w, 1.0, e…, w·Δ…]`` vectors for ``size - LEADING_VALUES`` parameters, and the
+    exact average."""
     params = size - LEADING_VALUES
     zero = np.zeros(params, dtype=np.float32)
     vectors, weighted, total = [], np.zeros(params), 0

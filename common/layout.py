@@ -38,12 +38,19 @@ MAX_LAYOUT_FILE_BYTES = 4 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._\-/:\[\]]{1,200}$")
 _BASE_HASH = re.compile(r"^([0-9a-f]{64})?$")
 
-#: Values in front of the parameters in the encrypted vector ``[w, 1.0, w·Δ…]``:
-#: the FedAvg weight (slot 0) and the check slot (slot 1, 1.0 from every member,
-#: so the sum holds the number of contributors there; issue 11).
+#: Values in front of the parameters in the encrypted vector ``[w, 1.0, e…, w·Δ…]``:
+#: the FedAvg weight (slot 0), the check slot (slot 1, 1.0 from every member, so the sum
+#: holds the number of contributors there; issue 11) and the evaluation slots (issue 13):
+#: for each metric of :data:`EVAL_METRICS` in turn, ``n/u`` and ``n/u · metric``, where n is
+#: the member's validation examples and u the federation's weight unit. The sum then holds
+#: ``Σn`` and ``Σn·metric``: the federation-wide validation of the round's *base* model
+#: (:mod:`cipherhive.node.federated_eval`). A fixed set keeps the vector's length fixed.
 WEIGHT_SLOT = 0
 CHECK_SLOT = 1
-LEADING_VALUES = 2
+EVAL_SLOT = 2
+EVAL_METRICS = ("loss", "accuracy")
+EVAL_VALUES = 2 * len(EVAL_METRICS)
+LEADING_VALUES = EVAL_SLOT + EVAL_VALUES
 
 
 class LayoutError(UserError, ValueError):
@@ -132,9 +139,9 @@ class Layout:
 
     @property
     def num_values(self) -> int:
-        """Values in the encrypted vector ``[w, 1.0, w·Δ…]``: the FedAvg weight, the check
-        slot and the parameters. The one source of the vector's length: the server sizes
-        rounds and checks submission headers from it."""
+        """Values in the encrypted vector ``[w, 1.0, e…, w·Δ…]``: the FedAvg weight, the check
+        slot, the evaluation slots and the parameters. The one source of the vector's length:
+        the server sizes rounds and checks submission headers from it."""
         return self.num_params + LEADING_VALUES
 
     def canonical(self) -> str:

@@ -11,13 +11,22 @@ round is record-level DP-SGD through the helper
 :func:`cipherhive.node.dp_sgd.private_training`, with plain SGD at ``dp_lr``:
 the schedule's Poisson-sampled steps replace epochs and batches.
 
+**Validation.** Each member's validation data (``evaluate``, the federated
+evaluation) is a disjoint slice of the held-out test set: member k of K holds
+rows k, k + K, … of it. Together they are exactly the demo's test set, so the
+federated accuracy of a round's base model equals the test accuracy the demo
+measured for that model (to CKKS error and rounding), which makes it easy to
+check; the training data is unchanged by it.
+
 ``record_dir`` is for the demo only: it lets the demo, which runs every
-party itself, compare the decrypted average with the plaintext one. A real
-node never writes its update anywhere.
+party itself, compare the decrypted average with the plaintext one (and the
+federated evaluation with the members' own, in ``shard-K.evaluations.jsonl``).
+A real node never writes its update or its own evaluation anywhere.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +113,11 @@ class DigitsTrainer:
         rows = data.shards[shard]
         self.x = torch.from_numpy(data.x_train[rows])
         self.y = torch.from_numpy(data.y_train[rows]).long()
+        self.x_val = data.x_test[shard::shards]
+        self.y_val = data.y_test[shard::shards]
         self.shard = shard
         self.record_dir = Path(record_dir) if record_dir else None
+        self._applied = 0  # the last round applied: the model evaluate() sees next
 
     def build_model(self) -> nn.Module:
         return build_model(self.seed, self.hidden)
@@ -167,12 +179,34 @@ class DigitsTrainer:
             {"global": start, "local": _flat(model), "samples": weight},
         )
 
+    def evaluate(self, model: nn.Module) -> tuple[int, dict[str, float]]:
+        """Mean cross-entropy and accuracy of ``model`` on this member's validation slice."""
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(self.x_val))
+            target = torch.from_numpy(self.y_val).long()
+            loss = float(nn.functional.cross_entropy(logits, target))
+            acc = float((logits.argmax(dim=1) == target).double().mean())
+        n = len(self.y_val)
+        if self.record_dir is not None:
+            line = json.dumps({"base_round": self._applied, "examples": n, "loss": loss, "accuracy": acc})
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.record_dir / f"shard-{self.shard}.evaluations.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        return n, {"loss": loss, "accuracy": acc}
+
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:
+        self._applied = applied.round
         if self.record_dir is not None:
             mean = torch.cat([t.reshape(-1) for t in applied.mean_update.values()])
             _save(
                 self.record_dir / f"round-{applied.round}" / f"shard-{self.shard}.applied.pt",
-                {"mean": mean, "global": _flat(model), "participants": applied.participants},
+                {
+                    "mean": mean,
+                    "global": _flat(model),
+                    "participants": applied.participants,
+                    "federated_eval": applied.federated_eval,
+                },
             )
 
 

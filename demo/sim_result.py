@@ -32,6 +32,10 @@ class NodeRound:
     applied: bool = False
     #: Download, decryption, checks and apply.
     apply_seconds: float | None = None
+    #: The federated evaluation this node decrypted with the round's sum (every node the same),
+    #: rounded to 4 significant digits: ``examples``, ``loss``, ``accuracy`` and ``of_round``
+    #: (the global model it evaluates: the round's base). Empty when no member evaluates.
+    federated_eval: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ class RoundRecord:
     #: The server's view: from opening the round to publishing its encrypted sum.
     aggregation_seconds: float
     nodes: dict[str, NodeRound]
+
+    @property
+    def federated_eval(self) -> dict[str, float]:
+        """The federation-wide validation carried by this round's sum (see ``NodeRound``)."""
+        for node in self.nodes.values():
+            if node.federated_eval:
+                return node.federated_eval
+        return {}
 
 
 @dataclass
@@ -81,7 +93,7 @@ class SimulationResult:
         return {
             "plugin": self.plugin,
             "nodes": self.nodes,
-            "rounds": [asdict(r) for r in self.rounds],
+            "rounds": [{**asdict(r), "federated_eval": r.federated_eval} for r in self.rounds],
             "model_round": self.model_round,
             "model_dir": str(self.model_dir) if self.model_dir else None,
             "seconds": self.seconds,

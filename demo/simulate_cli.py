@@ -153,6 +153,15 @@ def _print_round(record: Any) -> None:
             flush=True,
         )
         lead = " " * len(lead)
+    evaluation = record.federated_eval
+    if evaluation:
+        # Decrypted by the members only; the server never sees it (issue 13, item 2).
+        shown = " ".join(f"{k}={evaluation[k]:g}" for k in ("loss", "accuracy") if k in evaluation)
+        print(
+            f"{'':>19}federated validation of round {int(evaluation.get('of_round', 0))}'s model "
+            f"({int(evaluation['examples'])} examples): {shown}",
+            flush=True,
+        )
 
 
 def _n(value: int | None) -> str:

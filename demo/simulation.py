@@ -280,11 +280,13 @@ class _Run:
     def _node_round(self, name: str, number: int) -> NodeRound:
         log = self.logs[name]
         sent, applied = log.submitted(number), log.applied(number)
+        evaluation = _federated_eval(applied)
         if sent is None:
             return NodeRound(
                 submitted=False,
                 applied=applied is not None,
                 apply_seconds=_get(applied, "fetch_decrypt_apply_s"),
+                federated_eval=evaluation,
             )
         return NodeRound(
             submitted=True,
@@ -295,6 +297,7 @@ class _Run:
             upload_bytes=int(sent["bytes"]) if "bytes" in sent else None,
             applied=applied is not None,
             apply_seconds=_get(applied, "fetch_decrypt_apply_s"),
+            federated_eval=evaluation,
         )
 
     def _process_failed(self, exc: ProcessFailed, number: int) -> SimulationError:
@@ -348,3 +351,15 @@ def _error_line(output: str) -> str:
         if "error:" in line:
             return line.split("error:", 1)[1].strip()
     return lines[-1] if lines else "no output"
+
+
+def _federated_eval(applied: dict[str, Any] | None) -> dict[str, float]:
+    """The ``eval_*`` fields of a node's "applied round sum" line (already rounded by the node)."""
+    if applied is None:
+        return {}
+    out = {
+        key[len("eval_") :]: float(value)
+        for key, value in applied.items()
+        if key.startswith("eval_") and isinstance(value, int | float)
+    }
+    return out if out.get("examples") else {}

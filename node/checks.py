@@ -31,6 +31,10 @@ The checks, and why each bound is what it is:
   L2 bound must grow with √n and be tuned per model) and because one wrecked
   value is enough to wreck a model; it is what stops a tiny weight carrying a
   huge update.
+* **the evaluation slots** (issue 13) are values like any other here (finite, in range);
+  whether they make a plausible evaluation is checked when they are read
+  (:func:`cipherhive.node.federated_eval.decode`), and an implausible one is only not
+  shown: it says nothing about the update, so it is no reason to reject the sum.
 * **member-level DP** (``grid_bits`` set): every decrypted value is rounded
   back to the grid 2^-grid_bits *before* it is checked, applied or shown, so
   the sum used is exactly the members' integer sum and CKKS error never acts
@@ -188,6 +192,9 @@ class CheckedApplier:
         self._written = 0  # out[:_written] may differ from global_
         #: :func:`cipherhive.chain.sum_digest` of the sum as received (set once it is checked).
         self.sum_digest = b""
+        #: The decrypted leading values (weight, check slot, evaluation slots), once the first
+        #: block passed its checks.
+        self.leading = np.zeros(LEADING_VALUES)
 
     def feed(self, block: np.ndarray) -> None:
         try:
@@ -242,6 +249,8 @@ class CheckedApplier:
                 "the sum holds values beyond what honest members can encode "
                 "(made under another key, or corrupted)",
             )
+        if start == 0:
+            self.leading = block[:LEADING_VALUES].copy()
         lo = start + first - LEADING_VALUES
         hi = min(start + block.shape[0] - LEADING_VALUES, self.global_.shape[0])
         if hi > lo:

@@ -157,8 +157,12 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
         self.chain = self._load_chain(checkpoint)
         self.ledger = self._open_ledger(checkpoint is not None)
         self.masking = self._load_masking()
-        for stale in config.state_dir.glob("upload-*.ct"):
-            stale.unlink()  # from before a restart: its masks cannot be completed
+        # A masked round's files from before a restart: kept while their round may still be open
+        # (the node resends that very upload), removed once the model is past it.
+        for stale in [*config.state_dir.glob("upload-*.ct"), *config.state_dir.glob("round-*.part.json")]:
+            number = stale.name.split("-", 1)[1].split(".", 1)[0]
+            if not number.isdigit() or int(number) <= self.applied_round:
+                stale.unlink()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -350,7 +354,9 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
                 log.debug("not taking part in round %d: %s", ev.round, self._idle)
                 return
             self._take_part(stub, ev)
-        elif ev.kind == pb.RoundEvent.FAILED and not ev.replay:
+        elif ev.kind == pb.RoundEvent.FAILED and ev.replay:
+            self._end_part(ev.round)
+        elif ev.kind == pb.RoundEvent.FAILED:
             self._end_part(ev.round)
             event(
                 log,

@@ -35,6 +35,7 @@ from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.errors import NodeError
+from cipherhive.node.federated_eval import Trained
 from cipherhive.node.receive import TRANSIENT, SessionEnd
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.update import rounded_metrics, weighted_blocks
@@ -70,7 +71,7 @@ class MaskedRounds:
     def _metadata(self) -> list[tuple[str, str]]:
         raise NotImplementedError
 
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> tuple[float, Any, np.ndarray] | None:
+    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
         raise NotImplementedError
 
     def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
@@ -203,10 +204,17 @@ class MaskedRounds:
         if part is None or part.round != ev.round or part.binding.nonce != ev.nonce:
             if part is not None:
                 part.discard()
-                self._part = None
-            if self.store.submitted_round() == ev.round:
-                self._refuse_round(ev, "this node restarted after uploading to it; its masks are gone")
+                self._part = part = None
+            restored = Participation.restore(setup, self.config.state_dir, ev.round, ev.nonce)
+            if restored is not None:
+                event(
+                    log, "resuming round after a restart with the same upload", node=self.name, round=ev.round
+                )
+                self._part = part = restored
+            elif self.store.submitted_round() == ev.round:
+                self._refuse_round(ev, "this node restarted after uploading to it and lost that upload")
                 return
+        if part is None or part.round != ev.round:
             key = self._ledger_key(ev.base_round)
             try:
                 if not self.ledger.may_upload(key):
@@ -244,6 +252,7 @@ class MaskedRounds:
             return
         assert part.upload is not None
         if not part.receipt:
+            part.save(self.config.state_dir)  # before the first byte is sent
             header = self._header(ev, part.result)
             header.roster_hash = roster.hash
             per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
@@ -257,6 +266,7 @@ class MaskedRounds:
                 self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
                 return
             part.receipt = receipt.receipt
+            part.save(self.config.state_dir)
             failpoints.hit("node.submitted")
             self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
             metrics.ROUNDS_JOINED.inc()
@@ -276,16 +286,23 @@ class MaskedRounds:
                 metrics=rounded_metrics(part.result.metrics),
                 masked=True,
             )
-        if not self._step(stub.SubmitCommit, pb.CommitRequest(round=ev.round, commit=part.commit()), ev):
+        commit = part.commit()
+        part.save(self.config.state_dir)  # a signature is randomized: only the kept commit is ever sent
+        if not self._step(stub.SubmitCommit, pb.CommitRequest(round=ev.round, commit=commit), ev):
             return
         commits_ev = self._await(ev.round, pb.RoundEvent.COMMITS)
         if commits_ev is None:
             return
         try:
+            if not part.releasing:
+                part.releasing = True
+                part.save(self.config.state_dir)
             seed = part.release(list(commits_ev.commits), self.ledger, self._ledger_key(ev.base_round))
+            part.save(self.config.state_dir)
         except (RosterError, LedgerError) as exc:
             self._refuse_round(ev, f"not releasing the self-mask: {exc}")
             return
+        failpoints.hit("node.released")
         if self._step(stub.ReleaseSeed, pb.ReleaseRequest(round=ev.round, seed=seed), ev):
             event(log, "self-mask released", node=self.name, round=ev.round)
 
@@ -297,7 +314,7 @@ class MaskedRounds:
             trained = self._train(ev, fields)
             if trained is None:
                 return False
-            weight, result, local = trained
+            weight, result, local, evaluation = trained
             part.train_s = time.perf_counter() - started
             plan = part.mask_plan(self.pool.modulus)
             self.pool.set_mask_plan(plan)
@@ -305,7 +322,9 @@ class MaskedRounds:
                 part.write_upload(
                     self.config.state_dir / f"upload-{ev.round}.ct",
                     self.pool.encrypt_masked(
-                        weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
+                        weighted_blocks(
+                            local, self.global_values, weight, self.pool.values_per_block, evaluation
+                        )
                     ),
                 )
             finally:
@@ -327,8 +346,9 @@ class MaskedRounds:
         return True
 
     def _end_part(self, number: int) -> None:
-        """Round ``number`` is over: drop its participation (keys, upload file)."""
+        """Round ``number`` is over: drop its participation (keys, upload and participation files)."""
         part = self._part
         if part is not None and part.round <= number:
             part.discard()
             self._part = None
+        Participation.forget(self.config.state_dir, number)

@@ -1,14 +1,17 @@
 """Prometheus metrics of a member node, served on ``[node] metrics_listen``.
 
-Durations, round numbers and the privacy budget only: never a model value, a
-sample count or anything computed from decrypted data. ε is computed from the
-DP mechanism's parameters and this node's ledger, not from data.
+Durations, round numbers, the privacy budget and the federated evaluation only:
+never a model value or a sample count. ε is computed from the DP mechanism's
+parameters and this node's ledger, not from data. The federated evaluation
+(issue 13) is the one figure computed from decrypted data, and it is shown rounded
+to 4 significant digits (:mod:`cipherhive.node.federated_eval`), like in the log.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cipherhive.layout import EVAL_METRICS
 from cipherhive.node.checks import REASONS
 
 REGISTRY = CollectorRegistry()
@@ -56,6 +59,26 @@ MASKED_REFUSALS = Counter(
     "a base it already released a self-mask on); the log says why",
     registry=REGISTRY,
 )
+
+FEDERATED_EVAL = Gauge(
+    "cipherhive_node_federated_eval",
+    "Federation-wide validation metric (Σ n·metric / Σ n over every member that evaluated, rounded to "
+    "4 significant digits) of the model of cipherhive_node_federated_eval_round; NaN: not sent",
+    ["metric"],
+    registry=REGISTRY,
+)
+FEDERATED_EVAL_EXAMPLES = Gauge(
+    "cipherhive_node_federated_eval_examples",
+    "Validation examples behind cipherhive_node_federated_eval (Σ n, rounded to 4 significant digits)",
+    registry=REGISTRY,
+)
+FEDERATED_EVAL_ROUND = Gauge(
+    "cipherhive_node_federated_eval_round",
+    "The round whose global model the federated evaluation measured (the base of the last sum applied)",
+    registry=REGISTRY,
+)
+for _metric in EVAL_METRICS:
+    FEDERATED_EVAL.labels(_metric).set(float("nan"))
 
 for _reason in REASONS:
     SUMS_REJECTED.labels(_reason)  # every label shows, at 0, before the first rejection

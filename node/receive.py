@@ -32,7 +32,7 @@ from cipherhive.chain import ChainHash, SumDigest
 from cipherhive.layout import Layout
 from cipherhive.logs import event
 from cipherhive.masking import SeedCheckFailed
-from cipherhive.node import metrics
+from cipherhive.node import federated_eval, metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.checks import (
     CheckedApplier,
@@ -221,14 +221,10 @@ class SumReceiver:
         self.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
         metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
-        event(
-            log,
-            "applied round sum",
-            node=self.name,
-            round=ev.round,
-            participants=ev.participants,
-            fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3),
-        )
+        fields: dict[str, Any] = {"node": self.name, "round": ev.round, "participants": ev.participants}
+        # The federated evaluation of the round's base (issue 13), rounded; nothing goes to the server.
+        evaluation = federated_eval.show(applier.leading, self.settings.weight_unit, ev.base_round, fields)
+        event(log, "applied round sum", **fields, fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3))
         self._report(stub, ev.round, True)
         hook = getattr(self.trainer, "after_round", None)
         if hook is not None:
@@ -237,7 +233,7 @@ class SumReceiver:
             mean = applier.mean.astype(np.float32) if applier.mean is not None else None
             mean_update = split(self.tensors, mean) if mean is not None else {}
             try:
-                hook(self.model, AppliedRound(ev.round, ev.participants, mean_update))
+                hook(self.model, AppliedRound(ev.round, ev.participants, mean_update, evaluation))
             except Exception:
                 log.exception("trainer after_round hook failed in round %d", ev.round)
 

@@ -21,6 +21,7 @@ across reconnects (a server restart resumes the round where it was):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from cipherhive.commit import (
     require_all_commits,
     self_mask_digest,
 )
-from cipherhive.fsutil import fsync_dir
+from cipherhive.fsutil import atomic_write, fsync_dir
 from cipherhive.ledger import ReleaseLedger
 from cipherhive.roster import (
     Enrolment,
@@ -54,6 +55,9 @@ from cipherhive.roster import (
 )
 
 __all__ = ["MaskingSetup", "Participation", "params_id"]
+
+#: The file a participation is kept in between restarts (0600, next to its upload).
+PART_FORMAT = "cipherhive/v1/participation"
 
 
 def params_id() -> bytes:
@@ -166,6 +170,8 @@ class Participation:
     weight: float = 0.0
     result: Any = None
     train_s: float = 0.0
+    #: The release was about to be recorded (a crash may fall between the ledger and the send).
+    releasing: bool = False
 
     @property
     def round(self) -> int:
@@ -266,7 +272,10 @@ class Participation:
         if mine.encode() != self.commit_bytes:
             raise RosterError("the server forwarded another commit in this node's name; not releasing")
         if not self.released:
-            ledger.record_release(base_key)  # raises if a release on this base was recorded before
+            if not (self.releasing and base_key in ledger.released()):
+                # A crash after the record and before the send leaves releasing set and the base
+                # recorded: the same seed of the same round goes again, which is no new release.
+                ledger.record_release(base_key)  # raises if a release on this base was recorded before
             self.released = True
         return self.plan.self_seed
 
@@ -276,3 +285,87 @@ class Participation:
         self.plan = None
         if self.upload is not None:
             self.upload.path.unlink(missing_ok=True)
+            part_path(self.upload.path.parent, self.round).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ across a restart
+
+    def save(self, state_dir: Path) -> None:
+        """Keep what a restarted node needs to finish this round with the *same* upload.
+
+        Written (0600, atomically) once the masked upload is on disk and again at every later
+        step, always before that step's message is sent. It holds the self-mask seed (this
+        node's own secret, like ``secret.ctx`` beside it) and never the X25519 key, which is
+        gone by then: a restarted node resends, commits and releases, but never masks again.
+        """
+        assert self.upload is not None and self.plan is not None
+        result = self.result
+        doc = {
+            "format": PART_FORMAT,
+            "round": self.round,
+            "base_round": self.base_round,
+            "enrolment": self.enrolment.encode().hex(),
+            "self_seed": self.plan.self_seed.hex(),
+            "modulus": self.plan.modulus,
+            "upload": {
+                "file": self.upload.path.name,
+                "count": self.upload.count,
+                "seeds_hash": self.upload.seeds_hash.hex(),
+                "blocks_hash": self.upload.blocks_hash.hex(),
+            },
+            "receipt": self.receipt,
+            "commit": self.commit_bytes.hex(),
+            "releasing": self.releasing,
+            "released": self.released,
+            "weight": self.weight,
+            "samples": int(getattr(result, "num_samples", 0)),
+            "metrics": dict(getattr(result, "metrics", {}) or {}),
+        }
+        atomic_write(part_path(state_dir, self.round), json.dumps(doc).encode(), mode=0o600)
+
+    @classmethod
+    def restore(
+        cls, setup: MaskingSetup, state_dir: Path, round_number: int, nonce: bytes
+    ) -> Participation | None:
+        """This node's participation in round ``round_number`` from before a restart, if any."""
+        path = part_path(state_dir, round_number)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != PART_FORMAT or doc["round"] != round_number:
+                return None
+            entry = Enrolment.decode(bytes.fromhex(doc["enrolment"]))
+            up = doc["upload"]
+            upload = UploadFile(
+                state_dir / Path(up["file"]).name,
+                int(up["count"]),
+                bytes.fromhex(up["seeds_hash"]),
+                bytes.fromhex(up["blocks_hash"]),
+            )
+            plan = masking.MaskPlan(bytes.fromhex(doc["self_seed"]), (), int(doc["modulus"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if entry.binding.nonce != nonce or entry.cert_fingerprint != setup.tls_fingerprint:
+            return None  # another round's file, or another identity's: never resent
+        if not upload.path.exists():
+            return None
+        from cipherhive.node.trainer import TrainResult
+
+        part = cls(setup, entry.binding, int(doc["base_round"]), entry, None, plan=plan, upload=upload)
+        part.receipt = str(doc.get("receipt", ""))
+        part.commit_bytes = bytes.fromhex(doc.get("commit", ""))
+        part.releasing = bool(doc.get("releasing"))
+        part.released = bool(doc.get("released"))
+        part.weight = float(doc.get("weight", 0.0))
+        part.result = TrainResult(
+            num_samples=int(doc.get("samples", 0)), metrics=dict(doc.get("metrics", {}))
+        )
+        return part
+
+    @staticmethod
+    def forget(state_dir: Path, round_number: int) -> None:
+        """Remove a finished round's upload and participation files (not loaded, or loaded)."""
+        part_path(state_dir, round_number).unlink(missing_ok=True)
+        (state_dir / f"upload-{round_number}.ct").unlink(missing_ok=True)
+
+
+def part_path(state_dir: Path, round_number: int) -> Path:
+    return state_dir / f"round-{round_number}.part.json"

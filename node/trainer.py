@@ -40,8 +40,21 @@ Optional:
     Hash of a frozen base the federated tensors sit on (adapters); members
     with a different base are refused at join.
 
+``evaluate(model) -> tuple[int, dict[str, float]]``
+    Evaluate ``model`` (the current global model) on local *validation* data,
+    without changing it: return the number of examples and their mean metrics.
+    Before training in each round the node evaluates the global model with it
+    and sends ``loss`` and ``accuracy`` (the federated set; others stay in the
+    node's log), weighted by the example count, inside its encrypted and masked
+    update; after decrypting the sum every member sees the federation-wide
+    ``Σ n·metric / Σ n`` of that model, rounded, and nobody sees a member's own
+    figures (:mod:`cipherhive.node.federated_eval`). ``loss`` must be ≥ 0 and
+    ``accuracy`` in [0, 1]; a metric that is not is left out with a warning.
+    Not called under differential privacy (validation data is outside ε).
+
 ``after_round(model, applied: AppliedRound) -> None``
-    Called after the decrypted average has been applied (evaluate, export).
+    Called after the decrypted average has been applied (evaluate, export);
+    ``applied.federated_eval`` holds the federated evaluation the sum carried.
 """
 
 from __future__ import annotations
@@ -91,6 +104,10 @@ class AppliedRound:
     participants: int
     #: The decrypted average update per federated tensor (float64). Stays on this node.
     mean_update: dict[str, torch.Tensor]
+    #: The federation-wide evaluation of this round's base model (normally round - 1's global
+    #: model), rounded to 4 significant digits: ``examples`` and each metric of
+    #: :data:`cipherhive.layout.EVAL_METRICS` some member sent. Empty when none did.
+    federated_eval: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

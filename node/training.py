@@ -25,6 +25,7 @@ from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedgerError
+from cipherhive.node.federated_eval import Trained, evaluate_base
 from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.receive import TRANSIENT
 from cipherhive.node.trainer import RoundInfo
@@ -62,8 +63,8 @@ class Training:
         """Back to the global model: the trained values were only ever an input to an update."""
         self.flat.load(self.global_values)
 
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> tuple[float, Any, np.ndarray] | None:
-        """Train on the global model; (weight, result, trained values) or None (logged why)."""
+    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
+        """Evaluate and train the global model; (weight, result, trained values, evaluation slots)."""
         t0 = time.perf_counter()
         try:
             dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
@@ -73,6 +74,8 @@ class Training:
             return None
         if dp is not None:
             fields["epsilon"] = round(self.privacy.spent(), 4)
+        # The base model's evaluation rides this round's upload (issue 13).
+        evaluation = evaluate_base(self.trainer, self.model, self.settings, dp is not None, fields)
         try:
             info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set, privacy=dp)
             result = self.trainer.train(self.model, info)
@@ -103,7 +106,7 @@ class Training:
             metrics=rounded_metrics(result.metrics),
             **fields,
         )
-        return weight, result, local
+        return weight, result, local, evaluation
 
     def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
         return pb.SubmitHeader(
@@ -126,7 +129,8 @@ class Training:
         trained = self._train(ev, fields)
         if trained is None:
             return
-        weight, result, local = trained
+        weight, result, local, evaluation = trained
+        blocks = weighted_blocks(local, self.global_values, weight, self.pool.values_per_block, evaluation)
         header = self._header(ev, result)
         t1 = time.perf_counter()
         per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
@@ -135,9 +139,7 @@ class Training:
                 submit_requests(
                     header,
                     track(
-                        self.pool.encrypt(
-                            weighted_blocks(local, self.global_values, weight, self.pool.values_per_block)
-                        ),
+                        self.pool.encrypt(blocks),
                         header.num_ciphertexts,
                         f"round {ev.round}: encrypt+upload",
                         node=self.name,

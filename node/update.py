@@ -1,14 +1,16 @@
 """Between the model and the encrypted vector: weight, check range, stream, divide, apply.
 
-The vector a node encrypts is ``[w, 1.0, w·Δ…]`` with Δ = local - global for
-every federated tensor (flattened in layout order) and ``w = samples / weight_unit``.
+The vector a node encrypts is ``[w, 1.0, e…, w·Δ…]`` with Δ = local - global for
+every federated tensor (flattened in layout order) and ``w = samples / weight_unit``;
+``e…`` are the evaluation slots (zeros from a node that does not evaluate; see
+:mod:`cipherhive.node.federated_eval`).
 The server sums these; after decryption ``Σ w·Δ / Σ w`` is exactly the
 FedAvg update, and no single member's sample count was ever visible. The 1.0
 is the *check slot* (issue 11): the sum holds the number of contributors there,
 so a server that lies about a round's participants is caught after decryption
 (:func:`cipherhive.node.checks.check_participant_slot`).
 
-The weight and the check slot come *first* so that a node can divide and apply
+The weight, the check slot and the evaluation slots come *first* so that a node can divide and apply
 each decrypted block as it arrives, and the update is produced block by block from the
 model's float32 values: neither side ever holds a float64 copy of the whole
 update (a 100 M-parameter model costs its float32 size twice, not six times).
@@ -23,7 +25,15 @@ import numpy as np
 import torch
 
 from cipherhive.codec import VALUE_RANGE
-from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT, Layout, TensorSpec
+from cipherhive.layout import (
+    CHECK_SLOT,
+    EVAL_SLOT,
+    EVAL_VALUES,
+    LEADING_VALUES,
+    WEIGHT_SLOT,
+    Layout,
+    TensorSpec,
+)
 
 #: Elements per pass when scanning an update (bounds temporaries to a few MB).
 _SCAN = 1 << 20
@@ -121,20 +131,40 @@ def sample_weight(num_samples: int, weight_unit: float) -> float:
     return num_samples / weight_unit
 
 
+def leading(weight: float, evaluation: np.ndarray | None = None) -> np.ndarray:
+    """The values in front of ``w·Δ``: ``[w, 1.0, e…]`` (the evaluation slots zero when None)."""
+    out = np.zeros(LEADING_VALUES)
+    out[WEIGHT_SLOT] = weight
+    out[CHECK_SLOT] = 1.0
+    if evaluation is not None:
+        if evaluation.shape != (EVAL_VALUES,):
+            raise ValueError(f"the evaluation slots are {EVAL_VALUES} values, not {evaluation.shape}")
+        out[EVAL_SLOT : EVAL_SLOT + EVAL_VALUES] = evaluation
+    return out
+
+
 def weighted_blocks(
-    local: np.ndarray, global_: np.ndarray, weight: float, per_block: int
+    local: np.ndarray,
+    global_: np.ndarray,
+    weight: float,
+    per_block: int,
+    evaluation: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
-    """The vector ``[w, 1.0, w·Δ…]`` in blocks of ``per_block`` float64 values, made on demand."""
+    """The vector ``[w, 1.0, e…, w·Δ…]`` in blocks of ``per_block`` float64 values, made on demand.
+
+    ``evaluation`` holds the :data:`~cipherhive.layout.EVAL_VALUES` evaluation slots, already
+    checked and scaled (:func:`cipherhive.node.federated_eval.encode`); None sends zeros.
+    """
     if per_block < LEADING_VALUES:
-        raise ValueError(f"blocks of {per_block} values cannot hold the weight and the check slot")
+        raise ValueError(f"blocks of {per_block} values cannot hold the leading values")
+    head = leading(weight, evaluation)
     total = local.shape[0] + LEADING_VALUES
     for start in range(0, total, per_block):
         end = min(start + per_block, total)
         block = np.empty(end - start, dtype=np.float64)
         first = 0
         if start == 0:
-            block[WEIGHT_SLOT] = weight
-            block[CHECK_SLOT] = 1.0
+            block[:LEADING_VALUES] = head
             first = LEADING_VALUES
         lo, hi = start + first - LEADING_VALUES, end - LEADING_VALUES  # parameters in this block
         np.subtract(local[lo:hi], global_[lo:hi], out=block[first:], dtype=np.float64)
@@ -143,20 +173,25 @@ def weighted_blocks(
 
 
 def weighted_vector(
-    local: np.ndarray, global_: np.ndarray, num_samples: int, weight_unit: float, max_participants: int
+    local: np.ndarray,
+    global_: np.ndarray,
+    num_samples: int,
+    weight_unit: float,
+    max_participants: int,
+    evaluation: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``[w, 1.0, w·Δ…]`` as one vector (for small updates and tests), after the same checks."""
+    """``[w, 1.0, e…, w·Δ…]`` as one vector (for small updates and tests), after the same checks."""
     if not np.isfinite(global_).all():
         raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
     weight = sample_weight(num_samples, weight_unit)
     check_update(local, global_, weight, max_participants)
     size = local.shape[0] + LEADING_VALUES
-    return np.concatenate(list(weighted_blocks(local, global_, weight, size)))
+    return np.concatenate(list(weighted_blocks(local, global_, weight, size, evaluation)))
 
 
 def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
-    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value; the check slot after it
-    is skipped); the daemon uses :class:`cipherhive.node.checks.CheckedApplier`, which also
+    """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value; the check and evaluation
+    slots after it are skipped); the daemon uses :class:`cipherhive.node.checks.CheckedApplier`, which also
     checks the check slot and every value."""
     total_weight = _total_weight(float(summed[WEIGHT_SLOT]))
     return summed[LEADING_VALUES : LEADING_VALUES + num_params] / total_weight

@@ -24,6 +24,7 @@ from cipherhive.layout import Layout
 from cipherhive.ledger import ReleaseLedger
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.sumproof import check_seed_hashes, verify_proof
+from cipherhive.node.update import leading
 from cipherhive.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -109,8 +110,8 @@ class Member:
         return part
 
     def vector(self, update: np.ndarray, weight: float) -> np.ndarray:
-        """The encrypted vector ``[w, 1.0, w·Δ]`` of an update."""
-        return np.concatenate([[weight, 1.0], weight * update.astype(np.float64)])
+        """The encrypted vector ``[w, 1.0, e…, w·Δ]`` of an update (no evaluation: zero slots)."""
+        return np.concatenate([leading(weight), weight * update.astype(np.float64)])
 
     def upload(self, part: Participation, vector: np.ndarray, round_number: int, base_round: int) -> None:
         plan = part.mask_plan(self.codec.modulus)

@@ -7,6 +7,10 @@ while the server process only ever held the public context.
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +23,7 @@ import torch
 
 from cipherhive import keys
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.layout import EVAL_METRICS
 from cipherhive.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -94,6 +99,88 @@ def test_rounds_are_recorded_without_metrics(federation: LocalFederation) -> Non
             assert dict(sub.metrics) == {}
     # Nodes still show their metrics locally.
     assert "accuracy" in federation.log("node-1")
+
+
+def _applied_lines(log: str) -> dict[int, dict[str, str]]:
+    """Fields of every "applied round sum" line of a node's log, by round."""
+    out: dict[int, dict[str, str]] = {}
+    for line in log.splitlines():
+        if "applied round sum" in line and "[" in line:
+            fields = dict(re.findall(r"(\w+)=(\S+?)(?=\s\w+=|\]$)", line[line.index("[") :].strip()))
+            out[int(fields["round"])] = fields
+    return out
+
+
+def _plaintext_evaluations(workdir: Path, shards: int) -> dict[int, tuple[int, dict[str, float]]]:
+    """Σn and Σn·metric/Σn per evaluated model, from the trainers' own full-precision records."""
+    by_base: dict[int, list[dict[str, float]]] = {}
+    for shard in range(shards):
+        path = workdir / "records" / f"shard-{shard}.evaluations.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            by_base.setdefault(int(record["base_round"]), []).append(record)
+    out = {}
+    for base, records in by_base.items():
+        assert len(records) == shards, f"model of round {base} evaluated {len(records)} times"
+        total = sum(int(r["examples"]) for r in records)
+        out[base] = (total, {m: sum(r["examples"] * r[m] for r in records) / total for m in EVAL_METRICS})
+    return out
+
+
+def _same_to_4_digits(shown: float, exact: float) -> bool:
+    """``shown`` is ``exact`` rounded to 4 significant digits (either way at a rounding boundary)."""
+    if float(f"{exact:.4g}") == shown:
+        return True
+    step = 10 ** (math.floor(math.log10(abs(exact))) - 3) if exact else 0.0
+    return abs(shown - exact) <= 0.5 * step + 1e-9
+
+
+def test_federated_evaluation_matches_the_plaintext_weighted_mean(federation: LocalFederation) -> None:
+    """Every node logs the same federated evaluation of each round's base model, equal (to 4
+    significant digits) to Σ n·metric / Σ n over the members' own evaluations."""
+    plain = _plaintext_evaluations(federation.workdir, 3)
+    logs = [_applied_lines(federation.log(federation.node_name(i))) for i in range(3)]
+    for number in (1, 2):
+        shown = [log[number] for log in logs]
+        keys_shown = ("eval_examples", "eval_loss", "eval_accuracy", "eval_of_round")
+        assert all(s.keys() >= set(keys_shown) for s in shown), shown
+        assert len({tuple(s[k] for k in keys_shown) for s in shown}) == 1, "nodes disagree"
+        base = int(shown[0]["eval_of_round"])
+        assert base == number - 1  # round r's sum carries the validation of round r - 1's model
+        total, means = plain[base]
+        assert int(shown[0]["eval_examples"]) == total == 450  # the digits demo's whole test set
+        for name, exact in means.items():
+            assert _same_to_4_digits(float(shown[0][f"eval_{name}"]), exact), (name, shown[0], exact)
+            assert len(shown[0][f"eval_{name}"].lstrip("0.").replace(".", "")) <= 4, "not rounded"
+    # The after_round hook gets the same (rounded) figures.
+    applied = _records(federation.workdir, 2, "applied")
+    assert {float(f"{v:.4g}") for v in applied[0]["federated_eval"].values()} == set(
+        applied[0]["federated_eval"].values()
+    )
+    assert all(r["federated_eval"] == applied[0]["federated_eval"] for r in applied)
+
+
+def test_the_server_holds_none_of_the_federated_evaluation(federation: LocalFederation) -> None:
+    """The server's log, its database and what ctl sees hold no evaluation figure nor its names."""
+    figures: set[str] = set()
+    for fields in _applied_lines(federation.log("node-1")).values():
+        figures |= {fields["eval_loss"], fields["eval_accuracy"]}
+    for shard in range(3):
+        path = federation.workdir / "records" / f"shard-{shard}.evaluations.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():  # each member's own figures too
+            record = json.loads(line)
+            figures |= {f"{record[m]:.4g}" for m in EVAL_METRICS}
+    # Figures of 4 significant digits only: "1" or "0.5" are in any log for other reasons.
+    figures = {f for f in figures if len(f.replace(".", "").lstrip("0")) == 4}
+    assert len(figures) >= 4
+    with sqlite3.connect(federation.workdir / "server-state" / "state.db") as db:
+        database = "\n".join(db.iterdump())
+    ctl = "\n".join(str(info) for info in federation.list_rounds())
+    for where, text in (("server log", federation.log("server")), ("database", database), ("ctl", ctl)):
+        assert text, where
+        assert not re.search(r"\beval_|federated.eval|evaluat", text, re.I), where
+        for figure in figures:
+            assert not re.search(rf"(?<![\d.]){re.escape(figure)}(?![\d])", text), (where, figure)
 
 
 def _memory_contains(pid: int, needle: bytes) -> bool:

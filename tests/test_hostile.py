@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cipherhive import certs, codec, keys
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.layout import Layout, TensorSpec
+from cipherhive.node.update import leading
 from cipherhive.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -30,7 +31,7 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 LAYOUT = Layout((TensorSpec("dense.weight", (100, 150)), TensorSpec("dense.bias", (100,))))
-NUM_VALUES = LAYOUT.num_values  # 15102 -> 2 ciphertexts
+NUM_VALUES = LAYOUT.num_values  # 15100 parameters + LEADING_VALUES -> 2 ciphertexts
 NUM_CTS = codec.num_ciphertexts(NUM_VALUES)
 S = grpc.StatusCode
 
@@ -410,7 +411,7 @@ def test_hostile_battery_then_exact_honest_round(env: Env) -> None:
     sent_cts: dict[str, list[bytes]] = {}
     for name in weights:
         delta = rng_np.normal(0, 0.05, LAYOUT.num_params)
-        vectors[name] = np.concatenate([[weights[name], 1.0], weights[name] * delta])
+        vectors[name] = np.concatenate([leading(weights[name]), weights[name] * delta])
 
     failures = []
     for name, code, call in cases:

@@ -126,6 +126,10 @@ def test_training_keeps_the_base_frozen(base: Path) -> None:
     assert any("lora_B" in n for n in changed)  # B starts at zero: the adapter really learned
     assert result.num_samples > 100
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(result.metrics)
+    examples, evaluation = trainer.evaluate(model)  # the federated evaluation: the val set
+    assert examples > 0 and evaluation == pytest.approx(
+        {"loss": result.metrics["val_loss"], "accuracy": result.metrics["val_accuracy"]}
+    )
 
 
 def test_base_model_hash(base: Path, tmp_path: Path) -> None:

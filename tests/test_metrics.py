@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cipherhive.demo.federation import LocalFederation, free_port
+from cipherhive.layout import LEADING_VALUES
 from cipherhive.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -59,8 +60,8 @@ def test_server_metrics(federation: tuple[LocalFederation, int, int]) -> None:
     assert m[("cipherhive_rounds_total", (("outcome", "published"),))] == 2
     assert m[("cipherhive_submissions_total", (("result", "accepted"),))] == 6
     assert m[("cipherhive_received_bytes_total", ())] > 6 * 60_000
-    # 4810 parameters, the FedAvg weight and the check slot, per submission
-    assert m[("cipherhive_ingested_values_total", ())] == 6 * 4812
+    # 4810 parameters, the FedAvg weight, the check slot and the evaluation slots, per submission
+    assert m[("cipherhive_ingested_values_total", ())] == 6 * (4810 + LEADING_VALUES)
     assert m[("cipherhive_ingest_values_per_second", ())] > 0
     assert m[("cipherhive_round_duration_seconds_count", ())] == 2
     assert m[("cipherhive_calls_in_progress", ())] >= 3  # the nodes' watch streams, at least
@@ -73,3 +74,9 @@ def test_node_metrics(federation: tuple[LocalFederation, int, int]) -> None:
     assert m[("cipherhive_node_rounds_joined_total", ())] >= 2
     for phase in ("train", "encrypt_upload", "download_decrypt", "apply"):
         assert m[("cipherhive_node_phase_seconds_count", (("phase", phase),))] >= 2
+    # The federated evaluation the round-2 sum carried: of round 1's model, over the digits test set.
+    assert m[("cipherhive_node_federated_eval_round", ())] == 1
+    assert m[("cipherhive_node_federated_eval_examples", ())] == 450
+    accuracy = m[("cipherhive_node_federated_eval", (("metric", "accuracy"),))]
+    assert 0.0 <= accuracy <= 1.0 and accuracy == float(f"{accuracy:.4g}")
+    assert m[("cipherhive_node_federated_eval", (("metric", "loss"),))] > 0

@@ -24,6 +24,7 @@ from cipherhive.node.checkpoint import Checkpoint, NodeState, kept_name
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.daemon import Node
 from cipherhive.node.receive import SessionEnd
+from cipherhive.node.update import leading
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -198,7 +199,7 @@ def _honest(node: Node, seed: int) -> list[np.ndarray]:
     out = []
     for samples in (400, 600, 900):
         w = samples / 1000.0
-        out.append(np.concatenate([[w, 1.0], w * rng.normal(0.0, 0.05, n)]))  # [w, check slot, w·Δ…]
+        out.append(np.concatenate([leading(w), w * rng.normal(0.0, 0.05, n)]))  # [w, 1.0, e…, w·Δ…]
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 
 from cipherhive import codec, sealformat
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout
+from cipherhive.layout import LEADING_VALUES, Layout
 from cipherhive.server.spool import encode_records, read_records
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -138,19 +138,19 @@ def test_spooled_uploads_are_noise_and_the_sum_is_exact(
         truths.append((update, weight))
         blob = spool[fed.node_name(shard)][0]
         decrypted = colluder.codec.decrypt(blob)[: layout.num_values]
-        magnitude, corr = _noise(decrypted[2:], weight * update)
+        magnitude, corr = _noise(decrypted[LEADING_VALUES:], weight * update)
         assert magnitude > 1e4, f"upload of {fed.node_name(shard)} decrypts to values of {magnitude:.3g}"
         assert corr < 0.1, f"upload of {fed.node_name(shard)} correlates {corr:.3f} with its update"
         # The control: an unmasked encryption of the same vector decrypts to it.
         plain = colluder.codec.decrypt(colluder.codec.encrypt(colluder.vector(update, weight)[:8192]))
-        assert np.abs(plain[2:100] - weight * update[:98]).max() < 1e-6
+        assert np.abs(plain[LEADING_VALUES:100] - weight * update[: 100 - LEADING_VALUES]).max() < 1e-6
 
     total = colluder.checked_sum(number)
     weights = [w for _, w in truths] + [own_weight]
     assert abs(total[0] - sum(weights)) < 1e-6
     assert abs(total[1] - 5) < 1e-6, "the check slot holds the roster size"
     fedavg = (sum(w * u for u, w in truths) + own_weight * own_update) / sum(weights)
-    assert np.abs(total[2:] / total[0] - fedavg).max() < 1e-7
+    assert np.abs(total[LEADING_VALUES:] / total[0] - fedavg).max() < 1e-7
     info = _admin(fed).GetRound(pb.GetRoundRequest(round=number), timeout=10)
     assert info.participants == 5 and info.phase == "done"
     colluder.close()
@@ -202,7 +202,7 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
     public.remove_self_masks(partial, 0, [plan.self_seed])
     decrypted = colluder.codec.decrypt(public.dump(partial))[: layout.num_values]
     truth = sum(w * u for u, w in (_update(fed, first, s) for s in range(3)))
-    magnitude, corr = _noise(decrypted[2:], truth)
+    magnitude, corr = _noise(decrypted[LEADING_VALUES:], truth)
     assert magnitude > 1e4 and corr < 0.1, (magnitude, corr)
 
     # Round 2: fresh keys; the colluder withholds its seed once the others released theirs.
@@ -348,3 +348,38 @@ def test_server_restart_mid_round_resends_the_same_upload(
         assert len(re.findall(r"trained \[", fed.log(name))) == 1, f"{name} trained twice:\n{fed.log(name)}"
     check_fedavg(fed)
     assert not list(fed.workdir.glob("node-*-state/upload-*.ct")), "upload files must go when the round ends"
+
+
+# --------------------------------------------------------------------------- a member restarts mid-round
+
+
+def test_a_member_killed_mid_round_finishes_it_after_a_restart(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """Killed right after its upload's receipt, then right after recording its self-mask release
+    (before sending it), a member restarts each time and finishes the round with the same upload
+    and the same seed: the round publishes, and nobody is left refusing the base on its ledger."""
+    fed = _federation(tmp_path, nodes=3, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    fed.start_node(0, env={"CIPHERHIVE_FAILPOINTS": "node.submitted"})
+    fed.start_node(1)
+    fed.start_node(2)
+    fed.wait_for(lambda: fed.procs["node-1"].poll() is not None, 120, "node-1 to die after its receipt")
+    fed.start_node(0, env={"CIPHERHIVE_FAILPOINTS": "node.released"})
+    fed.wait_for(
+        lambda: fed.procs["node-1"].poll() is not None, 120, "node-1 to die after its release record"
+    )
+    fed.start_node(0)
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
+        60,
+        "every node to apply round 1",
+    )
+    log = fed.log("node-1")
+    assert log.count("resuming round after a restart with the same upload") == 2, log[-3000:]
+    assert len(re.findall(r"trained \[", log)) == 1, "a restarted member must not train (or mask) again"
+    check_fedavg(fed)
+    assert not list(fed.workdir.glob("node-*-state/round-*.part.json")), "participation files must go"

@@ -349,3 +349,24 @@ def test_demo_json_output_and_flags_still_work(tmp_path: Path) -> None:
     assert row["max_abs_error"] < 1e-6 and 0.0 < row["accuracy"] == result["final_accuracy"]
     assert result["errors"] == [] and result["nodes"] == 2
     assert (tmp_path / "records" / "round-1").is_dir() and (tmp_path / "model" / "cipherhive.json").exists()
+
+
+def test_simulate_shows_the_federated_evaluation_every_member_decrypted(tmp_path: Path) -> None:
+    """A trainer with evaluate(): each round's record carries the federation-wide validation of
+    the round's base model, the same on every node, and the command prints it."""
+    result = simulate(
+        "cipherhive.demo.digits:DigitsTrainer",
+        nodes=3,
+        rounds=2,
+        options={"epochs": 1, "shards": 3},
+        node_options=[{"shard": i} for i in range(3)],
+        workdir=tmp_path / "run",
+    )
+    first, second = result.rounds
+    for record, base in ((first, 0), (second, 1)):
+        evaluation = record.federated_eval
+        assert evaluation["of_round"] == base and evaluation["examples"] > 0, evaluation
+        assert 0.0 <= evaluation["accuracy"] <= 1.0 and evaluation["loss"] > 0
+        assert all(n.federated_eval == evaluation for n in record.nodes.values()), record.nodes
+    assert second.federated_eval["accuracy"] > first.federated_eval["accuracy"], "round 1 trained the model"
+    assert result.to_dict()["rounds"][1]["federated_eval"] == second.federated_eval

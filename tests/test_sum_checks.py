@@ -26,7 +26,7 @@ import torch
 from cipherhive import certs, codec, keys
 from cipherhive.demo.digits import DigitsTrainer
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout
+from cipherhive.layout import LEADING_VALUES, Layout
 from cipherhive.node.trainer import federated_tensors
 from cipherhive.node.update import layout_of
 from cipherhive.transport import ClientTLS, channel
@@ -80,17 +80,17 @@ def _layout() -> tuple[int, str]:
 
 
 def _attack_vector(kind: str, num_values: int) -> np.ndarray:
-    """``[w, check slot, w·Δ…]``: mallory counts itself (1.0) unless the attack is not to."""
+    """``[w, check slot, e…, w·Δ…]``: mallory counts itself (1.0) unless the attack is not to."""
     vector = np.zeros(num_values)
     vector[1] = 1.0
     if kind == "negative-weight":
         vector[0] = -100.0
     elif kind == "tiny-weight":
         vector[0] = 1e-6
-        vector[2:] = 50.0  # the mean moves by ~40 per value: far beyond any honest update
+        vector[LEADING_VALUES:] = 50.0  # the mean moves by ~40 per value: far beyond any honest update
     else:
         vector[0] = 0.5
-        vector[2:] = 0.01
+        vector[LEADING_VALUES:] = 0.01
     if kind == "uncounted":
         # The sum then counts 3 contributors where the server announces 4: what a
         # server that inflates the participants (to pass the nodes' floor) produces.

@@ -176,10 +176,11 @@ def test_training_reduces_loss_and_updates_batchnorm_statistics(fixtures: Module
     trainer = _trainer(optimizer="adam", lr=0.05, epochs=4, shard=1, shards=3)
     model = trainer.build_model()
     train_loader, val_loader = fixtures.loaders(seed=0, shard=1, shards=3)
-    before = trainer.evaluate(model, val_loader)
+    examples, before = trainer.evaluate(model)  # the trainer interface: the validation loader
+    assert examples == sum(len(batch[-1]) for batch in val_loader)
     running_mean = dict(model.named_buffers())["1.running_mean"].clone()
     result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n"))
-    after = trainer.evaluate(model, val_loader)
+    after = trainer.measure(model, val_loader)[1]
     assert after["loss"] < before["loss"] * 0.5
     assert result.num_samples == len(train_loader.dataset) == 96
     assert set(result.metrics) == {"loss", "accuracy", "val_loss", "val_accuracy"}
@@ -245,6 +246,7 @@ def test_mse_regression_without_validation(fixtures: ModuleType) -> None:
     assert set(first.metrics) == {"loss"}
     assert second.metrics["loss"] < first.metrics["loss"]
     assert first.num_samples == 64
+    assert trainer.evaluate(model) == (0, {})  # no validation loader: no federated evaluation
 
 
 # --------------------------------------------------------------------------- export

@@ -11,7 +11,7 @@ import torch
 
 from cipherhive import codec, keys
 from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
-from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, Layout, TensorSpec, describe_difference
+from cipherhive.layout import CHECK_SLOT, EVAL_VALUES, LEADING_VALUES, Layout, TensorSpec, describe_difference
 from cipherhive.node import update
 from cipherhive.node.checks import (
     CheckedApplier,
@@ -39,14 +39,15 @@ def test_weighted_vector_layout() -> None:
     global_ = np.array([0.5, 2.0, 1.0])
     out = update.weighted_vector(local, global_, num_samples=250, weight_unit=1000.0, max_participants=64)
     assert out.dtype == np.float64
-    np.testing.assert_array_equal(out, [0.25, 1.0, 0.125, 0.0, -1.0])  # [w, check slot, w·Δ…]
+    # [w, check slot, evaluation slots (zeros: no evaluation), w·Δ…]
+    np.testing.assert_array_equal(out, [0.25, 1.0, *[0.0] * EVAL_VALUES, 0.125, 0.0, -1.0])
     # The inputs are left alone.
     np.testing.assert_array_equal(local, [1.0, 2.0, -3.0])
 
 
 def test_weighted_vector_empty_update() -> None:
     out = update.weighted_vector(np.zeros(0), np.zeros(0), 10, 10.0, 8)
-    np.testing.assert_array_equal(out, [1.0, 1.0])
+    np.testing.assert_array_equal(out, [1.0, 1.0, *[0.0] * EVAL_VALUES])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -119,7 +120,7 @@ def test_mean_from_sum_end_to_end(codecs: tuple[SecretCodec, PublicCodec], membe
 
 @pytest.mark.parametrize("weight", [0.0, 1e-12, -1.0, np.nan, np.inf])
 def test_mean_from_sum_refuses_bad_weight(weight: float) -> None:
-    summed = np.array([weight, 1.0, 1.0, 2.0, 0.0])
+    summed = np.array([weight, 1.0, *[0.0] * EVAL_VALUES, 1.0, 2.0, 0.0])
     with pytest.raises(UpdateError, match="total weight"):
         update.mean_from_sum(summed, 2)
 
@@ -193,7 +194,7 @@ def test_layout_sizes() -> None:
     layout = _layout()
     assert [t.size for t in layout.tensors] == [6, 4, 1]
     assert layout.num_params == 11
-    assert layout.num_values == 13  # [w, 1.0, w·Δ…]
+    assert layout.num_values == 11 + 2 + EVAL_VALUES  # [w, 1.0, e…, w·Δ…]
 
 
 def test_layout_hash_stable() -> None:
@@ -251,12 +252,12 @@ def test_layout_proto_round_trip() -> None:
 # --------------------------------------------------------------------------- streaming
 
 
-def test_weighted_blocks_need_room_for_the_weight_and_check_slot() -> None:
-    with pytest.raises(ValueError, match="check slot"):
-        list(update.weighted_blocks(np.zeros(3), np.zeros(3), 0.5, 1))
+def test_weighted_blocks_need_room_for_the_leading_values() -> None:
+    with pytest.raises(ValueError, match="leading values"):
+        list(update.weighted_blocks(np.zeros(3), np.zeros(3), 0.5, LEADING_VALUES - 1))
 
 
-@pytest.mark.parametrize("per_block", [2, 3, 5, 7, 8, 100])
+@pytest.mark.parametrize("per_block", [LEADING_VALUES, LEADING_VALUES + 1, 7, 8, 11, 100])
 def test_weighted_blocks_and_sum_applier_stream(per_block: int) -> None:
     """Block by block, both ways, equals the whole-vector computation for any block size."""
     rng = np.random.default_rng(per_block)
@@ -358,7 +359,7 @@ def test_checked_applier_applies_an_honest_sum(
     global_, vectors = honest_round
     out, applier = _apply(secret, _encrypted_sum(secret, public, vectors), global_, _limits(participants=3))
     summed = sum(vectors)
-    expected = summed[2:] / summed[0]
+    expected = summed[LEADING_VALUES:] / summed[0]
     assert applier.mean is not None
     assert np.abs(applier.mean - expected).max() < 1e-7
     np.testing.assert_array_equal(out, (global_ + applier.mean).astype(np.float32))
@@ -366,9 +367,8 @@ def test_checked_applier_applies_an_honest_sum(
 
 def _weighted(weight: float, delta: float | np.ndarray, size: int = _NUM_PARAMS) -> np.ndarray:
     vector = np.zeros(size + LEADING_VALUES)
-    vector[0] = weight
-    vector[1] = 1.0  # a hostile member that counts itself, so the later checks are reached
-    vector[2:] = weight * np.asarray(delta)
+    vector[:LEADING_VALUES] = update.leading(weight)  # counts itself: the later checks are reached
+    vector[LEADING_VALUES:] = weight * np.asarray(delta)
     return vector
 
 
@@ -388,7 +388,7 @@ def _weighted(weight: float, delta: float | np.ndarray, size: int = _NUM_PARAMS)
         # A huge value in the second block (after the first was written into out).
         (
             np.concatenate(
-                [[0.1, 1.0], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]
+                [update.leading(0.1), np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]
             ),
             "update_too_large",
             "bound of 10",
@@ -434,7 +434,9 @@ def test_checked_applier_restores_out_after_a_late_rejection(
 ) -> None:
     secret, public = codecs
     global_, vectors = honest_round
-    late = np.concatenate([[0.1, 1.0], np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)])
+    late = np.concatenate(
+        [update.leading(0.1), np.zeros(codec.VALUES_PER_CIPHERTEXT + 100), [4000.0], np.zeros(399)]
+    )
     blobs = _encrypted_sum(secret, public, [*vectors, late])
     out = global_.copy()
     applier = CheckedApplier(global_, out, codec.VALUES_PER_CIPHERTEXT, _limits(), None)
@@ -464,38 +466,48 @@ def test_checked_applier_rejects_a_sum_under_another_key(
         _apply(secret, mallory, global_, _limits())
 
 
+def _first_block(weight: float = 1.0, check: float = 4.0) -> np.ndarray:
+    """A first block of 8 values: weight, check slot, zero evaluation slots, two mean updates."""
+    return np.array([weight, check, *[0.0] * EVAL_VALUES, 0.2, 0.3])
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_checked_applier_rejects_non_finite(bad: float) -> None:
-    global_ = np.zeros(6, dtype=np.float32)
+    global_ = np.zeros(10, dtype=np.float32)
     out = global_.copy()
-    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
-    applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
+    applier = CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None)
+    applier.feed(_first_block())
     with pytest.raises(SumRejected) as err:
-        applier.feed(np.array([0.1, bad, 0.0, 0.0]))
+        applier.feed(np.array([0.1, bad, *[0.0] * 6]))
     assert err.value.reason == "out_of_range"
     np.testing.assert_array_equal(out, global_)
     with pytest.raises(SumRejected) as err:
-        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([bad, 4.0, 0.0, 0.0]))
+        CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None).feed(_first_block(weight=bad))
     assert err.value.reason == "bad_weight"
     with pytest.raises(SumRejected) as err:
-        CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None).feed(np.array([1.0, bad, 0.0, 0.0]))
+        CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None).feed(_first_block(check=bad))
     assert err.value.reason == "participants_mismatch"
+    spoiled = _first_block()
+    spoiled[LEADING_VALUES - 1] = bad  # an evaluation slot: a value like any other here
+    with pytest.raises(SumRejected) as err:
+        CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None).feed(spoiled)
+    assert err.value.reason == "out_of_range"
 
 
 def test_checked_applier_counts_blocks() -> None:
-    global_ = np.zeros(6, dtype=np.float32)
+    global_ = np.zeros(10, dtype=np.float32)
     out = global_.copy()
-    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
-    applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
+    applier = CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None)
+    applier.feed(_first_block())
     with pytest.raises(SumRejected) as err:
         applier.finish(2)
     assert err.value.reason == "malformed"
     np.testing.assert_array_equal(out, global_)
-    applier = CheckedApplier(global_, out, 4, _limits(own_weight=0.0), None)
+    applier = CheckedApplier(global_, out, 8, _limits(own_weight=0.0), None)
     for _ in range(2):
-        applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
+        applier.feed(_first_block())
     with pytest.raises(SumRejected, match="more blocks"):
-        applier.feed(np.array([1.0, 4.0, 0.2, 0.3]))
+        applier.feed(_first_block())
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from cipherhive.server.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from tests.ingesting import ingest_messages
 
-LAYOUT = Layout((TensorSpec("w", (9000,)),))  # 9001 values -> 2 ciphertexts
+LAYOUT = Layout((TensorSpec("w", (9000,)),))  # 9000 parameters + LEADING_VALUES -> 2 ciphertexts
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,

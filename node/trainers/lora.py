@@ -65,7 +65,8 @@ where each is a dataset of ``(input_ids, attention_mask, label)`` tensors
 round, so building the model (``cipherhive node export``) needs no data.
 The sample count (the FedAvg weight) is the training set's size; metrics are
 ``loss`` and ``accuracy`` over the last epoch, ``val_loss`` and
-``val_accuracy`` on ``val``.
+``val_accuracy`` on ``val``. ``evaluate(model)`` gives ``val``'s size, loss and
+accuracy: the federated evaluation (:mod:`cipherhive.node.federated_eval`).
 
 **Differential privacy.** When the federation runs record-level DP
 (``info.privacy`` is set), a round is DP-SGD through
@@ -357,6 +358,14 @@ class LoraTrainer:
         if val_set is not None:
             metrics.update({f"val_{k}": v for k, v in evaluate(model, val_set, self.batch_size * 4).items()})
         return TrainResult(num_samples=records, metrics=metrics)
+
+    def evaluate(self, model: nn.Module) -> tuple[int, dict[str, float]]:
+        """The federated evaluation (trainer interface): the ``val`` dataset, if the data gives one."""
+        _, val_set = self._data()
+        if val_set is None:
+            return 0, {}
+        metrics = evaluate(model, val_set, self.batch_size * 4)
+        return (len(val_set) if metrics else 0), metrics  # type: ignore[arg-type]
 
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:
         if self.history_dir is None:

@@ -62,7 +62,13 @@ trained on; they stay in the node's own log.
 
 **Metrics** (rounded before they leave the node): ``loss`` and, for
 ``cross_entropy``, ``accuracy`` over the last local epoch; ``val_loss`` and
-``val_accuracy`` on the validation loader when there is one. The sample
+``val_accuracy`` on the validation loader when there is one.
+
+**Federated evaluation.** ``evaluate(model)`` returns the validation loader's
+example count with ``loss`` (and ``accuracy`` for ``cross_entropy``), which the
+node sends encrypted with each update (the evaluation of the global model before
+training; see :mod:`cipherhive.node.federated_eval`). Without a validation loader it
+returns no examples, and the member's slots are zeros. The sample
 count (the FedAvg weight) is ``len(train_loader.dataset)`` when the loader
 has a sized dataset, else the number of samples in one epoch.
 """
@@ -185,7 +191,7 @@ class TorchModuleTrainer:
         if self.loss == "cross_entropy":
             metrics["accuracy"] = correct / seen
         if val_loader is not None:
-            metrics.update({f"val_{k}": v for k, v in self.evaluate(model, val_loader).items()})
+            metrics.update({f"val_{k}": v for k, v in self.measure(model, val_loader)[1].items()})
         dataset = getattr(train_loader, "dataset", None)
         num_samples = len(dataset) if isinstance(dataset, Sized) else seen
         return TrainResult(num_samples=num_samples, metrics=metrics)
@@ -229,13 +235,18 @@ class TorchModuleTrainer:
         if seen and self.loss == "cross_entropy":
             metrics["accuracy"] = correct / seen
         if val_loader is not None:
-            metrics.update({f"val_{k}": v for k, v in self.evaluate(model, val_loader).items()})
+            metrics.update({f"val_{k}": v for k, v in self.measure(model, val_loader)[1].items()})
         return TrainResult(num_samples=records, metrics=metrics)
 
     # ------------------------------------------------------------ helpers
 
-    def evaluate(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, float]:
-        """Mean loss (and accuracy for classification) over ``loader``, in eval mode."""
+    def evaluate(self, model: nn.Module) -> tuple[int, dict[str, float]]:
+        """The trainer interface's evaluation: :meth:`measure` on the validation loader, if any."""
+        _, val_loader = self._data()
+        return (0, {}) if val_loader is None else self.measure(model, val_loader)
+
+    def measure(self, model: nn.Module, loader: Iterable[Any]) -> tuple[int, dict[str, float]]:
+        """Examples, and mean loss (and accuracy for classification) over ``loader``, in eval mode."""
         was_training = model.training
         model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -250,11 +261,11 @@ class TorchModuleTrainer:
                     correct += int((output.argmax(dim=1) == target).sum())
         model.train(was_training)
         if seen == 0:
-            return {}
+            return 0, {}
         out = {"loss": loss_sum / seen}
         if self.loss == "cross_entropy":
             out["accuracy"] = correct / seen
-        return out
+        return seen, out
 
     def _data(self) -> tuple[Iterable[Any], Iterable[Any] | None]:
         if self._loaders is None:
