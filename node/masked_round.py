@@ -4,8 +4,11 @@ The steps are those of :mod:`cipherhive.node.secagg`, driven by the round's
 events (OPENED, ROSTER, COMMITS). The round's :class:`Participation` stays in
 memory across reconnects: after a server restart the node re-sends the same
 enrolment and the same masked ciphertexts from disk, and carries on from the
-step it had reached. It never trains or masks twice for one round, and a
-node that restarted mid-round sits that round out (its keys are gone).
+step it had reached. It never trains or masks twice for one round. Once the
+masked upload is on disk the participation is kept beside it too
+(:meth:`Participation.save`), so a node that restarts finishes the round with
+the same upload, commit and seed; one that restarts before masking sits the
+round out.
 
 Whatever goes wrong in a round (a roster this node refuses, a commit missing,
 the server refusing a step) ends with this node not taking part: it is
