@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -67,6 +67,23 @@ def require_private_file(path: Path, what: str) -> None:
         raise PrivateFileError(
             f"{what} {path} has mode {mode:o}; other users could read it. Run: chmod 600 {path}"
         )
+
+
+def read_guarded(path: Path, max_bytes: int, refuse: Callable[[str], Exception], missing: str) -> bytes:
+    """Read a fail-closed record (a ledger): refuse (``refuse(why)``) if it is missing, writable by
+    others, larger than ``max_bytes`` or unreadable; never fall back to an empty one."""
+    try:
+        st = path.stat()
+        if stat.S_IMODE(st.st_mode) & 0o022:
+            raise refuse(f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
+        if st.st_size > max_bytes:
+            raise refuse("is implausibly large")
+        with open(path, "rb") as fh:
+            return fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise refuse(f"is missing ({missing})") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read ({os.strerror(exc.errno or 0)})") from None
 
 
 def private_dir(path: Path) -> Path:

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import threading
 from pathlib import Path
 
-from cipherhive.fsutil import atomic_write
+from cipherhive.fsutil import atomic_write, read_guarded
 from cipherhive.wire import field, fields
 
 __all__ = ["FILE_NAME", "LedgerError", "ReleaseLedger"]
@@ -104,20 +102,12 @@ class ReleaseLedger:
         )
 
     def _read(self) -> frozenset[str]:
-        try:
-            st = self._path.stat()
-            if stat.S_IMODE(st.st_mode) & 0o022:
-                raise self._refuse(f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
-            if st.st_size > _MAX_FILE:
-                raise self._refuse("is implausibly large")
-            with open(self._path, "rb") as fh:
-                raw = fh.read(_MAX_FILE + 1)
-        except FileNotFoundError:
-            raise self._refuse(
-                "is missing (for a brand-new node state directory, create it with ReleaseLedger.init)"
-            ) from None
-        except OSError as exc:
-            raise self._refuse(f"cannot be read ({os.strerror(exc.errno or 0)})") from None
+        raw = read_guarded(
+            self._path,
+            _MAX_FILE,
+            self._refuse,
+            "for a brand-new node state directory, create it with ReleaseLedger.init",
+        )
         try:
             doc = json.loads(raw.decode("utf-8"))
             bases = doc["released"]

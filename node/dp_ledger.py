@@ -35,16 +35,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cipherhive.dpaccount import DPEvent, epsilon
-from cipherhive.fsutil import atomic_write
+from cipherhive.fsutil import atomic_write, read_guarded
 
 __all__ = ["BudgetExhausted", "LedgerEntry", "PrivacyLedger", "PrivacyLedgerError", "ledger_path"]
 
@@ -147,21 +145,12 @@ class PrivacyLedger:
         )
 
     def _read(self) -> list[LedgerEntry]:
-        try:
-            st = self._path.stat()
-            if stat.S_IMODE(st.st_mode) & 0o022:
-                raise self._refuse(f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})")
-            if st.st_size > _MAX_FILE:
-                raise self._refuse("is implausibly large")
-            with open(self._path, "rb") as fh:
-                raw = fh.read(_MAX_FILE + 1)
-        except FileNotFoundError:
-            raise self._refuse(
-                "is missing (for a dataset never trained on with DP, create it with "
-                "`cipherhive node privacy-init`)"
-            ) from None
-        except OSError as exc:
-            raise self._refuse(f"cannot be read ({os.strerror(exc.errno or 0)})") from None
+        raw = read_guarded(
+            self._path,
+            _MAX_FILE,
+            self._refuse,
+            "for a dataset never trained on with DP, create it with `cipherhive node privacy-init`",
+        )
         try:
             doc = json.loads(raw.decode("utf-8"))
             docs = doc["events"]
