@@ -383,3 +383,72 @@ def test_a_member_killed_mid_round_finishes_it_after_a_restart(
     assert len(re.findall(r"trained \[", log)) == 1, "a restarted member must not train (or mask) again"
     check_fedavg(fed)
     assert not list(fed.workdir.glob("node-*-state/round-*.part.json")), "participation files must go"
+
+
+# --------------------------------------------------------------------------- a hostile member's steps
+
+
+def test_a_hostile_members_steps_are_refused_and_the_round_still_publishes(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """Enrolling with another member's keys, garbage, a commit that lies about the upload and a
+    seed that is not the committed one each get their status; the honest round then completes."""
+    import grpc
+
+    from cipherhive.commit import make_commit, self_mask_digest
+    from cipherhive.node.secagg import Participation
+
+    fed = _federation(tmp_path, nodes=4)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    layout = _layout(fed)
+    names = [fed.node_name(i) for i in range(4)]
+    member = Member(fed, "node-4", layout, names)
+    member.join()
+    _wait_online(fed, 4)
+    number = _start_round(fed)
+    opened = member.wait(pb.RoundEvent.OPENED, number)
+
+    def code(call: object, request: object) -> grpc.StatusCode:
+        try:
+            call(request, timeout=30)  # type: ignore[operator]
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        raise AssertionError("accepted")
+
+    # node-1's enrolment keys, sent over node-4's TLS connection.
+    stolen = Member(fed, "node-1", layout, names)
+    theirs = Participation.enrol(stolen.setup, number, 0, opened.nonce, stolen.chain.value, stolen.blocks)
+    enrol = pb.EnrolRequest(round=number, enrolment=theirs.enrolment.encode())
+    assert code(member.stub.Enrol, enrol) == grpc.StatusCode.PERMISSION_DENIED
+    garbage = pb.EnrolRequest(round=number, enrolment=b"\0" * 300)
+    assert code(member.stub.Enrol, garbage) == grpc.StatusCode.INVALID_ARGUMENT
+    stolen.close()
+
+    part = member.enrol(opened)
+    roster = part.accept_roster(list(member.wait(pb.RoundEvent.ROSTER, number).roster))
+    member.upload(part, member.vector(np.zeros(layout.num_params), 0.2), number, 0)
+    assert part.upload is not None and part.plan is not None
+    lying = make_commit(
+        roster=roster,
+        cert_fingerprint=member.setup.tls_fingerprint,
+        seeds_hash=bytes(32),
+        c0_hash=part.upload.blocks_hash,
+        self_mask_hash=self_mask_digest(part.plan.self_seed),
+        key=member.setup.enrol_key,
+    ).encode()
+    assert code(member.stub.SubmitCommit, pb.CommitRequest(round=number, commit=lying)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    member.commit(part, number)
+    commits = member.wait(pb.RoundEvent.COMMITS, number)
+    wrong = pb.ReleaseRequest(round=number, seed=bytes(32))
+    assert code(member.stub.ReleaseSeed, wrong) == grpc.StatusCode.INVALID_ARGUMENT
+    member.release(part, commits)
+    assert fed.wait_round(number, 60).state == pb.ROUND_SUM_READY
+    for key in ("enrolment refused", "commit refused", "self-mask release refused"):
+        assert key in fed.log("server"), key
+    member.close()
