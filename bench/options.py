@@ -28,6 +28,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds per mode")
     parser.add_argument("--workers", type=int, default=0, help="crypto processes per node (0: all cores)")
     parser.add_argument(
+        "--ingest-workers", type=int, default=0, help="server ingest processes (0: all cores, 1: in-process)"
+    )
+    parser.add_argument(
         "--sample", type=parse_count, default=parse_count("1M"), help="values for in-process figures"
     )
     parser.add_argument(

@@ -26,15 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import codec, keys
-from cipherhive.bench import baselines, masked
+from cipherhive import codec, keys, masking
+from cipherhive.bench import baselines, masked, phases
+from cipherhive.bench import ingest as bench_ingest
 from cipherhive.bench.options import MODES, add_bench_arguments
 from cipherhive.bench.synthetic import member_samples, member_update
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.layout import LEADING_VALUES, WEIGHT_SLOT
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
 from cipherhive.node.update import weighted_vector
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 WEIGHT_UNIT = 1000.0
@@ -105,6 +106,17 @@ def in_process(mode: str, keydir: Path, sample: int, nodes: int, workers: int) -
         list(pool.encrypt_vector(vectors[0][: per_block * pool.workers]))  # workers up and warm
         encrypt_all = sample / _best_seconds(lambda: list(pool.encrypt_vector(vectors[0])))
 
+    figures: dict[str, float] = {
+        "encrypt_params_per_s_1_worker": encrypt_1,
+        "encrypt_params_per_s_all_workers": encrypt_all,
+        "encrypt_speedup_all_vs_1": encrypt_all / encrypt_1,
+    }
+    if mode == "cipherhive":
+        # The product's rounds are masked: Σ c0 on the server, c1 rebuilt from seeds on the nodes.
+        assert isinstance(c.server, codec.PublicCodec)
+        figures.update(_masked_sum(c.server, c.key, vectors, expected, sample, workers))
+        return figures
+
     def ingest_all() -> RunningSum:
         running = RunningSum(c.server, len(blobs[0]))
         for member in blobs:
@@ -118,15 +130,64 @@ def in_process(mode: str, keydir: Path, sample: int, nodes: int, workers: int) -
         decrypt_1 = sample / _best_seconds(lambda: list(one.decrypt(summed_blobs)))
         summed = np.concatenate(list(one.decrypt(summed_blobs)))
     mean = summed[LEADING_VALUES:sample] / summed[WEIGHT_SLOT]
+    figures.update(
+        {
+            "server_ingest_params_per_s": ingest,
+            "server_ingest_params_per_s_all_cores": ingest,
+            "server_ingest_speedup_all_vs_1": 1.0,
+            "decrypt_params_per_s_1_worker": decrypt_1,
+            "max_abs_error": float(np.abs(mean - expected).max()),
+            "upload_bytes_per_param_sample": sum(len(b) for b in blobs[0]) / sample,
+            "download_bytes_per_param_sample": sum(len(b) for b in summed_blobs) / sample,
+        }
+    )
+    return figures
+
+
+def _masked_sum(
+    public: codec.PublicCodec,
+    secret_context: bytes,
+    vectors: list[np.ndarray],
+    expected: np.ndarray,
+    sample: int,
+    workers: int,
+) -> dict[str, float]:
+    """Ingest (1 core and all), and decryption with c1 rebuilt from every member's seed."""
+    secret = codec.SecretCodec(secret_context)
+    per_block = secret.values_per_block
+    plans = [masking.MaskPlan.fresh([], secret.modulus) for _ in vectors]
+    uploads = [
+        [
+            secret.encrypt_masked(v[start : start + per_block], i, plan)
+            for i, start in enumerate(range(0, v.shape[0], per_block))
+        ]
+        for v, plan in zip(vectors, plans, strict=True)
+    ]
+    cores = workers or default_workers()
+    ingest_1 = bench_ingest.measure(public, uploads, 1)
+    ingest_all = bench_ingest.measure(public, uploads, cores) if cores > 1 else ingest_1
+    running = MaskedSum(public.upload_parser(), len(uploads[0]))
+    for member in uploads:
+        for index, blob in enumerate(member):
+            running.add(index, running.load(blob))
+    running.remove_self_masks([p.self_seed for p in plans])
+    records = list(running.serialized())
+    seeds = [[masking.upload_seed(m[i]) for m in uploads] for i in range(len(records))]
+
+    def decrypt() -> list[np.ndarray]:
+        return [secret.decrypt_c0_sum(r, s, i) for i, (r, s) in enumerate(zip(records, seeds, strict=True))]
+
+    decrypt_1 = sample / _best_seconds(decrypt)
+    summed = np.concatenate(decrypt())
+    mean = summed[LEADING_VALUES:sample] / summed[WEIGHT_SLOT]
     return {
-        "encrypt_params_per_s_1_worker": encrypt_1,
-        "encrypt_params_per_s_all_workers": encrypt_all,
-        "encrypt_speedup_all_vs_1": encrypt_all / encrypt_1,
-        "server_ingest_params_per_s": ingest,
+        "server_ingest_params_per_s": ingest_1,
+        "server_ingest_params_per_s_all_cores": ingest_all,
+        "server_ingest_speedup_all_vs_1": ingest_all / ingest_1,
         "decrypt_params_per_s_1_worker": decrypt_1,
         "max_abs_error": float(np.abs(mean - expected).max()),
-        "upload_bytes_per_param_sample": sum(len(b) for b in blobs[0]) / sample,
-        "download_bytes_per_param_sample": sum(len(b) for b in summed_blobs) / sample,
+        "upload_bytes_per_param_sample": sum(len(b) for b in uploads[0]) / sample,
+        "download_bytes_per_param_sample": sum(len(r) for r in records) / sample,
     }
 
 
@@ -154,7 +215,8 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
         plugin="cipherhive.bench.synthetic:SyntheticTrainer",
         node_options={"params": args.params, "record_dir": str(records)},
         rounds={
-            "min_participants": min(args.nodes, 3),
+            # Every member takes part in every round: the figures are for --nodes members.
+            "min_participants": args.nodes,
             "max_rounds": args.rounds,
             "timeout_seconds": 7200.0,
             "interval_seconds": 0.5,
@@ -164,7 +226,13 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
         },
         masked=mode == "cipherhive",
         launcher="cipherhive.bench.launch",
-        env={"CIPHERHIVE_BENCH_MODE": mode, "CIPHERHIVE_BENCH_KEYS": str(keydir)},
+        env={
+            "CIPHERHIVE_BENCH_MODE": mode,
+            "CIPHERHIVE_BENCH_KEYS": str(keydir),
+            # Millisecond timestamps for the phase breakdown (bench.phases).
+            "CIPHERHIVE_LOG_LOG_JSON": "true",
+            "CIPHERHIVE_LIMITS_INGEST_WORKERS": str(args.ingest_workers),
+        },
         node_settings={"workers": args.workers},
         server_settings={"grace_seconds": 2.0},
     )
@@ -180,8 +248,12 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
         rounds = [r for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY]
         server_rss = _peak_rss(fed.procs["server"].pid)
         node_rss = max(_peak_rss(fed.procs[fed.node_name(i)].pid) for i in range(args.nodes))
+        server_cpu = phases.cpu_seconds(fed.procs["server"].pid)
+        node_cpu = [phases.cpu_seconds(fed.procs[fed.node_name(i)].pid) for i in range(args.nodes)]
     finally:
         fed.stop_all()
+    names = [fed.node_name(i) for i in range(args.nodes)]
+    breakdown = [phases.round_phases(workdir, names, info.round) for info in rounds]
     walls = []
     for info in rounds:
         applied = [
@@ -192,12 +264,18 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
     sums = workdir / "server-state" / "sums"
     download = max(p.stat().st_size for p in sums.iterdir()) / args.params
     upload = rounds[0].submissions[0].num_bytes / args.params
+    mparams = args.params / 1e6
     return {
         "round_seconds": float(np.mean(walls)),
         "upload_bytes_per_param": upload,
         "download_bytes_per_param": download,
         "server_peak_rss_bytes": server_rss,
         "node_peak_rss_bytes": node_rss,
+        # The whole run (start-up included), per round: what an operator sizes a server by.
+        "server_cpu_seconds": server_cpu / len(rounds),
+        "node_cpu_seconds": float(np.mean(node_cpu)) / len(rounds),
+        "server_cpu_seconds_per_member_per_mparam": server_cpu / len(rounds) / args.nodes / mparams,
+        "phases": {k: float(np.mean([b[k] for b in breakdown if b])) for k in (breakdown[0] or {})},
     }
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from cipherhive import masking, sealformat
+from cipherhive import c0sum, masking, sealformat
 from cipherhive.errors import UserError
 
 POLY_MODULUS_DEGREE = 8192
@@ -223,6 +223,10 @@ class PublicCodec:
     def modulus(self) -> int:
         return self._s.modulus
 
+    def upload_parser(self) -> c0sum.UploadParser:
+        """What a masked round's sum needs to check and add uploads without SEAL."""
+        return c0sum.UploadParser(tuple(self._parms_id), SCALE, self._s.modulus)
+
     def load(self, data: bytes) -> seal.Ciphertext:
         """Parse and validate one ciphertext against the federation's parameters."""
         ct = _load_ciphertext(self._s.seal_context, self._mem, data)
@@ -276,6 +280,13 @@ class SecretCodec:
         self._encryptor = seal.Encryptor(s.seal_context, sk)
         self._decryptor = seal.Decryptor(s.seal_context, sk)
         self._mem = _MemFile()
+        # A seeded upload is (header, metadata, c0 array header) ‖ c0 ‖ seed, of fixed sizes:
+        # the frame a c0-only sum is put back into (decrypt_c0_sum).
+        fresh = masking.mask_ciphertext(
+            self.encrypt(np.zeros(1)), 0, masking.MaskPlan.fresh([], s.modulus), POLY_MODULUS_DEGREE
+        )
+        self._head = fresh[: c0sum.UPLOAD_BYTES - c0sum.SEED_TRAILER_BYTES - c0sum.RECORD_BYTES]
+        self._zero_c0 = bytes(c0sum.RECORD_BYTES)
 
     def encrypt(self, values: np.ndarray) -> bytes:
         """Encrypt up to VALUES_PER_CIPHERTEXT reals into one seeded ciphertext."""
@@ -340,6 +351,42 @@ class SecretCodec:
         expected = sealformat.read_ciphertext(self._mem.saved(acc)).poly(1)
         if not np.array_equal(expected, summed.poly(1)):
             raise fail("does not match the members' seeds (second component differs)")
+
+    def decrypt_c0_sum(self, record: bytes, seeds: list[bytes], block_index: int = 0) -> np.ndarray:
+        """Decrypt one block of a masked round's sum, published as Σ c0 alone (:mod:`cipherhive.c0sum`).
+
+        c1 is rebuilt here as Σ expand(seed_i) by SEAL itself: Σ c0 is loaded with the
+        first member's seed, then each other member's seeded zero is loaded and added.
+        The server chooses nothing in c1 (Li and Micciancio, EUROCRYPT 2021); ``seeds``
+        must already be checked against the members' signed commits. SEAL's load also
+        refuses coefficients of Σ c0 that are not reduced modulo q.
+        """
+
+        def fail(why: str) -> masking.SeedCheckFailed:
+            return masking.SeedCheckFailed(block_index, f"block {block_index} of the sum {why}")
+
+        if len(record) != c0sum.RECORD_BYTES:
+            raise fail(f"is {len(record)} bytes; Σ c0 of one block is {c0sum.RECORD_BYTES}")
+        if not seeds:
+            raise fail("comes with no seeds")
+        acc: seal.Ciphertext | None = None
+        for seed in seeds:
+            first = acc is None
+            data = self._head + (record if first else self._zero_c0) + seed
+            try:
+                ct = _load_ciphertext(self._s.seal_context, self._mem, data)
+            except CodecError as exc:
+                why = "holds coefficients SEAL refuses" if first else "comes with a seed SEAL cannot expand"
+                raise fail(why) from exc
+            if acc is None:
+                acc = ct
+            else:
+                self._s.evaluator.add_inplace(acc, ct)
+        assert acc is not None
+        plain = seal.Plaintext()
+        self._decryptor.decrypt(acc, plain)
+        decoded = np.asarray(self._encoder.decode_complex(plain), dtype=np.complex128)
+        return decoded.view(np.float64)
 
     def encrypt_all(self, values: np.ndarray) -> Iterable[bytes]:
         for start in range(0, values.shape[0], VALUES_PER_CIPHERTEXT):

@@ -39,6 +39,7 @@ __all__ = [
     "C0_LABEL",
     "COMMIT_LABEL",
     "SEEDS_LABEL",
+    "BlocksDigest",
     "Commit",
     "blocks_digest",
     "make_commit",
@@ -58,14 +59,28 @@ def self_mask_digest(seed: bytes) -> bytes:
     return hashlib.sha256(fields(SELF_MASK_LABEL, seed)).digest()
 
 
+class BlocksDigest:
+    """:func:`blocks_digest` block by block, as an upload arrives (the server hashes at ingest)."""
+
+    def __init__(self, label: bytes) -> None:
+        self._hash = hashlib.sha256(field(label))
+        self.count = 0
+
+    def update(self, block: bytes) -> None:
+        self._hash.update(field(block))
+        self.count += 1
+
+    def digest(self) -> bytes:
+        final = self._hash.copy()
+        final.update(field(u64(self.count)))
+        return final.digest()
+
+
 def blocks_digest(label: bytes, blocks: Iterable[bytes]) -> bytes:
     """``H(label ‖ block_0 ‖ … ‖ n)``: use :data:`SEEDS_LABEL` for seeds, :data:`C0_LABEL` for c0 blocks."""
-    digest = hashlib.sha256(field(label))
-    count = 0
+    digest = BlocksDigest(label)
     for block in blocks:
-        digest.update(field(block))
-        count += 1
-    digest.update(field(u64(count)))
+        digest.update(block)
     return digest.digest()
 
 

@@ -38,11 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cipherhive import maskstream, sealformat
+from cipherhive import c0sum, maskstream, sealformat
 
 SEED_BYTES = maskstream.KEY_BYTES
-#: Terms below q < 2^60 that a uint64 can hold before one reduction: 15 · 2^60 < 2^64.
-_LAZY_TERMS = 15
 _PLAN_HEAD = struct.Struct("<QI")  # modulus, number of pairs
 _PAIR_SIGN = struct.Struct("<b")
 
@@ -123,29 +121,21 @@ class MaskPlan:
         return cls(data[_PLAN_HEAD.size : offset], tuple(pairs), modulus)
 
 
-def _reduce(acc: np.ndarray, q: np.uint64) -> None:
-    np.remainder(acc, q, out=acc)
-
-
 def sum_masks(terms: Sequence[tuple[bytes, int]], block_index: int, modulus: int, count: int) -> np.ndarray:
-    """Σ sign · PRG(key, block) mod q over ``terms``, with one reduction per 15 terms.
+    """Σ sign · PRG(key, block) mod q over ``terms``.
 
-    Masks are below q < 2^60, so 15 of them fit a uint64 before reducing. A
-    negative term is added as q - mask (also ≤ q), which keeps the same bound.
+    Each term is added (or subtracted) modulo q with one comparison-free reduction,
+    ``min(s, s ∓ q)`` on uint64 (:func:`cipherhive.c0sum.add_mod`): cheaper than a
+    division, and every intermediate stays reduced.
     """
     q = np.uint64(modulus)
     acc = np.zeros(count, dtype=np.uint64)
-    pending = 0
     for key, sign in terms:
         term = maskstream.mask(key, block_index, modulus, count)
         if sign < 0:
-            np.subtract(q, term, out=term)
-        acc += term
-        pending += 1
-        if pending == _LAZY_TERMS:
-            _reduce(acc, q)
-            pending = 1  # the reduced accumulator counts as one term below q
-    _reduce(acc, q)
+            c0sum.sub_mod(acc, term, q)
+        else:
+            c0sum.add_mod(acc, term, q)
     return acc
 
 

@@ -95,6 +95,11 @@ def _check_seeds(items: list[tuple[int, bytes, list[bytes]]]) -> list[None]:
     return [None] * len(items)
 
 
+def _decrypt_c0(items: list[tuple[int, bytes, list[bytes]]]) -> list[np.ndarray]:
+    assert isinstance(_worker_codec, SecretCodec)
+    return [_worker_codec.decrypt_c0_sum(record, seeds, index) for index, record, seeds in items]
+
+
 def _decrypt(blobs: list[bytes]) -> list[np.ndarray]:
     assert _worker_codec is not None
     return [_worker_codec.decrypt(blob) for blob in blobs]
@@ -248,6 +253,23 @@ class CryptoPool:
             return
         for _ in self._ordered(_check_seeds, items):
             pass
+
+    def decrypt_c0_sum(self, records: Iterable[bytes], seeds: Sequence[list[bytes]]) -> Iterator[np.ndarray]:
+        """Decrypt a masked round's Σ c0 records, c1 rebuilt from each block's seeds (in order).
+
+        ``seeds`` must already match the members' signed commits (cipherhive.node.sumproof).
+        Raises :class:`cipherhive.masking.SeedCheckFailed` for a block SEAL refuses.
+        """
+        if not isinstance(self._local, SecretCodec):
+            raise masking.MaskError("a masked sum needs the product's codec (SecretCodec)")
+        local = self._local
+        items = (
+            (index, record, list(block_seeds))
+            for index, (record, block_seeds) in enumerate(zip(records, seeds, strict=True))
+        )
+        if self._pool is None:
+            return (local.decrypt_c0_sum(record, block_seeds, index) for index, record, block_seeds in items)
+        return self._ordered(_decrypt_c0, items)
 
     def decrypt(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray]:
         return self._ordered(_decrypt, blobs)

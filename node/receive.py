@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cipherhive import codec, failpoints
+from cipherhive import c0sum, codec, failpoints
 from cipherhive.chain import ChainHash, SumDigest
 from cipherhive.layout import Layout
 from cipherhive.logs import event
@@ -359,10 +359,11 @@ class SumReceiver:
             participants=ev.participants,
             seeds_out=seeds,
         )
-        write_records(path, (blob for blob, _ in fetched), digest)
+        c0_only = write_records(path, (blob for blob, _ in fetched), digest)
         try:
             check_seed_hashes(proven, seeds)
-            self.pool.check_seeds(read_records(path), seeds, n_ct)
+            if not c0_only:  # a full-ciphertext sum (published before sums were c0 alone)
+                self.pool.check_seeds(read_records(path), seeds, n_ct)
         except RosterError as exc:
             path.unlink(missing_ok=True)
             raise SumRejected("seeds", str(exc)) from None
@@ -373,21 +374,36 @@ class SumReceiver:
         def decrypted() -> Iterator[np.ndarray]:
             try:
                 failpoints.hit("node.decrypt")  # tests: prove nothing was decrypted before the checks
-                yield from self.pool.decrypt(read_records(path))
+                if c0_only:
+                    # c1 is rebuilt from the checked seeds: nothing in it is the server's choice.
+                    yield from self.pool.decrypt_c0_sum(read_records(path), seeds)
+                else:
+                    yield from self.pool.decrypt(read_records(path))
+            except SeedCheckFailed as exc:
+                raise SumRejected("seed_check", exc.message) from None
             finally:
                 path.unlink(missing_ok=True)
 
         return track(decrypted(), n_ct, f"round {ev.round}: decrypt", node=self.name, round=ev.round)
 
 
-def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> None:
-    """A downloaded sum on disk (0600), so that it is checked in full before any decryption."""
+def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> bool:
+    """A downloaded sum on disk (0600), so that it is checked in full before any decryption.
+
+    Returns whether every block is Σ c0 alone (cipherhive.c0sum); a sum must not mix both forms.
+    """
+    sizes: set[bool] = set()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         for blob in blobs:
             digest.update(blob)
+            sizes.add(len(blob) == c0sum.RECORD_BYTES)
             fh.write(len(blob).to_bytes(4, "big"))
             fh.write(blob)
+    if len(sizes) > 1:
+        path.unlink(missing_ok=True)
+        raise FetchError("the sum mixes Σ c0 records with full ciphertexts")
+    return sizes == {True}
 
 
 def read_records(path: Path) -> Iterator[bytes]:

@@ -131,6 +131,12 @@ class ServerConfig:
         "threads for ciphertext parsing and database work (open streams cost no thread; they wait on "
         "the event loop)",
     )
+    ingest_workers: int = setting(
+        0,
+        "limits",
+        "processes that check and add masked uploads, each owning a stripe of the sum's blocks "
+        "(0: one per core; 1: in the server process)",
+    )
     max_concurrent_rpcs: int = setting(
         2048,
         "limits",
@@ -184,6 +190,8 @@ class ServerConfig:
             )
         if self.missed_rounds_limit < 1 or self.keep_sums < 0:
             raise ConfigError("missed_rounds_limit must be at least 1 and keep_sums at least 0")
+        if self.ingest_workers < 0 or self.ingest_workers > 256:
+            raise ConfigError("ingest_workers must be 0 (one per core) to 256")
         if self.max_workers < 1 or self.max_concurrent_rpcs < 1 or self.admin_reserved_rpcs < 0:
             raise ConfigError(
                 "max_workers and max_concurrent_rpcs must be at least 1, admin_reserved_rpcs >= 0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from cipherhive.server import metrics
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.guard import Guard, Runner
 from cipherhive.server.identity import Authenticator
+from cipherhive.server.ingest_workers import IngestWorkers
 from cipherhive.server.limits import Admission, Transfers
 from cipherhive.server.rounds import RoundManager
 from cipherhive.server.services import AdminService, AggregationService
@@ -93,6 +95,11 @@ class Server:
         self.state.set_meta("key_fingerprint", self.fingerprint)
         self.spool = Spool(config.state_dir)
         self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
+        self._done = threading.Event()
+        self.fatal = ""
+        workers = config.ingest_workers or len(os.sched_getaffinity(0))
+        if workers > 1 and isinstance(self.codec, codec.PublicCodec):
+            self.rounds.ingest = IngestWorkers(workers, self.codec.upload_parser(), self._ingest_lost)
         self.rounds.recover()
         self._stop = threading.Event()
         self._revocations: certs.RevocationList | None = None
@@ -104,6 +111,15 @@ class Server:
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+
+    def _ingest_lost(self, why: str) -> None:
+        """An ingest worker died: the round's shared sum may be half-added, so stop loudly.
+
+        The restarted server rebuilds the open round's sum from the acknowledged spool.
+        """
+        self.fatal = f"{why}; stopping so that a restart rebuilds the round's sum from the spool"
+        log.critical(self.fatal)
+        self._done.set()
 
     def _check_tls_files(self) -> None:
         """Refuse what would weaken mutual TLS: a readable private key, no revocation list."""
@@ -269,6 +285,7 @@ class Server:
         self._close_loop()
         self._scheduler.join(timeout=5)
         self.run.shutdown()
+        self.rounds.close()
         self.state.close()
         event(log, "server stopped")
 
@@ -299,7 +316,7 @@ class Server:
         return True
 
     def serve_forever(self) -> int:
-        done = threading.Event()
+        done = self._done
 
         def on_signal(signum: int, _frame: object) -> None:
             event(log, "shutting down", signal=signal.Signals(signum).name)
@@ -311,4 +328,4 @@ class Server:
         self.start()
         done.wait()
         self.stop()
-        return 0
+        return 1 if self.fatal else 0

@@ -18,9 +18,10 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 
-from cipherhive import codec
+from cipherhive import c0sum, codec
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server.guard import Runner
+from cipherhive.server.ingest_workers import ShardedSum
 from cipherhive.server.rounds import OpenRound, RoundError, RoundManager, Upload
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -61,6 +62,8 @@ def _add_chunk(
     manager: RoundManager, current: OpenRound, upload: Upload, blobs: Sequence[bytes], first: int
 ) -> float:
     """In a worker thread: parse, check and add one chunk's ciphertexts; returns seconds busy."""
+    if isinstance(current.running, ShardedSum):
+        return manager.add_spooled(current, upload, blobs, first)  # the ingest workers parse and add
     busy = 0.0
     # A few chunks are parsed at once, whatever the number of streams: parsing is
     # CPU-bound (and holds the GIL), and SEAL's memory pool keeps what its busiest moment needed.
@@ -68,11 +71,13 @@ def _add_chunk(
         for offset, blob in enumerate(blobs):
             started = time.perf_counter()
             try:
-                ct = manager.codec.load(blob)
-            except codec.CodecError as exc:
+                ct = current.running.load(blob)
+            except (codec.CodecError, c0sum.UploadError) as exc:
                 raise _refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {first + offset}: {exc}"
                 ) from exc
+            if upload.digests is not None:
+                upload.digests.update(blob)  # the blocks of one upload arrive in order
             manager.add_block(current, upload, blob, ct)
             busy += time.perf_counter() - started
     return busy

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from cipherhive.logs import event
 from cipherhive.server import secagg
-from cipherhive.server.running_sum import RunningSum
 from cipherhive.server.spool import read_records
 
 if TYPE_CHECKING:
@@ -30,13 +29,13 @@ def recover(m: RoundManager) -> OpenRound | None:
     layout = m.layout()
     if row is None or layout is None:
         return None
-    running = RunningSum(m.codec, m._blocks(layout.num_values))
+    running = m.new_sum(m._blocks(layout.num_values), masked=bool(row.masked))
     restored = OpenRound(row, running, layout.num_values)
     for sub in m.state.submissions(row.round):
         if sub.spool_file is None:
             continue
         for index, blob in enumerate(read_records(m.spool.path(sub.spool_file))):
-            running.add(index, m.codec.load(blob))
+            running.add(index, running.load(blob))
         restored.accepted[sub.node] = sub
     if row.masked:
         secagg.restore(m, restored)

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ import grpc
 from cryptography import x509
 
 from cipherhive import codec, enrolment, failpoints
+from cipherhive.c0sum import seed_trailer_of
+from cipherhive.commit import C0_LABEL, SEEDS_LABEL, BlocksDigest
 from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
@@ -45,7 +47,8 @@ from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest_workers import IngestWorkers, ShardedSum
+from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
@@ -69,12 +72,37 @@ class Upload:
     added: int = 0
     aborted: str | None = None
     accepted: bool = False
+    #: Masked rounds: what the member's commit must hash to, computed as the blocks arrive.
+    digests: UploadDigests | None = None
+    #: Sharded sums: (offset, length) of each spooled block, the blocks the workers added,
+    #: and whether a chunk is with the workers right now (a rollback then waits for it).
+    spooled: list[tuple[int, int]] = field(default_factory=list)
+    added_blocks: list[int] = field(default_factory=list)
+    dispatching: bool = False
+
+    def key(self, number: int) -> str:
+        return f"{number}/{self.node}/{self.submission_id}"
+
+
+@dataclass
+class UploadDigests:
+    """H(per-block seeds) and H(blocks as uploaded), block by block (cipherhive.commit)."""
+
+    seeds: BlocksDigest = field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
+    blocks: BlocksDigest = field(default_factory=lambda: BlocksDigest(C0_LABEL))
+
+    def update(self, blob: bytes) -> None:
+        self.seeds.update(seed_trailer_of(blob))
+        self.blocks.update(blob)
+
+    def final(self) -> tuple[bytes, bytes]:
+        return self.seeds.digest(), self.blocks.digest()
 
 
 @dataclass
 class OpenRound:
     row: RoundRow
-    running: RunningSum
+    running: RunningSum | MaskedSum
     num_values: int
     accepted: dict[str, SubmissionRow] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
@@ -83,6 +111,12 @@ class OpenRound:
     mask: secagg.MaskState | None = None
     #: The self-masks were already subtracted (a retried close must not subtract them twice).
     unmasked: bool = False
+    #: Masked rounds: (H(seeds), H(blocks)) of each accepted upload, hashed at ingest (lost
+    #: on a restart, when the commit check reads the spool instead).
+    digests: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    def dispatching(self) -> bool:
+        return any(u.dispatching for u in self.uploads.values())
 
     @property
     def number(self) -> int:
@@ -105,6 +139,10 @@ class RoundManager:
         self.fingerprint = fingerprint
         self.bus = EventBus()
         self._lock = threading.RLock()
+        #: Signalled when a chunk comes back from the ingest workers (close_round waits for it).
+        self._settled = threading.Condition(self._lock)
+        #: Worker processes that own stripes of a masked sum's blocks (None: add in-process).
+        self.ingest: IngestWorkers | None = None
         self._open: OpenRound | None = None
         self._watchers: Counter[str] = Counter()
         #: Nodes that joined successfully since this server started: only they can be online.
@@ -140,6 +178,15 @@ class RoundManager:
         return codec.blocks_for(num_values, self.codec.values_per_block)
 
     # ------------------------------------------------------------ federation
+
+    def new_sum(self, num_blocks: int, *, masked: bool) -> RunningSum | MaskedSum:
+        """A round's empty running sum: Σ c0 without SEAL when masked (cipherhive.c0sum)."""
+        if masked:
+            assert isinstance(self.codec, codec.PublicCodec), "masked rounds need the product's codec"
+            if self.ingest is not None:
+                return self.ingest.attach(num_blocks)
+            return MaskedSum(self.codec.upload_parser(), num_blocks)
+        return RunningSum(self.codec, num_blocks)
 
     def layout(self) -> Layout | None:
         """The pinned layout (parsed once per change: it is read on every upload)."""
@@ -286,7 +333,7 @@ class RoundManager:
             )
             self._open = OpenRound(
                 row,
-                RunningSum(self.codec, self._blocks(layout.num_values)),
+                self.new_sum(self._blocks(layout.num_values), masked=nonce is not None),
                 layout.num_values,
                 mask=secagg.MaskState(nonce, "enrol") if nonce is not None else None,
             )
@@ -339,6 +386,8 @@ class RoundManager:
                     submission=upload.submission_id,
                     reason="the round closed before the upload finished",
                 )
+            # A chunk still with the ingest workers is taken off the sum when it comes back.
+            self._settled.wait_for(lambda: not current.dispatching())
             accepted = dict(current.accepted)
         participants = len(accepted)
         floor = max(current.row.min_participants or self.config.min_participants, 2)
@@ -410,6 +459,8 @@ class RoundManager:
         with self._lock:
             self._open = None
             self._last_closed = time.time()
+        if isinstance(current.running, ShardedSum):
+            current.running.release()
         row = self.state.round(number)
         assert row is not None
         self.bus.publish(self._event(kind, row))
@@ -473,6 +524,8 @@ class RoundManager:
                     "retry with the same submission id once it ends",
                 )
             upload = Upload(node, header.submission_id, self.spool.writer(current.number, node))
+            if current.mask is not None:
+                upload.digests = UploadDigests()
             current.uploads[node] = upload
             return current, upload
 
@@ -485,6 +538,42 @@ class RoundManager:
             current.running.add(upload.added, ct)
             upload.added += 1
         failpoints.hit("server.upload")
+
+    def add_spooled(self, current: OpenRound, upload: Upload, blobs: Sequence[bytes], first: int) -> float:
+        """Spool one chunk, then have the ingest workers that own its blocks check and add them.
+
+        Returns the workers' CPU seconds. The round lock is not held while they work;
+        a rollback that comes meanwhile is finished when the chunk comes back.
+        """
+        running = current.running
+        assert isinstance(running, ShardedSum)
+        with self._lock:
+            if upload.aborted is not None:
+                raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
+            items = [(first + i, *upload.writer.append(blob)) for i, blob in enumerate(blobs)]
+            upload.spooled.extend((offset, length) for _, offset, length in items)
+            upload.writer.flush()
+            upload.dispatching = True
+        outcome = None
+        try:
+            if upload.digests is not None:
+                for blob in blobs:
+                    upload.digests.update(blob)  # hashlib releases the GIL on large buffers
+            outcome = running.add_spooled(upload.key(current.number), str(upload.writer.partial), items)
+        finally:
+            with self._settled:
+                upload.dispatching = False
+                if outcome is not None:
+                    upload.added_blocks.extend(outcome.done)
+                    upload.added = len(upload.added_blocks)
+                self._settled.notify_all()
+                if upload.aborted is not None and not upload.accepted:
+                    self._undo(current, upload)  # rolled back while the workers had this chunk
+                    raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
+        if outcome.error:
+            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, outcome.error)
+        failpoints.hit("server.upload")
+        return outcome.busy
 
     def finish_upload(
         self, current: OpenRound, upload: Upload, metrics: dict[str, float]
@@ -510,10 +599,14 @@ class RoundManager:
             except sqlite3.IntegrityError as exc:
                 raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
             current.accepted[upload.node] = row
+            if upload.digests is not None and upload.digests.blocks.count == upload.added:
+                current.digests[upload.node] = upload.digests.final()
             upload.accepted = True
             del current.uploads[upload.node]
             failpoints.hit("server.acknowledged")
             everyone_in = set(current.row.expected) <= set(current.accepted)
+        if isinstance(current.running, ShardedSum):
+            current.running.forget(upload.key(current.number))
         audit(
             "submission accepted",
             upload.node,
@@ -537,11 +630,26 @@ class RoundManager:
             return  # durable and counted: an error after acceptance must not un-count it
         if upload.aborted is None:
             upload.aborted = reason
-            if upload.added:
-                blobs = upload.writer.written()
-                current.running.subtract(next(blobs) for _ in range(upload.added))
-            upload.writer.discard()
             current.uploads.pop(upload.node, None)
+            if not upload.dispatching:
+                self._undo(current, upload)
+
+    def _undo(self, current: OpenRound, upload: Upload) -> None:
+        """Subtract what an aborted upload added and delete its spool file (caller holds the lock)."""
+        running = current.running
+        if isinstance(running, ShardedSum):
+            key = upload.key(current.number)
+            if upload.added_blocks:
+                upload.writer.flush()
+                items = [(i, *upload.spooled[i]) for i in upload.added_blocks]
+                running.subtract_spooled(key, str(upload.writer.partial), items)
+                upload.added_blocks.clear()
+            running.forget(key)
+        elif upload.added:
+            blobs = upload.writer.written()
+            running.subtract(next(blobs) for _ in range(upload.added))
+        upload.added = 0
+        upload.writer.discard()
 
     def _receipt_token(self, number: int, node: str, submission_id: str) -> str:
         msg = f"{number}\0{node}\0{submission_id}".encode()
@@ -577,6 +685,15 @@ class RoundManager:
     def history(self, since_round: int) -> list[pb.RoundEvent]:
         """Events a node that last saw ``since_round`` needs to catch up, oldest first."""
         return replay_mod.history(self, since_round)
+
+    def close(self) -> None:
+        """Server shutdown: free the open round's shared sum and stop the ingest workers."""
+        with self._lock:
+            current = self._open
+        if current is not None and isinstance(current.running, ShardedSum):
+            current.running.release()
+        if self.ingest is not None:
+            self.ingest.close()
 
     def run_scheduler(self, stop: threading.Event) -> None:
         """Close rounds at their deadline or when all are in; open rounds when due."""

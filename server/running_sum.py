@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
+from cipherhive import c0sum, masking
+from cipherhive.c0sum import UploadParser
 from cipherhive.codec import ServerCodec
 
 
@@ -27,6 +31,10 @@ class RunningSum:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def load(self, data: bytes) -> Any:
+        """Parse and validate one uploaded block (SEAL's own checks)."""
+        return self._codec.load(data)
 
     def add(self, index: int, ct: Any) -> None:
         current = self._blocks[index]
@@ -62,3 +70,56 @@ class RunningSum:
             if block is None:
                 raise RuntimeError(f"block {index} of the sum was never added")
             yield self._codec.dump(block)
+
+
+class MaskedSum:
+    """A masked round's running Σ c0 (see :mod:`cipherhive.c0sum`): one uint64 row per block.
+
+    Same contract as :class:`RunningSum`, without SEAL: :meth:`load` parses and checks
+    a block, :meth:`add` adds its c0 modulo q, :meth:`subtract` takes spooled blocks
+    off again (rollback), :meth:`remove_self_masks` unmasks, :meth:`serialized` gives
+    the published records. ``buffer`` lets the rows live in shared memory.
+    """
+
+    def __init__(
+        self, parser: UploadParser, num_ciphertexts: int, buffer: Any = None, *, zero: bool = True
+    ) -> None:
+        self._parser = parser
+        self._q = np.uint64(parser.modulus)
+        shape = (num_ciphertexts, c0sum.DEGREE)
+        if buffer is None:
+            self._rows = np.zeros(shape, dtype="<u8")
+        else:
+            self._rows = np.ndarray(shape, dtype="<u8", buffer=buffer)
+            if zero:
+                self._rows.fill(0)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def load(self, data: bytes) -> np.ndarray:
+        c0, _seed = self._parser.parse(data)
+        return c0
+
+    def add(self, index: int, c0: np.ndarray) -> None:
+        c0sum.add_mod(self._rows[index], c0, self._q)
+
+    def subtract_one(self, index: int, c0: np.ndarray) -> None:
+        c0sum.sub_mod(self._rows[index], c0, self._q)
+
+    def subtract(self, blobs: Iterable[bytes]) -> int:
+        count = 0
+        for index, blob in enumerate(blobs):
+            self.subtract_one(index, self.load(blob))
+            count += 1
+        return count
+
+    def remove_self_masks(self, seeds: list[bytes]) -> None:
+        """Subtract Σ PRG(b_i, block) mod q from every row: SecAgg §4's unmasking, no key needed."""
+        for index, row in enumerate(self._rows):
+            masks = masking.self_mask_sum(seeds, index, self._parser.modulus, c0sum.DEGREE)
+            c0sum.sub_mod(row, masks, self._q)
+
+    def serialized(self) -> Iterator[bytes]:
+        for row in self._rows:
+            yield row.tobytes()

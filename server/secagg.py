@@ -43,10 +43,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cipherhive import enrolment, masking
-from cipherhive.commit import C0_LABEL, SEEDS_LABEL, Commit, blocks_digest, self_mask_digest
+from cipherhive.c0sum import seed_trailer_of
+from cipherhive.commit import C0_LABEL, SEEDS_LABEL, BlocksDigest, Commit, self_mask_digest
 from cipherhive.logs import audit, event
 from cipherhive.roster import Enrolment, roster_hash
 from cipherhive.server.errors import RoundError
+from cipherhive.server.running_sum import MaskedSum
 from cipherhive.server.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.wire import WireError, fields
@@ -280,12 +282,11 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
 
 def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
     """(H(per-block seeds), H(uploaded blocks)) of one spooled upload, as a member commits them."""
-    seeds: list[bytes] = []
-    raw: list[bytes] = []
+    seeds, raw = BlocksDigest(SEEDS_LABEL), BlocksDigest(C0_LABEL)
     for blob in blobs:
-        seeds.append(masking.upload_seed(blob))
-        raw.append(blob)
-    return blocks_digest(SEEDS_LABEL, seeds), blocks_digest(C0_LABEL, raw)
+        seeds.update(seed_trailer_of(blob))
+        raw.update(blob)
+    return seeds.digest(), raw.digest()
 
 
 def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
@@ -312,6 +313,7 @@ def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb
             )
         spool_file = sub.spool_file
         roster_digest = mask.roster_hash
+        hashed = current.digests.get(who.name)
     try:
         commit = Commit.decode(request.commit)
     except WireError as exc:
@@ -323,7 +325,7 @@ def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb
             grpc.StatusCode.INVALID_ARGUMENT, "the commit is not signed by this member's enrolment key"
         )
     try:
-        seeds_hash, blocks_hash = upload_digests(read_records(m.spool.path(spool_file)))
+        seeds_hash, blocks_hash = hashed or upload_digests(read_records(m.spool.path(spool_file)))
     except (masking.MaskError, ValueError) as exc:
         raise _refuse(
             grpc.StatusCode.FAILED_PRECONDITION, f"the spooled upload cannot be read: {exc}"
@@ -416,9 +418,8 @@ def unmask(m: RoundManager, current: OpenRound) -> None:
     """Subtract Σ PRG(b_i) from every block of the running sum (SecAgg §4, unmasking)."""
     mask = current.mask
     assert mask is not None
-    seeds = [mask.seeds[e.node] for e in mask.ordered()]
-    for index, block in enumerate(current.running.blocks()):
-        m.codec.remove_self_masks(block, index, seeds)
+    assert isinstance(current.running, MaskedSum), "a masked round sums c0 alone"
+    current.running.remove_self_masks([mask.seeds[e.node] for e in mask.ordered()])
 
 
 def seed_records(m: RoundManager, current: OpenRound) -> Iterator[bytes]:
@@ -431,7 +432,7 @@ def seed_records(m: RoundManager, current: OpenRound) -> Iterator[bytes]:
         assert sub.spool_file is not None
         streams.append(read_records(m.spool.path(sub.spool_file)))
     for blobs in zip(*streams, strict=True):
-        yield fields(*(masking.upload_seed(b) for b in blobs))
+        yield fields(*(seed_trailer_of(b) for b in blobs))
 
 
 def restore(m: RoundManager, current: OpenRound) -> None:

@@ -136,13 +136,23 @@ class SubmissionWriter:
         self._fh.write(MAGIC)
         self.count = 0
         self.num_bytes = 0
+        self._position = len(MAGIC)
 
-    def append(self, blob: bytes) -> None:
+    def append(self, blob: bytes) -> tuple[int, int]:
+        """Append one ciphertext; returns (offset of its bytes in the file, length)."""
         assert self._fh is not None
         self._fh.write(_LEN.pack(len(blob)))
         self._fh.write(blob)
         self.count += 1
         self.num_bytes += len(blob)
+        offset = self._position + _LEN.size
+        self._position = offset + len(blob)
+        return offset, len(blob)
+
+    def flush(self) -> None:
+        """Hand what was appended to the kernel, so another process can read it back."""
+        if self._fh is not None:
+            self._fh.flush()
 
     def written(self) -> Iterator[bytes]:
         """Read back what was appended so far (for rollback of a partial addition)."""

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import codec, sealformat
+from cipherhive import codec, masking, sealformat
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.layout import LEADING_VALUES, Layout
+from cipherhive.server.running_sum import MaskedSum
 from cipherhive.server.spool import encode_records, read_records
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -194,13 +195,15 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
     # members' self-masks stay on.
     public = codec.PublicCodec((fed.workdir / "keys" / "public.ctx").read_bytes())
     plan = part1.mask_plan(colluder.codec.modulus)
-    partial = public.load(spool[honest[0]][0])
-    for name in honest[1:]:
-        public.add_inplace(partial, public.load(spool[name][0]))
-    zero = np.zeros(colluder.codec.values_per_block)
-    public.add_inplace(partial, public.load(colluder.codec.encrypt_masked(zero, 0, plan)))
-    public.remove_self_masks(partial, 0, [plan.self_seed])
-    decrypted = colluder.codec.decrypt(public.dump(partial))[: layout.num_values]
+    own = colluder.codec.encrypt_masked(np.zeros(colluder.codec.values_per_block), 0, plan)
+    blocks = [spool[name][0] for name in honest] + [own]
+    partial = MaskedSum(public.upload_parser(), 1)
+    for blob in blocks:
+        partial.add(0, partial.load(blob))
+    partial.remove_self_masks([plan.self_seed])
+    [record] = partial.serialized()
+    seeds = [masking.upload_seed(blob) for blob in blocks]
+    decrypted = colluder.codec.decrypt_c0_sum(record, seeds)[: layout.num_values]
     truth = sum(w * u for u, w in (_update(fed, first, s) for s in range(3)))
     magnitude, corr = _noise(decrypted[LEADING_VALUES:], truth)
     assert magnitude > 1e4 and corr < 0.1, (magnitude, corr)
@@ -232,15 +235,20 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
 # --------------------------------------------------------------------------- a chosen ciphertext
 
 
-def _tamper_c1(sum_file: Path) -> None:
-    """Change one coefficient of c1 in block 0 of a published sum: a chosen ciphertext."""
-    blobs = list(read_records(sum_file))
-    ct = sealformat.read_ciphertext(blobs[0])
-    coefficients = ct.coefficients.copy()
-    n = ct.poly_modulus_degree * ct.coeff_modulus_size
-    coefficients[n + 17] = (int(coefficients[n + 17]) + 1) % 1152921504606748673
-    ct.coefficients = coefficients
-    blobs[0] = ct.to_bytes()
+def _tamper_c1(sum_file: Path, secret: codec.SecretCodec) -> None:
+    """Publish the sum as full ciphertexts whose c1 the server chose: a chosen ciphertext.
+
+    A masked sum is Σ c0 alone and nodes rebuild c1 from the members' seeds; a server
+    that wants a node to decrypt a c1 of its choosing must send full ciphertexts (the
+    form sums had before), and then every block's c1 must be Σ expand(seed).
+    """
+    frame = sealformat.read_ciphertext(secret.encrypt(np.zeros(1)))
+    blobs = []
+    for index, record in enumerate(read_records(sum_file)):
+        c0 = np.frombuffer(record, dtype="<u8")
+        c1 = np.full_like(c0, 1 + index)  # known to the server: decryption would give c0 + s
+        full = sealformat.Ciphertext(frame.header, frame.meta, 8192, 1, 2, np.concatenate([c0, c1]), b"")
+        blobs.append(full.to_bytes())
     sum_file.write_bytes(b"".join(encode_records(blobs)))
 
 
@@ -256,7 +264,7 @@ def test_a_chosen_ciphertext_is_refused_before_anything_is_decrypted(
     assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
     fed.stop("server")
     sum_file = fed.workdir / "server-state" / "sums" / "round-1.sum"
-    _tamper_c1(sum_file)
+    _tamper_c1(sum_file, codec.SecretCodec((fed.workdir / "keys" / "secret.ctx").read_bytes()))
     fed.start_server()
     fed.wait_serving()
     # A fourth member catches up on round 1; it dies if it ever reaches a decryption.
