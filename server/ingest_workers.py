@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import c0sum
+from cipherhive import c0sum, failpoints
 from cipherhive.c0sum import UploadParser
 from cipherhive.server.running_sum import MaskedSum
 
@@ -135,6 +135,7 @@ def _apply(
             except c0sum.UploadError as exc:
                 return Outcome(done, time.process_time() - started, f"ciphertext {index}: {exc}")
             if op == "add":
+                failpoints.hit("ingest.worker")  # tests: a worker dying in the middle of an upload
                 running.add(index, c0)
             else:
                 running.subtract_one(index, c0)

@@ -47,7 +47,7 @@ from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
-from cipherhive.server.ingest_workers import IngestWorkers, ShardedSum
+from cipherhive.server.ingest_workers import IngestWorkers, ShardedSum, WorkerLost
 from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
@@ -560,6 +560,10 @@ class RoundManager:
                 for blob in blobs:
                     upload.digests.update(blob)  # hashlib releases the GIL on large buffers
             outcome = running.add_spooled(upload.key(current.number), str(upload.writer.partial), items)
+        except WorkerLost as exc:
+            raise RoundError(
+                grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, send the upload again"
+            ) from None
         finally:
             with self._settled:
                 upload.dispatching = False
@@ -639,12 +643,16 @@ class RoundManager:
         running = current.running
         if isinstance(running, ShardedSum):
             key = upload.key(current.number)
-            if upload.added_blocks:
-                upload.writer.flush()
-                items = [(i, *upload.spooled[i]) for i in upload.added_blocks]
-                running.subtract_spooled(key, str(upload.writer.partial), items)
-                upload.added_blocks.clear()
-            running.forget(key)
+            try:
+                if upload.added_blocks:
+                    upload.writer.flush()
+                    items = [(i, *upload.spooled[i]) for i in upload.added_blocks]
+                    running.subtract_spooled(key, str(upload.writer.partial), items)
+                    upload.added_blocks.clear()
+                running.forget(key)
+            except WorkerLost as exc:
+                # The server is stopping (IngestWorkers.on_lost); its restart rebuilds the sum.
+                log.warning("could not roll back the upload of %s: %s", upload.node, exc)
         elif upload.added:
             blobs = upload.writer.written()
             running.subtract(next(blobs) for _ in range(upload.added))

@@ -460,3 +460,40 @@ def test_a_hostile_members_steps_are_refused_and_the_round_still_publishes(
     for key in ("enrolment refused", "commit refused", "self-mask release refused"):
         assert key in fed.log("server"), key
     member.close()
+
+
+# --------------------------------------------------------------------------- an ingest worker dies
+
+
+def test_a_dead_ingest_worker_stops_the_server_loudly_and_a_restart_finishes_the_round(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """An ingest worker is killed in the middle of an upload (its part of the shared sum may be
+    half-added): the server says so and exits 1; restarted, it rebuilds the round's sum from the
+    acknowledged spool and the round publishes the exact FedAvg."""
+    fed = _federation(tmp_path, nodes=3, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    # The second block a worker adds: the first upload is in, the second one is half-way.
+    fed.start_server(
+        env={"CIPHERHIVE_FAILPOINTS": "ingest.worker:2", "CIPHERHIVE_LIMITS_INGEST_WORKERS": "2"}
+    )
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    deadline = time.monotonic() + 120
+    while fed.procs["server"].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert fed.procs["server"].returncode == 1, "the server must stop with an error"
+    log = fed.log("server")
+    assert re.search(r"ingest worker \d \(pid \d+\) exited; stopping so that a restart rebuilds", log), log[
+        -3000:
+    ]
+    fed.start_server(env={"CIPHERHIVE_LIMITS_INGEST_WORKERS": "2"})
+    fed.wait_serving()
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
+        60,
+        "every node to apply round 1",
+    )
+    check_fedavg(fed)
