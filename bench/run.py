@@ -314,24 +314,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "cipherhive" in results:
         secret_context = (keydir / keys.SECRET_FILE).read_bytes()
         report["masked"] = masked.measure(secret_context, sample)
+    if "cipherhive" in results:
+        ours = results["cipherhive"]
+        report["ingest_goal"] = {
+            "workers": args.ingest_workers or default_workers(),
+            "speedup_all_vs_1": ours["server_ingest_speedup_all_vs_1"],
+            "goal": 1.7,
+        }
     if "cipherhive" in results and "plaintext" in results:
         ours, plain = results["cipherhive"], results["plaintext"]
-        cores = default_workers()
-        crypto_cpu = (
-            args.nodes
-            * args.params
-            * (
-                1 / ours["encrypt_params_per_s_1_worker"]
-                + 1 / ours["server_ingest_params_per_s"]
-                + 1 / ours["decrypt_params_per_s_1_worker"]
-            )
-        )
-        bound = plain["round_seconds"] + crypto_cpu / cores
         report["round_goal"] = {
-            "crypto_cpu_seconds": crypto_cpu,
-            "bound_seconds": bound,
             "round_seconds": ours["round_seconds"],
-            "ratio_to_bound": ours["round_seconds"] / bound,
+            "plaintext_round_seconds": plain["round_seconds"],
+            "ratio": ours["round_seconds"] / plain["round_seconds"],
+            "goal": 2.2,
         }
         update_bytes = 4 * args.params
         report["node_rss_over_update"] = (
@@ -340,15 +336,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+PHASES = [
+    "enrol_roster",
+    "train",
+    "encrypt_upload",
+    "commit_release",
+    "unmask_publish",
+    "download_decrypt_apply",
+    "total",
+]
+
 FIGURES = [
     ("upload_bytes_per_param", "upload bytes / param", "{:.2f}"),
     ("download_bytes_per_param", "download bytes / param", "{:.2f}"),
     ("encrypt_params_per_s_1_worker", "encrypt params/s, 1 worker", "{:.3g}"),
     ("encrypt_params_per_s_all_workers", "encrypt params/s, all workers", "{:.3g}"),
     ("encrypt_speedup_all_vs_1", "encrypt speed-up, all vs 1", "{:.2f}x"),
-    ("server_ingest_params_per_s", "server ingest params/s (1 core)", "{:.3g}"),
+    ("server_ingest_params_per_s", "server ingest params/s, 1 core", "{:.3g}"),
+    ("server_ingest_params_per_s_all_cores", "server ingest params/s, all cores", "{:.3g}"),
+    ("server_ingest_speedup_all_vs_1", "server ingest speed-up, all vs 1", "{:.2f}x"),
     ("decrypt_params_per_s_1_worker", "decrypt params/s, 1 worker", "{:.3g}"),
     ("round_seconds", "round wall time (s)", "{:.2f}"),
+    ("server_cpu_seconds", "server CPU s per round", "{:.2f}"),
+    ("node_cpu_seconds", "node CPU s per round (mean)", "{:.2f}"),
+    ("server_cpu_seconds_per_member_per_mparam", "server CPU s / member / M params", "{:.3f}"),
     ("server_peak_rss_bytes", "server peak RSS (MB)", "{:.0f}"),
     ("node_peak_rss_bytes", "node peak RSS (MB)", "{:.0f}"),
     ("max_abs_error", "max abs error of the average", "{:.2e}"),
@@ -383,11 +394,23 @@ def render(report: dict[str, Any]) -> str:
     )
     if "masked" in report:
         lines += ["", "double masks (SecAgg, issue 11), 1 core:", masked.render(report["masked"])]
+    phase_names = sorted({k for n in names for k in modes[n].get("phases", {})}, key=PHASES.index)
+    if phase_names:
+        lines += ["", f"{'phase (s, from the daemons JSON logs)':<34}" + "".join(f"{n:>16}" for n in names)]
+        for phase in phase_names:
+            cells = "".join(f"{modes[n].get('phases', {}).get(phase, float('nan')):>16.2f}" for n in names)
+            lines.append(f"{phase:<34}" + cells)
+    ingest = report.get("ingest_goal")
+    if ingest:
+        lines.append(
+            f"server ingest on {ingest['workers']} workers vs 1: {ingest['speedup_all_vs_1']:.2f}x "
+            f"(goal >= {ingest['goal']})"
+        )
     goal = report.get("round_goal")
     if goal:
         lines.append(
-            f"round vs plaintext round + crypto CPU / cores: {goal['round_seconds']:.2f}s / "
-            f"{goal['bound_seconds']:.2f}s = {goal['ratio_to_bound']:.2f} (goal <= 1.25)"
+            f"encrypted (masked) round vs plaintext round: {goal['round_seconds']:.2f}s / "
+            f"{goal['plaintext_round_seconds']:.2f}s = {goal['ratio']:.2f}x (goal <= {goal['goal']})"
         )
         lines.append(
             f"node peak RSS above a bare node process ({report['baseline_process_rss_bytes'] / 1e6:.0f} MB): "
