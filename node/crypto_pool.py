@@ -31,6 +31,7 @@ import numpy as np
 
 from cipherhive import masking
 from cipherhive.codec import NodeCodec, SecretCodec
+from cipherhive.node import slots
 
 #: The product's encoding; the benchmark names its baselines here instead.
 DEFAULT_CODEC = "cipherhive.codec:SecretCodec"
@@ -51,10 +52,11 @@ def make_codec(factory: str, key: bytes) -> NodeCodec:
     return codec
 
 
-def _init_worker(factory: str, key: bytes, area: Any = None) -> None:
+def _init_worker(factory: str, key: bytes, area: Any = None, slot_area: Any = None) -> None:
     global _worker_codec, _worker_area
     _worker_codec = make_codec(factory, key)
     _worker_area = area
+    slots.attach(slot_area)
 
 
 def _read_plan(area: Any) -> tuple[int, masking.MaskPlan | None]:
@@ -77,36 +79,41 @@ def _plan_for(generation: int) -> masking.MaskPlan:
     return _worker_plan[1]
 
 
-def _encrypt_masked(generation: int, items: list[tuple[int, np.ndarray]]) -> list[bytes]:
-    assert isinstance(_worker_codec, SecretCodec)
-    plan = _plan_for(generation)
-    return [_worker_codec.encrypt_masked(block, index, plan) for index, block in items]
+#: One block of a task: (block index, slot or None, length, inline input or None, extra).
+Item = tuple[int, int | None, int, Any, Any]
 
 
-def _encrypt(blocks: list[np.ndarray]) -> list[bytes]:
-    assert _worker_codec is not None
-    return [_worker_codec.encrypt(block) for block in blocks]
+def _run(kind: str, generation: int, items: list[Item]) -> list[Any]:
+    """In a worker: each block's input from its slot (or inline), its result back into the slot."""
+    codec = _worker_codec
+    assert codec is not None
+    out: list[Any] = []
+    for index, slot, length, inline, extra in items:
+        data = inline if slot is None else slots.worker_view(slot, length)
+        if kind in ("encrypt", "encrypt_masked"):
+            values = np.frombuffer(data, dtype=np.float64) if slot is not None else data
+            if kind == "encrypt":
+                result: Any = codec.encrypt(values)
+            else:
+                assert isinstance(codec, SecretCodec)
+                result = codec.encrypt_masked(values, index, _plan_for(generation))
+        elif kind == "decrypt":
+            result = np.asarray(codec.decrypt(bytes(data)), dtype=np.float64)
+        elif kind == "decrypt_c0":
+            assert isinstance(codec, SecretCodec)
+            result = codec.decrypt_c0_sum(bytes(data), extra, index)
+        else:
+            assert isinstance(codec, SecretCodec)
+            codec.check_seeds(bytes(data), extra, index)
+            result = b""
+        out.append(slots.worker_put(slot, result) if slot is not None else result)
+    return out
 
 
-def _check_seeds(items: list[tuple[int, bytes, list[bytes]]]) -> list[None]:
-    assert isinstance(_worker_codec, SecretCodec)
-    for index, blob, seeds in items:
-        _worker_codec.check_seeds(blob, seeds, index)
-    return [None] * len(items)
-
-
-def _decrypt_c0(items: list[tuple[int, bytes, list[bytes]]]) -> list[np.ndarray]:
-    assert isinstance(_worker_codec, SecretCodec)
-    return [_worker_codec.decrypt_c0_sum(record, seeds, index) for index, record, seeds in items]
-
-
-def _decrypt(blobs: list[bytes]) -> list[np.ndarray]:
-    assert _worker_codec is not None
-    return [_worker_codec.decrypt(blob) for blob in blobs]
-
-
-#: Blocks per task sent to a worker: amortises the pickling round trip (~0.5 MB a task).
-BATCH = 8
+#: Blocks per task sent to a worker: amortises a task's round trip through the pool.
+BATCH = 16
+#: Tasks in flight per worker: one being worked on, one waiting.
+WINDOW_PER_WORKER = 2
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -135,11 +142,16 @@ class CryptoPool:
         self._plan: masking.MaskPlan | None = None
         self._generation = 0
         self._area: Any = None
+        self._slots: slots.Slots | None = None
         if self.workers > 1:
             ctx = multiprocessing.get_context("spawn")
             self._area = ctx.RawArray("B", _PLAN_AREA) if isinstance(self._local, SecretCodec) else None
+            # Enough slots for every block in flight: the window, plus the task being filled.
+            self._slots = slots.Slots(ctx, (WINDOW_PER_WORKER * self.workers + 1) * BATCH)
             self._pool = ctx.Pool(
-                self.workers, initializer=_init_worker, initargs=(factory, secret_context, self._area)
+                self.workers,
+                initializer=_init_worker,
+                initargs=(factory, secret_context, self._area, self._slots.area),
             )
 
     @property
@@ -185,14 +197,52 @@ class CryptoPool:
         return self._ordered_masked(generation, blocks)
 
     def _ordered_masked(self, generation: int, blocks: Iterable[np.ndarray]) -> Iterator[bytes]:
-        assert self._pool is not None
-        window: deque[AsyncResult[list[Any]]] = deque()
-        for batch in _batches(enumerate(blocks), BATCH):
-            window.append(self._pool.apply_async(_encrypt_masked, (generation, batch)))
-            if len(window) >= 2 * self.workers:
-                yield from window.popleft().get()
-        while window:
-            yield from window.popleft().get()
+        return self._stream("encrypt_masked", ((b, None) for b in blocks), generation)
+
+    def _stream(self, kind: str, items: Iterable[tuple[Any, Any]], generation: int = 0) -> Iterator[Any]:
+        """Results of ``kind`` over ``(input, extra)`` items, in order, through the slots.
+
+        At most ``WINDOW_PER_WORKER`` tasks per worker are in flight, so memory stays a
+        few batches whatever the update's size, and results stream out while later
+        blocks are still with the workers.
+        """
+        assert self._pool is not None and self._slots is not None
+        pool, shared = self._pool, self._slots
+        window: deque[tuple[list[Item], AsyncResult[list[Any]]]] = deque()
+        floats = kind in ("decrypt", "decrypt_c0")
+        encrypting = kind.startswith("encrypt")
+
+        def collect(task: list[Item], pending: AsyncResult[list[Any]]) -> Iterator[Any]:
+            results = pending.get()
+            for (_, slot, _, _, _), result in zip(task, results, strict=True):
+                if isinstance(result, int) and slot is not None:
+                    data = shared.take(slot, result)
+                    yield np.frombuffer(data, dtype=np.float64) if floats else data
+                else:
+                    if slot is not None:
+                        shared.release(slot)
+                    yield result
+
+        try:
+            for batch in _batches(enumerate(items), BATCH):
+                task: list[Item] = []
+                for index, (payload, extra) in batch:
+                    data = np.ascontiguousarray(payload, dtype=np.float64) if encrypting else payload
+                    placed = shared.put(data)
+                    if placed is None:
+                        task.append((index, None, 0, data, extra))
+                    else:
+                        task.append((index, placed[0], placed[1], None, extra))
+                window.append((task, pool.apply_async(_run, (kind, generation, task))))
+                if len(window) >= WINDOW_PER_WORKER * self.workers:
+                    yield from collect(*window.popleft())
+            while window:
+                yield from collect(*window.popleft())
+        finally:
+            if window:  # stopped early: let the workers finish with the slots before reusing them
+                for _, pending in window:
+                    pending.wait()
+                shared.reset()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -206,24 +256,11 @@ class CryptoPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _ordered(self, fn: Any, items: Iterable[Any]) -> Iterator[Any]:
-        if self._pool is None:
-            local = self._local.encrypt if fn is _encrypt else self._local.decrypt
-            for item in items:
-                yield local(item)
-            return
-        window: deque[AsyncResult[list[Any]]] = deque()
-        limit = 2 * self.workers
-        for batch in _batches(items, BATCH):
-            window.append(self._pool.apply_async(fn, (batch,)))
-            if len(window) >= limit:
-                yield from window.popleft().get()
-        while window:
-            yield from window.popleft().get()
-
     def encrypt(self, blocks: Iterable[np.ndarray]) -> Iterator[bytes]:
         """Encrypt blocks of ``values_per_block`` values, in order, as they are produced."""
-        return self._ordered(_encrypt, blocks)
+        if self._pool is None:
+            return (self._local.encrypt(block) for block in blocks)
+        return self._stream("encrypt", ((b, None) for b in blocks))
 
     def encrypt_vector(self, vector: np.ndarray) -> Iterator[bytes]:
         step = self.values_per_block
@@ -251,7 +288,7 @@ class CryptoPool:
             for index, blob, block_seeds in items:
                 self._local.check_seeds(blob, block_seeds, index)
             return
-        for _ in self._ordered(_check_seeds, items):
+        for _ in self._stream("check_seeds", ((blob, block_seeds) for _, blob, block_seeds in items)):
             pass
 
     def decrypt_c0_sum(self, records: Iterable[bytes], seeds: Sequence[list[bytes]]) -> Iterator[np.ndarray]:
@@ -269,7 +306,9 @@ class CryptoPool:
         )
         if self._pool is None:
             return (local.decrypt_c0_sum(record, block_seeds, index) for index, record, block_seeds in items)
-        return self._ordered(_decrypt_c0, items)
+        return self._stream("decrypt_c0", ((record, block_seeds) for _, record, block_seeds in items))
 
     def decrypt(self, blobs: Iterable[bytes]) -> Iterator[np.ndarray]:
-        return self._ordered(_decrypt, blobs)
+        if self._pool is None:
+            return (self._local.decrypt(blob) for blob in blobs)
+        return self._stream("decrypt", ((blob, None) for blob in blobs))

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from cipherhive.bench.options import parse_count
-from cipherhive.bench.run import PHASES
-from cipherhive.bench.run import FIGURES
+from cipherhive.bench.run import FIGURES, PHASES
 
 pytestmark = pytest.mark.slow
 
