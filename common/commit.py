@@ -14,7 +14,9 @@ valid commit from **every** roster member (issue 11, step 5). The signer's
 certificate fingerprint is inside the signed bytes so that a forwarded commit
 says whose it is; the roster hash ties it to one roster of one round.
 "H(its uploaded blocks)" is over the ciphertexts exactly as uploaded (c0 and
-the seed that expands to c1), so the server can check it against its spool;
+the seed that expands to c1), each block hashed on its own and the list of
+those hashes hashed (:func:`uploaded_digest`), so the server can check it
+against what it spooled while its ingest processes hash the blocks in parallel;
 "H(its self-mask seed)" (:func:`self_mask_digest`, a hiding commitment: the
 seed is 32 random bytes) lets the server refuse a wrong seed at release
 rather than publish a sum no member can use.
@@ -41,10 +43,12 @@ __all__ = [
     "SEEDS_LABEL",
     "BlocksDigest",
     "Commit",
+    "block_digest",
     "blocks_digest",
     "make_commit",
     "require_all_commits",
     "self_mask_digest",
+    "uploaded_digest",
     "verify_commit",
 ]
 
@@ -74,6 +78,20 @@ class BlocksDigest:
         final = self._hash.copy()
         final.update(field(u64(self.count)))
         return final.digest()
+
+
+def block_digest(block: bytes | memoryview) -> bytes:
+    """``H(block)`` of one uploaded block: the c0 hash is :func:`uploaded_digest` over these.
+
+    Hashing each block on its own lets the server hash an upload in the processes that
+    check and add its blocks (cipherhive.server.ingest_workers), in any order.
+    """
+    return hashlib.sha256(block).digest()
+
+
+def uploaded_digest(block_digests: Iterable[bytes]) -> bytes:
+    """``H(C0_LABEL ‖ H(block_0) ‖ … ‖ n)``: what "H(its uploaded blocks)" in a commit is."""
+    return blocks_digest(C0_LABEL, block_digests)
 
 
 def blocks_digest(label: bytes, blocks: Iterable[bytes]) -> bytes:

@@ -35,12 +35,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cipherhive import codec, enrolment, masking
 from cipherhive.commit import (
-    C0_LABEL,
     SEEDS_LABEL,
+    block_digest,
     blocks_digest,
     make_commit,
     require_all_commits,
     self_mask_digest,
+    uploaded_digest,
 )
 from cipherhive.fsutil import atomic_write, fsync_dir
 from cipherhive.ledger import ReleaseLedger
@@ -238,14 +239,13 @@ class Participation:
                 fh.write(len(blob).to_bytes(4, "big"))
                 fh.write(blob)
                 seeds.append(masking.upload_seed(blob))
-                digest_blocks.append(hashlib.sha256(blob).digest())
+                digest_blocks.append(block_digest(blob))
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        upload = UploadFile(path, count, blocks_digest(SEEDS_LABEL, seeds), b"")
-        upload.blocks_hash = blocks_digest(C0_LABEL, upload.blobs())
+        upload = UploadFile(path, count, blocks_digest(SEEDS_LABEL, seeds), uploaded_digest(digest_blocks))
         self.upload = upload
         return upload
 

@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager
 import grpc
 
 from cipherhive import c0sum, codec
+from cipherhive.commit import block_digest
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server.guard import Runner
 from cipherhive.server.ingest_workers import ShardedSum
@@ -78,6 +79,7 @@ def _add_chunk(
                 ) from exc
             if upload.digests is not None:
                 upload.digests.update(blob)  # the blocks of one upload arrive in order
+                upload.digests.blocks[first + offset] = block_digest(blob)
             manager.add_block(current, upload, blob, ct)
             busy += time.perf_counter() - started
     return busy

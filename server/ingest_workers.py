@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -48,6 +48,7 @@ import numpy as np
 
 from cipherhive import c0sum, failpoints
 from cipherhive.c0sum import UploadParser
+from cipherhive.commit import block_digest
 from cipherhive.server.running_sum import MaskedSum
 
 log = logging.getLogger("cipherhive.server.ingest")
@@ -65,11 +66,13 @@ def owner(index: int, workers: int) -> int:
 
 @dataclass
 class Outcome:
-    """What one request did: blocks added (or subtracted), CPU seconds, and why it stopped."""
+    """What one request did: blocks added (or subtracted), CPU seconds, why it stopped, and
+    the hash of each block added (cipherhive.commit.block_digest, for the member's commit)."""
 
     done: list[int]
     busy: float
     error: str = ""
+    digests: list[bytes] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- worker process
@@ -119,6 +122,7 @@ def _apply(
 ) -> Outcome:
     started = time.process_time()
     done: list[int] = []
+    digests: list[bytes] = []
     if running is None:
         return Outcome(done, 0.0, "no round is attached to this ingest worker")
     try:
@@ -129,20 +133,22 @@ def _apply(
             data = os.pread(fd, length, offset)
             if len(data) != length:
                 why = f"ciphertext {index}: the spool file is short"
-                return Outcome(done, time.process_time() - started, why)
+                return Outcome(done, time.process_time() - started, why, digests)
             try:
                 c0 = running.load(data)
             except c0sum.UploadError as exc:
-                return Outcome(done, time.process_time() - started, f"ciphertext {index}: {exc}")
+                return Outcome(done, time.process_time() - started, f"ciphertext {index}: {exc}", digests)
             if op == "add":
                 failpoints.hit("ingest.worker")  # tests: a worker dying in the middle of an upload
                 running.add(index, c0)
+                digests.append(block_digest(data))
             else:
                 running.subtract_one(index, c0)
             done.append(index)
     except OSError as exc:
-        return Outcome(done, time.process_time() - started, f"the spooled upload cannot be read: {exc}")
-    return Outcome(done, time.process_time() - started)
+        why = f"the spooled upload cannot be read: {exc}"
+        return Outcome(done, time.process_time() - started, why, digests)
+    return Outcome(done, time.process_time() - started, "", digests)
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -189,9 +195,9 @@ class _Worker:
                 outcome = self.conn.recv()
             except (EOFError, OSError):
                 break
-            with self._send_lock:
-                future = self._pending.popleft()
-            future.set_result(outcome)
+            # Only this thread pops; deque operations are atomic, and requests were queued
+            # under the send lock in the order they were sent.
+            self._pending.popleft().set_result(outcome)
         with self._send_lock:
             pending, self._pending = list(self._pending), deque()
         lost = WorkerLost(f"ingest worker {self.index} (pid {self.process.pid}) exited")
@@ -237,22 +243,27 @@ class IngestWorkers:
             raise
         return running
 
-    def dispatch(self, op: str, key: str, path: str, items: Sequence[Item]) -> Outcome:
-        """Send each owner its blocks, wait for all; ``done`` in block order."""
+    def submit(self, op: str, key: str, path: str, items: Sequence[Item]) -> list[Future[Outcome]]:
+        """Send each owner its blocks; one future per owner, in the order they were sent."""
         parts: dict[int, list[Item]] = {}
         for item in items:
             parts.setdefault(owner(item[0], len(self.workers)), []).append(item)
-        futures = [self.workers[w].request((op, key, path, part)) for w, part in parts.items()]
-        done: list[int] = []
+        return [self.workers[w].request((op, key, path, part)) for w, part in parts.items()]
+
+    def dispatch(self, op: str, key: str, path: str, items: Sequence[Item]) -> Outcome:
+        """Send each owner its blocks, wait for all; ``done`` in block order."""
+        futures = self.submit(op, key, path, items)
+        added: dict[int, bytes] = {}
         busy = 0.0
         errors: list[str] = []
         for future in futures:
             outcome = future.result()
-            done.extend(outcome.done)
+            added.update(zip(outcome.done, outcome.digests or [b""] * len(outcome.done), strict=True))
             busy += outcome.busy
             if outcome.error:
                 errors.append(outcome.error)
-        return Outcome(sorted(done), busy, errors[0] if errors else "")
+        done = sorted(added)
+        return Outcome(done, busy, errors[0] if errors else "", [added[i] for i in done])
 
     def close(self) -> None:
         for worker in self.workers:
@@ -273,6 +284,9 @@ class ShardedSum(MaskedSum):
 
     def add_spooled(self, key: str, path: str, items: Sequence[Item]) -> Outcome:
         return self.pool.dispatch("add", key, path, items)
+
+    def submit(self, op: str, key: str, path: str, items: Sequence[Item]) -> list[Future[Outcome]]:
+        return self.pool.submit(op, key, path, items)
 
     def subtract_spooled(self, key: str, path: str, items: Sequence[Item]) -> None:
         outcome = self.pool.dispatch("subtract", key, path, items)

@@ -28,8 +28,9 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,7 @@ from cryptography import x509
 
 from cipherhive import codec, enrolment, failpoints
 from cipherhive.c0sum import seed_trailer_of
-from cipherhive.commit import C0_LABEL, SEEDS_LABEL, BlocksDigest
+from cipherhive.commit import SEEDS_LABEL, BlocksDigest, uploaded_digest
 from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
@@ -47,13 +48,16 @@ from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
-from cipherhive.server.ingest_workers import IngestWorkers, ShardedSum, WorkerLost
+from cipherhive.server.ingest_workers import IngestWorkers, Outcome, ShardedSum, WorkerLost
 from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.server.rounds")
+
+#: Chunks of one upload with the ingest workers at a time (each ~1 MB in the spool, not in memory).
+CHUNKS_IN_FLIGHT = 4
 
 STATE_NAMES = {
     "open": pb.ROUND_OPEN,
@@ -78,7 +82,11 @@ class Upload:
     #: and whether a chunk is with the workers right now (a rollback then waits for it).
     spooled: list[tuple[int, int]] = field(default_factory=list)
     added_blocks: list[int] = field(default_factory=list)
-    dispatching: bool = False
+    #: Chunks sent to the workers whose outcome is not recorded yet, oldest first; the first
+    #: block a worker refused; who may wait for the oldest chunk right now.
+    pending: deque[list[Future[Outcome]]] = field(default_factory=deque)
+    failed: str = ""
+    settling: threading.Lock = field(default_factory=threading.Lock)
 
     def key(self, number: int) -> str:
         return f"{number}/{self.node}/{self.submission_id}"
@@ -86,17 +94,22 @@ class Upload:
 
 @dataclass
 class UploadDigests:
-    """H(per-block seeds) and H(blocks as uploaded), block by block (cipherhive.commit)."""
+    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.commit).
+
+    The seeds are hashed here, in order; each block's own hash comes from whoever
+    checked it (this process, or the ingest worker that owns the block).
+    """
 
     seeds: BlocksDigest = field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
-    blocks: BlocksDigest = field(default_factory=lambda: BlocksDigest(C0_LABEL))
+    blocks: dict[int, bytes] = field(default_factory=dict)
 
     def update(self, blob: bytes) -> None:
         self.seeds.update(seed_trailer_of(blob))
-        self.blocks.update(blob)
 
-    def final(self) -> tuple[bytes, bytes]:
-        return self.seeds.digest(), self.blocks.digest()
+    def final(self, count: int) -> tuple[bytes, bytes] | None:
+        if self.seeds.count != count or len(self.blocks) != count:
+            return None
+        return self.seeds.digest(), uploaded_digest(self.blocks[i] for i in range(count))
 
 
 @dataclass
@@ -114,9 +127,8 @@ class OpenRound:
     #: Masked rounds: (H(seeds), H(blocks)) of each accepted upload, hashed at ingest (lost
     #: on a restart, when the commit check reads the spool instead).
     digests: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
-
-    def dispatching(self) -> bool:
-        return any(u.dispatching for u in self.uploads.values())
+    #: Uploads rolled back while some of their chunks were still with the ingest workers.
+    uploads_aborted: list[Upload] = field(default_factory=list)
 
     @property
     def number(self) -> int:
@@ -139,8 +151,6 @@ class RoundManager:
         self.fingerprint = fingerprint
         self.bus = EventBus()
         self._lock = threading.RLock()
-        #: Signalled when a chunk comes back from the ingest workers (close_round waits for it).
-        self._settled = threading.Condition(self._lock)
         #: Worker processes that own stripes of a masked sum's blocks (None: add in-process).
         self.ingest: IngestWorkers | None = None
         self._open: OpenRound | None = None
@@ -386,8 +396,12 @@ class RoundManager:
                     submission=upload.submission_id,
                     reason="the round closed before the upload finished",
                 )
-            # A chunk still with the ingest workers is taken off the sum when it comes back.
-            self._settled.wait_for(lambda: not current.dispatching())
+            rolled_back = list(current.uploads_aborted)
+            current.uploads_aborted.clear()
+        # Chunks still with the ingest workers are waited for, then taken off the sum.
+        for upload in rolled_back:
+            self._drain_quietly(current, upload)
+        with self._lock:
             accepted = dict(current.accepted)
         participants = len(accepted)
         floor = max(current.row.min_participants or self.config.min_participants, 2)
@@ -540,10 +554,12 @@ class RoundManager:
         failpoints.hit("server.upload")
 
     def add_spooled(self, current: OpenRound, upload: Upload, blobs: Sequence[bytes], first: int) -> float:
-        """Spool one chunk, then have the ingest workers that own its blocks check and add them.
+        """Spool one chunk and send its blocks to the ingest workers that own them.
 
-        Returns the workers' CPU seconds. The round lock is not held while they work;
-        a rollback that comes meanwhile is finished when the chunk comes back.
+        The chunk is not waited for: at most :data:`CHUNKS_IN_FLIGHT` chunks of an upload
+        are with the workers, and :meth:`finish_upload` waits for the rest before anything
+        is acknowledged. A block a worker refused fails the upload at its next chunk or
+        at its end. Returns the CPU seconds of the chunks recorded meanwhile.
         """
         running = current.running
         assert isinstance(running, ShardedSum)
@@ -553,36 +569,59 @@ class RoundManager:
             items = [(first + i, *upload.writer.append(blob)) for i, blob in enumerate(blobs)]
             upload.spooled.extend((offset, length) for _, offset, length in items)
             upload.writer.flush()
-            upload.dispatching = True
-        outcome = None
-        try:
-            if upload.digests is not None:
-                for blob in blobs:
-                    upload.digests.update(blob)  # hashlib releases the GIL on large buffers
-            outcome = running.add_spooled(upload.key(current.number), str(upload.writer.partial), items)
-        except WorkerLost as exc:
-            raise RoundError(
-                grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, send the upload again"
-            ) from None
-        finally:
-            with self._settled:
-                upload.dispatching = False
-                if outcome is not None:
-                    upload.added_blocks.extend(outcome.done)
-                    upload.added = len(upload.added_blocks)
-                self._settled.notify_all()
-                if upload.aborted is not None and not upload.accepted:
-                    self._undo(current, upload)  # rolled back while the workers had this chunk
-                    raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
-        if outcome.error:
-            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, outcome.error)
+            upload.pending.append(
+                running.submit("add", upload.key(current.number), str(upload.writer.partial), items)
+            )
+        if upload.digests is not None:
+            for blob in blobs:
+                upload.digests.update(blob)  # the seeds; the workers hash the blocks
+        busy = self._drain(current, upload, keep=CHUNKS_IN_FLIGHT)
+        if upload.failed:
+            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, upload.failed)
         failpoints.hit("server.upload")
-        return outcome.busy
+        return busy
+
+    def _drain(self, current: OpenRound, upload: Upload, keep: int = 0) -> float:
+        """Wait for an upload's oldest chunks until ``keep`` are left with the workers, and record
+        what they added; the last one of an aborted upload also undoes it. Any thread may call it."""
+        busy = 0.0
+        while True:
+            with upload.settling:
+                if len(upload.pending) <= keep:
+                    return busy
+                futures = upload.pending[0]
+                try:
+                    outcomes = [f.result() for f in futures]
+                except WorkerLost as exc:
+                    raise RoundError(
+                        grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, send the upload again"
+                    ) from None
+                with self._lock:
+                    upload.pending.popleft()
+                    for outcome in outcomes:
+                        busy += outcome.busy
+                        upload.added_blocks.extend(outcome.done)
+                        if upload.digests is not None:
+                            upload.digests.blocks.update(zip(outcome.done, outcome.digests, strict=True))
+                        upload.failed = upload.failed or outcome.error
+                    upload.added = len(upload.added_blocks)
+                    if upload.aborted is not None and not upload.pending and not upload.accepted:
+                        self._undo(current, upload)  # rolled back while the workers had its chunks
+
+    def _drain_quietly(self, current: OpenRound, upload: Upload) -> None:
+        try:
+            self._drain(current, upload)
+        except RoundError as exc:
+            log.warning("upload of %s not rolled back: %s", upload.node, exc.message)
 
     def finish_upload(
         self, current: OpenRound, upload: Upload, metrics: dict[str, float]
     ) -> pb.SubmitReceipt:
         """Make the upload durable, then count it: only now is it acknowledged."""
+        if upload.pending:
+            self._drain(current, upload)  # every block added (or refused) before anything else
+        if upload.failed:
+            raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, upload.failed)
         spool_file = upload.writer.commit()
         now = time.time()
         row = SubmissionRow(
@@ -603,8 +642,9 @@ class RoundManager:
             except sqlite3.IntegrityError as exc:
                 raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
             current.accepted[upload.node] = row
-            if upload.digests is not None and upload.digests.blocks.count == upload.added:
-                current.digests[upload.node] = upload.digests.final()
+            final = upload.digests.final(upload.added) if upload.digests is not None else None
+            if final is not None:
+                current.digests[upload.node] = final
             upload.accepted = True
             del current.uploads[upload.node]
             failpoints.hit("server.acknowledged")
@@ -627,6 +667,7 @@ class RoundManager:
     def abort_upload(self, current: OpenRound, upload: Upload, reason: str) -> None:
         with self._lock:
             self._rollback(current, upload, reason)
+        self._drain_quietly(current, upload)  # chunks still with the workers, then the undo
 
     def _rollback(self, current: OpenRound, upload: Upload, reason: str) -> None:
         """Subtract what an unfinished upload added and forget it (caller holds the lock)."""
@@ -635,7 +676,9 @@ class RoundManager:
         if upload.aborted is None:
             upload.aborted = reason
             current.uploads.pop(upload.node, None)
-            if not upload.dispatching:
+            if upload.pending:
+                current.uploads_aborted.append(upload)  # undone by whoever drains its last chunk
+            else:
                 self._undo(current, upload)
 
     def _undo(self, current: OpenRound, upload: Upload) -> None:

@@ -44,7 +44,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cipherhive import enrolment, masking
 from cipherhive.c0sum import seed_trailer_of
-from cipherhive.commit import C0_LABEL, SEEDS_LABEL, BlocksDigest, Commit, self_mask_digest
+from cipherhive.commit import (
+    SEEDS_LABEL,
+    BlocksDigest,
+    Commit,
+    block_digest,
+    self_mask_digest,
+    uploaded_digest,
+)
 from cipherhive.logs import audit, event
 from cipherhive.roster import Enrolment, roster_hash
 from cipherhive.server.errors import RoundError
@@ -282,11 +289,12 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
 
 def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
     """(H(per-block seeds), H(uploaded blocks)) of one spooled upload, as a member commits them."""
-    seeds, raw = BlocksDigest(SEEDS_LABEL), BlocksDigest(C0_LABEL)
+    seeds = BlocksDigest(SEEDS_LABEL)
+    hashes = []
     for blob in blobs:
         seeds.update(seed_trailer_of(blob))
-        raw.update(blob)
-    return seeds.digest(), raw.digest()
+        hashes.append(block_digest(blob))
+    return seeds.digest(), uploaded_digest(hashes)
 
 
 def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:

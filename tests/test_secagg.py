@@ -497,3 +497,83 @@ def test_a_dead_ingest_worker_stops_the_server_loudly_and_a_restart_finishes_the
         "every node to apply round 1",
     )
     check_fedavg(fed)
+
+
+# --------------------------------------------------------------------------- rollback from the shared sum
+
+
+def test_a_refused_or_broken_masked_upload_leaves_the_shared_sum_untouched(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """With two ingest workers (19 blocks: both own some), a member's masked upload that carries a
+    bad block half-way, then one that stops half-way, are refused and taken off the sum; its
+    real upload then completes the round and every member applies a sum with nothing left over."""
+    import grpc
+
+    fed = LocalFederation(
+        tmp_path,
+        nodes=4,
+        plugin="cipherhive.bench.synthetic:SyntheticTrainer",
+        node_options={"params": 150_000, "record_dir": str(tmp_path / "records")},
+        rounds={"auto_start": False, "timeout_seconds": 90.0, "enrol_seconds": 20.0, "weight_unit": 1000.0},
+    )
+    fed.setup()
+    stopper.append(fed)
+    fed.start_server(env={"CIPHERHIVE_LIMITS_INGEST_WORKERS": "2"})
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    layout = _layout(fed)
+    member = Member(fed, "node-4", layout, [fed.node_name(i) for i in range(4)])
+    assert member.blocks == 19
+    member.join()
+    _wait_online(fed, 4)
+    number = _start_round(fed)
+    part = member.enrol(member.wait(pb.RoundEvent.OPENED, number))
+    assert part.accept_roster(list(member.wait(pb.RoundEvent.ROSTER, number).roster)) is not None
+    plan = part.mask_plan(member.codec.modulus)
+    vector = member.vector(np.zeros(layout.num_params), 0.1)
+    step = member.codec.values_per_block
+    blobs = [member.codec.encrypt_masked(vector[i * step : (i + 1) * step], i, plan) for i in range(19)]
+    assert part.roster is not None
+    header = pb.SubmitHeader(
+        round=number,
+        base_round=0,
+        key_fingerprint=member.fingerprint,
+        layout_hash=layout.hash,
+        num_values=layout.num_values,
+        num_ciphertexts=19,
+        roster_hash=part.roster.hash,
+    )
+
+    def send(submission: str, chunks: list[bytes]) -> grpc.RpcError:
+        header.submission_id = submission
+        requests = [pb.SubmitRequest(header=header)] + [
+            pb.SubmitRequest(chunk=pb.SubmitChunk(index=i, first_ciphertext=i, ciphertexts=[blob]))
+            for i, blob in enumerate(chunks)
+        ]
+        with pytest.raises(grpc.RpcError) as caught:
+            member.stub.SubmitUpdate(iter(requests), timeout=60)
+        return caught.value
+
+    bad = bytearray(blobs[17])  # a block of the second stripe (worker 1)
+    bad[-65] = 9  # the seed trailer's PRNG type: one SEAL does not know
+    refused = send("bad-block-upload", [*blobs[:17], bytes(bad), blobs[18]])
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "ciphertext 17" in (refused.details() or "")
+    short = send("half-an-upload", blobs[:12])
+    assert short.code() == grpc.StatusCode.INVALID_ARGUMENT and "ended after 12 of 19" in (
+        short.details() or ""
+    )
+    member.upload(part, vector, number, 0)  # the real one, written to disk and sent
+    member.commit(part, number)
+    member.release(part, member.wait(pb.RoundEvent.COMMITS, number))
+    assert fed.wait_round(number, 90).state == pb.ROUND_SUM_READY
+    total = member.checked_sum(number)
+    assert total[1] == pytest.approx(4.0, abs=1e-6), "the check slot counts exactly four uploads"
+    assert np.abs(total).max() < 1e3, "a block of a refused upload was left in the sum"
+    fed.wait_for(
+        lambda: len(list((tmp_path / "records").glob(f"round-{number}-shard-*.json"))) == 3,
+        90,
+        "every node to apply the sum",
+    )
+    member.close()
