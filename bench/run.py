@@ -401,8 +401,8 @@ def render(report: dict[str, Any]) -> str:
     if phase_names:
         lines += ["", f"{'phase (s, from the daemons JSON logs)':<34}" + "".join(f"{n:>16}" for n in names)]
         for phase in phase_names:
-            cells = "".join(f"{modes[n].get('phases', {}).get(phase, float('nan')):>16.2f}" for n in names)
-            lines.append(f"{phase:<34}" + cells)
+            row = "".join(f"{modes[n].get('phases', {}).get(phase, float('nan')):>16.2f}" for n in names)
+            lines.append(f"{phase:<34}" + row)
     ingest = report.get("ingest_goal")
     if ingest:
         lines.append(

@@ -5,21 +5,24 @@ Why this encoding (design.md, "Measured facts"): CKKS at N=8192 with a single
 which is all an aggregator needs; packing two reals into each complex slot
 carries 8192 values per ciphertext; and SEAL's symmetric encryption saves the
 ciphertext *seeded* (its random half replaced by a PRNG seed), so an upload
-costs about 8 bytes per value. A sum the server returns is a full ciphertext
-(about 16 bytes per value).
+costs about 8 bytes per value. An unmasked round's sum is a full ciphertext
+(about 16 bytes per value); a masked round's is Σ c0 alone (8 bytes per value,
+:mod:`cipherhive.c0sum`), whose c1 nodes rebuild from the members' seeds.
 
 Three roles use this module:
 
 * node, encode + encrypt: :class:`SecretCodec.encrypt`;
-* server, load + add: :class:`PublicCodec.load` / :class:`RunningSum`;
-* node, decrypt + decode: :class:`SecretCodec.decrypt`.
+* server, load + add: :class:`PublicCodec.load` / :class:`RunningSum` (masked rounds:
+  :class:`cipherhive.c0sum.UploadParser` / ``MaskedSum``, no SEAL);
+* node, decrypt + decode: :class:`SecretCodec.decrypt` (masked: :meth:`SecretCodec.decrypt_c0_sum`).
 
 Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; issue 11) hooks in
 here without changing the ciphertext format (see :mod:`cipherhive.masking`):
 :meth:`SecretCodec.encrypt_masked` adds the masks to c0 of the seeded upload,
-:meth:`PublicCodec.remove_self_masks` takes the released self-masks off the
-sum as a plaintext (no key), and :meth:`SecretCodec.check_seeds` verifies a
-sum's second component against the members' seeds before anything is decrypted.
+the server takes the released self-masks off Σ c0 (no key), and
+:meth:`SecretCodec.decrypt_c0_sum` rebuilds the sum's second component from the
+members' seeds (:meth:`SecretCodec.check_seeds` verifies it, for a sum published
+as full ciphertexts) before anything is decrypted.
 
 SEAL's Python bindings only save to and load from a path, so each codec
 keeps an in-memory file (``memfd``) per thread for that.

@@ -14,13 +14,13 @@ expands to c1 = a is untouched, so the upload stays seeded (~8 B/value).
 Three operations live here, all without changing the ciphertext format:
 
 * :func:`combined_mask` / :func:`encrypt_masked` (node): all masks of a block in
-  one pass with a lazy reduction;
-* :func:`self_mask_sum` (server, public context only, through
-  :meth:`cipherhive.codec.PublicCodec.remove_self_masks`): once every ``b_i`` is
-  released, Σ PRG(b_i) is subtracted from the encrypted sum as a plaintext
-  (SecAgg §4, "unmasking"), no key involved;
-* :func:`seeded_zero` (node, before decrypting, through
-  :meth:`cipherhive.codec.SecretCodec.check_seeds`): the sum's c1 must be exactly
+  one pass, each term reduced as it is added;
+* :func:`self_mask_sum` (server, no key): once every ``b_i`` is released,
+  Σ PRG(b_i) is subtracted from Σ c0 (SecAgg §4, "unmasking";
+  :meth:`cipherhive.server.running_sum.MaskedSum.remove_self_masks`), or from a
+  full encrypted sum as a plaintext (:meth:`cipherhive.codec.PublicCodec.remove_self_masks`);
+* :func:`seeded_zero` (node, before decrypting a sum published as full ciphertexts,
+  through :meth:`cipherhive.codec.SecretCodec.check_seeds`): the sum's c1 must be exactly
   Σ expand(seed_i) over the roster's signed per-block seeds. Otherwise a hostile
   server could make the node decrypt a ciphertext of its choosing, which is a
   key-recovery attack on CKKS (Li and Micciancio, EUROCRYPT 2021).

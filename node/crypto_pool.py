@@ -91,7 +91,7 @@ def _run(kind: str, generation: int, items: list[Item]) -> list[Any]:
     for index, slot, length, inline, extra in items:
         data = inline if slot is None else slots.worker_view(slot, length)
         if kind in ("encrypt", "encrypt_masked"):
-            values = np.frombuffer(data, dtype=np.float64) if slot is not None else data
+            values: np.ndarray = np.asarray(data) if slot is None else np.frombuffer(data, np.float64)
             if kind == "encrypt":
                 result: Any = codec.encrypt(values)
             else:

@@ -40,7 +40,8 @@ def worker_view(slot: int, length: int) -> memoryview:
 
 def worker_put(slot: int, data: bytes | np.ndarray) -> int | bytes | np.ndarray:
     """Write a result into ``slot``; returns its length, or the result itself if it is too big."""
-    raw = memoryview(data if isinstance(data, bytes) else np.ascontiguousarray(data)).cast("B")
+    buffer: Any = data if isinstance(data, bytes) else np.ascontiguousarray(data)
+    raw = memoryview(buffer).cast("B")
     if raw.nbytes > SLOT_BYTES or _area is None:
         return data
     start = slot * SLOT_BYTES
@@ -59,7 +60,8 @@ class Slots:
 
     def put(self, data: bytes | np.ndarray) -> tuple[int, int] | None:
         """Copy ``data`` into a free slot: (slot, length), or None if it does not fit one."""
-        raw = memoryview(data).cast("B")
+        buffer: Any = data
+        raw = memoryview(buffer).cast("B")
         if raw.nbytes > SLOT_BYTES:
             return None
         slot = self._free.popleft()

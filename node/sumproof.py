@@ -10,9 +10,11 @@ Micciancio, EUROCRYPT 2021). A masked sum is only decrypted once
 2. every roster member's signed commit verifies
    (:func:`cipherhive.commit.require_all_commits`, SecAgg §6's consistency check);
 3. each member's per-block seeds hash to what that member committed to; and
-4. on every block, c1 of the sum equals Σ expand(seed) over those seeds
-   (:meth:`cipherhive.node.crypto_pool.CryptoPool.check_seeds`), so c1 is what
-   the members' own encryptions produced and only c0 can carry the sum.
+4. c1 is what the members' own encryptions produced: a sum published as Σ c0
+   (:mod:`cipherhive.c0sum`) gets its c1 rebuilt here from those seeds
+   (:meth:`cipherhive.codec.SecretCodec.decrypt_c0_sum`), so the server chooses
+   nothing in it; a sum published as full ciphertexts must have c1 = Σ expand(seed)
+   on every block (:meth:`cipherhive.node.crypto_pool.CryptoPool.check_seeds`).
 
 Nothing about a decryption is observable before all four pass: the sum is
 downloaded to disk first, checked in full, and only then decrypted.
