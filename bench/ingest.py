@@ -29,7 +29,8 @@ CHUNK = 16
 INGEST_BLOCKS = 4000
 
 
-def _spool(uploads: list[list[bytes]], folder: Path) -> list[tuple[str, list[tuple[int, int, int]]]]:
+def spool_uploads(uploads: list[list[bytes]], folder: Path) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Each upload in its own acknowledged spool file: (path, [(block, offset, length)])."""
     spool = Spool(folder)
     out = []
     for member, blobs in enumerate(uploads):
@@ -46,7 +47,7 @@ def measure(public: codec.PublicCodec, uploads: list[list[bytes]], workers: int)
     blocks = len(uploads[0])
     values = len(uploads) * blocks * codec.VALUES_PER_CIPHERTEXT
     with tempfile.TemporaryDirectory(prefix="cipherhive-ingest-") as tmp:
-        spooled = _spool(uploads, Path(tmp))
+        spooled = spool_uploads(uploads, Path(tmp))
         if workers == 1:
             best = float("inf")
             for _ in range(3):

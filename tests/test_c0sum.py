@@ -11,30 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cipherhive import c0sum, codec, keys, masking, sealformat
+from cipherhive import c0sum, codec, masking, sealformat
+from cipherhive.bench.ingest import spool_uploads
 from cipherhive.codec import PublicCodec, SecretCodec
 from cipherhive.masking import MaskPlan, SeedCheckFailed
 from cipherhive.server.ingest_workers import STRIPE, IngestWorkers, owner
 from cipherhive.server.running_sum import MaskedSum
-from cipherhive.server.spool import Spool
 
 MEMBERS = 4
 N = codec.POLY_MODULUS_DEGREE
-
-
-@pytest.fixture(scope="module")
-def key_files(tmp_path_factory: pytest.TempPathFactory) -> keys.KeyFiles:
-    return keys.keygen(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def secret(key_files: keys.KeyFiles) -> SecretCodec:
-    return SecretCodec(key_files.secret.read_bytes())
-
-
-@pytest.fixture(scope="module")
-def public(key_files: keys.KeyFiles) -> PublicCodec:
-    return PublicCodec(key_files.public.read_bytes())
 
 
 def _plans(q: int) -> list[MaskPlan]:
@@ -152,24 +137,13 @@ def test_the_server_checks_every_upload_without_seal(secret: SecretCodec, public
 # ----------------------------------------------------------------------------- ingest workers
 
 
-def _spool(tmp_path: Path, uploads: list[list[bytes]]) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    spool = Spool(tmp_path)
-    out = []
-    for m, blobs in enumerate(uploads):
-        writer = spool.writer(1, f"m{m}")
-        items = [(i, *writer.append(blob)) for i, blob in enumerate(blobs)]
-        writer.commit()
-        out.append((str(writer.final), items))
-    return out
-
-
 def test_ingest_workers_add_their_stripes_roll_back_and_report_bad_blocks(
     tmp_path: Path, secret: SecretCodec, public: PublicCodec
 ) -> None:
     blocks = 2 * STRIPE + 3  # three stripes: both workers own blocks
     assert {owner(i, 2) for i in range(blocks)} == {0, 1}
     uploads, plans, truth = _uploads(secret, blocks)
-    spooled = _spool(tmp_path, uploads)
+    spooled = spool_uploads(uploads, tmp_path)
     lost: list[str] = []
     pool = IngestWorkers(2, public.upload_parser(), lost.append)
     try:

@@ -24,21 +24,6 @@ _SIZE_OFFSET = 8
 
 
 @pytest.fixture(scope="module")
-def key_files(tmp_path_factory: pytest.TempPathFactory) -> keys.KeyFiles:
-    return keys.keygen(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def secret(key_files: keys.KeyFiles) -> SecretCodec:
-    return SecretCodec(key_files.secret.read_bytes())
-
-
-@pytest.fixture(scope="module")
-def public(key_files: keys.KeyFiles) -> PublicCodec:
-    return PublicCodec(key_files.public.read_bytes())
-
-
-@pytest.fixture(scope="module")
 def other_params_context() -> ts.Context:
     """A CKKS context at the same N but with other coefficient moduli."""
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 60])

@@ -19,21 +19,6 @@ MEMBERS = 5
 N = codec.POLY_MODULUS_DEGREE
 
 
-@pytest.fixture(scope="module")
-def key_files(tmp_path_factory: pytest.TempPathFactory) -> keys.KeyFiles:
-    return keys.keygen(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def secret(key_files: keys.KeyFiles) -> SecretCodec:
-    return SecretCodec(key_files.secret.read_bytes())
-
-
-@pytest.fixture(scope="module")
-def public(key_files: keys.KeyFiles) -> PublicCodec:
-    return PublicCodec(key_files.public.read_bytes())
-
-
 def _pair_keys(n: int) -> dict[tuple[int, int], bytes]:
     return {(i, j): os.urandom(32) for i in range(n) for j in range(i + 1, n)}
 

@@ -65,6 +65,14 @@ def _wait_online(fed: LocalFederation, count: int) -> None:
     fed.wait_for(online, 90, f"{count} nodes online")
 
 
+def _wait_applied(fed: LocalFederation, number: int, nodes: int) -> None:
+    fed.wait_for(
+        lambda: len(list((fed.workdir / "records" / f"round-{number}").glob("*.applied.pt"))) == nodes,
+        60,
+        f"every node to apply round {number}",
+    )
+
+
 def _start_round(fed: LocalFederation) -> int:
     return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
 
@@ -346,11 +354,7 @@ def test_server_restart_mid_round_resends_the_same_upload(
     fed.start_server()
     fed.wait_serving()
     assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
-    fed.wait_for(
-        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
-        60,
-        "every node to apply round 1",
-    )
+    _wait_applied(fed, 1, 3)
     for i in range(3):
         name = fed.node_name(i)
         assert len(re.findall(r"trained \[", fed.log(name))) == 1, f"{name} trained twice:\n{fed.log(name)}"
@@ -381,11 +385,7 @@ def test_a_member_killed_mid_round_finishes_it_after_a_restart(
     )
     fed.start_node(0)
     assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
-    fed.wait_for(
-        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
-        60,
-        "every node to apply round 1",
-    )
+    _wait_applied(fed, 1, 3)
     log = fed.log("node-1")
     assert log.count("resuming round after a restart with the same upload") == 2, log[-3000:]
     assert len(re.findall(r"trained \[", log)) == 1, "a restarted member must not train (or mask) again"
@@ -491,11 +491,7 @@ def test_a_dead_ingest_worker_stops_the_server_loudly_and_a_restart_finishes_the
     fed.start_server(env={"CIPHERHIVE_LIMITS_INGEST_WORKERS": "2"})
     fed.wait_serving()
     assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
-    fed.wait_for(
-        lambda: len(list((fed.workdir / "records" / "round-1").glob("*.applied.pt"))) == 3,
-        60,
-        "every node to apply round 1",
-    )
+    _wait_applied(fed, 1, 3)
     check_fedavg(fed)
 
 
