@@ -64,6 +64,15 @@ def owner(index: int, workers: int) -> int:
     return (index // STRIPE) % workers
 
 
+def shared_memory_free(path: str = "/dev/shm") -> int:
+    """Bytes free where shared memory lives (a container's is 64 MB unless it is given more)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
 @dataclass
 class Outcome:
     """What one request did: blocks added (or subtracted), CPU seconds, why it stopped, and

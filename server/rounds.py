@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from cipherhive import codec, enrolment, failpoints
+from cipherhive import c0sum, codec, enrolment, failpoints
 from cipherhive.c0sum import seed_trailer_of
 from cipherhive.commit import SEEDS_LABEL, BlocksDigest, uploaded_digest
 from cipherhive.layout import Layout
@@ -48,7 +48,13 @@ from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.errors import RoundError
 from cipherhive.server.events import EventBus
-from cipherhive.server.ingest_workers import IngestWorkers, Outcome, ShardedSum, WorkerLost
+from cipherhive.server.ingest_workers import (
+    IngestWorkers,
+    Outcome,
+    ShardedSum,
+    WorkerLost,
+    shared_memory_free,
+)
 from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.server.spool import Spool, SubmissionWriter
 from cipherhive.server.state import RoundRow, State, SubmissionRow
@@ -194,7 +200,18 @@ class RoundManager:
         if masked:
             assert isinstance(self.codec, codec.PublicCodec), "masked rounds need the product's codec"
             if self.ingest is not None:
-                return self.ingest.attach(num_blocks)
+                need = num_blocks * c0sum.RECORD_BYTES
+                free = shared_memory_free()
+                if free >= need + need // 16:
+                    return self.ingest.attach(num_blocks)
+                # Writing past a full /dev/shm would kill the server (SIGBUS), so add in-process.
+                log.warning(
+                    "the ingest workers' shared sum needs %d MB of /dev/shm and %d MB are free: adding "
+                    "in the server process this round (give the server more shared memory, e.g. "
+                    "compose shm_size or a memory emptyDir on /dev/shm)",
+                    need >> 20,
+                    free >> 20,
+                )
             return MaskedSum(self.codec.upload_parser(), num_blocks)
         return RunningSum(self.codec, num_blocks)
 

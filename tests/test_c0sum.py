@@ -207,3 +207,28 @@ def test_a_dead_ingest_worker_is_reported_not_hidden(tmp_path: Path, public: Pub
         sharded.release()
     finally:
         pool.close()
+
+
+def test_without_room_in_dev_shm_a_round_adds_in_the_server_process(
+    public: PublicCodec, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing past a full /dev/shm would kill the server (SIGBUS): it checks the room first."""
+    import logging
+    from types import SimpleNamespace
+
+    from cipherhive.server import rounds
+    from cipherhive.server.ingest_workers import ShardedSum
+
+    pool = IngestWorkers(2, public.upload_parser(), lambda why: None)
+    try:
+        manager = SimpleNamespace(codec=public, ingest=pool)
+        monkeypatch.setattr(rounds, "shared_memory_free", lambda: 10 << 20)
+        small = rounds.RoundManager.new_sum(manager, 100, masked=True)  # type: ignore[arg-type]
+        assert isinstance(small, ShardedSum)  # 6.6 MB fits in 10
+        small.release()
+        with caplog.at_level(logging.WARNING, logger="cipherhive.server.rounds"):
+            big = rounds.RoundManager.new_sum(manager, 1000, masked=True)  # type: ignore[arg-type]
+        assert type(big) is MaskedSum
+        assert "needs 62 MB of /dev/shm and 10 MB are free" in caplog.text
+    finally:
+        pool.close()
