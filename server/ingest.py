@@ -64,7 +64,7 @@ def _add_chunk(
 ) -> float:
     """In a worker thread: parse, check and add one chunk's ciphertexts; returns seconds busy."""
     if isinstance(current.running, ShardedSum):
-        return manager.add_spooled(current, upload, blobs, first)  # the ingest workers parse and add
+        return manager.add_spooled(current, upload, blobs, first)  # the ingest workers check and add
     busy = 0.0
     # A few chunks are parsed at once, whatever the number of streams: parsing is
     # CPU-bound (and holds the GIL), and SEAL's memory pool keeps what its busiest moment needed.
@@ -174,6 +174,7 @@ async def _receive(
     if reason:
         raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"{reason} during the upload; nothing was added")
     receipt = await run(manager.finish_upload, current, upload, metrics)
+    busy += upload.busy  # the ingest workers' share (sharded sums)
     server_metrics.VALUES_ADDED.inc(header.num_values)
     server_metrics.INGEST_SECONDS.inc(busy)
     if busy > 0:

@@ -93,6 +93,8 @@ class Upload:
     pending: deque[list[Future[Outcome]]] = field(default_factory=deque)
     failed: str = ""
     settling: threading.Lock = field(default_factory=threading.Lock)
+    #: CPU seconds the ingest workers spent on this upload (the ingest rate metric).
+    busy: float = 0.0
 
     def key(self, number: int) -> str:
         return f"{number}/{self.node}/{self.submission_id}"
@@ -576,7 +578,7 @@ class RoundManager:
         The chunk is not waited for: at most :data:`CHUNKS_IN_FLIGHT` chunks of an upload
         are with the workers, and :meth:`finish_upload` waits for the rest before anything
         is acknowledged. A block a worker refused fails the upload at its next chunk or
-        at its end. Returns the CPU seconds of the chunks recorded meanwhile.
+        at its end. The workers' CPU seconds add up in ``upload.busy``.
         """
         running = current.running
         assert isinstance(running, ShardedSum)
@@ -592,20 +594,19 @@ class RoundManager:
         if upload.digests is not None:
             for blob in blobs:
                 upload.digests.update(blob)  # the seeds; the workers hash the blocks
-        busy = self._drain(current, upload, keep=CHUNKS_IN_FLIGHT)
+        self._drain(current, upload, keep=CHUNKS_IN_FLIGHT)
         if upload.failed:
             raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, upload.failed)
         failpoints.hit("server.upload")
-        return busy
+        return 0.0
 
-    def _drain(self, current: OpenRound, upload: Upload, keep: int = 0) -> float:
+    def _drain(self, current: OpenRound, upload: Upload, keep: int = 0) -> None:
         """Wait for an upload's oldest chunks until ``keep`` are left with the workers, and record
         what they added; the last one of an aborted upload also undoes it. Any thread may call it."""
-        busy = 0.0
         while True:
             with upload.settling:
                 if len(upload.pending) <= keep:
-                    return busy
+                    return
                 futures = upload.pending[0]
                 try:
                     outcomes = [f.result() for f in futures]
@@ -616,7 +617,7 @@ class RoundManager:
                 with self._lock:
                     upload.pending.popleft()
                     for outcome in outcomes:
-                        busy += outcome.busy
+                        upload.busy += outcome.busy
                         upload.added_blocks.extend(outcome.done)
                         if upload.digests is not None:
                             upload.digests.blocks.update(zip(outcome.done, outcome.digests, strict=True))
