@@ -164,11 +164,13 @@ def _masked_sum(
         for v, plan in zip(vectors, plans, strict=True)
     ]
     cores = workers or default_workers()
-    # At least INGEST_BLOCKS blocks in all (the members' uploads again, as more members): a
-    # pass of a few milliseconds would measure thread start-up, not ingest.
+    # At least INGEST_BLOCKS blocks in all, as longer uploads of the same members (a pass of a
+    # few milliseconds would measure thread start-up, not ingest; one thread per member, as
+    # in the server).
     repeat = -(-bench_ingest.INGEST_BLOCKS // (len(uploads) * len(uploads[0])))
-    ingest_1 = bench_ingest.measure(public, uploads * repeat, 1)
-    ingest_all = bench_ingest.measure(public, uploads * repeat, cores) if cores > 1 else ingest_1
+    longer = [member * repeat for member in uploads]
+    ingest_1 = bench_ingest.measure(public, longer, 1)
+    ingest_all = bench_ingest.measure(public, longer, cores) if cores > 1 else ingest_1
     running = MaskedSum(public.upload_parser(), len(uploads[0]))
     for member in uploads:
         for index, blob in enumerate(member):
