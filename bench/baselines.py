@@ -54,9 +54,6 @@ class PlainServerCodec:
     def dump(self, acc: np.ndarray) -> bytes:
         return acc.astype(np.float32).tobytes()
 
-    def remove_self_masks(self, sum_ct: Any, block_index: int, seeds: list[bytes]) -> None:
-        raise NotImplementedError("baseline pipelines run unmasked rounds (server masked = false)")
-
 
 def tenseal_contexts() -> tuple[bytes, bytes, str]:
     """(secret, public, fingerprint) of a reference-configuration context."""
@@ -121,6 +118,3 @@ class TensealServerCodec:
     def dump(self, acc: Any) -> bytes:
         data: bytes = acc.serialize()
         return data
-
-    def remove_self_masks(self, sum_ct: Any, block_index: int, seeds: list[bytes]) -> None:
-        raise NotImplementedError("baseline pipelines run unmasked rounds (server masked = false)")

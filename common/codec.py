@@ -185,8 +185,6 @@ class ServerCodec(Protocol):
 
     def dump(self, acc: Any) -> bytes: ...
 
-    def remove_self_masks(self, sum_ct: Any, block_index: int, seeds: list[bytes]) -> None: ...
-
 
 class NodeCodec(Protocol):
     """What a node needs of an encoding: one block of values to bytes and a sum back."""

@@ -38,8 +38,6 @@ import grpc
 from cryptography import x509
 
 from cipherhive import c0sum, codec, enrolment, failpoints
-from cipherhive.c0sum import seed_trailer_of
-from cipherhive.commit import SEEDS_LABEL, BlocksDigest, uploaded_digest
 from cipherhive.layout import Layout
 from cipherhive.logs import audit
 from cipherhive.server import metrics as server_metrics
@@ -83,7 +81,7 @@ class Upload:
     aborted: str | None = None
     accepted: bool = False
     #: Masked rounds: what the member's commit must hash to, computed as the blocks arrive.
-    digests: UploadDigests | None = None
+    digests: secagg.UploadDigests | None = None
     #: Sharded sums: (offset, length) of each spooled block, the blocks the workers added,
     #: and whether a chunk is with the workers right now (a rollback then waits for it).
     spooled: list[tuple[int, int]] = field(default_factory=list)
@@ -98,26 +96,6 @@ class Upload:
 
     def key(self, number: int) -> str:
         return f"{number}/{self.node}/{self.submission_id}"
-
-
-@dataclass
-class UploadDigests:
-    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.commit).
-
-    The seeds are hashed here, in order; each block's own hash comes from whoever
-    checked it (this process, or the ingest worker that owns the block).
-    """
-
-    seeds: BlocksDigest = field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
-    blocks: dict[int, bytes] = field(default_factory=dict)
-
-    def update(self, blob: bytes) -> None:
-        self.seeds.update(seed_trailer_of(blob))
-
-    def final(self, count: int) -> tuple[bytes, bytes] | None:
-        if self.seeds.count != count or len(self.blocks) != count:
-            return None
-        return self.seeds.digest(), uploaded_digest(self.blocks[i] for i in range(count))
 
 
 @dataclass
@@ -558,7 +536,7 @@ class RoundManager:
                 )
             upload = Upload(node, header.submission_id, self.spool.writer(current.number, node))
             if current.mask is not None:
-                upload.digests = UploadDigests()
+                upload.digests = secagg.UploadDigests()
             current.uploads[node] = upload
             return current, upload
 

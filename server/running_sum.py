@@ -58,13 +58,6 @@ class RunningSum:
             count += 1
         return count
 
-    def blocks(self) -> Iterator[Any]:
-        """The accumulated ciphertexts, in order, to change in place (unmasking)."""
-        for index, block in enumerate(self._blocks):
-            if block is None:
-                raise RuntimeError(f"block {index} of the sum was never added")
-            yield block
-
     def serialized(self) -> Iterator[bytes]:
         for index, block in enumerate(self._blocks):
             if block is None:

@@ -287,14 +287,35 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
         )
 
 
+@dataclass
+class UploadDigests:
+    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.commit).
+
+    The seeds are hashed here, in order; each block's own hash comes from whoever
+    checked it (this process, or the ingest worker that owns the block).
+    """
+
+    seeds: BlocksDigest = field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
+    blocks: dict[int, bytes] = field(default_factory=dict)
+
+    def update(self, blob: bytes) -> None:
+        self.seeds.update(seed_trailer_of(blob))
+
+    def final(self, count: int) -> tuple[bytes, bytes] | None:
+        if self.seeds.count != count or len(self.blocks) != count:
+            return None
+        return self.seeds.digest(), uploaded_digest(self.blocks[i] for i in range(count))
+
+
 def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
     """(H(per-block seeds), H(uploaded blocks)) of one spooled upload, as a member commits them."""
-    seeds = BlocksDigest(SEEDS_LABEL)
-    hashes = []
-    for blob in blobs:
-        seeds.update(seed_trailer_of(blob))
-        hashes.append(block_digest(blob))
-    return seeds.digest(), uploaded_digest(hashes)
+    digests = UploadDigests()
+    for index, blob in enumerate(blobs):
+        digests.update(blob)
+        digests.blocks[index] = block_digest(blob)
+    final = digests.final(len(digests.blocks))
+    assert final is not None
+    return final
 
 
 def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
