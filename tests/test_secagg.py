@@ -573,3 +573,32 @@ def test_a_refused_or_broken_masked_upload_leaves_the_shared_sum_untouched(
         "every node to apply the sum",
     )
     member.close()
+
+
+def test_a_sum_with_unreduced_coefficients_is_rejected_and_the_node_keeps_running(
+    tmp_path: Path, stopper: list[LocalFederation]
+) -> None:
+    """A compromised server publishes Σ c0 with a coefficient at q (not a value SEAL accepts):
+    the catching-up member rejects the sum with its reason, applies nothing and keeps running."""
+    fed = _federation(tmp_path, nodes=4, auto_start=True, max_rounds=1)
+    stopper.append(fed)
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(3):
+        fed.start_node(i)
+    assert fed.wait_round(1, 120).state == pb.ROUND_SUM_READY
+    fed.stop("server")
+    sum_file = fed.workdir / "server-state" / "sums" / "round-1.sum"
+    q = codec.SecretCodec((fed.workdir / "keys" / "secret.ctx").read_bytes()).modulus
+    records = [bytearray(r) for r in read_records(sum_file)]
+    records[0][8 * 100 : 8 * 101] = q.to_bytes(8, "little")
+    sum_file.write_bytes(b"".join(encode_records(bytes(r) for r in records)))
+    fed.start_server()
+    fed.wait_serving()
+    fed.start_node(3)
+    fed.wait_for(lambda: _log_has(fed, "node-4", r"rejected the sum of round 1"), 90, "the rejection")
+    log = fed.log("node-4")
+    assert "coefficients SEAL refuses" in log and "reason=seed_check" in log, log[-2000:]
+    assert "applied round sum" not in log
+    time.sleep(1)
+    assert fed.procs["node-4"].poll() is None, "the node must keep running"
