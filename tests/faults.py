@@ -1,85 +1,15 @@
-"""Tools for the fault-injection tests: a TCP proxy that can cut connections, and the check
-that every node ends with a plaintext FedAvg over exactly the acknowledged contributions."""
+"""Tools for the fault-injection tests: the check that every node ends with a plaintext FedAvg
+over exactly the acknowledged contributions (the network faults are in :mod:`tests.proxy`)."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import sqlite3
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cipherhive.demo.federation import LocalFederation
-
-
-@dataclass
-class TcpProxy:
-    """Forwards 127.0.0.1:port to a target; :meth:`cut` drops every open connection."""
-
-    target_port: int
-    port: int = 0
-    _listener: socket.socket = field(init=False)
-    _conns: list[socket.socket] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    cuts: int = 0
-
-    def __post_init__(self) -> None:
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", self.port))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> int:
-        """Reset every connection in flight, as a network failure would."""
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                s.close()
-            except OSError:
-                pass
-        if conns:
-            self.cuts += 1
-        return len(conns)
-
-    def close(self) -> None:
-        self._listener.close()
-        self.cut()
 
 
 def settle(fed: LocalFederation) -> None:

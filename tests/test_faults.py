@@ -19,7 +19,8 @@ import pytest
 
 from cipherhive.demo.federation import LocalFederation, free_port
 from cipherhive.v1 import federation_pb2 as pb
-from tests.faults import TcpProxy, check_fedavg, settle
+from tests.faults import check_fedavg, settle
+from tests.proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
