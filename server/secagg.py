@@ -42,7 +42,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cipherhive import enrolment, masking
+from cipherhive import enrolment, failpoints, masking
 from cipherhive.c0sum import seed_trailer_of
 from cipherhive.commit import (
     SEEDS_LABEL,
@@ -319,7 +319,11 @@ def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
 
 
 def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
-    """SubmitCommit: check a member's signed commit against its spooled upload and record it."""
+    """SubmitCommit: check a member's signed commit against its spooled upload and record it.
+
+    The last commit and the move to the release phase are one transaction, and a resent
+    commit re-checks whether every member has committed, so no crash leaves a round holding
+    every commit but never announcing COMMITS (README, "Masked rounds", step 5)."""
     with m._lock:
         current, mask = _open_masked(m, request.round)
         entry = mask.roster.get(who.name)
@@ -329,22 +333,58 @@ def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb
                 f"{who.name!r} is not in the roster of round {current.number}",
             )
         previous = mask.commits.get(who.name)
-        if previous is not None:
-            if previous.encode() == request.commit:
-                return pb.CommitReply(committed=len(mask.commits))
+        if previous is not None and previous.encode() != request.commit:
             raise _refuse(
                 grpc.StatusCode.ALREADY_EXISTS, "a different commit is already recorded for this member"
             )
-        sub = current.accepted.get(who.name)
-        if sub is None or sub.spool_file is None:
-            raise _refuse(
-                grpc.StatusCode.FAILED_PRECONDITION, "commit after the upload's receipt, not before"
-            )
-        spool_file = sub.spool_file
-        roster_digest = mask.roster_hash
-        hashed = current.digests.get(who.name)
+        commit = previous
+        if previous is None:
+            sub = current.accepted.get(who.name)
+            if sub is None or sub.spool_file is None:
+                raise _refuse(
+                    grpc.StatusCode.FAILED_PRECONDITION, "commit after the upload's receipt, not before"
+                )
+            spool_file = sub.spool_file
+            roster_digest = mask.roster_hash
+            hashed = current.digests.get(who.name)
+    if commit is None:
+        commit = _checked_commit(m, request.commit, entry, roster_digest, hashed, spool_file)
+    with m._lock:
+        current, mask = _open_masked(m, request.round)
+        new = who.name not in mask.commits
+        everyone = set(mask.roster) <= set(mask.commits) | {who.name} and mask.phase == "upload"
+        if new:
+            phase = "release" if everyone else None
+            m.state.set_commit(current.number, who.name, request.commit, phase=phase)
+            mask.commits[who.name] = commit
+        elif everyone:
+            m.state.set_phase(current.number, "release")
+        if everyone:
+            failpoints.hit("server.committed")  # tests: a crash once the release phase is durable
+            mask.phase = "release"
+            row = m.state.round(current.number)
+            assert row is not None
+            current.row = row
+        committed = len(mask.commits)
+    if new:
+        audit("commit accepted", who.name, round=current.number, committed=committed)
+    if everyone:
+        audit("every member committed", "scheduler", round=current.number, members=committed)
+        m.bus.publish(commits_event(m, current))
+    return pb.CommitReply(committed=committed)
+
+
+def _checked_commit(
+    m: RoundManager,
+    raw: bytes,
+    entry: Entry,
+    roster_digest: bytes,
+    hashed: tuple[bytes, bytes] | None,
+    spool_file: str,
+) -> Commit:
+    """Decode a member's commit and check it against its roster entry and acknowledged upload."""
     try:
-        commit = Commit.decode(request.commit)
+        commit = Commit.decode(raw)
     except WireError as exc:
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed commit ({exc})") from None
     if commit.roster_hash != roster_digest or commit.cert_fingerprint != entry.cert_fingerprint:
@@ -364,24 +404,7 @@ def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb
             grpc.StatusCode.INVALID_ARGUMENT,
             "the commit does not match the upload this server acknowledged (seeds or blocks differ)",
         )
-    with m._lock:
-        current, mask = _open_masked(m, request.round)
-        if who.name not in mask.commits:
-            m.state.set_commit(current.number, who.name, request.commit)
-            mask.commits[who.name] = commit
-        everyone = set(mask.roster) <= set(mask.commits) and mask.phase == "upload"
-        if everyone:
-            m.state.set_phase(current.number, "release")
-            mask.phase = "release"
-            row = m.state.round(current.number)
-            assert row is not None
-            current.row = row
-        committed = len(mask.commits)
-    audit("commit accepted", who.name, round=current.number, committed=committed)
-    if everyone:
-        audit("every member committed", "scheduler", round=current.number, members=committed)
-        m.bus.publish(commits_event(m, current))
-    return pb.CommitReply(committed=committed)
+    return commit
 
 
 def release_seed(m: RoundManager, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:

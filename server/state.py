@@ -538,12 +538,16 @@ class State:
         with self._tx() as db:
             db.execute("UPDATE rounds SET phase = ? WHERE round = ? AND state = 'open'", (phase, number))
 
-    def set_commit(self, number: int, node: str, commit: bytes) -> None:
+    def set_commit(self, number: int, node: str, commit: bytes, *, phase: str | None = None) -> None:
+        """Record a member's commit; with ``phase``, move the round to it in the same
+        transaction, so a crash can never leave every commit stored but the phase behind."""
         with self._tx() as db:
             db.execute(
                 "UPDATE members SET commit_bytes = ? WHERE round = ? AND node = ? AND commit_bytes IS NULL",
                 (commit, number, node),
             )
+            if phase is not None:
+                db.execute("UPDATE rounds SET phase = ? WHERE round = ? AND state = 'open'", (phase, number))
 
     def set_seed(self, number: int, node: str, seed: bytes) -> None:
         with self._tx() as db:

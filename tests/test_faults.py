@@ -112,6 +112,28 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
     assert report["double_counts"] == 0
 
 
+def test_a_crash_right_after_the_last_commit_still_publishes_the_round(
+    federation: tuple[LocalFederation, TcpProxy],
+) -> None:
+    """The server dies once the last member's commit is durable: after the restart the round
+    goes on to the release step (COMMITS) and publishes; it must not wait for its deadline."""
+    fed, _ = federation
+    fed.start_server(env={"CIPHERHIVE_FAILPOINTS": "server.committed"})
+    fed.wait_serving()
+    for i in range(fed.nodes):
+        fed.start_node(i)
+    assert _wait_exit(fed, "server") == -signal.SIGKILL, fed.log("server")[-2000:]
+    fed.start_server()
+    fed.wait_serving()
+    info = fed.wait_round(1, 120)
+    assert info.state == pb.ROUND_SUM_READY, (info.reason, fed.log("server")[-3000:])
+    assert info.participants == fed.nodes
+    settle(fed)
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    check_fedavg(fed)
+
+
 def test_soak_random_faults(federation: tuple[LocalFederation, TcpProxy]) -> None:
     """Random faults for a bounded time (CIPHERHIVE_SOAK_SECONDS, default 30)."""
     fed, proxy = federation
