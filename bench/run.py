@@ -32,6 +32,7 @@ from cipherhive.bench import ingest as bench_ingest
 from cipherhive.bench.options import MODES, add_bench_arguments
 from cipherhive.bench.synthetic import member_samples, member_update
 from cipherhive.demo.federation import LocalFederation
+from cipherhive.fsutil import atomic_write
 from cipherhive.layout import LEADING_VALUES, WEIGHT_SLOT
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
 from cipherhive.node.update import weighted_vector
@@ -284,18 +285,33 @@ def end_to_end(mode: str, keydir: Path, workdir: Path, args: argparse.Namespace)
     }
 
 
+def write_keys(keydir: Path) -> None:
+    """The product's federation key and the tenseal-vector baseline's contexts: secrets at 0600."""
+    keys.keygen(keydir, force=True)
+    secret, public, fingerprint = baselines.tenseal_contexts()
+    atomic_write(keydir / "tenseal-secret.ctx", secret, mode=0o600)
+    atomic_write(keydir / "tenseal-public.ctx", public, mode=0o644)
+    atomic_write(keydir / "tenseal-fingerprint", fingerprint.encode(), mode=0o644)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - set(MODES)
     if unknown or args.nodes < 2:
         raise SystemExit(f"cipherhive bench: error: modes must be among {MODES} and --nodes at least 2")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-bench-"))
+    if args.workdir is not None:
+        return measure(args, modes, args.workdir)
+    # Without --workdir nothing outlives the run: the folder holds secret contexts and private
+    # keys, so it goes when the run ends, on an error and on Ctrl-C too (every process it
+    # started is stopped by then: end_to_end stops them in its own finally).
+    with tempfile.TemporaryDirectory(prefix="cipherhive-bench-", ignore_cleanup_errors=True) as tmp:
+        return measure(args, modes, Path(tmp))
+
+
+def measure(args: argparse.Namespace, modes: list[str], workdir: Path) -> dict[str, Any]:
+    """Every figure of ``modes``, with keys, state and logs in ``workdir``."""
     keydir = workdir / "keys"
-    keys.keygen(keydir, force=True)
-    secret, public, fingerprint = baselines.tenseal_contexts()
-    (keydir / "tenseal-secret.ctx").write_bytes(secret)
-    (keydir / "tenseal-public.ctx").write_bytes(public)
-    (keydir / "tenseal-fingerprint").write_text(fingerprint)
+    write_keys(keydir)
     sample = min(args.sample, args.params)
     results: dict[str, dict[str, float]] = {}
     for mode in modes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,22 @@ def atomic_file(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def removed_on_error(path: Path, *, keep: bool = False) -> Iterator[Path]:
+    """Remove the folder ``path`` if the block raises (an error, Ctrl-C), unless ``keep``.
+
+    For a run's temporary work folder, which may hold secret contexts and private keys: a run
+    that ends decides itself what to keep (its logs after a failure it reports); a run cut
+    short leaves nothing behind.
+    """
+    try:
+        yield path
+    except BaseException:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o600) -> int:

@@ -22,6 +22,7 @@ from cipherhive.demo.dp_table import DELTA, digits_schedule
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.demo.run import _progress, round_figures
 from cipherhive.dpschedule import PrivacySchedule
+from cipherhive.fsutil import removed_on_error
 from cipherhive.v1 import federation_pb2 as pb
 
 
@@ -46,6 +47,11 @@ def _privacy(fed: LocalFederation, args: argparse.Namespace) -> PrivacySchedule 
 def run_dp_demo(args: argparse.Namespace) -> int:
     """`cipherhive demo --dp`: the digits federation with record-level DP-SGD, ε per round."""
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
+    with removed_on_error(workdir, keep=args.workdir is not None):
+        return _dp_demo(args, workdir)
+
+
+def _dp_demo(args: argparse.Namespace, workdir: Path) -> int:
     records = workdir / "records"
     fed = LocalFederation(
         workdir,

@@ -45,6 +45,7 @@ from cipherhive.demo.options import optimizer_section
 from cipherhive.dpaccount import noise_multiplier_for
 from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.fedopt import OptimizerSpec
+from cipherhive.fsutil import removed_on_error
 from cipherhive.layout import LEADING_VALUES
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import export_model
@@ -113,9 +114,14 @@ def _centralized(options: dict[str, Any], rounds: int, test: Any) -> list[float]
 
 
 def run_lora_demo(args: argparse.Namespace) -> int:
-    say = (lambda *a: None) if args.json else print
     started = time.monotonic()
     workdir: Path = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-lora-"))
+    with removed_on_error(workdir, keep=args.workdir is not None):
+        return _lora_demo(args, workdir, started)
+
+
+def _lora_demo(args: argparse.Namespace, workdir: Path, started: float) -> int:
+    say = (lambda *a: None) if args.json else print
     workdir.mkdir(parents=True, exist_ok=True)
     base_dir = workdir / "base-model"
     pretraining: dict[str, Any] = {"reused": True}

@@ -34,6 +34,7 @@ from cipherhive.demo.options import optimizer_section
 from cipherhive.demo.sim_result import RoundRecord, SimulationError
 from cipherhive.demo.simulation import simulate
 from cipherhive.fedopt import OptimizerSpec
+from cipherhive.fsutil import removed_on_error
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -83,6 +84,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
         return run_dp_demo(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cipherhive-demo-"))
+    with removed_on_error(workdir, keep=args.workdir is not None):
+        return _digits_demo(args, workdir)
+
+
+def _digits_demo(args: argparse.Namespace, workdir: Path) -> int:
     records = workdir / "records"
     say = (lambda *a: None) if args.json else print
     data = load_data(args.nodes, args.seed)

@@ -88,6 +88,7 @@ def simulate(
     )
     run = _Run(fed, ref.spec, started + timeout)
     result = SimulationResult(ref.spec, run.names, [], workdir=root)
+    cut_short = False
     try:
         run.start()
         for number in range(1, rounds + 1):
@@ -98,8 +99,15 @@ def simulate(
     except SimulationError as exc:
         exc.result = result
         raise
+    except BaseException:
+        # Ctrl-C, or an error of on_round's: no SimulationError points at the logs, so a
+        # temporary folder (keys, certificates) goes, once its processes are stopped.
+        cut_short = workdir is None
+        raise
     finally:
         codes = fed.stop_all()
+        if cut_short:
+            shutil.rmtree(root, ignore_errors=True)
     unclean = {k: c for k, c in codes.items() if c not in (0, None)}
     if unclean:
         key = sorted(unclean)[0]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cipherhive.bench.options import parse_count
+from cipherhive.bench import run as bench_run
+from cipherhive.bench.options import add_bench_arguments, parse_count
 from cipherhive.bench.run import FIGURES, PHASES
 
 pytestmark = pytest.mark.slow
@@ -23,6 +30,7 @@ def test_parse_count() -> None:
             parse_count(bad)
 
 
+@pytest.mark.timeout(720)  # above its own 600 s subprocess deadline
 def test_bench_smoke_json(tmp_path: object) -> None:
     result = subprocess.run(
         [
@@ -72,3 +80,72 @@ def test_bench_smoke_json(tmp_path: object) -> None:
 
     text = render(report)
     assert "server ingest on" in text and "encrypted (masked) round vs plaintext round" in text
+
+
+# ------------------------------------------------------------ secrets and the temporary folder
+
+#: The smallest real run: one mode, two nodes, one round.
+SMALL = ["--params", "8192", "--sample", "8192", "--nodes", "2", "--rounds", "1", "--modes", "plaintext"]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _bench(*extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "cipherhive", "bench", *SMALL, "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_bench_writes_every_secret_at_0600_and_keeps_a_given_workdir(tmp_path: Path) -> None:
+    workdir = tmp_path / "bench"
+    assert set(_bench("--workdir", str(workdir))["modes"]) == {"plaintext"}
+    keydir = workdir / "keys"
+    # The federation's secret context and the tenseal-vector baseline's (the secret key of each).
+    assert _mode(keydir / "secret.ctx") == 0o600
+    assert _mode(keydir / "tenseal-secret.ctx") == 0o600
+    assert _mode(keydir / "public.ctx") == 0o644 and _mode(keydir / "tenseal-public.ctx") == 0o644
+    # Every private key of the run's federation: the CA's, the server's, the nodes' and the operator's.
+    private_keys = list(workdir.rglob("*.key"))
+    assert len(private_keys) >= 4, private_keys
+    assert {p.name: _mode(p) for p in private_keys} == {p.name: 0o600 for p in private_keys}
+
+
+def test_bench_without_workdir_leaves_no_folder(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    _bench(env=dict(os.environ, TMPDIR=str(scratch)))
+    assert not list(scratch.glob("cipherhive-bench-*"))
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_bench_removes_its_folder_on_error_and_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    """The first measurement is cut short (Ctrl-C, or a failure): the folder with the keys goes."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen: dict[str, Any] = {}
+
+    def cut_short(mode: str, keydir: Path, *rest: Any) -> dict[str, float]:
+        seen["workdir"] = keydir.parent
+        seen["modes"] = {p.name: _mode(p) for p in keydir.iterdir()}
+        raise error("cut short")
+
+    monkeypatch.setattr(bench_run, "in_process", cut_short)
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    with pytest.raises(error, match="cut short"):
+        bench_run.run(parser.parse_args(SMALL))
+    assert seen["workdir"].parent == tmp_path and seen["workdir"].name.startswith("cipherhive-bench-")
+    assert seen["modes"]["secret.ctx"] == 0o600 and seen["modes"]["tenseal-secret.ctx"] == 0o600
+    assert not seen["workdir"].exists()
+    assert not list(tmp_path.glob("cipherhive-bench-*"))
