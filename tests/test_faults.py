@@ -3,13 +3,13 @@ network mid-stream, restart everything, and check nothing acknowledged was lost 
 
 The server and nodes die through named failpoints (``CIPHERHIVE_FAILPOINTS``, see
 common/failpoints.py), which SIGKILL the process at an exact point of a round, or through
-SIGKILL from outside. ``CIPHERHIVE_SOAK_SECONDS`` runs the random soak test for longer.
+SIGKILL from outside. The random soak (tests/soak.py) takes ``CIPHERHIVE_SOAK_SEED`` and
+``CIPHERHIVE_SOAK_FAULTS``.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from collections.abc import Iterator
@@ -21,6 +21,18 @@ from cipherhive.demo.federation import LocalFederation, free_port
 from cipherhive.v1 import federation_pb2 as pb
 from tests.faults import check_fedavg, settle
 from tests.proxy import TcpProxy
+from tests.soak import (
+    LivenessError,
+    Timeline,
+    inject,
+    kinds_from_env,
+    plan,
+    report,
+    rounds_table,
+    seed_from_env,
+    unexplained_failures,
+    wait_live,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -107,9 +119,8 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
     settle(fed)
     codes = fed.stop_all()
     assert all(c == 0 for c in codes.values()), codes
-    report = check_fedavg(fed)
-    print(f"\nfault injection: {len(faults)} faults injected and survived: {faults}; {report}")
-    assert report["double_counts"] == 0
+    summary = check_fedavg(fed)
+    print(f"\nfault injection: {len(faults)} faults injected and survived: {faults}; {summary}")
 
 
 def test_a_crash_right_after_the_last_commit_still_publishes_the_round(
@@ -134,38 +145,57 @@ def test_a_crash_right_after_the_last_commit_still_publishes_the_round(
     check_fedavg(fed)
 
 
+# How long after a fault is lifted a failed round may still be its doing: a restarted node
+# needs a few seconds to load and rejoin, and a round that opened meanwhile may miss it.
+SOAK_GRACE_SECONDS = 20.0
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(
+    raises=LivenessError,
+    strict=False,
+    reason="a member lost between its commit and its self-mask release leaves the round's base "
+    "stuck: every later round fails (dropout recovery is the next step of the round protocol)",
+)
 def test_soak_random_faults(federation: tuple[LocalFederation, TcpProxy]) -> None:
-    """Random faults for a bounded time (CIPHERHIVE_SOAK_SECONDS, default 30)."""
+    """A fixed number of random faults (CIPHERHIVE_SOAK_FAULTS, default 8, of the kinds in
+    CIPHERHIVE_SOAK_KINDS), drawn from a seed printed first (CIPHERHIVE_SOAK_SEED repeats it).
+    Safety always: every published round is exact FedAvg over its acknowledged members,
+    counted once, on every node. Liveness: every failed round met a fault, and a round that
+    opened after the last fault publishes. Any failure prints the seed, the fault timeline,
+    the rounds table and each daemon's log tail."""
     fed, proxy = federation
-    seconds = float(os.environ.get("CIPHERHIVE_SOAK_SECONDS", "30"))
-    rng = random.Random(int(os.environ.get("CIPHERHIVE_SOAK_SEED", "1")))
-    fed.start()
-    fed.wait_for(lambda: _published(fed) >= 1, 120, "the first round")
-    injected: dict[str, int] = {}
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(rng.uniform(0.5, 4.0))
-        kind = rng.choice(["server-kill", "node-kill", "cut", "server-restart"])
-        if kind == "server-kill":
-            fed.stop("server", signal.SIGKILL)
-            fed.start_server()
-            fed.wait_serving()
-        elif kind == "server-restart":
-            fed.stop("server")
-            fed.start_server()
-            fed.wait_serving()
-        elif kind == "node-kill":
-            index = rng.randrange(fed.nodes)
-            fed.stop(fed.node_name(index), signal.SIGKILL)
-            fed.start_node(index)
-        else:
-            proxy.cut()
-        injected[kind] = injected.get(kind, 0) + 1
-    target = _published(fed) + 1
-    fed.wait_for(lambda: _published(fed) >= target, 180, "a round after the soak")
-    settle(fed)
-    codes = fed.stop_all()
-    assert all(c == 0 for c in codes.values()), codes
-    report = check_fedavg(fed)
-    print(f"\nsoak: {sum(injected.values())} faults injected and survived {injected}; {report}")
-    assert report["double_counts"] == 0
+    seed = seed_from_env()
+    faults = plan(seed, int(os.environ.get("CIPHERHIVE_SOAK_FAULTS", "8")), fed.nodes, kinds_from_env())
+    print(f"soak seed {seed}: {len(faults)} faults (repeat with CIPHERHIVE_SOAK_SEED={seed})", flush=True)
+    timeline = Timeline()
+    try:
+        fed.start()
+        timeline.note("federation started")
+        wait_live(fed, "the first round", lambda: _published(fed) >= 1, 120)
+        timeline.note("first round published")
+        for fault in faults:
+            time.sleep(fault.pause)  # the plan's normal running between two faults
+            inject(fed, proxy, fault, timeline)
+        last = timeline.faults()[-1].ended
+
+        def published_after_last_fault() -> bool:
+            return any(r.state == "sum_ready" and r.opened > last for r in rounds_table(fed.workdir))
+
+        wait_live(fed, "a round opened after the last fault to publish", published_after_last_fault, 120)
+        timeline.note("a round opened after the last fault published")
+        unexplained = unexplained_failures(rounds_table(fed.workdir), timeline, SOAK_GRACE_SECONDS)
+        if unexplained:
+            raise LivenessError(
+                "rounds failed with no fault under way: "
+                + "; ".join(f"round {r.round} ({r.reason})" for r in unexplained)
+            )
+        settle(fed)
+        codes = fed.stop_all()
+        assert all(c == 0 for c in codes.values()), codes
+        summary = check_fedavg(fed)
+    except BaseException:
+        print(report(fed, seed, timeline), flush=True)
+        raise
+    print(f"\nsoak seed {seed}: {len(faults)} faults injected and survived; {summary}")
+    print(timeline.render())
