@@ -27,6 +27,12 @@ from cipherhive.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
+#: A one-off command (`node layout`, `node export`) still running after this many seconds is stuck:
+#: it is killed and reported as failed. Generous, as a plug-in may build a large model.
+COMMAND_TIMEOUT = 1800.0
+#: How long to wait for a process to be gone once it has been sent SIGKILL.
+KILL_WAIT = 60.0
+
 
 class ProcessFailed(RuntimeError):
     """A process of the federation (or a one-off command such as `node layout`) failed.
@@ -72,6 +78,13 @@ def _toml_value(value: Any) -> str:
     if value is None:
         raise ValueError("TOML has no null: leave the option out instead of setting it to null/None")
     return _toml_string(str(value))
+
+
+def _decoded(output: str | bytes | None) -> str:
+    """What a killed command had written (TimeoutExpired holds bytes, or None, even in text mode)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
@@ -174,22 +187,28 @@ class LocalFederation:
         self.run_command("export", ["node", "export", "--config", config, "--out", str(out)])
         return out
 
-    def run_command(self, what: str, args: list[str]) -> str:
-        """Run ``cipherhive ARGS`` to completion, its output in ``WHAT.log``; ProcessFailed if it fails."""
-        done = subprocess.run(
-            [sys.executable, "-m", "cipherhive", *args],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, **self.env),
-            cwd=self.cwd or self.workdir,
-            check=False,
-        )
+    def run_command(self, what: str, args: list[str], timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run ``cipherhive ARGS`` to completion, its output in ``WHAT.log``; ProcessFailed if it fails
+        or is still running after ``timeout`` seconds (it is killed then)."""
         log = self.workdir / f"{what}.log"
+        who = f"`cipherhive {' '.join(args[:2])}`"
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "cipherhive", *args],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, **self.env),
+                cwd=self.cwd or self.workdir,
+                check=False,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            output = _decoded(exc.stdout) + _decoded(exc.stderr)
+            log.write_text(output, encoding="utf-8")
+            raise ProcessFailed(f"{who} (killed after {timeout:g} s)", None, log, output) from exc
         log.write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
-            raise ProcessFailed(
-                f"`cipherhive {' '.join(args[:2])}`", done.returncode, log, done.stdout + done.stderr
-            )
+            raise ProcessFailed(who, done.returncode, log, done.stdout + done.stderr)
         return done.stdout
 
     def node_name(self, index: int) -> str:
@@ -337,7 +356,7 @@ class LocalFederation:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            return proc.wait()
+            return proc.wait(KILL_WAIT)
 
     def stop_all(self) -> dict[str, int | None]:
         codes = {key: self.stop(key) for key in list(self.procs) if key != "server"}

@@ -503,7 +503,9 @@ def test_compose_stop_grace_covers_the_server_grace(init_output: Path) -> None:
 
 
 def test_init_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(INIT_SCRIPT)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["bash", "-n", str(INIT_SCRIPT)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert INIT_SCRIPT.read_text(encoding="utf-8").startswith("#!/usr/bin/env bash\n")
     assert os.access(INIT_SCRIPT, os.X_OK), "deploy/compose/init.sh is not executable"
@@ -511,7 +513,9 @@ def test_init_script_is_valid_bash() -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_init_script_shellcheck() -> None:
-    result = subprocess.run(["shellcheck", str(INIT_SCRIPT)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["shellcheck", str(INIT_SCRIPT)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -612,7 +616,7 @@ def _health_status(port: int) -> int | None:
 
 def _ctl_health_available() -> bool:
     result = subprocess.run(
-        [str(CIPHERHIVE), "ctl", "health", "--help"], capture_output=True, text=True, check=False
+        [str(CIPHERHIVE), "ctl", "health", "--help"], capture_output=True, text=True, timeout=120, check=False
     )
     return result.returncode == 0
 

@@ -4,7 +4,7 @@ leads to refusal, never to a fresh budget."""
 from __future__ import annotations
 
 import signal
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,13 +21,11 @@ SCHEDULE = PrivacySchedule("record", 1, 0.1, 1.0, 4, 1.0)
 
 
 def _exit(fed: LocalFederation, key: str, timeout: float = 120.0) -> int:
-    proc = fed.procs[key]
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{key} did not exit:\n{fed.log(key)[-2000:]}")
-        time.sleep(0.1)
-    return proc.returncode
+    """``key``'s exit code, waiting for it to exit; fails if it still runs after ``timeout`` seconds."""
+    try:
+        return fed.procs[key].wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{key} did not exit within {timeout:g} s:\n{fed.log(key)[-2000:]}")
 
 
 def test_crash_after_sending_and_a_deleted_ledger_are_refused(tmp_path: Path) -> None:

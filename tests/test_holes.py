@@ -89,7 +89,9 @@ def test_certificate_revoked_during_upload_counts_nothing(fed: LocalFederation) 
         worker.start()
         assert half_sent.wait(30)
         certs.revoke(fed.workdir / "ca", "latecomer")
-        time.sleep(1.5)  # the server re-reads crl.pem at most once a second
+        # The server re-reads crl.pem on its own (at most once a second): wait until it refuses a
+        # new call from the same certificate as revoked, then send the rest of the upload.
+        fed.wait_for(lambda: _refused_as_revoked(fed, "latecomer"), 60, "the server to load the new crl.pem")
         go_on.set()
         worker.join(60)
         error = result.get("error")
@@ -97,6 +99,21 @@ def test_certificate_revoked_during_upload_counts_nothing(fed: LocalFederation) 
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (error.details() or "")
         info = admin.GetRound(pb.GetRoundRequest(round=number), timeout=10)
         assert info.participants == 0 and not info.submissions
+
+
+def _refused_as_revoked(fed: LocalFederation, name: str) -> bool:
+    """True once the server refuses a call from ``name``'s certificate as revoked.
+
+    GetStatus needs an admin certificate, so a member's call is refused either way; the
+    revocation check comes first, so the reason says which list the server is using.
+    """
+    with channel(f"127.0.0.1:{fed.port}", _tls(fed, name)) as ch:
+        try:
+            pb_grpc.AdminStub(ch).GetStatus(pb.StatusRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            revoked = "has been revoked" in (exc.details() or "")
+            return exc.code() == grpc.StatusCode.PERMISSION_DENIED and revoked
+    return False
 
 
 def test_trickling_upload_is_cut_and_rolled_back(fed: LocalFederation) -> None:
@@ -117,7 +134,9 @@ def test_trickling_upload_is_cut_and_rolled_back(fed: LocalFederation) -> None:
         def messages() -> Iterator[pb.SubmitRequest]:
             yield pb.SubmitRequest(header=header)
             for chunk in chunks:
-                time.sleep(IDLE_SECONDS * 0.8)  # never idle for the full deadline
+                # Not synchronisation: the scenario itself. The member trickles, pausing for most
+                # of the idle deadline before each ciphertext, so that only the rate floor can cut it.
+                time.sleep(IDLE_SECONDS * 0.8)
                 yield chunk
 
         with pytest.raises(grpc.RpcError) as err:
@@ -266,5 +285,5 @@ def test_missing_revocation_list_is_a_startup_error(fed: LocalFederation, tmp_pa
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.wait(60)
             raise AssertionError(f"the server did not stop on SIGTERM:\n{log_path.read_text()}") from None

@@ -80,7 +80,9 @@ print(_fingerprint(keys.members_key(Path({secret!r}).read_bytes(), PURPOSE), 0)[
 def test_another_process_computes_the_same_fingerprint(keyfiles: keys.KeyFiles) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     script = _SCRIPT.format(root=root, secret=str(keyfiles.secret))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     assert done.stdout.strip() == _fingerprint(keys.members_key(keyfiles.secret.read_bytes(), PURPOSE), 0)[1]
 
 

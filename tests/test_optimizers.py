@@ -109,7 +109,9 @@ def test_another_process_computes_the_same_bits(name: str) -> None:
     """What two members compute: separate interpreters, separately imported numpy."""
     root = str(Path(__file__).resolve().parent.parent)
     script = _SCRIPT.format(root=root, name=name)
-    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     here = hashlib.sha256(_run(OptimizerSpec.make(name), _deltas(5)).tobytes()).hexdigest()
     assert other.stdout.strip() == here
 

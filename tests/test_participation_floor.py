@@ -199,7 +199,14 @@ def test_presence_needs_a_join_and_absent_members_stop_being_expected(tmp_path: 
         # Two members that only watch: not online, not expected, and no round starts by itself.
         members.watch("node-1")
         members.watch("node-2")
-        time.sleep(2.0)
+        fed.wait_for(
+            lambda: all(f"node online [node={name}]" in fed.log("server") for name in ("node-1", "node-2")),
+            60,
+            "the server to register both watch streams",
+        )
+        # Not synchronisation: the scenario. The scheduler looks every 0.2 s (interval_seconds)
+        # whether to open a round; it gets several looks at the two watchers, and must not open one.
+        time.sleep(1.0)
         status = admin.GetStatus(pb.StatusRequest(), timeout=10)
         assert status.nodes_online == 0 and status.latest_round == 0
         refused = None

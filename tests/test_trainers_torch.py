@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -213,9 +212,18 @@ def test_digits_trainer_returns_early_when_a_stop_is_asked() -> None:
 
     trainer = DigitsTrainer(epochs=50)
     model = trainer.build_model()
-    started = time.monotonic()
-    result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n", should_stop=lambda: True))
-    assert result.num_samples == 0 and time.monotonic() - started < 1.0
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return True
+
+    result = trainer.train(model, RoundInfo(round=1, base_round=0, node_name="n", should_stop=should_stop))
+    # Asked once, before the first batch, and returned there: not one of the 50 epochs was trained.
+    assert len(asked) == 1
+    assert result.num_samples == 0 and result.metrics == {}
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
 
 
 def test_training_is_reproducible_per_round(fixtures: ModuleType) -> None:

@@ -142,7 +142,11 @@ def test_majority_of_rejections_withdraws_the_round_and_what_built_on_it(world: 
     assert outcomes["c"].applied and outcomes["c"].reason == ""
     assert outcomes["a"].reason == "weight again"
 
-    loop.run_until_complete(asyncio.sleep(0.05))  # deliver what was published from this thread
+    async def delivered() -> None:
+        """Nothing to do: before this coroutine's first step, the loop runs every callback the bus
+        queued on it from this thread (call_soon_threadsafe; the loop runs callbacks in order)."""
+
+    loop.run_until_complete(delivered())
     loop.close()
     kinds = []
     while not events.queue.empty():
