@@ -1,7 +1,7 @@
 """Server ingest on 1 core against all: the masked sum's check + add, in-process and sharded.
 
 What it measures is what the server does per uploaded block of a masked round
-(:mod:`cipherhive.c0sum`): read it back from the spool, check it, add c0
+(:mod:`cipherhive.ckks.c0_sum`): read it back from the spool, check it, add c0
 modulo q and hash it for the member's commit. ``workers = 1`` is the server's
 in-process sum (one core, the GIL);
 more is :class:`cipherhive.server.ingest_workers.IngestWorkers`, the members'
@@ -17,8 +17,8 @@ from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 
-from cipherhive import codec
-from cipherhive.commit import block_digest
+from cipherhive.ckks import codec
+from cipherhive.secagg.commit import block_digest
 from cipherhive.server.ingest_workers import IngestWorkers, Outcome, ShardedSum
 from cipherhive.server.rounds import CHUNKS_IN_FLIGHT
 from cipherhive.server.running_sum import MaskedSum

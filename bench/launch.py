@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from cipherhive import config, logs
+from cipherhive.runtime import config, logs
 
 
 def main() -> int:

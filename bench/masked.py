@@ -4,7 +4,7 @@
   pairwise masks, SecAgg §4) against without, at 3, 8 and 16 members (goal:
   at least 0.7x at 8);
 * what a node spends rebuilding c1 of every block of a sum from the members'
-  seeds (cipherhive.c0sum), per member per block, and the decryption after it;
+  seeds (cipherhive.ckks.c0_sum), per member per block, and the decryption after it;
 * bytes per value of a masked upload (still seeded, written uncompressed).
 
 Run alone with ``python -m cipherhive.bench.masked [--values N]``; `cipherhive
@@ -22,8 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tenseal as ts
 
-from cipherhive import codec, masking
-from cipherhive.masking import MaskPlan
+from cipherhive.ckks import codec
+from cipherhive.secagg import masking
+from cipherhive.secagg.masking import MaskPlan
 from cipherhive.server.running_sum import MaskedSum
 
 MEMBERS = (3, 8, 16)
@@ -65,7 +66,7 @@ def measure(secret_context: bytes, values: int, members: Sequence[int] = MEMBERS
         out[f"encrypt_params_per_s_masked_{m}"] = rate
         out[f"masked_vs_unmasked_{m}"] = rate / unmasked
     # A node rebuilds c1 of each block of a masked sum from every member's seed
-    # (cipherhive.c0sum): the cost per member per block, net of one decryption.
+    # (cipherhive.ckks.c0_sum): the cost per member per block, net of one decryption.
     plans = [_plan(max(members), secret.modulus) for _ in range(max(members))]
     uploads = [secret.encrypt_masked(blocks[0], 0, p) for p in plans]
     running = MaskedSum(public.upload_parser(), 1)

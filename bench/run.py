@@ -26,16 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import codec, keys, masking
 from cipherhive.bench import baselines, masked, phases
 from cipherhive.bench import ingest as bench_ingest
 from cipherhive.bench.options import MODES, add_bench_arguments
 from cipherhive.bench.synthetic import member_samples, member_update
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.fsutil import atomic_write
-from cipherhive.layout import LEADING_VALUES, WEIGHT_SLOT
+from cipherhive.federation.layout import LEADING_VALUES, WEIGHT_SLOT
 from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
 from cipherhive.node.update import weighted_vector
+from cipherhive.runtime.fsutil import atomic_write
+from cipherhive.secagg import masking
 from cipherhive.server.running_sum import MaskedSum, RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 

@@ -13,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cipherhive import __version__, certs
-from cipherhive.errors import UserError
+from cipherhive import __version__
+from cipherhive.pki import certs
+from cipherhive.runtime.errors import UserError
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from cipherhive import keys
+    from cipherhive.ckks import keys
 
     files = keys.keygen(args.out, force=args.force)
     print(f"secret context (member nodes only, mode 0600): {files.secret}")
@@ -28,7 +29,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
+    from cipherhive.runtime import config, logs
     from cipherhive.server.config import ServerConfig
     from cipherhive.server.daemon import Server
 
@@ -38,9 +39,9 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.daemon import Node
+    from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -54,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from cipherhive.fedopt import OptimizerError, OptimizerSpec
+    from cipherhive.federation.optimizer_settings import OptimizerError, OptimizerSpec
 
     try:
         OptimizerSpec.make(args.optimizer, args.server_lr, where="--optimizer/--server-lr:")
@@ -95,9 +96,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _node_export(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.export import export_model
+    from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -108,9 +109,9 @@ def _node_export(args: argparse.Namespace) -> int:
 
 
 def _node_layout(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.describe import write_layout
+    from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -124,9 +125,9 @@ def _node_layout(args: argparse.Namespace) -> int:
 
 
 def _node_bootstrap(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
     from cipherhive.node.bootstrap import bootstrap
     from cipherhive.node.config import NodeConfig
+    from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -139,9 +140,9 @@ def _node_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _node_privacy(args: argparse.Namespace) -> int:
-    from cipherhive import config, logs
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+    from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -171,11 +172,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cipherhive import config
     from cipherhive.bench.options import add_bench_arguments
     from cipherhive.demo.options import add_demo_arguments
     from cipherhive.demo.simulate_cli import add_arguments as add_simulate_arguments
     from cipherhive.node.config import NodeConfig
+    from cipherhive.runtime import config
     from cipherhive.server.config import ServerConfig
 
     parser = argparse.ArgumentParser(

@@ -56,7 +56,7 @@ from cipherhive.ctl.client import (
 )
 from cipherhive.ctl.report import render_report
 from cipherhive.ctl.wait import outcome, wait_for_round
-from cipherhive.layout import Layout, LayoutError
+from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.v1 import federation_pb2 as pb
 
 Handler = Callable[[Client, argparse.Namespace], int]

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cipherhive.transport import ClientTLS, TLSSettings, channel, describe_rpc_error, diagnose_tls
+from cipherhive.runtime.transport import ClientTLS, TLSSettings, channel, describe_rpc_error, diagnose_tls
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -99,7 +99,7 @@ def rpc_error(exc: grpc.RpcError, address: str, tls: ClientTLS | None = None) ->
     """Map a gRPC failure to exit 3 (no answer) or exit 1 (the server refused).
 
     With TLS, "no answer" is often a handshake that cannot succeed: the shared
-    diagnosis (:func:`cipherhive.transport.diagnose_tls`, which the node uses too)
+    diagnosis (:func:`cipherhive.runtime.transport.diagnose_tls`, which the node uses too)
     then names the cause and the flag to change.
     """
     code = exc.code() if hasattr(exc, "code") else None

@@ -20,7 +20,7 @@ from rich import box
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from cipherhive.fedopt import OptimizerError, OptimizerSpec
+from cipherhive.federation.optimizer_settings import OptimizerError, OptimizerSpec
 from cipherhive.v1 import federation_pb2 as pb
 
 DASH = "—"

@@ -21,8 +21,8 @@ from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.dp_table import DELTA, digits_schedule
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.demo.run import _progress, round_figures
-from cipherhive.dpschedule import PrivacySchedule
-from cipherhive.fsutil import removed_on_error
+from cipherhive.privacy.schedule import PrivacySchedule
+from cipherhive.runtime.fsutil import removed_on_error
 from cipherhive.v1 import federation_pb2 as pb
 
 

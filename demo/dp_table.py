@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from cipherhive.demo.options import DP_ROUNDS, ROUNDS
-from cipherhive.dpaccount import noise_multiplier_for
-from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.node.dp_random import DPRandom
 from cipherhive.node.dp_round import DPRound
 from cipherhive.node.trainer import RoundInfo
+from cipherhive.privacy.accountant import noise_multiplier_for
+from cipherhive.privacy.schedule import PrivacySchedule
 
 #: The digits federation's public DP schedule: every record joins a batch with probability 0.07
 #: (about 32 of a 450-record member's records), 18 steps a round for 20 rounds (about 14 epochs of

@@ -21,9 +21,10 @@ from typing import Any
 
 import grpc
 
-from cipherhive import certs, keys
-from cipherhive.layout import Layout
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.ckks import keys
+from cipherhive.federation.layout import Layout
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

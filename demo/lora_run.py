@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from cipherhive import codec
-from cipherhive.config import load as load_config
+from cipherhive.ckks import codec
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.demo.lora_task import (
     SENTIMENTS,
@@ -42,15 +41,16 @@ from cipherhive.demo.lora_task import (
     label_counts,
 )
 from cipherhive.demo.options import optimizer_section
-from cipherhive.dpaccount import noise_multiplier_for
-from cipherhive.dpschedule import PrivacySchedule
-from cipherhive.fedopt import OptimizerSpec
-from cipherhive.fsutil import removed_on_error
-from cipherhive.layout import LEADING_VALUES
+from cipherhive.federation.layout import LEADING_VALUES
+from cipherhive.federation.optimizer_settings import OptimizerSpec
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import export_model
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.trainers.lora import LoraTrainer, evaluate
+from cipherhive.privacy.accountant import noise_multiplier_for
+from cipherhive.privacy.schedule import PrivacySchedule
+from cipherhive.runtime.config import load as load_config
+from cipherhive.runtime.fsutil import removed_on_error
 from cipherhive.v1 import federation_pb2 as pb
 
 PLUGIN = "cipherhive.node.trainers.lora:LoraTrainer"

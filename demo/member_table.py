@@ -3,7 +3,7 @@
 `cipherhive demo --member-table` calibrates, for each federation size n, the
 member-level schedule (every member in every round, floor k = n, t colluders
 tolerated, 20 rounds, clip C = 1, grid 2^-16) to ε = 8 at δ = 1e-5 with the
-same accountant and bridge the nodes use (:mod:`cipherhive.dpmember`), and
+same accountant and bridge the nodes use (:mod:`cipherhive.privacy.member_level`), and
 reports the norm of the noise on the *mean* update relative to C: the sum
 carries honest noise of std z·C per value, every one of the n members adds
 its share, and the mean divides by n. A clipped mean update has norm at most
@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.node.dp_random import DPRandom
 from cipherhive.node.member_dp import noised_integers
+from cipherhive.privacy.schedule import PrivacySchedule
 
 #: (name, federated values): the digits MLP 64-64-10, and a LoRA-sized adapter set.
 MODELS = (("digits MLP 64-64-10", 4810), ("LoRA-sized", 1_000_000))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cipherhive.fedopt import NAMES
+from cipherhive.federation.optimizer_settings import NAMES
 
 #: Rounds of the digits demo; under DP more, shorter rounds (18 steps each) train better for the same ε.
 ROUNDS, DP_ROUNDS = 5, 20

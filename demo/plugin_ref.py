@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 
 IMPORT_RULE = (
     "node processes import the trainer by its module path, so it must be defined at the top level of "

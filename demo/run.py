@@ -33,8 +33,8 @@ from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.options import optimizer_section
 from cipherhive.demo.sim_result import RoundRecord, SimulationError
 from cipherhive.demo.simulation import simulate
-from cipherhive.fedopt import OptimizerSpec
-from cipherhive.fsutil import removed_on_error
+from cipherhive.federation.optimizer_settings import OptimizerSpec
+from cipherhive.runtime.fsutil import removed_on_error
 
 
 def _load(path: Path) -> dict[str, Any]:

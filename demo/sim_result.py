@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 
 
 @dataclass(frozen=True)

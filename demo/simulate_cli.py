@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 
 EXAMPLE = (
     "cipherhive simulate --plugin my_trainer:MyTrainer --options '{\"epochs\": 2}' "

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from cipherhive.errors import UserError
 from cipherhive.node.checkpoint import CHECKPOINT, Checkpoint, NodeState, read_checkpoint
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import PROVENANCE
 from cipherhive.node.optimizers import OptimizerError, restored
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
+from cipherhive.runtime.errors import UserError
 
 
 class BootstrapError(UserError, RuntimeError):

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from cipherhive.fsutil import atomic_file, atomic_write, fsync_dir
+from cipherhive.runtime.fsutil import atomic_file, atomic_write, fsync_dir
 
 CHECKPOINT = "checkpoint.pt"
 CHAIN = "chain.json"
@@ -58,7 +58,7 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     #: The optimizer's state after this round (:meth:`ServerOptimizer.record`); None: not recorded.
     optimizer: dict[str, Any] | None = None
-    #: The chain hash after this round (:mod:`cipherhive.chain`); empty in checkpoints from
+    #: The chain hash after this round (:mod:`cipherhive.secagg.chain`); empty in checkpoints from
     #: before masked rounds, which cannot enrol (bootstrap from a member's export instead).
     chain_hash: str = ""
 

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cipherhive.codec import VALUE_RANGE
-from cipherhive.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT
+from cipherhive.ckks.codec import VALUE_RANGE
+from cipherhive.federation.layout import CHECK_SLOT, LEADING_VALUES, WEIGHT_SLOT
 from cipherhive.v1 import federation_pb2 as pb
 
 #: Largest distance, in grid steps, a decrypted value may be from the member-level DP grid.
@@ -190,7 +190,7 @@ class CheckedApplier:
         self.total_weight = 0.0
         self.blocks = 0
         self._written = 0  # out[:_written] may differ from global_
-        #: :func:`cipherhive.chain.sum_digest` of the sum as received (set once it is checked).
+        #: :func:`cipherhive.secagg.chain.sum_digest` of the sum as received (set once it is checked).
         self.sum_digest = b""
         #: The decrypted leading values (weight, check slot, evaluation slots), once the first
         #: block passed its checks.

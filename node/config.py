@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipherhive.config import ConfigError, setting
 from cipherhive.node.plugin_paths import resolve_folders, resolve_options
+from cipherhive.runtime.config import ConfigError, setting
 
 
 @dataclass

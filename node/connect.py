@@ -4,7 +4,7 @@ gRPC reports a failed handshake to a call that waits for the connection only as
 DEADLINE_EXCEEDED, after the whole deadline (issue 13: 30 s of silence, then
 "reconnecting", forever). So the node first gives the channel a few seconds to
 connect; if it does not, it redoes the handshake itself
-(:func:`cipherhive.transport.diagnose_tls`, the same diagnosis `cipherhive ctl`
+(:func:`cipherhive.runtime.transport.diagnose_tls`, the same diagnosis `cipherhive ctl`
 prints) and, for a TLS problem, logs the cause and the fix at once. It still
 retries with back-off, because the other side may be fixed meanwhile (a new
 server certificate, a corrected CA file). A server that is simply not up yet
@@ -17,9 +17,9 @@ import logging
 
 import grpc
 
-from cipherhive.logs import event
 from cipherhive.node.receive import SessionEnd
-from cipherhive.transport import ClientTLS, describe_rpc_error, diagnose_tls, wait_connected
+from cipherhive.runtime.logs import event
+from cipherhive.runtime.transport import ClientTLS, describe_rpc_error, diagnose_tls, wait_connected
 
 log = logging.getLogger("cipherhive.node")
 

@@ -8,7 +8,7 @@ blocks are still being encrypted (the upload overlaps the encryption) and
 memory stays a few batches per worker, not a copy of the whole update.
 
 Masked uploads (SecAgg, Bonawitz et al., CCS 2017, §4; see
-:mod:`cipherhive.masking`): the round's :class:`~cipherhive.masking.MaskPlan`
+:mod:`cipherhive.secagg.masking`): the round's :class:`~cipherhive.secagg.masking.MaskPlan`
 reaches the workers once per round, not with every block. It is written into a
 small shared-memory area that every worker inherited at start
 (:meth:`CryptoPool.set_mask_plan`), with a generation number; tasks carry only
@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import masking
-from cipherhive.codec import NodeCodec, SecretCodec
+from cipherhive.ckks.codec import NodeCodec, SecretCodec
 from cipherhive.node import slots
+from cipherhive.secagg import masking
 
 #: The product's encoding; the benchmark names its baselines here instead.
-DEFAULT_CODEC = "cipherhive.codec:SecretCodec"
+DEFAULT_CODEC = "cipherhive.ckks.codec:SecretCodec"
 
 _worker_codec: NodeCodec | None = None
 
@@ -267,7 +267,7 @@ class CryptoPool:
         return self.encrypt(vector[start : start + step] for start in range(0, vector.shape[0], step))
 
     def check_seeds(self, blobs: Iterable[bytes], seeds: Sequence[list[bytes]], count: int) -> None:
-        """Raise :class:`cipherhive.masking.SeedCheckFailed` unless every block's c1 is Σ expand(seed).
+        """Raise :class:`cipherhive.secagg.masking.SeedCheckFailed` unless every block's c1 is Σ expand(seed).
 
         ``seeds`` gives, block by block, the roster's seeds of that block. Call it on
         the *whole* sum before :meth:`decrypt` sees any block of it: nothing about a
@@ -295,7 +295,7 @@ class CryptoPool:
         """Decrypt a masked round's Σ c0 records, c1 rebuilt from each block's seeds (in order).
 
         ``seeds`` must already match the members' signed commits (cipherhive.node.sumproof).
-        Raises :class:`cipherhive.masking.SeedCheckFailed` for a block SEAL refuses.
+        Raises :class:`cipherhive.secagg.masking.SeedCheckFailed` for a block SEAL refuses.
         """
         if not isinstance(self._local, SecretCodec):
             raise masking.MaskError("a masked sum needs the product's codec (SecretCodec)")

@@ -37,9 +37,8 @@ import grpc
 import tenseal as ts
 import torch
 
-from cipherhive import __version__, codec, keys
-from cipherhive.errors import UserError
-from cipherhive.logs import event
+from cipherhive import __version__
+from cipherhive.ckks import codec, keys
 from cipherhive.node import metrics, stopping
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
@@ -65,7 +64,9 @@ from cipherhive.node.update import (
     FlatParams,
     layout_of,
 )
-from cipherhive.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.logs import event
+from cipherhive.runtime.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

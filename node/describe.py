@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cipherhive.errors import UserError
-from cipherhive.fsutil import atomic_write
-from cipherhive.layout import Layout
+from cipherhive.federation.layout import Layout
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.initial import fingerprint_key, initial_model_hash
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.fsutil import atomic_write
 
 
 def node_layout(config: NodeConfig) -> Layout:

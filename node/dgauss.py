@@ -8,7 +8,7 @@ Canonne, Kamath and Steinke, "The Discrete Gaussian for Differential Privacy"
 exp(-(|Y| - σ²/t)²/(2σ²)), every Bernoulli(exp(-x)) drawn exactly with rational
 arithmetic (their Algorithms 1 and 2), every random integer drawn by rejection
 from the keystream (no modulo bias). It is exact for rational σ², which is why
-:attr:`cipherhive.dpmember.MemberMechanism.sigma2` rounds σ² up to a small rational.
+:attr:`cipherhive.privacy.member_level.MemberMechanism.sigma2` rounds σ² up to a small rational.
 
 Pure Python, about 20-40 µs a value: 0.2 s for the digits model; a LoRA-sized
 update (1 M values) takes tens of seconds per round.

@@ -2,10 +2,10 @@
 
 ε is a property of a dataset's whole history: one accountant for the node's
 lifetime, composing every round it trained in (Abadi et al. 2016; the
-accounting itself is :mod:`cipherhive.dpaccount`). So the ledger stores the
+accounting itself is :mod:`cipherhive.privacy.accountant`). So the ledger stores the
 mechanism's *events* (noise multiplier, sample rate, steps), not an ε: ε is
 recomputed from them at any δ. Its rules, in the style of the release ledger
-(:mod:`cipherhive.ledger`):
+(:mod:`cipherhive.node.release_ledger`):
 
 * **Charge before training.** :meth:`PrivacyLedger.charge` checks that the
   history plus the next round stays within the limit, then writes the round's
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipherhive.dpaccount import DPEvent, epsilon
-from cipherhive.fsutil import atomic_write, read_guarded
+from cipherhive.privacy.accountant import DPEvent, epsilon
+from cipherhive.runtime.fsutil import atomic_write, read_guarded
 
 __all__ = ["BudgetExhausted", "LedgerEntry", "PrivacyLedger", "PrivacyLedgerError", "ledger_path"]
 

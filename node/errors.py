@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 
 
 class NodeError(UserError, RuntimeError):

@@ -39,8 +39,6 @@ from typing import Any
 
 import torch
 
-from cipherhive.errors import UserError
-from cipherhive.fsutil import atomic_write
 from cipherhive.node.checkpoint import (
     CHECKPOINT,
     Checkpoint,
@@ -51,6 +49,8 @@ from cipherhive.node.checkpoint import (
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.trainer import federated_tensors, load_trainer
 from cipherhive.node.update import layout_of
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.fsutil import atomic_write
 
 PROVENANCE = "cipherhive.json"
 MODEL_FILE = "model.safetensors"

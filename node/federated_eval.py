@@ -4,8 +4,8 @@ A trainer may provide ``evaluate(model) -> (num_examples, metrics)`` on its own
 validation data. Why the evaluation travels the way it does:
 
 * **It rides the update.** Each member puts ``n/u`` and ``n/u · metric`` for every
-  metric of :data:`~cipherhive.layout.EVAL_METRICS` into the evaluation slots of
-  the vector it encrypts anyway (:mod:`cipherhive.layout`; ``u`` is the
+  metric of :data:`~cipherhive.federation.layout.EVAL_METRICS` into the evaluation slots of
+  the vector it encrypts anyway (:mod:`cipherhive.federation.layout`; ``u`` is the
   federation's ``weight_unit``, which keeps large validation sets in range). The
   server adds them with the update, masked like it, so it costs nothing extra
   and a member's own figures are never visible to anyone: members decrypt only
@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive.codec import VALUE_RANGE
-from cipherhive.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES
-from cipherhive.logs import event
+from cipherhive.ckks.codec import VALUE_RANGE
+from cipherhive.federation.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES
 from cipherhive.node import metrics
+from cipherhive.runtime.logs import event
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.node")

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from cipherhive.transport import describe_rpc_error
+from cipherhive.runtime.transport import describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -10,7 +10,7 @@ server refuses at Join a node whose fingerprint differs.
 
 **What it reveals.** It is an HMAC-SHA256 of the federated tensors' float32 values
 (in layout order, each with its name and shape) under a key derived from the
-federation's secret key (:func:`cipherhive.keys.members_key`). Members can compute
+federation's secret key (:func:`cipherhive.ckks.keys.members_key`). Members can compute
 it; the server, which never holds the secret key, cannot, so it cannot test a
 guessed seed, architecture or public checkpoint against it: to the server it is a
 random-looking string that changes with the values, which is all it needs to
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cipherhive import keys
+from cipherhive.ckks import keys
 
 PURPOSE = "initial-model-fingerprint"
 #: Values hashed per pass (bounds the float32 copy of a tensor in another dtype).

@@ -26,13 +26,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cipherhive import codec, failpoints
-from cipherhive.chain import ChainHash
-from cipherhive.enrolment import EnrolmentError
-from cipherhive.layout import Layout
-from cipherhive.ledger import FILE_NAME as ledger_file
-from cipherhive.ledger import LedgerError, ReleaseLedger
-from cipherhive.logs import event
+from cipherhive.ckks import codec
+from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
@@ -40,11 +35,17 @@ from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.federated_eval import Trained
 from cipherhive.node.receive import TRANSIENT, SessionEnd
+from cipherhive.node.release_ledger import FILE_NAME as ledger_file
+from cipherhive.node.release_ledger import LedgerError, ReleaseLedger
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.update import rounded_metrics, weighted_blocks
 from cipherhive.node.upload import submit_requests
-from cipherhive.roster import RosterError
-from cipherhive.transport import describe_rpc_error
+from cipherhive.pki.enrolment_certs import EnrolmentError
+from cipherhive.runtime import failpoints
+from cipherhive.runtime.logs import event
+from cipherhive.runtime.transport import describe_rpc_error
+from cipherhive.secagg.chain import ChainHash
+from cipherhive.secagg.roster import RosterError
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

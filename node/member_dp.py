@@ -1,6 +1,6 @@
 """A member's side of member-level distributed DP: clip, round to the grid, add integer noise.
 
-What a node encrypts in ``member`` mode (see :mod:`cipherhive.dpmember` for the
+What a node encrypts in ``member`` mode (see :mod:`cipherhive.privacy.member_level` for the
 mechanism and its accounting) is ``γ·(round(clip(Δ)/γ) + noise)``: integers on
 the grid γ = 2^-grid_bits, carried in model units so that the existing range
 checks apply. Every such value is exact in float64; CKKS adds an error of
@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 
-from cipherhive.dpmember import MemberMechanism
 from cipherhive.node.dgauss import ExactSampler, randomized_round
 from cipherhive.node.dp_random import CryptoStream
 from cipherhive.node.update import UpdateError
+from cipherhive.privacy.member_level import MemberMechanism
 
 __all__ = ["clip_update", "noised_integers", "privatize"]
 

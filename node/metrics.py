@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from cipherhive.layout import EVAL_METRICS
+from cipherhive.federation.layout import EVAL_METRICS
 from cipherhive.node.checks import REASONS
 
 REGISTRY = CollectorRegistry()

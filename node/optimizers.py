@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cipherhive.fedopt import PLAIN_FEDAVG, OptimizerError, OptimizerSpec
+from cipherhive.federation.optimizer_settings import PLAIN_FEDAVG, OptimizerError, OptimizerSpec
 
 __all__ = ["OptimizerError", "OptimizerSpec", "ServerOptimizer", "adopt", "restored", "spec_of"]
 

@@ -28,16 +28,16 @@ import logging
 
 import numpy as np
 
-from cipherhive.dpmember import MemberMechanism
-from cipherhive.dpschedule import PrivacySchedule, ScheduleError
-from cipherhive.errors import UserError
-from cipherhive.logs import event
 from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
 from cipherhive.node.dp_random import CryptoStream, DPRandom
 from cipherhive.node.dp_round import DPRound
 from cipherhive.node.update import UpdateError, sample_weight
+from cipherhive.privacy.member_level import MemberMechanism
+from cipherhive.privacy.schedule import PrivacySchedule, ScheduleError
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.logs import event
 from cipherhive.v1 import federation_pb2 as pb
 
 __all__ = ["PrivacyGuard", "ScheduleRefused"]

@@ -27,11 +27,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cipherhive import c0sum, codec, failpoints
-from cipherhive.chain import ChainHash, SumDigest
-from cipherhive.layout import Layout
-from cipherhive.logs import event
-from cipherhive.masking import SeedCheckFailed
+from cipherhive.ckks import c0_sum, codec
+from cipherhive.federation.layout import Layout
 from cipherhive.node import federated_eval, metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.checks import (
@@ -49,9 +46,13 @@ from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.sumproof import check_seed_hashes, verify_proof
 from cipherhive.node.trainer import AppliedRound
 from cipherhive.node.update import FlatParams, split
-from cipherhive.progress import track
-from cipherhive.roster import RosterError
-from cipherhive.transport import describe_rpc_error
+from cipherhive.runtime import failpoints
+from cipherhive.runtime.logs import event
+from cipherhive.runtime.progress import track
+from cipherhive.runtime.transport import describe_rpc_error
+from cipherhive.secagg.chain import ChainHash, SumDigest
+from cipherhive.secagg.masking import SeedCheckFailed
+from cipherhive.secagg.roster import RosterError
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -390,14 +391,14 @@ class SumReceiver:
 def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> bool:
     """A downloaded sum on disk (0600), so that it is checked in full before any decryption.
 
-    Returns whether every block is Σ c0 alone (cipherhive.c0sum); a sum must not mix both forms.
+    Returns whether every block is Σ c0 alone (cipherhive.ckks.c0_sum); a sum must not mix both forms.
     """
     sizes: set[bool] = set()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         for blob in blobs:
             digest.update(blob)
-            sizes.add(len(blob) == c0sum.RECORD_BYTES)
+            sizes.add(len(blob) == c0_sum.RECORD_BYTES)
             fh.write(len(blob).to_bytes(4, "big"))
             fh.write(blob)
     if len(sizes) > 1:

@@ -38,8 +38,8 @@ import json
 import threading
 from pathlib import Path
 
-from cipherhive.fsutil import atomic_write, read_guarded
-from cipherhive.wire import field, fields
+from cipherhive.runtime.fsutil import atomic_write, read_guarded
+from cipherhive.secagg.wire import field, fields
 
 __all__ = ["FILE_NAME", "LedgerError", "ReleaseLedger"]
 

@@ -16,9 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cipherhive.chain import ChainHash
-from cipherhive.layout import Layout
-from cipherhive.logs import event
+from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
@@ -26,6 +24,8 @@ from cipherhive.node.optimizers import OptimizerError, ServerOptimizer
 from cipherhive.node.receive import BOOTSTRAP_HINT
 from cipherhive.node.trainer import federated_tensors
 from cipherhive.node.update import FlatParams
+from cipherhive.runtime.logs import event
+from cipherhive.secagg.chain import ChainHash
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.node")

@@ -6,7 +6,7 @@ across reconnects (a server restart resumes the round where it was):
 1. :meth:`Participation.enrol` — a fresh X25519 key, signed with the
    enrolment key over the round's binding (§4 round 0 with §6's signature);
 2. :meth:`Participation.accept_roster` — every check of issue 11 step 2
-   (:func:`cipherhive.roster.verify_roster`), against this node's own pinned
+   (:func:`cipherhive.secagg.roster.verify_roster`), against this node's own pinned
    membership, floor, CA and CRL; a refusal means nothing is uploaded;
 3. :meth:`Participation.mask_plan` — pairwise keys and a fresh self-mask seed;
    the X25519 private key is dropped as soon as the keys are derived;
@@ -33,8 +33,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from cipherhive import codec, enrolment, masking
-from cipherhive.commit import (
+from cipherhive.ckks import codec
+from cipherhive.node.release_ledger import ReleaseLedger
+from cipherhive.pki import enrolment_certs
+from cipherhive.runtime.fsutil import atomic_write, fsync_dir
+from cipherhive.secagg import masking
+from cipherhive.secagg.commit import (
     SEEDS_LABEL,
     block_digest,
     blocks_digest,
@@ -43,9 +47,7 @@ from cipherhive.commit import (
     self_mask_digest,
     uploaded_digest,
 )
-from cipherhive.fsutil import atomic_write, fsync_dir
-from cipherhive.ledger import ReleaseLedger
-from cipherhive.roster import (
+from cipherhive.secagg.roster import (
     Enrolment,
     Roster,
     RosterError,
@@ -95,14 +97,16 @@ class MaskingSetup:
         aggregator: str,
         federation_fingerprint: str,
     ) -> MaskingSetup:
-        """Read the files; a missing or unusable one raises :class:`enrolment.EnrolmentError`."""
+        """Read the files; a missing or unusable one raises :class:`enrolment_certs.EnrolmentError`."""
         try:
             ca = x509.load_pem_x509_certificate(tls_ca.read_bytes())
             tls = x509.load_pem_x509_certificate(tls_cert.read_bytes())
             enrol_pem = enrol_cert.read_bytes()
         except (OSError, ValueError) as exc:
-            raise enrolment.EnrolmentError(f"cannot read a certificate for masked rounds: {exc}") from exc
-        key = enrolment.load_key(enrol_key)
+            raise enrolment_certs.EnrolmentError(
+                f"cannot read a certificate for masked rounds: {exc}"
+            ) from exc
+        key = enrolment_certs.load_key(enrol_key)
         tls_fp = hashlib.sha256(tls.public_bytes(serialization.Encoding.DER)).digest()
         return cls(
             tuple(members),

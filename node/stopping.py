@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from cipherhive.logs import event
+from cipherhive.runtime.logs import event
 
 log = logging.getLogger("cipherhive.node")
 

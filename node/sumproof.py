@@ -4,15 +4,15 @@ A hostile server that could make a node decrypt a ciphertext of its choosing
 would learn about the shared secret key (a key-recovery attack on CKKS: Li and
 Micciancio, EUROCRYPT 2021). A masked sum is only decrypted once
 
-1. its roster verifies as at enrolment (:func:`cipherhive.roster.verify_roster`:
+1. its roster verifies as at enrolment (:func:`cipherhive.secagg.roster.verify_roster`:
    this node's pinned membership, floor, CA and CRL, the round's nonce and this
    node's own chain hash, so a node shown another history refuses the sum);
 2. every roster member's signed commit verifies
-   (:func:`cipherhive.commit.require_all_commits`, SecAgg §6's consistency check);
+   (:func:`cipherhive.secagg.commit.require_all_commits`, SecAgg §6's consistency check);
 3. each member's per-block seeds hash to what that member committed to; and
 4. c1 is what the members' own encryptions produced: a sum published as Σ c0
-   (:mod:`cipherhive.c0sum`) gets its c1 rebuilt here from those seeds
-   (:meth:`cipherhive.codec.SecretCodec.decrypt_c0_sum`), so the server chooses
+   (:mod:`cipherhive.ckks.c0_sum`) gets its c1 rebuilt here from those seeds
+   (:meth:`cipherhive.ckks.codec.SecretCodec.decrypt_c0_sum`), so the server chooses
    nothing in it; a sum published as full ciphertexts must have c1 = Σ expand(seed)
    on every block (:meth:`cipherhive.node.crypto_pool.CryptoPool.check_seeds`).
 
@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cipherhive.commit import SEEDS_LABEL, blocks_digest, require_all_commits
 from cipherhive.node.secagg import MaskingSetup
-from cipherhive.roster import Enrolment, Roster, RosterError, verify_roster
+from cipherhive.secagg.commit import SEEDS_LABEL, blocks_digest, require_all_commits
+from cipherhive.secagg.roster import Enrolment, Roster, RosterError, verify_roster
 from cipherhive.v1 import federation_pb2 as pb
 
 __all__ = ["ProvenRoster", "check_seed_hashes", "verify_proof"]

@@ -68,8 +68,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from cipherhive.errors import UserError
 from cipherhive.node.plugin_paths import explain_missing_file
+from cipherhive.runtime.errors import UserError
 
 if TYPE_CHECKING:
     from cipherhive.node.dp_round import DPRound
@@ -106,7 +106,7 @@ class AppliedRound:
     mean_update: dict[str, torch.Tensor]
     #: The federation-wide evaluation of this round's base model (normally round - 1's global
     #: model), rounded to 4 significant digits: ``examples`` and each metric of
-    #: :data:`cipherhive.layout.EVAL_METRICS` some member sent. Empty when none did.
+    #: :data:`cipherhive.federation.layout.EVAL_METRICS` some member sent. Empty when none did.
     federated_eval: dict[str, float] = field(default_factory=dict)
 
 

@@ -17,9 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cipherhive import codec, failpoints
-from cipherhive.layout import Layout
-from cipherhive.logs import event
+from cipherhive.ckks import codec
+from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
@@ -31,8 +30,10 @@ from cipherhive.node.receive import TRANSIENT
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.update import FlatParams, UpdateError, check_update, rounded_metrics, weighted_blocks
 from cipherhive.node.upload import submit_requests
-from cipherhive.progress import track
-from cipherhive.transport import describe_rpc_error
+from cipherhive.runtime import failpoints
+from cipherhive.runtime.logs import event
+from cipherhive.runtime.progress import track
+from cipherhive.runtime.transport import describe_rpc_error
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from cipherhive.codec import VALUE_RANGE
-from cipherhive.layout import (
+from cipherhive.ckks.codec import VALUE_RANGE
+from cipherhive.federation.layout import (
     CHECK_SLOT,
     EVAL_SLOT,
     EVAL_VALUES,
@@ -152,7 +152,7 @@ def weighted_blocks(
 ) -> Iterator[np.ndarray]:
     """The vector ``[w, 1.0, e…, w·Δ…]`` in blocks of ``per_block`` float64 values, made on demand.
 
-    ``evaluation`` holds the :data:`~cipherhive.layout.EVAL_VALUES` evaluation slots, already
+    ``evaluation`` holds the :data:`~cipherhive.federation.layout.EVAL_VALUES` evaluation slots, already
     checked and scaled (:func:`cipherhive.node.federated_eval.encode`); None sends zeros.
     """
     if per_block < LEADING_VALUES:

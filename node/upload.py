@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from cipherhive import failpoints
+from cipherhive.runtime import failpoints
 from cipherhive.v1 import federation_pb2 as pb
 
 #: Stay well under gRPC's default 4 MiB message limit, whatever a block weighs.

@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipherhive.config import ConfigError, setting
-from cipherhive.dpschedule import MODES, PrivacySchedule, ScheduleError
-from cipherhive.fedopt import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_TAU, OptimizerError, OptimizerSpec
+from cipherhive.federation.optimizer_settings import (
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_TAU,
+    OptimizerError,
+    OptimizerSpec,
+)
+from cipherhive.privacy.schedule import MODES, PrivacySchedule, ScheduleError
+from cipherhive.runtime.config import ConfigError, setting
 
 #: The privacy floor: a sum of one update *is* that update.
 MIN_PARTICIPANTS_FLOOR = 2

@@ -16,9 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cipherhive import certs, codec, fsutil, keys
-from cipherhive.errors import UserError
-from cipherhive.logs import event
+from cipherhive.ckks import codec, keys
+from cipherhive.pki import certs
+from cipherhive.runtime import fsutil
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.logs import event
 from cipherhive.server import metrics
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.guard import Guard, Runner

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cipherhive.logs import audit, bind_caller
+from cipherhive.runtime.logs import audit, bind_caller
 from cipherhive.server import metrics
 from cipherhive.server.identity import ANY_ROLE, Authenticator, Caller, Refusal
 from cipherhive.server.limits import Admission

@@ -23,8 +23,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cipherhive import certs
-from cipherhive.transport import NODE_NAME_METADATA
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import NODE_NAME_METADATA
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: The role a method needs when any certificate of the federation will do (health, reflection).

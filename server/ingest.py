@@ -18,8 +18,8 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 
-from cipherhive import c0sum, codec
-from cipherhive.commit import block_digest
+from cipherhive.ckks import c0_sum, codec
+from cipherhive.secagg.commit import block_digest
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server.guard import Runner
 from cipherhive.server.ingest_workers import ShardedSum
@@ -73,7 +73,7 @@ def _add_chunk(
             started = time.perf_counter()
             try:
                 ct = current.running.load(blob)
-            except (codec.CodecError, c0sum.UploadError) as exc:
+            except (codec.CodecError, c0_sum.UploadError) as exc:
                 raise _refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {first + offset}: {exc}"
                 ) from exc

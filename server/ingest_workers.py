@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import c0sum, failpoints
-from cipherhive.c0sum import UploadParser
-from cipherhive.commit import block_digest
+from cipherhive.ckks import c0_sum
+from cipherhive.ckks.c0_sum import UploadParser
+from cipherhive.runtime import failpoints
+from cipherhive.secagg.commit import block_digest
 from cipherhive.server.running_sum import MaskedSum
 
 log = logging.getLogger("cipherhive.server.ingest")
@@ -76,7 +77,7 @@ def shared_memory_free(path: str = "/dev/shm") -> int:
 @dataclass
 class Outcome:
     """What one request did: blocks added (or subtracted), CPU seconds, why it stopped, and
-    the hash of each block added (cipherhive.commit.block_digest, for the member's commit)."""
+    the hash of each block added (cipherhive.secagg.commit.block_digest, for the member's commit)."""
 
     done: list[int]
     busy: float
@@ -145,7 +146,7 @@ def _apply(
                 return Outcome(done, time.process_time() - started, why, digests)
             try:
                 c0 = running.load(data)
-            except c0sum.UploadError as exc:
+            except c0_sum.UploadError as exc:
                 return Outcome(done, time.process_time() - started, f"ciphertext {index}: {exc}", digests)
             if op == "add":
                 failpoints.hit("ingest.worker")  # tests: a worker dying in the middle of an upload
@@ -242,7 +243,7 @@ class IngestWorkers:
             future.result()
 
     def attach(self, num_blocks: int) -> ShardedSum:
-        shm = SharedMemory(create=True, size=max(1, num_blocks * c0sum.RECORD_BYTES))
+        shm = SharedMemory(create=True, size=max(1, num_blocks * c0_sum.RECORD_BYTES))
         try:
             running = ShardedSum(self, shm, num_blocks)
             self.broadcast(("attach", shm.name, num_blocks))
@@ -309,6 +310,6 @@ class ShardedSum(MaskedSum):
         """The round is over: workers unmap it, and its shared memory is freed."""
         with contextlib.suppress(WorkerLost):
             self.pool.broadcast(("detach",))
-        self._rows = np.zeros((0, c0sum.DEGREE), dtype="<u8")  # drop the view of the shared buffer
+        self._rows = np.zeros((0, c0_sum.DEGREE), dtype="<u8")  # drop the view of the shared buffer
         self._shm.close()
         self._shm.unlink()

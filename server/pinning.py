@@ -6,7 +6,7 @@ let one member lock the real ones out or make the server allocate whatever it
 announced. Now only the operator pins it, from ``[federation] layout`` in
 server.toml (read at start) or with ``cipherhive ctl federation init``
 (Admin.SetLayout); every layout is checked against the bounds in
-:mod:`cipherhive.layout` first. It can be replaced or reset only while no
+:mod:`cipherhive.federation.layout` first. It can be replaced or reset only while no
 round has been published (and none is open): published sums are tied to it.
 The server-side optimizer (``[optimizer]``) is pinned the same way: it may change
 only while no round is published (:func:`pin_optimizer`).
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cipherhive.config import ConfigError
-from cipherhive.fedopt import PLAIN_FEDAVG, OptimizerSpec
-from cipherhive.layout import Layout, LayoutError, describe_difference
-from cipherhive.logs import audit, event
+from cipherhive.federation.layout import Layout, LayoutError, describe_difference
+from cipherhive.federation.optimizer_settings import PLAIN_FEDAVG, OptimizerSpec
+from cipherhive.runtime.config import ConfigError
+from cipherhive.runtime.logs import audit, event
 from cipherhive.server.errors import RoundError
 
 if TYPE_CHECKING:

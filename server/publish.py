@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import grpc
 
+from cipherhive.secagg.wire import split_fields
 from cipherhive.server.errors import RoundError
 from cipherhive.server.spool import Spool, read_records
 from cipherhive.server.state import State
 from cipherhive.server.withdrawal import pruned_message
 from cipherhive.v1 import federation_pb2 as pb
-from cipherhive.wire import split_fields
 
 #: A chunk closes once it passes this size (a block is far smaller), keeping
 #: every message well under gRPC's default 4 MiB limit.

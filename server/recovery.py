@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from cipherhive.logs import event
+from cipherhive.runtime.logs import event
 from cipherhive.server import secagg
 from cipherhive.server.spool import read_records
 

@@ -37,9 +37,11 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from cipherhive import c0sum, codec, enrolment, failpoints
-from cipherhive.layout import Layout
-from cipherhive.logs import audit
+from cipherhive.ckks import c0_sum, codec
+from cipherhive.federation.layout import Layout
+from cipherhive.pki import enrolment_certs
+from cipherhive.runtime import failpoints
+from cipherhive.runtime.logs import audit
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server import pinning, recovery, scheduler, secagg, withdrawal
 from cipherhive.server import replay as replay_mod
@@ -153,7 +155,7 @@ class RoundManager:
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
         #: Revocations for enrolment certificates (set by the daemon; None: no CRL configured).
-        self.revocations: enrolment.RevocationCheck | None = None
+        self.revocations: enrolment_certs.RevocationCheck | None = None
         self._ca: x509.Certificate | None = None
         pinning.pin_configured(self)
         self.optimizer = pinning.pin_optimizer(self)
@@ -176,11 +178,11 @@ class RoundManager:
     # ------------------------------------------------------------ federation
 
     def new_sum(self, num_blocks: int, *, masked: bool) -> RunningSum | MaskedSum:
-        """A round's empty running sum: Σ c0 without SEAL when masked (cipherhive.c0sum)."""
+        """A round's empty running sum: Σ c0 without SEAL when masked (cipherhive.ckks.c0_sum)."""
         if masked:
             assert isinstance(self.codec, codec.PublicCodec), "masked rounds need the product's codec"
             if self.ingest is not None:
-                need = num_blocks * c0sum.RECORD_BYTES
+                need = num_blocks * c0_sum.RECORD_BYTES
                 free = shared_memory_free()
                 if free >= need + need // 16:
                     return self.ingest.attach(num_blocks)

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from cipherhive import c0sum, masking
-from cipherhive.c0sum import UploadParser
-from cipherhive.codec import ServerCodec
+from cipherhive.ckks import c0_sum
+from cipherhive.ckks.c0_sum import UploadParser
+from cipherhive.ckks.codec import ServerCodec
+from cipherhive.secagg import masking
 
 
 class RunningSum:
@@ -66,7 +67,7 @@ class RunningSum:
 
 
 class MaskedSum:
-    """A masked round's running Σ c0 (see :mod:`cipherhive.c0sum`): one uint64 row per block.
+    """A masked round's running Σ c0 (see :mod:`cipherhive.ckks.c0_sum`): one uint64 row per block.
 
     Same contract as :class:`RunningSum`, without SEAL: :meth:`load` parses and checks
     a block, :meth:`add` adds its c0 modulo q, :meth:`subtract` takes spooled blocks
@@ -79,7 +80,7 @@ class MaskedSum:
     ) -> None:
         self._parser = parser
         self._q = np.uint64(parser.modulus)
-        shape = (num_ciphertexts, c0sum.DEGREE)
+        shape = (num_ciphertexts, c0_sum.DEGREE)
         if buffer is None:
             self._rows = np.zeros(shape, dtype="<u8")
         else:
@@ -95,10 +96,10 @@ class MaskedSum:
         return c0
 
     def add(self, index: int, c0: np.ndarray) -> None:
-        c0sum.add_mod(self._rows[index], c0, self._q)
+        c0_sum.add_mod(self._rows[index], c0, self._q)
 
     def subtract_one(self, index: int, c0: np.ndarray) -> None:
-        c0sum.sub_mod(self._rows[index], c0, self._q)
+        c0_sum.sub_mod(self._rows[index], c0, self._q)
 
     def subtract(self, blobs: Iterable[bytes]) -> int:
         count = 0
@@ -110,8 +111,8 @@ class MaskedSum:
     def remove_self_masks(self, seeds: list[bytes]) -> None:
         """Subtract Σ PRG(b_i, block) mod q from every row: SecAgg §4's unmasking, no key needed."""
         for index, row in enumerate(self._rows):
-            masks = masking.self_mask_sum(seeds, index, self._parser.modulus, c0sum.DEGREE)
-            c0sum.sub_mod(row, masks, self._q)
+            masks = masking.self_mask_sum(seeds, index, self._parser.modulus, c0_sum.DEGREE)
+            c0_sum.sub_mod(row, masks, self._q)
 
     def serialized(self) -> Iterator[bytes]:
         for row in self._rows:

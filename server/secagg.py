@@ -42,9 +42,12 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cipherhive import enrolment, failpoints, masking
-from cipherhive.c0sum import seed_trailer_of
-from cipherhive.commit import (
+from cipherhive.ckks.c0_sum import seed_trailer_of
+from cipherhive.pki import enrolment_certs
+from cipherhive.runtime import failpoints
+from cipherhive.runtime.logs import audit, event
+from cipherhive.secagg import masking
+from cipherhive.secagg.commit import (
     SEEDS_LABEL,
     BlocksDigest,
     Commit,
@@ -52,13 +55,12 @@ from cipherhive.commit import (
     self_mask_digest,
     uploaded_digest,
 )
-from cipherhive.logs import audit, event
-from cipherhive.roster import Enrolment, roster_hash
+from cipherhive.secagg.roster import Enrolment, roster_hash
+from cipherhive.secagg.wire import WireError, fields
 from cipherhive.server.errors import RoundError
 from cipherhive.server.running_sum import MaskedSum
 from cipherhive.server.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
-from cipherhive.wire import WireError, fields
 
 if TYPE_CHECKING:
     from cipherhive.server.identity import Caller
@@ -145,8 +147,8 @@ def _check_entry(m: RoundManager, who: Caller, number: int, nonce: bytes, data: 
     ca = m.ca_certificate()
     revocations = m.revocations or _NothingRevoked()
     try:
-        ident = enrolment.verify_certificate(entry.certificate, ca, revocations)
-    except enrolment.EnrolmentError as exc:
+        ident = enrolment_certs.verify_certificate(entry.certificate, ca, revocations)
+    except enrolment_certs.EnrolmentError as exc:
         raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"enrolment certificate refused: {exc}") from None
     if ident.name != who.name or ident.tls_fingerprint != who.tls_fingerprint:
         raise _refuse(
@@ -154,7 +156,7 @@ def _check_entry(m: RoundManager, who: Caller, number: int, nonce: bytes, data: 
             f"the enrolment certificate is {ident.name!r}'s, issued with another TLS certificate; "
             "sign with this member's own NAME.enrol.key",
         )
-    if not enrolment.verify_signature(ident.public_key, entry.signature, entry.signed_bytes()):
+    if not enrolment_certs.verify_signature(ident.public_key, entry.signature, entry.signed_bytes()):
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the enrolment's signature does not verify")
     return Entry(who.name, data, entry.cert_fingerprint, ident.public_key)
 
@@ -289,7 +291,7 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
 
 @dataclass
 class UploadDigests:
-    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.commit).
+    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.secagg.commit).
 
     The seeds are hashed here, in order; each block's own hash comes from whoever
     checked it (this process, or the ingest worker that owns the block).
@@ -389,7 +391,7 @@ def _checked_commit(
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed commit ({exc})") from None
     if commit.roster_hash != roster_digest or commit.cert_fingerprint != entry.cert_fingerprint:
         raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the commit is for another roster or another member")
-    if not enrolment.verify_signature(entry.enrol_key, commit.signature, commit.signed_bytes()):
+    if not enrolment_certs.verify_signature(entry.enrol_key, commit.signature, commit.signed_bytes()):
         raise _refuse(
             grpc.StatusCode.INVALID_ARGUMENT, "the commit is not signed by this member's enrolment key"
         )

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cipherhive.logs import audit, event
+from cipherhive.runtime.logs import audit, event
 from cipherhive.server import metrics, secagg, views
 from cipherhive.server.guard import Runner, caller
 from cipherhive.server.identity import Authenticator, Refusal

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from cipherhive.fsutil import atomic_write, fsync_dir, private_dir
+from cipherhive.runtime.fsutil import atomic_write, fsync_dir, private_dir
 
 MAGIC = b"CHCT\x01"
 _LEN = struct.Struct("<I")

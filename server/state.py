@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cipherhive.errors import UserError
-from cipherhive.fsutil import private_dir, private_file
+from cipherhive.runtime.errors import UserError
+from cipherhive.runtime.fsutil import private_dir, private_file
 from cipherhive.server.schema import MIGRATIONS
 
 __all__ = [

@@ -15,8 +15,8 @@ from typing import TypeVar
 import grpc
 
 from cipherhive import __version__
-from cipherhive.layout import Layout, LayoutError
-from cipherhive.logs import audit
+from cipherhive.federation.layout import Layout, LayoutError
+from cipherhive.runtime.logs import audit
 from cipherhive.server import secagg
 from cipherhive.server.errors import RoundError
 from cipherhive.server.rounds import STATE_NAMES, RoundManager

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from cipherhive.logs import audit, event
+from cipherhive.runtime.logs import audit, event
 from cipherhive.server.errors import RoundError
 from cipherhive.server.state import OutcomeRow, RoundRow
 from cipherhive.v1 import federation_pb2 as pb

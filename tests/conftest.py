@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cipherhive import keys
-from cipherhive.codec import PublicCodec, SecretCodec
+from cipherhive.ckks import keys
+from cipherhive.ckks.codec import PublicCodec, SecretCodec
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from cipherhive import certs, codec, keys
-from cipherhive.chain import ChainHash, sum_digest
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout
-from cipherhive.ledger import ReleaseLedger
+from cipherhive.federation.layout import Layout
+from cipherhive.node.release_ledger import ReleaseLedger
 from cipherhive.node.secagg import MaskingSetup, Participation
 from cipherhive.node.sumproof import check_seed_hashes, verify_proof
 from cipherhive.node.update import leading
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import ClientTLS, channel
+from cipherhive.secagg.chain import ChainHash, sum_digest
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -164,7 +165,7 @@ class Member:
         blobs, seeds = self.fetch_sum(number)
         check_seed_hashes(proven, seeds)
         self.chain.apply(sum_digest(blobs))
-        # The sum is Σ c0 alone; c1 is rebuilt from the checked seeds (cipherhive.c0sum).
+        # The sum is Σ c0 alone; c1 is rebuilt from the checked seeds (cipherhive.ckks.c0_sum).
         decrypted = [
             self.codec.decrypt_c0_sum(blob, block_seeds, index)
             for index, (blob, block_seeds) in enumerate(zip(blobs, seeds, strict=True))

@@ -1,4 +1,4 @@
-"""A masked round's sum as Σ c0 (cipherhive.c0sum): the server's checks without SEAL, exact
+"""A masked round's sum as Σ c0 (cipherhive.ckks.c0_sum): the server's checks without SEAL, exact
 addition and rollback, unmasking, and a node's decryption with c1 rebuilt from the seeds;
 then the same through the ingest worker processes (cipherhive.server.ingest_workers)."""
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cipherhive import c0sum, codec, masking, sealformat
 from cipherhive.bench.ingest import spool_uploads
-from cipherhive.codec import PublicCodec, SecretCodec
-from cipherhive.masking import MaskPlan, SeedCheckFailed
+from cipherhive.ckks import c0_sum, codec, seal_format
+from cipherhive.ckks.codec import PublicCodec, SecretCodec
+from cipherhive.secagg import masking
+from cipherhive.secagg.masking import MaskPlan, SeedCheckFailed
 from cipherhive.server.ingest_workers import STRIPE, IngestWorkers, owner
 from cipherhive.server.running_sum import MaskedSum
 
@@ -69,7 +70,7 @@ def test_the_c0_sum_decrypts_to_the_sum_and_rolls_back_bit_for_bit(
     assert list(running.serialized()) == after
     running.remove_self_masks([p.self_seed for p in plans])
     records = list(running.serialized())
-    assert all(len(r) == c0sum.RECORD_BYTES for r in records)  # 8 bytes per value, not 16
+    assert all(len(r) == c0_sum.RECORD_BYTES for r in records)  # 8 bytes per value, not 16
     assert np.abs(_decrypt(secret, records, uploads) - truth).max() < 1e-8
 
 
@@ -95,7 +96,7 @@ def test_without_every_seed_or_with_the_self_masks_on_the_sum_is_noise(
 def test_a_node_refuses_what_seal_would_not_load(secret: SecretCodec, public: PublicCodec) -> None:
     uploads, _, _ = _uploads(secret, 1)
     seeds = [masking.upload_seed(u[0]) for u in uploads]
-    record = bytes(c0sum.RECORD_BYTES)
+    record = bytes(c0_sum.RECORD_BYTES)
     with pytest.raises(SeedCheckFailed, match="bytes"):
         secret.decrypt_c0_sum(record[:-8], seeds, 0)
     with pytest.raises(SeedCheckFailed, match="no seeds"):
@@ -117,8 +118,8 @@ def test_the_server_checks_every_upload_without_seal(secret: SecretCodec, public
     good = secret.encrypt_masked(np.ones(N), 0, MaskPlan.fresh([], secret.modulus))
     c0, seed = parser.parse(good)
     assert c0.shape == (N,) and seed == masking.upload_seed(good)
-    meta_at = sealformat.HEADER.size
-    c0_at = c0sum.UPLOAD_BYTES - c0sum.SEED_TRAILER_BYTES - c0sum.RECORD_BYTES
+    meta_at = seal_format.HEADER.size
+    c0_at = c0_sum.UPLOAD_BYTES - c0_sum.SEED_TRAILER_BYTES - c0_sum.RECORD_BYTES
     q = secret.modulus.to_bytes(8, "little")
     cases = [
         (good[:-1], "is 65730 bytes"),
@@ -126,11 +127,11 @@ def test_the_server_checks_every_upload_without_seal(secret: SecretCodec, public
         (_tampered(good, meta_at + 33, b"\x03"), "parameters"),  # size 3
         (_tampered(good, meta_at + 57, np.float64(2.0**30).tobytes()), "parameters"),  # scale
         (_tampered(good, c0_at + 8 * 5, q), "not reduced"),
-        (_tampered(good, c0sum.UPLOAD_BYTES - c0sum.SEED_TRAILER_BYTES + 16, b"\x09"), "seed"),
+        (_tampered(good, c0_sum.UPLOAD_BYTES - c0_sum.SEED_TRAILER_BYTES + 16, b"\x09"), "seed"),
         (_tampered(good, 0, b"\x00\x00"), "SEAL object"),
     ]
     for blob, why in cases:
-        with pytest.raises(c0sum.UploadError, match=why):
+        with pytest.raises(c0_sum.UploadError, match=why):
             parser.parse(blob)
 
 
@@ -171,7 +172,7 @@ def test_ingest_workers_add_their_stripes_roll_back_and_report_bad_blocks(
         bad = tmp_path / "bad.ct"
         blob = bytearray(Path(path).read_bytes())
         offset, length = items[STRIPE + 1][1], items[STRIPE + 1][2]
-        blob[offset + length - c0sum.SEED_TRAILER_BYTES + 16] = 9  # an unknown PRNG
+        blob[offset + length - c0_sum.SEED_TRAILER_BYTES + 16] = 9  # an unknown PRNG
         bad.write_bytes(bytes(blob))
         outcome = sharded.add_spooled("bad", str(bad), items)
         assert f"ciphertext {STRIPE + 1}" in outcome.error and "seed" in outcome.error

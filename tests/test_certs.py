@@ -1,4 +1,4 @@
-"""Tests for cipherhive.certs: CA layout, issuing, revocation, CLI and a real mTLS call."""
+"""Tests for cipherhive.pki.certs: CA layout, issuing, revocation, CLI and a real mTLS call."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cipherhive import certs, enrolment
+from cipherhive.pki import certs, enrolment_certs
 
 
 def _mode(path: Path) -> int:
@@ -598,7 +598,7 @@ def test_node_gets_an_enrolment_certificate(ca: Path, tmp_path: Path) -> None:
     assert not (ku.value.key_cert_sign or ku.value.key_agreement or ku.value.key_encipherment)
     eku = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     assert ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.SERVER_AUTH not in eku
-    assert eku == [enrolment.ENROL_EKU]
+    assert eku == [enrolment_certs.ENROL_EKU]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["cipherhive://node/acme/enrol"]
     assert cert.not_valid_after_utc == enrol.not_after
@@ -613,7 +613,7 @@ def test_node_gets_an_enrolment_certificate(ca: Path, tmp_path: Path) -> None:
     with pytest.raises(certs.CertificateError, match="SAN URI"):
         certs.peer_identity(enrol.cert_path.read_bytes())
     crl = _load_crl(ca / "crl.pem")
-    who = enrolment.verify_certificate(cert, _load_cert(ca / "ca.crt"), crl)
+    who = enrolment_certs.verify_certificate(cert, _load_cert(ca / "ca.crt"), crl)
     assert (who.name, who.role, who.serial) == ("acme", "node", enrol.serial)
     # It names the member's TLS certificate, so the fingerprint in an enrolment is certified.
     assert who.tls_fingerprint == _load_cert(issued.cert_path).fingerprint(hashes.SHA256())

@@ -1,4 +1,4 @@
-"""Tests for cipherhive.codec and the server's RunningSum, with real SEAL ciphertexts (no mocks)."""
+"""Tests for cipherhive.ckks.codec and the server's RunningSum, with real SEAL ciphertexts (no mocks)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cipherhive import codec, keys
-from cipherhive.codec import VALUES_PER_CIPHERTEXT, CodecError, PublicCodec, SecretCodec
+from cipherhive.ckks import codec, keys
+from cipherhive.ckks.codec import VALUES_PER_CIPHERTEXT, CodecError, PublicCodec, SecretCodec
 from cipherhive.server.running_sum import RunningSum
 
 # Offsets in SEAL's 16-byte serialization header ("<HBBBBHQ").

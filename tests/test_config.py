@@ -1,4 +1,4 @@
-"""Tests for cipherhive.config with the real ServerConfig and NodeConfig dataclasses."""
+"""Tests for cipherhive.runtime.config with the real ServerConfig and NodeConfig dataclasses."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive import config
-from cipherhive.config import ConfigError
 from cipherhive.node.config import NodeConfig
+from cipherhive.runtime import config
+from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import MIN_PARTICIPANTS_FLOOR, ServerConfig
 
 

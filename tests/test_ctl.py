@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from cipherhive.ctl.cli import register
 from cipherhive.ctl.report import render_report
 from cipherhive.demo.federation import LocalFederation, free_port
-from cipherhive.layout import Layout, TensorSpec
+from cipherhive.federation.layout import Layout, TensorSpec
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -445,7 +445,7 @@ def test_unreachable_server_is_exit_3(raw: Ctl, federation: LocalFederation) -> 
 def test_wrong_server_name_is_exit_3(ctl: Ctl) -> None:
     result = ctl("--server-name", "not-the-server.example", "status")
     assert result.code == 3
-    # The diagnosis the node gives too (cipherhive.transport.diagnose_tls), with ctl's flag names.
+    # The diagnosis the node gives too (cipherhive.runtime.transport.diagnose_tls), with ctl's flag names.
     assert (
         "wrong server name: the server's certificate is not valid for 'not-the-server.example'" in result.err
     )
@@ -675,8 +675,8 @@ def bare_server(tmp_path: Path) -> Iterator[LocalFederation]:
 
 
 def test_federation_init_and_reset(raw: Ctl, bare_server: LocalFederation) -> None:
-    from cipherhive import keys
-    from cipherhive.transport import ClientTLS, channel
+    from cipherhive.ckks import keys
+    from cipherhive.runtime.transport import ClientTLS, channel
 
     fed = bare_server
 

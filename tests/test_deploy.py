@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cipherhive import config
 from cipherhive.node.config import NodeConfig
+from cipherhive.runtime import config
 from cipherhive.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -571,7 +571,7 @@ def test_init_writes_keys_certificates_and_configs(init_output: Path) -> None:
         assert _mode(node.secret_context) == 0o600
         assert _mode(node.tls_key) == 0o600
         assert node.tls_cert.name == f"{name}.crt" and node.tls_ca.is_file()
-        # The member's enrolment pair (signs round enrolments; cipherhive.enrolment).
+        # The member's enrolment pair (signs round enrolments; cipherhive.pki.enrolment_certs).
         assert _mode(out / name / f"{name}.enrol.key") == 0o600
         assert (out / name / f"{name}.enrol.crt").is_file()
         assert _mode(out / name) == 0o700

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cipherhive import config
 from cipherhive.node.config import NodeConfig
+from cipherhive.runtime import config
 from cipherhive.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from cipherhive.dpaccount import DPEvent, _dp_event, epsilon, noise_multiplier_for
-from cipherhive.dpschedule import PrivacySchedule, ScheduleError
+from cipherhive.privacy.accountant import DPEvent, _dp_event, epsilon, noise_multiplier_for
+from cipherhive.privacy.schedule import PrivacySchedule, ScheduleError
 from cipherhive.v1 import federation_pb2 as pb
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+from cipherhive.privacy.schedule import PrivacySchedule
 from cipherhive.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.slow

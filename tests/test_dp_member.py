@@ -17,18 +17,9 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy.stats import norm
 
-from cipherhive import keys
-from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
-from cipherhive.config import ConfigError
-from cipherhive.dpmember import (
-    MemberMechanism,
-    equivalent_multiplier,
-    rounded_l1_bound,
-    rounded_l2_bound,
-    tau,
-)
-from cipherhive.dpschedule import PrivacySchedule, ScheduleError
-from cipherhive.layout import LEADING_VALUES
+from cipherhive.ckks import keys
+from cipherhive.ckks.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.federation.layout import LEADING_VALUES
 from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.dgauss import ExactSampler
@@ -37,6 +28,15 @@ from cipherhive.node.dp_random import DPRandom
 from cipherhive.node.member_dp import clip_update, noised_integers, privatize
 from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.update import UpdateError, check_update, weighted_blocks
+from cipherhive.privacy.member_level import (
+    MemberMechanism,
+    equivalent_multiplier,
+    rounded_l1_bound,
+    rounded_l2_bound,
+    tau,
+)
+from cipherhive.privacy.schedule import PrivacySchedule, ScheduleError
+from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb

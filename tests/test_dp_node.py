@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cipherhive.config import ConfigError
-from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedger, PrivacyLedgerError, ledger_path
 from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
 from cipherhive.node.update import UpdateError
+from cipherhive.privacy.schedule import PrivacySchedule
+from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
 from cipherhive.v1 import federation_pb2 as pb
 

@@ -2,7 +2,7 @@
 network mid-stream, restart everything, and check nothing acknowledged was lost or counted twice.
 
 The server and nodes die through named failpoints (``CIPHERHIVE_FAILPOINTS``, see
-common/failpoints.py), which SIGKILL the process at an exact point of a round, or through
+cipherhive/runtime/failpoints.py), which SIGKILL the process at an exact point of a round, or through
 SIGKILL from outside. The random soak (tests/soak.py) takes ``CIPHERHIVE_SOAK_SEED`` and
 ``CIPHERHIVE_SOAK_FAULTS``.
 """

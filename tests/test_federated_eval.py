@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cipherhive import codec, keys
-from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.ckks import codec, keys
+from cipherhive.ckks.codec import VALUE_RANGE, PublicCodec, SecretCodec
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES, LEADING_VALUES
+from cipherhive.federation.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES, LEADING_VALUES
 from cipherhive.node import federated_eval as fe
 from cipherhive.node import metrics
 from cipherhive.node.checks import CheckedApplier, SumLimits

@@ -21,10 +21,10 @@ import pytest
 import tenseal as ts
 import torch
 
-from cipherhive import keys
+from cipherhive.ckks import keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import EVAL_METRICS
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.federation.layout import EVAL_METRICS
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -23,9 +23,11 @@ import grpc
 import numpy as np
 import pytest
 
-from cipherhive import certs, codec, keys, logs
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.pki import certs
+from cipherhive.runtime import logs
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 from tests.test_hostile import LAYOUT, NUM_CTS, NUM_VALUES, _chunks

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cipherhive import certs, codec, keys
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout, TensorSpec
+from cipherhive.federation.layout import Layout, TensorSpec
 from cipherhive.node.update import leading
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -17,10 +17,10 @@ import grpc
 import pytest
 import torch
 
-from cipherhive import codec, keys
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.digits import build_model
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout, LayoutError, TensorSpec
+from cipherhive.federation.layout import Layout, LayoutError, TensorSpec
 from cipherhive.node.initial import PURPOSE, initial_model_hash
 from cipherhive.node.update import layout_of
 from cipherhive.server.config import ServerConfig
@@ -70,7 +70,7 @@ _SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from cipherhive import keys
+from cipherhive.ckks import keys
 from cipherhive.node.initial import PURPOSE
 from tests.test_initial_model import _fingerprint
 print(_fingerprint(keys.members_key(Path({secret!r}).read_bytes(), PURPOSE), 0)[1])

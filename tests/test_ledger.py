@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive import fsutil
-from cipherhive.ledger import FILE_NAME, LedgerError, ReleaseLedger
+from cipherhive.node.release_ledger import FILE_NAME, LedgerError, ReleaseLedger
+from cipherhive.runtime import fsutil
 
 
 @pytest.fixture()

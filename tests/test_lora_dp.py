@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cipherhive.demo.lora_task import create_base_model, member_data
-from cipherhive.dpschedule import PrivacySchedule
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
 from cipherhive.node.dp_random import DPRandom
@@ -25,6 +24,7 @@ from cipherhive.node.dp_sgd import DPUsageError
 from cipherhive.node.privacy import PrivacyGuard
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.trainers.lora import LoraTrainer
+from cipherhive.privacy.schedule import PrivacySchedule
 from cipherhive.v1 import federation_pb2 as pb
 from tests.test_dp_sgd import forbid_default_generators
 

@@ -8,10 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from cipherhive import codec, keys, masking, maskstream, sealformat
-from cipherhive.codec import PublicCodec, SecretCodec
-from cipherhive.masking import MaskPlan, SeedCheckFailed
+from cipherhive.ckks import codec, keys, seal_format
+from cipherhive.ckks.codec import PublicCodec, SecretCodec
 from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.secagg import mask_stream, masking
+from cipherhive.secagg.masking import MaskPlan, SeedCheckFailed
 from cipherhive.server.running_sum import RunningSum
 
 MEMBERS = 5
@@ -69,7 +70,7 @@ def test_pairwise_masks_cancel_and_a_wrong_sign_or_missing_pair_does_not() -> No
     def pairwise_total(plans_: list[MaskPlan]) -> np.ndarray:
         total = np.zeros(N, dtype=np.uint64)
         for plan in plans_:
-            maskstream.add_mod(total, masking.sum_masks(plan.pairs, 2, q, N), q)
+            mask_stream.add_mod(total, masking.sum_masks(plan.pairs, 2, q, N), q)
         return total
 
     assert not pairwise_total(plans).any()
@@ -96,8 +97,8 @@ def test_lazy_reduction_matches_term_by_term_addition() -> None:
     terms = [(os.urandom(32), 1 if i % 3 else -1) for i in range(40)]
     expected = np.zeros(N, dtype=np.uint64)
     for key, sign in terms:
-        m = maskstream.mask(key, 9, q, N)
-        maskstream.add_mod(expected, m if sign > 0 else maskstream.negate_mod(m, q), q)
+        m = mask_stream.mask(key, 9, q, N)
+        mask_stream.add_mod(expected, m if sign > 0 else mask_stream.negate_mod(m, q), q)
     assert np.array_equal(masking.sum_masks(terms, 9, q, N), expected)
 
 
@@ -107,8 +108,8 @@ def test_masked_uploads_stay_seeded_and_load_in_the_public_codec(
     plan = _plans(3, secret.modulus)[0]
     plain = secret.encrypt(_values(1))
     blob = secret.encrypt_masked(_values(1), 0, plan)
-    parsed = sealformat.read_ciphertext(blob)
-    assert parsed.seeded and sealformat.read_header(blob).compression == sealformat.COMPR_NONE
+    parsed = seal_format.read_ciphertext(blob)
+    assert parsed.seeded and seal_format.read_header(blob).compression == seal_format.COMPR_NONE
     assert len(blob) == 65730 and len(blob) <= len(plain)  # 8.02 bytes per value
     assert len(blob) / codec.VALUES_PER_CIPHERTEXT < 8.1
     ct = public.load(blob)
@@ -164,7 +165,7 @@ def test_seed_check_passes_an_honest_sum(secret: SecretCodec, public: PublicCode
 
 def test_seed_check_refuses_one_changed_coefficient_of_c1(secret: SecretCodec, public: PublicCodec) -> None:
     summed, seeds = _masked_sum(secret, public, 5)
-    ct = sealformat.read_ciphertext(summed)
+    ct = seal_format.read_ciphertext(summed)
     coefficients = ct.coefficients.copy()
     coefficients[N + 1234] = (int(coefficients[N + 1234]) + 1) % secret.modulus
     ct.coefficients = coefficients

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cipherhive.demo.federation import LocalFederation, free_port
-from cipherhive.layout import LEADING_VALUES
+from cipherhive.federation.layout import LEADING_VALUES
 from cipherhive.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.slow

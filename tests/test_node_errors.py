@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cipherhive import certs
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.transport import ClientTLS, TLSSettings, channel, diagnose_tls
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import ClientTLS, TLSSettings, channel, diagnose_tls
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import codec, keys
+from cipherhive.ckks import codec, keys
 from cipherhive.node import metrics
 from cipherhive.node.checkpoint import Checkpoint, NodeState, kept_name
 from cipherhive.node.config import NodeConfig

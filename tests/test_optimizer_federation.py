@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.fedopt import OptimizerSpec
+from cipherhive.federation.optimizer_settings import OptimizerSpec
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import codec, keys
-from cipherhive.config import ConfigError
-from cipherhive.fedopt import NAMES, PLAIN_FEDAVG, OptimizerError, OptimizerSpec
-from cipherhive.layout import LEADING_VALUES, Layout, TensorSpec
+from cipherhive.ckks import codec, keys
+from cipherhive.federation.layout import LEADING_VALUES, Layout, TensorSpec
+from cipherhive.federation.optimizer_settings import NAMES, PLAIN_FEDAVG, OptimizerError, OptimizerSpec
 from cipherhive.node.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
 from cipherhive.node.optimizers import ServerOptimizer, adopt, restored
+from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.rounds import RoundManager
 from cipherhive.server.spool import Spool
@@ -99,7 +99,7 @@ import hashlib, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_optimizers import _deltas, _run
-from cipherhive.fedopt import OptimizerSpec
+from cipherhive.federation.optimizer_settings import OptimizerSpec
 print(hashlib.sha256(_run(OptimizerSpec.make({name!r}), _deltas(5)).tobytes()).hexdigest())
 """
 

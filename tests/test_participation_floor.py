@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
-from cipherhive import codec, keys
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import Layout, TensorSpec
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.federation.layout import Layout, TensorSpec
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

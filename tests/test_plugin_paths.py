@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive import config
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.trainer import TrainerError, load_trainer
+from cipherhive.runtime import config
 
 PLUGIN = """
 from pathlib import Path

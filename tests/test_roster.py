@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cipherhive import certs, enrolment
-from cipherhive.chain import ChainHash, sum_digest
-from cipherhive.commit import (
+from cipherhive.pki import certs, enrolment_certs
+from cipherhive.secagg.chain import ChainHash, sum_digest
+from cipherhive.secagg.commit import (
     C0_LABEL,
     SEEDS_LABEL,
     Commit,
@@ -32,7 +32,7 @@ from cipherhive.commit import (
     require_all_commits,
     self_mask_digest,
 )
-from cipherhive.roster import (
+from cipherhive.secagg.roster import (
     Enrolment,
     Member,
     Roster,
@@ -44,7 +44,7 @@ from cipherhive.roster import (
     roster_hash,
     verify_roster,
 )
-from cipherhive.wire import WireError
+from cipherhive.secagg.wire import WireError
 
 NAMES = ("acme", "globex", "initech", "umbrella", "hooli")
 FED = hashlib.sha256(b"federation").digest()
@@ -81,7 +81,7 @@ def _party(issued: certs.IssuedCert) -> Party:
         name=issued.name,
         tls_fp=x509.load_pem_x509_certificate(tls_pem).fingerprint(hashes.SHA256()),
         enrol_cert=issued.enrolment.cert_path.read_bytes(),
-        enrol_key=enrolment.load_key(issued.enrolment.key_path),
+        enrol_key=enrolment_certs.load_key(issued.enrolment.key_path),
         tls_cert=tls_pem,
         tls_key=tls_key,
     )
@@ -370,7 +370,9 @@ def test_bad_signatures(fed: Fed) -> None:
     malleated = replace(good, signature=encode_dss_signature(r, N_ORDER - s))
     # Signed by a key the CA certified for someone else (eve's), under globex's certificate.
     unsigned = replace(good, signature=b"")
-    other_key = replace(good, signature=enrolment.sign(fed.parties["eve"].enrol_key, unsigned.signed_bytes()))
+    other_key = replace(
+        good, signature=enrolment_certs.sign(fed.parties["eve"].enrol_key, unsigned.signed_bytes())
+    )
     for forged in (swapped, malleated, other_key):
         with pytest.raises(RosterError, match="signature on the entry of 'globex' does not verify"):
             _verify(fed, rnd, [*rnd.wire("acme", "initech", "umbrella", "hooli"), forged.encode()])
@@ -419,7 +421,7 @@ def test_enrolment_round_trip_and_canonical_decode(fed: Fed) -> None:
     huge_cert = replace(entry, certificate=b"\0" * 4097).encode()
     with pytest.raises(WireError, match="enrolment certificate is 4097 bytes"):
         Enrolment.decode(huge_cert)
-    with pytest.raises(enrolment.EnrolmentError, match="does not belong"):
+    with pytest.raises(enrolment_certs.EnrolmentError, match="does not belong"):
         make_enrolment(
             binding=rnd.binding,
             cert_fingerprint=fed.parties["acme"].tls_fp,
@@ -646,6 +648,6 @@ def test_vector_chain_hash(tmp_path: Path) -> None:
 def test_enrolment_certificate_outside_its_validity(fed: Fed) -> None:
     cert = x509.load_pem_x509_certificate(fed.parties["acme"].enrol_cert)
     later = cert.not_valid_after_utc + timedelta(days=1)
-    with pytest.raises(enrolment.EnrolmentError, match="outside its validity"):
-        enrolment.verify_certificate(cert, fed.ca_cert, fed.crl(), now=later)
-    assert enrolment.verify_certificate(cert, fed.ca_cert, fed.crl()).name == "acme"
+    with pytest.raises(enrolment_certs.EnrolmentError, match="outside its validity"):
+        enrolment_certs.verify_certificate(cert, fed.ca_cert, fed.crl(), now=later)
+    assert enrolment_certs.verify_certificate(cert, fed.ca_cert, fed.crl()).name == "acme"

@@ -15,7 +15,8 @@ import pytest
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from cipherhive import codec, maskstream, sealformat
+from cipherhive.ckks import codec, seal_format
+from cipherhive.secagg import mask_stream
 
 
 @dataclass
@@ -87,16 +88,16 @@ def _values(seed: int) -> np.ndarray:
 
 def test_seeded_upload_layout(s: Seal) -> None:
     data = s.encrypt(_values(0))
-    header = sealformat.read_header(data)
-    assert header.compression == sealformat.COMPR_ZSTD and header.major == 4
-    ct = sealformat.read_ciphertext(data)
+    header = seal_format.read_header(data)
+    assert header.compression == seal_format.COMPR_ZSTD and header.major == 4
+    ct = seal_format.read_ciphertext(data)
     assert ct.seeded and ct.size == 2
     assert (ct.poly_modulus_degree, ct.coeff_modulus_size) == (codec.POLY_MODULUS_DEGREE, 1)
     assert ct.coefficients.shape == (codec.POLY_MODULUS_DEGREE,)
     assert int(ct.coefficients.max()) < s.q
     assert len(ct.seed) == 16 + 1 + 64  # nested header, PRNG type, seed
     again = ct.to_bytes()
-    assert sealformat.read_header(again).compression == sealformat.COMPR_NONE
+    assert seal_format.read_header(again).compression == seal_format.COMPR_NONE
     assert len(again) < len(data)  # zstd cannot shrink random coefficients
     # SEAL loads the rewritten bytes, and the server's validation accepts them.
     loaded = codec.PublicCodec(_public(s)).load(again)
@@ -113,7 +114,7 @@ def _public(s: Seal) -> bytes:
 def test_full_ciphertext_layout(s: Seal) -> None:
     acc = s.load_ct(s.encrypt(_values(1)))
     s.evaluator.add_inplace(acc, s.load_ct(s.encrypt(_values(2))))
-    ct = sealformat.read_ciphertext(s.saved(acc))
+    ct = seal_format.read_ciphertext(s.saved(acc))
     assert not ct.seeded and ct.size == 2
     assert ct.coefficients.shape == (2 * codec.POLY_MODULUS_DEGREE,)
     assert np.array_equal(ct.poly(1), ct.coefficients[codec.POLY_MODULUS_DEGREE :])
@@ -128,12 +129,12 @@ def test_masks_hide_one_upload_and_cancel_in_the_sum(s: Seal) -> None:
     seeds = [os.urandom(32) for _ in range(n)]
     uploads = []
     for i in range(n):
-        total = maskstream.mask(seeds[i], 0, s.q, size)
+        total = mask_stream.mask(seeds[i], 0, s.q, size)
         for (a, b), key in keys.items():
             if i in (a, b):
-                pair = maskstream.mask(key, 0, s.q, size)
-                maskstream.add_mod(total, pair if i == b else maskstream.negate_mod(pair, s.q), s.q)
-        uploads.append(sealformat.add_to_c0(s.encrypt(_values(10 + i)), total, s.q))
+                pair = mask_stream.mask(key, 0, s.q, size)
+                mask_stream.add_mod(total, pair if i == b else mask_stream.negate_mod(pair, s.q), s.q)
+        uploads.append(seal_format.add_to_c0(s.encrypt(_values(10 + i)), total, s.q))
     alone = s.decrypt(s.load_ct(uploads[0]))
     assert np.abs(alone).max() > 1e5, "a masked upload decrypts to noise of the modulus' size"
     assert abs(np.corrcoef(alone, _values(10))[0, 1]) < 0.05
@@ -142,9 +143,9 @@ def test_masks_hide_one_upload_and_cancel_in_the_sum(s: Seal) -> None:
         s.evaluator.add_inplace(acc, s.load_ct(blob))
     self_masks = np.zeros(size, dtype=np.uint64)
     for seed in seeds:
-        maskstream.add_mod(self_masks, maskstream.mask(seed, 0, s.q, size), s.q)
-    header = sealformat.read_header(uploads[0])
-    plain = s.load_plain(sealformat.plaintext_bytes(header, s.parms_id, codec.SCALE, self_masks))
+        mask_stream.add_mod(self_masks, mask_stream.mask(seed, 0, s.q, size), s.q)
+    header = seal_format.read_header(uploads[0])
+    plain = s.load_plain(seal_format.plaintext_bytes(header, s.parms_id, codec.SCALE, self_masks))
     s.evaluator.sub_plain_inplace(acc, plain)
     expected = sum(_values(10 + i) for i in range(n))
     assert np.abs(s.decrypt(acc) - expected).max() < 1e-8
@@ -153,12 +154,12 @@ def test_masks_hide_one_upload_and_cancel_in_the_sum(s: Seal) -> None:
 def test_plaintext_layout(s: Seal) -> None:
     plain = seal.Plaintext()
     s.encoder.encode(_values(3).view(np.complex128).tolist(), codec.SCALE, plain)
-    parms, scale, coeffs = sealformat.read_plaintext(s.saved(plain))
+    parms, scale, coeffs = seal_format.read_plaintext(s.saved(plain))
     assert parms == s.parms_id and scale == codec.SCALE
     assert coeffs.shape == (codec.POLY_MODULUS_DEGREE,)
     assert [plain.data(i) for i in (0, 1, 8191)] == [int(coeffs[i]) for i in (0, 1, 8191)]
-    header = sealformat.read_header(s.saved(plain))
-    rebuilt = s.load_plain(sealformat.plaintext_bytes(header, parms, scale, coeffs))
+    header = seal_format.read_header(s.saved(plain))
+    rebuilt = s.load_plain(seal_format.plaintext_bytes(header, parms, scale, coeffs))
     assert rebuilt.is_ntt_form() and rebuilt.coeff_count() == codec.POLY_MODULUS_DEGREE
     assert [rebuilt.data(i) for i in (0, 4096, 8191)] == [int(coeffs[i]) for i in (0, 4096, 8191)]
 
@@ -173,11 +174,11 @@ def test_plaintext_layout(s: Seal) -> None:
     ],
 )
 def test_damaged_bytes_are_refused(s: Seal, damage: object) -> None:
-    data = sealformat.read_ciphertext(s.encrypt(_values(4))).to_bytes()
-    with pytest.raises(sealformat.FormatError):
-        sealformat.read_ciphertext(damage(data))  # type: ignore[operator]
+    data = seal_format.read_ciphertext(s.encrypt(_values(4))).to_bytes()
+    with pytest.raises(seal_format.FormatError):
+        seal_format.read_ciphertext(damage(data))  # type: ignore[operator]
 
 
 def test_mask_of_the_wrong_size_is_refused(s: Seal) -> None:
-    with pytest.raises(sealformat.FormatError, match="coefficients"):
-        sealformat.add_to_c0(s.encrypt(_values(5)), np.zeros(10, dtype=np.uint64), s.q)
+    with pytest.raises(seal_format.FormatError, match="coefficients"):
+        seal_format.add_to_c0(s.encrypt(_values(5)), np.zeros(10, dtype=np.uint64), s.q)

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import codec, masking, sealformat
+from cipherhive.ckks import codec, seal_format
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import LEADING_VALUES, Layout
+from cipherhive.federation.layout import LEADING_VALUES, Layout
+from cipherhive.secagg import masking
 from cipherhive.server.running_sum import MaskedSum
 from cipherhive.server.spool import encode_records, read_records
 from cipherhive.v1 import federation_pb2 as pb
@@ -263,12 +264,12 @@ def _tamper_c1(sum_file: Path, secret: codec.SecretCodec) -> None:
     that wants a node to decrypt a c1 of its choosing must send full ciphertexts (the
     form sums had before), and then every block's c1 must be Σ expand(seed).
     """
-    frame = sealformat.read_ciphertext(secret.encrypt(np.zeros(1)))
+    frame = seal_format.read_ciphertext(secret.encrypt(np.zeros(1)))
     blobs = []
     for index, record in enumerate(read_records(sum_file)):
         c0 = np.frombuffer(record, dtype="<u8")
         c1 = np.full_like(c0, 1 + index)  # known to the server: decryption would give c0 + s
-        full = sealformat.Ciphertext(frame.header, frame.meta, 8192, 1, 2, np.concatenate([c0, c1]), b"")
+        full = seal_format.Ciphertext(frame.header, frame.meta, 8192, 1, 2, np.concatenate([c0, c1]), b"")
         blobs.append(full.to_bytes())
     sum_file.write_bytes(b"".join(encode_records(blobs)))
 
@@ -415,8 +416,8 @@ def test_a_hostile_members_steps_are_refused_and_the_round_still_publishes(
     seed that is not the committed one each get their status; the honest round then completes."""
     import grpc
 
-    from cipherhive.commit import make_commit, self_mask_digest
     from cipherhive.node.secagg import Participation
+    from cipherhive.secagg.commit import make_commit, self_mask_digest
 
     fed = _federation(tmp_path, nodes=4)
     stopper.append(fed)

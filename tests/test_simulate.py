@@ -18,7 +18,7 @@ from cipherhive.demo.plugin_ref import PluginError, plugin_ref
 from cipherhive.demo.sim_result import SimulationError
 from cipherhive.demo.simulate_cli import node_options
 from cipherhive.demo.simulation import check_arguments, simulate
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 from cipherhive.server.state import State
 
 ROOT = Path(__file__).resolve().parent.parent

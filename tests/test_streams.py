@@ -32,10 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from cipherhive import certs, keys
+from cipherhive.ckks import keys
 from cipherhive.cli import main as cli_main
 from cipherhive.demo.federation import LocalFederation, free_port
-from cipherhive.layout import Layout
+from cipherhive.federation.layout import Layout
+from cipherhive.pki import certs
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Folder of the repository -> import name (the same mapping as pyproject's package-dir).
-PACKAGES = {"common": "cipherhive", "server": "server", "node": "node", "demo": "demo"}
 
 
 def _import_tree(tmp_path: Path) -> Path:
     """Lay the repository out under its import names so mypy sees `cipherhive.*`."""
     top = tmp_path / "cipherhive"
     top.mkdir()
-    for source in (ROOT / "common").iterdir():
-        if source.suffix in (".py", ".typed"):
-            (top / source.name).symlink_to(source)
+    for source in (ROOT / "cipherhive").iterdir():
+        if source.suffix in (".py", ".typed") or (source / "__init__.py").exists():
+            (top / source.name).symlink_to(source, target_is_directory=source.is_dir())
     for folder in ("server", "node", "demo", "ctl", "bench"):
         (top / folder).symlink_to(ROOT / folder, target_is_directory=True)
     (top / "v1").symlink_to(ROOT / "proto" / "cipherhive" / "v1", target_is_directory=True)

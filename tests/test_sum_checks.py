@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import certs, codec, keys
+from cipherhive.ckks import codec, keys
 from cipherhive.demo.digits import DigitsTrainer
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.layout import LEADING_VALUES, Layout
+from cipherhive.federation.layout import LEADING_VALUES, Layout
 from cipherhive.node.trainer import federated_tensors
 from cipherhive.node.update import layout_of
-from cipherhive.transport import ClientTLS, channel
+from cipherhive.pki import certs
+from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cipherhive.transport import ClientTLS, diagnose_tls
+from cipherhive.runtime.transport import ClientTLS, diagnose_tls
 
 
 def _cert(

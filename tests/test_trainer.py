@@ -154,7 +154,7 @@ def test_object_without_train(plugin: ModuleType, name: str) -> None:
 
 
 def test_trainer_error_is_a_user_error() -> None:
-    from cipherhive.errors import UserError
+    from cipherhive.runtime.errors import UserError
 
     with pytest.raises(UserError):
         load_trainer("bad")

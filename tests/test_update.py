@@ -1,4 +1,4 @@
-"""Tests for cipherhive.node.update (weighting, FedAvg mean, model <-> vector) and cipherhive.layout."""
+"""Tests for cipherhive.node.update (weighting, FedAvg mean, model <-> vector) and the layout."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cipherhive import codec, keys
-from cipherhive.codec import VALUE_RANGE, PublicCodec, SecretCodec
-from cipherhive.layout import CHECK_SLOT, EVAL_VALUES, LEADING_VALUES, Layout, TensorSpec, describe_difference
+from cipherhive.ckks import codec, keys
+from cipherhive.ckks.codec import VALUE_RANGE, PublicCodec, SecretCodec
+from cipherhive.federation.layout import (
+    CHECK_SLOT,
+    EVAL_VALUES,
+    LEADING_VALUES,
+    Layout,
+    TensorSpec,
+    describe_difference,
+)
 from cipherhive.node import update
 from cipherhive.node.checks import (
     CheckedApplier,

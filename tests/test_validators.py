@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cipherhive import codec, keys
-from cipherhive.layout import Layout, TensorSpec
+from cipherhive.ckks import codec, keys
+from cipherhive.federation.layout import Layout, TensorSpec
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.ingest import SUBMISSION_ID, validate_header
 from cipherhive.server.rounds import RoundError, RoundManager

@@ -18,8 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
-from cipherhive import codec, keys
-from cipherhive.layout import Layout, LayoutError, TensorSpec, check_bounds
+from cipherhive.ckks import codec, keys
+from cipherhive.federation.layout import Layout, LayoutError, TensorSpec, check_bounds
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.events import Subscription
 from cipherhive.server.publish import stream_sum

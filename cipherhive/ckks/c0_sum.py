@@ -12,7 +12,7 @@ server need not expand seeds, nor add or send c1 at all:
   SEAL's own ``add``, coefficient by coefficient, on NTT-form polynomials);
 * **published sum**: Σ c0 (self-masks removed), :data:`RECORD_BYTES` per block,
   8 bytes per value instead of the full ciphertext's 16;
-* **node** (:meth:`cipherhive.codec.SecretCodec.decrypt_c0_sum`): loads Σ c0 with
+* **node** (:meth:`cipherhive.ckks.codec.SecretCodec.decrypt_c0_sum`): loads Σ c0 with
   the first member's seed and adds the other members' seeded zeros, so SEAL
   itself expands c1 = Σ expand(seed_i) from the seeds the members signed. The
   server chooses nothing in c1, by construction.
@@ -28,9 +28,9 @@ import struct
 
 import numpy as np
 
-from cipherhive import sealformat
+from cipherhive.ckks import seal_format
 
-#: The federation's parameters fix these (cipherhive.codec): N and one data prime.
+#: The federation's parameters fix these (cipherhive.ckks.codec): N and one data prime.
 DEGREE = 8192
 #: One published block: Σ c0 as little-endian uint64.
 RECORD_BYTES = DEGREE * 8
@@ -38,11 +38,11 @@ RECORD_BYTES = DEGREE * 8
 _META = struct.Struct("<4QB3QdQ")
 _COUNT = struct.Struct("<Q")
 #: SEAL's UniformRandomGeneratorInfo: its header, the PRNG type, a 512-bit seed.
-SEED_TRAILER_BYTES = sealformat.HEADER.size + 1 + 64
+SEED_TRAILER_BYTES = seal_format.HEADER.size + 1 + 64
 #: prng_type values SEAL 4 can expand (blake2xb, shake256).
 KNOWN_PRNGS = (1, 2)
-_ARRAY_BYTES = sealformat.HEADER.size + _COUNT.size + RECORD_BYTES
-UPLOAD_BYTES = sealformat.HEADER.size + _META.size + _ARRAY_BYTES + SEED_TRAILER_BYTES
+_ARRAY_BYTES = seal_format.HEADER.size + _COUNT.size + RECORD_BYTES
+UPLOAD_BYTES = seal_format.HEADER.size + _META.size + _ARRAY_BYTES + SEED_TRAILER_BYTES
 
 
 class UploadError(ValueError):
@@ -70,25 +70,25 @@ class UploadParser:
                 f"this one is {len(view)}"
             )
         try:
-            header = sealformat.read_header(view)
-        except sealformat.FormatError as exc:
+            header = seal_format.read_header(view)
+        except seal_format.FormatError as exc:
             raise UploadError(str(exc)) from exc
-        if header.size != UPLOAD_BYTES or header.compression != sealformat.COMPR_NONE:
+        if header.size != UPLOAD_BYTES or header.compression != seal_format.COMPR_NONE:
             raise UploadError("a masked upload block must be an uncompressed SEAL object of its own length")
-        at = sealformat.HEADER.size
+        at = seal_format.HEADER.size
         if view[at : at + _META.size] != self._meta:
             raise UploadError(
                 "the block's parameters (parms_id, NTT form, size, N, scale) are not this federation's"
             )
         at += _META.size
         try:
-            inner = sealformat.read_header(view, at)
-        except sealformat.FormatError as exc:
+            inner = seal_format.read_header(view, at)
+        except seal_format.FormatError as exc:
             raise UploadError(f"c0: {exc}") from exc
-        (count,) = _COUNT.unpack_from(view, at + sealformat.HEADER.size)
-        if inner.size != _ARRAY_BYTES or inner.compression != sealformat.COMPR_NONE or count != DEGREE:
+        (count,) = _COUNT.unpack_from(view, at + seal_format.HEADER.size)
+        if inner.size != _ARRAY_BYTES or inner.compression != seal_format.COMPR_NONE or count != DEGREE:
             raise UploadError(f"c0 must be an uncompressed array of {DEGREE} coefficients")
-        at += sealformat.HEADER.size + _COUNT.size
+        at += seal_format.HEADER.size + _COUNT.size
         c0 = np.frombuffer(view, dtype="<u8", count=DEGREE, offset=at)
         if int(c0.max()) >= self.modulus:
             raise UploadError("c0 holds a coefficient that is not reduced modulo the data prime")
@@ -99,14 +99,14 @@ class UploadParser:
 
 def check_seed_trailer(trailer: bytes) -> None:
     try:
-        seed_header = sealformat.read_header(trailer)
-    except sealformat.FormatError as exc:
+        seed_header = seal_format.read_header(trailer)
+    except seal_format.FormatError as exc:
         raise UploadError(f"seed: {exc}") from exc
     if (
         len(trailer) != SEED_TRAILER_BYTES
         or seed_header.size != SEED_TRAILER_BYTES
-        or seed_header.compression != sealformat.COMPR_NONE
-        or trailer[sealformat.HEADER.size] not in KNOWN_PRNGS
+        or seed_header.compression != seal_format.COMPR_NONE
+        or trailer[seal_format.HEADER.size] not in KNOWN_PRNGS
     ):
         raise UploadError("the block's seed is not a PRNG seed SEAL can expand")
 

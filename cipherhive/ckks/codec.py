@@ -7,17 +7,17 @@ carries 8192 values per ciphertext; and SEAL's symmetric encryption saves the
 ciphertext *seeded* (its random half replaced by a PRNG seed), so an upload
 costs about 8 bytes per value. An unmasked round's sum is a full ciphertext
 (about 16 bytes per value); a masked round's is Σ c0 alone (8 bytes per value,
-:mod:`cipherhive.c0sum`), whose c1 nodes rebuild from the members' seeds.
+:mod:`cipherhive.ckks.c0_sum`), whose c1 nodes rebuild from the members' seeds.
 
 Three roles use this module:
 
 * node, encode + encrypt: :class:`SecretCodec.encrypt`;
 * server, load + add: :class:`PublicCodec.load` / :class:`RunningSum` (masked rounds:
-  :class:`cipherhive.c0sum.UploadParser` / ``MaskedSum``, no SEAL);
+  :class:`cipherhive.ckks.c0_sum.UploadParser` / ``MaskedSum``, no SEAL);
 * node, decrypt + decode: :class:`SecretCodec.decrypt` (masked: :meth:`SecretCodec.decrypt_c0_sum`).
 
 Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; issue 11) hooks in
-here without changing the ciphertext format (see :mod:`cipherhive.masking`):
+here without changing the ciphertext format (see :mod:`cipherhive.secagg.masking`):
 :meth:`SecretCodec.encrypt_masked` adds the masks to c0 of the seeded upload,
 the server takes the released self-masks off Σ c0 (no key), and
 :meth:`SecretCodec.decrypt_c0_sum` rebuilds the sum's second component from the
@@ -41,8 +41,9 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as seal
 
-from cipherhive import c0sum, masking, sealformat
-from cipherhive.errors import UserError
+from cipherhive.ckks import c0_sum, seal_format
+from cipherhive.runtime.errors import UserError
+from cipherhive.secagg import masking
 
 POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 60)
@@ -218,15 +219,15 @@ class PublicCodec:
         self._mem = _MemFile()
         # SEAL's header (magic, version) as this SEAL writes it: the template for
         # plaintexts built by hand (the released self-masks).
-        self._plain_header = sealformat.read_header(self._mem.saved(seal.Plaintext()))
+        self._plain_header = seal_format.read_header(self._mem.saved(seal.Plaintext()))
 
     @property
     def modulus(self) -> int:
         return self._s.modulus
 
-    def upload_parser(self) -> c0sum.UploadParser:
+    def upload_parser(self) -> c0_sum.UploadParser:
         """What a masked round's sum needs to check and add uploads without SEAL."""
-        return c0sum.UploadParser(tuple(self._parms_id), SCALE, self._s.modulus)
+        return c0_sum.UploadParser(tuple(self._parms_id), SCALE, self._s.modulus)
 
     def load(self, data: bytes) -> seal.Ciphertext:
         """Parse and validate one ciphertext against the federation's parameters."""
@@ -253,11 +254,11 @@ class PublicCodec:
         """Subtract Σ PRG(b_i, block) mod q from ``sum_ct`` in place: SecAgg §4's unmasking.
 
         Needs no key: the released self-mask seeds give a plaintext (NTT form,
-        this context's parms_id and scale, built with :mod:`cipherhive.sealformat`
+        this context's parms_id and scale, built with :mod:`cipherhive.ckks.seal_format`
         since sealapi cannot set a plaintext's coefficients) that SEAL subtracts.
         """
         coeffs = masking.self_mask_sum(seeds, block_index, self._s.modulus, POLY_MODULUS_DEGREE)
-        data = sealformat.plaintext_bytes(self._plain_header, tuple(self._parms_id), SCALE, coeffs)
+        data = seal_format.plaintext_bytes(self._plain_header, tuple(self._parms_id), SCALE, coeffs)
         plain = seal.Plaintext()
         plain.load(self._s.seal_context, self._mem.write(data))
         self._s.evaluator.sub_plain_inplace(sum_ct, plain)
@@ -286,8 +287,8 @@ class SecretCodec:
         fresh = masking.mask_ciphertext(
             self.encrypt(np.zeros(1)), 0, masking.MaskPlan.fresh([], s.modulus), POLY_MODULUS_DEGREE
         )
-        self._head = fresh[: c0sum.UPLOAD_BYTES - c0sum.SEED_TRAILER_BYTES - c0sum.RECORD_BYTES]
-        self._zero_c0 = bytes(c0sum.RECORD_BYTES)
+        self._head = fresh[: c0_sum.UPLOAD_BYTES - c0_sum.SEED_TRAILER_BYTES - c0_sum.RECORD_BYTES]
+        self._zero_c0 = bytes(c0_sum.RECORD_BYTES)
 
     def encrypt(self, values: np.ndarray) -> bytes:
         """Encrypt up to VALUES_PER_CIPHERTEXT reals into one seeded ciphertext."""
@@ -302,7 +303,7 @@ class SecretCodec:
 
     @property
     def modulus(self) -> int:
-        """The data prime q (what a :class:`cipherhive.masking.MaskPlan` needs)."""
+        """The data prime q (what a :class:`cipherhive.secagg.masking.MaskPlan` needs)."""
         return self._s.modulus
 
     def encrypt_masked(self, values: np.ndarray, block_index: int, plan: masking.MaskPlan) -> bytes:
@@ -317,7 +318,7 @@ class SecretCodec:
         return masking.mask_ciphertext(self.encrypt(values), block_index, plan, POLY_MODULUS_DEGREE)
 
     def check_seeds(self, sum_bytes: bytes, seeds: list[bytes], block_index: int = 0) -> None:
-        """Raise :class:`cipherhive.masking.SeedCheckFailed` unless c1 of the sum is Σ expand(seed).
+        """Raise :class:`cipherhive.secagg.masking.SeedCheckFailed` unless c1 of the sum is Σ expand(seed).
 
         Run on every block *before* decrypting it: a sum whose second component is
         not the one the members' signed seeds produce could be a ciphertext chosen by
@@ -331,8 +332,8 @@ class SecretCodec:
             return masking.SeedCheckFailed(block_index, f"block {block_index} of the sum {why}")
 
         try:
-            summed = sealformat.read_ciphertext(sum_bytes)
-        except sealformat.FormatError as exc:
+            summed = seal_format.read_ciphertext(sum_bytes)
+        except seal_format.FormatError as exc:
             raise fail(f"is not a ciphertext ({exc})") from exc
         if summed.seeded or summed.size != 2 or summed.coeff_modulus_size != 1:
             raise fail("is not a full two-component ciphertext at the data prime")
@@ -342,19 +343,19 @@ class SecretCodec:
         for seed in seeds:
             try:
                 ct = _load_ciphertext(self._s.seal_context, self._mem, masking.seeded_zero(summed, seed))
-            except (CodecError, sealformat.FormatError) as exc:
+            except (CodecError, seal_format.FormatError) as exc:
                 raise fail("comes with a seed SEAL cannot expand") from exc
             if acc is None:
                 acc = ct
             else:
                 self._s.evaluator.add_inplace(acc, ct)
         assert acc is not None
-        expected = sealformat.read_ciphertext(self._mem.saved(acc)).poly(1)
+        expected = seal_format.read_ciphertext(self._mem.saved(acc)).poly(1)
         if not np.array_equal(expected, summed.poly(1)):
             raise fail("does not match the members' seeds (second component differs)")
 
     def decrypt_c0_sum(self, record: bytes, seeds: list[bytes], block_index: int = 0) -> np.ndarray:
-        """Decrypt one block of a masked round's sum, published as Σ c0 alone (:mod:`cipherhive.c0sum`).
+        """Decrypt one block of a masked round's sum, published as Σ c0 alone (:mod:`cipherhive.ckks.c0_sum`).
 
         c1 is rebuilt here as Σ expand(seed_i) by SEAL itself: Σ c0 is loaded with the
         first member's seed, then each other member's seeded zero is loaded and added.
@@ -366,8 +367,8 @@ class SecretCodec:
         def fail(why: str) -> masking.SeedCheckFailed:
             return masking.SeedCheckFailed(block_index, f"block {block_index} of the sum {why}")
 
-        if len(record) != c0sum.RECORD_BYTES:
-            raise fail(f"is {len(record)} bytes; Σ c0 of one block is {c0sum.RECORD_BYTES}")
+        if len(record) != c0_sum.RECORD_BYTES:
+            raise fail(f"is {len(record)} bytes; Σ c0 of one block is {c0_sum.RECORD_BYTES}")
         if not seeds:
             raise fail("comes with no seeds")
         acc: seal.Ciphertext | None = None

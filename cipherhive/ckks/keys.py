@@ -16,8 +16,8 @@ from pathlib import Path
 
 import tenseal as ts
 
-from cipherhive import codec
-from cipherhive.fsutil import atomic_write
+from cipherhive.ckks import codec
+from cipherhive.runtime.fsutil import atomic_write
 
 SECRET_FILE = "secret.ctx"
 PUBLIC_FILE = "public.ctx"

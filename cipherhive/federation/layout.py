@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 from cipherhive.v1 import federation_pb2 as pb
 
 #: Bounds on any layout the server accepts (SetLayout, Join, the layout file). A layout

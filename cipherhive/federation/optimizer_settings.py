@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 from cipherhive.v1 import federation_pb2 as pb
 
 NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi")

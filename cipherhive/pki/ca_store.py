@@ -1,8 +1,8 @@
 """The CA's on-disk state: crash-safe file helpers, the index ``issued.json`` and the CRL.
 
-Split out of :mod:`cipherhive.certs` so that both the TLS certificates
+Split out of :mod:`cipherhive.pki.certs` so that both the TLS certificates
 (``certs``) and the enrolment certificates of the masked round
-(:mod:`cipherhive.enrolment`) record themselves in the same index and are
+(:mod:`cipherhive.pki.enrolment_certs`) record themselves in the same index and are
 revoked through the same CRL. Nothing here is public API: ``certs``
 re-exports what operators and tests use.
 

@@ -15,8 +15,8 @@ CA directory layout::
     crl.pem      signed X.509 CRL, rewritten on CA creation and every revoke
 
 A node also receives an enrolment certificate (``NAME.enrol.crt``/``.key``) for
-signing round enrolments; see :mod:`cipherhive.enrolment`. The index and CRL
-code lives in :mod:`cipherhive.castore`.
+signing round enrolments; see :mod:`cipherhive.pki.enrolment_certs`. The index and CRL
+code lives in :mod:`cipherhive.pki.ca_store`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cipherhive import enrolment
-from cipherhive.castore import (
+from cipherhive.pki import enrolment_certs
+from cipherhive.pki.ca_store import (
     CA_CERT,
     CA_KEY,
     CRL,
@@ -332,11 +332,11 @@ def issue(
             cert_path=str(cert_path.absolute()),
             key_path=str(key_path.absolute()),
         )
-        # A member also gets the key it signs round enrolments with (cipherhive.enrolment).
+        # A member also gets the key it signs round enrolments with (cipherhive.pki.enrolment_certs).
         enrol: tuple[Entry, bytes, bytes] | None = None
-        if role == enrolment.MEMBER_ROLE:
+        if role == enrolment_certs.MEMBER_ROLE:
             enrol_key = ec.generate_private_key(ec.SECP256R1())
-            enrol_cert = enrolment.build_certificate(
+            enrol_cert = enrolment_certs.build_certificate(
                 ca_key=ca_key,
                 ca_cert=ca_cert,
                 authority_key_id=authority_key_id(ca_key, ca_cert),
@@ -347,7 +347,7 @@ def issue(
                 not_before=now - _CLOCK_SKEW,
                 not_after=not_after,
             )
-            enrol_cert_path, enrol_key_path = enrolment.paths(out_dir, name)
+            enrol_cert_path, enrol_key_path = enrolment_certs.paths(out_dir, name)
             enrol = (
                 Entry(
                     serial=enrol_cert.serial_number,
@@ -373,7 +373,7 @@ def issue(
             staged.append((stage(cert_path, cert_pem, 0o644), cert_path))
             if enrol is not None:
                 _, enrol_pem, enrol_key_pem = enrol
-                enrol_cert_file, enrol_key_file = enrolment.paths(out_dir, name)
+                enrol_cert_file, enrol_key_file = enrolment_certs.paths(out_dir, name)
                 staged.append((stage(enrol_key_file, enrol_key_pem, 0o600), enrol_key_file))
                 staged.append((stage(enrol_cert_file, enrol_pem, 0o644), enrol_cert_file))
             if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():

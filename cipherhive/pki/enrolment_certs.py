@@ -21,7 +21,7 @@ node`` and revoked with the member's TLS certificate. Why a separate key:
   with serverAuth or clientAuth, or without the purpose URI) as an enrolment
   certificate;
 * its SAN URI ``cipherhive://node/NAME/enrol`` says what it is, and
-  :func:`cipherhive.certs.peer_identity` refuses it as a TLS identity;
+  :func:`cipherhive.pki.certs.peer_identity` refuses it as a TLS identity;
 * it names the member's TLS certificate (``TLS_BINDING``: the SHA-256 of its
   DER, issued in the same step), so the TLS fingerprint in an enrolment, which
   orders the pairs and names the member to its peers, is certified too.
@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cipherhive.castore import leaf_builder, utcnow
-from cipherhive.fsutil import require_private_file
+from cipherhive.pki.ca_store import leaf_builder, utcnow
+from cipherhive.runtime.fsutil import require_private_file
 
 __all__ = [
     "ENROL_EKU",
@@ -80,7 +80,7 @@ class EnrolmentError(ValueError):
 
 
 class RevocationCheck(Protocol):
-    """What :class:`cipherhive.certs.RevocationList` offers: a live answer per serial."""
+    """What :class:`cipherhive.pki.certs.RevocationList` offers: a live answer per serial."""
 
     def is_revoked(self, serial: int) -> bool: ...
 

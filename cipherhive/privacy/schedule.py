@@ -6,7 +6,7 @@ compares the *ε* the schedule would cost it (its ledger's history plus the
 rounds still planned) with its own limit, not individual parameters: a larger
 sample rate with more noise may cost less than the schedule it expected.
 
-In ``member`` mode (member-level distributed DP, :mod:`cipherhive.dpmember`)
+In ``member`` mode (member-level distributed DP, :mod:`cipherhive.privacy.member_level`)
 one round is one Gaussian event at sampling rate 1 with the multiplier the
 mechanism guarantees; ``sample_rate`` and ``steps_per_round`` are unused.
 """
@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cipherhive.dpaccount import DPEvent, epsilon
-from cipherhive.dpmember import MemberMechanism
+from cipherhive.privacy.accountant import DPEvent, epsilon
+from cipherhive.privacy.member_level import MemberMechanism
 from cipherhive.v1 import federation_pb2 as pb
 
 __all__ = ["MODES", "PrivacySchedule", "ScheduleError"]
@@ -44,7 +44,7 @@ class PrivacySchedule:
     noise_multiplier: float = 0.0
     steps_per_round: int = 0
     max_grad_norm: float = 0.0
-    # Member mode only (see cipherhive.dpmember): floor k, colluders t, grid 2^-grid_bits, values.
+    # Member mode only (see cipherhive.privacy.member_level): floor k, colluders t, grid 2^-grid_bits, values.
     min_members: int = 0
     colluders: int = 0
     grid_bits: int = 0

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cipherhive.errors import UserError
+from cipherhive.runtime.errors import UserError
 
 T = TypeVar("T")
 

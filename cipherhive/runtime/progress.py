@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("cipherhive.progress")
+log = logging.getLogger("cipherhive.runtime.progress")
 
 
 def track(items: Iterable[T], total: int, description: str, **fields: object) -> Iterator[T]:

@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from cipherhive.fsutil import require_private_file
+from cipherhive.runtime.fsutil import require_private_file
 
-log = logging.getLogger("cipherhive.transport")
+log = logging.getLogger("cipherhive.runtime.transport")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Where an --insecure client declares its node name (no certificate to take it from).

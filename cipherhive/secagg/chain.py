@@ -4,12 +4,12 @@ SecAgg (Bonawitz et al., CCS 2017, §6) adds a consistency check so that a
 malicious server cannot show different members different views of one round.
 cipherhive extends that across rounds: each member enrols with a chain hash
 over the sums it applied, and a roster only holds entries with the same
-chain hash (:func:`cipherhive.roster.verify_roster`). Members that were
+chain hash (:func:`cipherhive.secagg.roster.verify_roster`). Members that were
 shown different sums in some round (a "split view") therefore can never
 share a roster again, and a server that forks the federation ends up with
 rosters too small to pass the members' floors.
 
-Definition (every field length-prefixed, :mod:`cipherhive.wire`)::
+Definition (every field length-prefixed, :mod:`cipherhive.secagg.wire`)::
 
     chain_0 = SHA-256("cipherhive/v1/chain"      ‖ federation fingerprint ‖ layout hash)
     chain_r = SHA-256("cipherhive/v1/chain/step" ‖ chain_{r'} ‖ sum digest of round r)
@@ -17,7 +17,7 @@ Definition (every field length-prefixed, :mod:`cipherhive.wire`)::
 
 where ``r'`` is the round the node applied before ``r``, the federation
 fingerprint and layout hash are the 32 bytes of their hex forms
-(:func:`cipherhive.keys.fingerprint`, :attr:`cipherhive.layout.Layout.hash`),
+(:func:`cipherhive.ckks.keys.fingerprint`, :attr:`cipherhive.federation.layout.Layout.hash`),
 and the blocks are the serialized ciphertexts of the published sum, in block
 order, exactly as the node received and checked them. Rounds a node did not
 apply (refused, withdrawn) do not enter its chain. Distinct labels keep a
@@ -31,8 +31,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from cipherhive.fsutil import atomic_write
-from cipherhive.wire import field, fields, u64
+from cipherhive.runtime.fsutil import atomic_write
+from cipherhive.secagg.wire import field, fields, u64
 
 __all__ = ["CHAIN_LABEL", "CHAIN_STEP_LABEL", "SUM_LABEL", "ChainHash", "SumDigest", "sum_digest"]
 

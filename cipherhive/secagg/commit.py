@@ -21,7 +21,7 @@ against what it spooled while its ingest processes hash the blocks in parallel;
 seed is 32 random bytes) lets the server refuse a wrong seed at release
 rather than publish a sum no member can use.
 
-Wire form: the fields above, length-prefixed (:mod:`cipherhive.wire`), then
+Wire form: the fields above, length-prefixed (:mod:`cipherhive.secagg.wire`), then
 the signature (DER, low-``s``, ≤ 72 bytes).
 """
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cipherhive import enrolment
-from cipherhive.roster import HASH_BYTES, MAX_SIGNATURE, Roster, RosterError
-from cipherhive.wire import Reader, WireError, field, fields, u64
+from cipherhive.pki import enrolment_certs
+from cipherhive.secagg.roster import HASH_BYTES, MAX_SIGNATURE, Roster, RosterError
+from cipherhive.secagg.wire import Reader, WireError, field, fields, u64
 
 __all__ = [
     "C0_LABEL",
@@ -162,7 +162,7 @@ def make_commit(
         seeds_hash,
         c0_hash,
         self_mask_hash,
-        enrolment.sign(key, unsigned.signed_bytes()),
+        enrolment_certs.sign(key, unsigned.signed_bytes()),
     )
 
 
@@ -175,7 +175,7 @@ def verify_commit(data: bytes, roster: Roster) -> Commit:
     if commit.roster_hash != roster.hash:
         raise RosterError("a commit for another roster: the server showed members different rosters")
     member = roster.member(commit.cert_fingerprint)
-    if not enrolment.verify_signature(member.enrol_key, commit.signature, commit.signed_bytes()):
+    if not enrolment_certs.verify_signature(member.enrol_key, commit.signature, commit.signed_bytes()):
         raise RosterError(f"the commit of {member.name!r} is not signed by its enrolment key")
     return commit
 

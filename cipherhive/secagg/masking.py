@@ -7,7 +7,7 @@ Every member adds to its encoded update, modulo the data prime q,
 where ``b_i`` is its fresh self-mask seed and ``K_ij`` the key it shares with
 member j (``sign_ij`` is +1 for the higher member of the pair, -1 for the
 lower, so each pairwise mask cancels in the sum). The masks go into c0 of the
-*seeded* ciphertext (:func:`cipherhive.sealformat.add_to_c0`): since
+*seeded* ciphertext (:func:`cipherhive.ckks.seal_format.add_to_c0`): since
 c0 = -a·s + e + m, adding to c0 is adding to the plaintext m, and the seed that
 expands to c1 = a is untouched, so the upload stays seeded (~8 B/value).
 
@@ -18,9 +18,9 @@ Three operations live here, all without changing the ciphertext format:
 * :func:`self_mask_sum` (server, no key): once every ``b_i`` is released,
   Σ PRG(b_i) is subtracted from Σ c0 (SecAgg §4, "unmasking";
   :meth:`cipherhive.server.running_sum.MaskedSum.remove_self_masks`), or from a
-  full encrypted sum as a plaintext (:meth:`cipherhive.codec.PublicCodec.remove_self_masks`);
+  full encrypted sum as a plaintext (:meth:`cipherhive.ckks.codec.PublicCodec.remove_self_masks`);
 * :func:`seeded_zero` (node, before decrypting a sum published as full ciphertexts,
-  through :meth:`cipherhive.codec.SecretCodec.check_seeds`): the sum's c1 must be exactly
+  through :meth:`cipherhive.ckks.codec.SecretCodec.check_seeds`): the sum's c1 must be exactly
   Σ expand(seed_i) over the roster's signed per-block seeds. Otherwise a hostile
   server could make the node decrypt a ciphertext of its choosing, which is a
   key-recovery attack on CKKS (Li and Micciancio, EUROCRYPT 2021).
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cipherhive import c0sum, maskstream, sealformat
+from cipherhive.ckks import c0_sum, seal_format
+from cipherhive.secagg import mask_stream
 
-SEED_BYTES = maskstream.KEY_BYTES
+SEED_BYTES = mask_stream.KEY_BYTES
 _PLAN_HEAD = struct.Struct("<QI")  # modulus, number of pairs
 _PAIR_SIGN = struct.Struct("<b")
 
@@ -72,7 +73,7 @@ class MaskPlan:
     ``self_seed`` is ``b_i``, fresh for every upload and never reused; ``pairs``
     holds ``(K_ij, sign)`` for every other roster member (sign +1 when this member
     is the higher of the pair, -1 when the lower); ``modulus`` is the data prime q,
-    read from the SEAL context (:attr:`cipherhive.codec.SecretCodec.modulus`).
+    read from the SEAL context (:attr:`cipherhive.ckks.codec.SecretCodec.modulus`).
     """
 
     self_seed: bytes
@@ -125,17 +126,17 @@ def sum_masks(terms: Sequence[tuple[bytes, int]], block_index: int, modulus: int
     """Σ sign · PRG(key, block) mod q over ``terms``.
 
     Each term is added (or subtracted) modulo q with one comparison-free reduction,
-    ``min(s, s ∓ q)`` on uint64 (:func:`cipherhive.c0sum.add_mod`): cheaper than a
+    ``min(s, s ∓ q)`` on uint64 (:func:`cipherhive.ckks.c0_sum.add_mod`): cheaper than a
     division, and every intermediate stays reduced.
     """
     q = np.uint64(modulus)
     acc = np.zeros(count, dtype=np.uint64)
     for key, sign in terms:
-        term = maskstream.mask(key, block_index, modulus, count)
+        term = mask_stream.mask(key, block_index, modulus, count)
         if sign < 0:
-            c0sum.sub_mod(acc, term, q)
+            c0_sum.sub_mod(acc, term, q)
         else:
-            c0sum.add_mod(acc, term, q)
+            c0_sum.add_mod(acc, term, q)
     return acc
 
 
@@ -154,20 +155,20 @@ def self_mask_sum(seeds: Sequence[bytes], block_index: int, modulus: int, count:
 
 def mask_ciphertext(data: bytes, block_index: int, plan: MaskPlan, count: int) -> bytes:
     """A seeded ciphertext (c0 of ``count`` coefficients) with the plan's masks added to c0,
-    written back uncompressed; :func:`cipherhive.sealformat.add_to_c0` checks the count."""
-    return sealformat.add_to_c0(data, combined_mask(plan, block_index, count), plan.modulus)
+    written back uncompressed; :func:`cipherhive.ckks.seal_format.add_to_c0` checks the count."""
+    return seal_format.add_to_c0(data, combined_mask(plan, block_index, count), plan.modulus)
 
 
 # ----------------------------------------------------------------------------- seed check
 
 
-def seeded_zero(template: sealformat.Ciphertext, seed: bytes) -> bytes:
+def seeded_zero(template: seal_format.Ciphertext, seed: bytes) -> bytes:
     """A seeded ciphertext with c0 = 0 and ``seed``'s trailer: SEAL expands its c1 on load.
 
     ``template`` gives the metadata (parms_id, NTT flag, size 2, N, scale) of the sum.
     """
     n = template.poly_modulus_degree * template.coeff_modulus_size
-    zero = sealformat.Ciphertext(
+    zero = seal_format.Ciphertext(
         template.header,
         template.meta,
         template.poly_modulus_degree,
@@ -181,7 +182,7 @@ def seeded_zero(template: sealformat.Ciphertext, seed: bytes) -> bytes:
 
 def upload_seed(data: bytes) -> bytes:
     """The PRNG seed trailer of one seeded upload: what a member signs and the server publishes."""
-    ct = sealformat.read_ciphertext(data)
+    ct = seal_format.read_ciphertext(data)
     if not ct.seeded:
         raise MaskError("the upload is not a seeded ciphertext")
     return ct.seed

@@ -5,9 +5,9 @@ secure against an active server):
 
 * **Round 0, "AdvertiseKeys"** becomes an :class:`Enrolment`: a fresh X25519
   public key, signed with the member's enrolment key (a key the federation CA
-  certified for this purpose only, :mod:`cipherhive.enrolment`) over the round
+  certified for this purpose only, :mod:`cipherhive.pki.enrolment_certs`) over the round
   it is for: federation, aggregator, round number, the server's fresh nonce,
-  the member's chain hash (:mod:`cipherhive.chain`), the CKKS parameters and
+  the member's chain hash (:mod:`cipherhive.secagg.chain`), the CKKS parameters and
   the block count. A signature that binds the round is what keeps a server
   from replaying an entry from another round (§6: "each message is signed").
 * **The server's list of enrolled members** is a roster, and every member
@@ -21,7 +21,7 @@ secure against an active server):
   fingerprint sorts higher adds the mask, the lower subtracts it, and the
   masks cancel in the sum.
 
-Wire form of an enrolment (every field length-prefixed, :mod:`cipherhive.wire`)::
+Wire form of an enrolment (every field length-prefixed, :mod:`cipherhive.secagg.wire`)::
 
     "cipherhive/v1/enrol" ‖ federation(32) ‖ aggregator(1..255, UTF-8) ‖ round(u64)
       ‖ nonce(32) ‖ chain hash(32) ‖ parameters id(1..64) ‖ block count(u64)
@@ -45,8 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cipherhive import enrolment
-from cipherhive.wire import Reader, WireError, field, fields, read_u64, u64
+from cipherhive.pki import enrolment_certs
+from cipherhive.secagg.wire import Reader, WireError, field, fields, read_u64, u64
 
 __all__ = [
     "ENROL_LABEL",
@@ -183,10 +183,10 @@ def make_enrolment(
         x25519_public = x25519_public.public_bytes_raw()
     if len(cert_fingerprint) != HASH_BYTES or len(x25519_public) != 32:
         raise ValueError("the certificate fingerprint and the X25519 key are 32 bytes each")
-    cert = enrolment.load_certificate(certificate)
+    cert = enrolment_certs.load_certificate(certificate)
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-        raise enrolment.EnrolmentError("the enrolment key does not belong to the enrolment certificate")
+        raise enrolment_certs.EnrolmentError("the enrolment key does not belong to the enrolment certificate")
     der = cert.public_bytes(serialization.Encoding.DER)
     if len(der) > MAX_CERTIFICATE:
         raise ValueError(f"the enrolment certificate exceeds {MAX_CERTIFICATE} bytes")
@@ -196,7 +196,7 @@ def make_enrolment(
         cert_fingerprint,
         x25519_public,
         der,
-        enrolment.sign(key, unsigned.signed_bytes()),
+        enrolment_certs.sign(key, unsigned.signed_bytes()),
     )
 
 
@@ -252,7 +252,7 @@ def roster_hash(encoded_entries: Sequence[bytes], nonce: bytes) -> bytes:
     return digest.digest()
 
 
-def _pinned(who: enrolment.EnrolmentIdentity, pinned: Collection[str]) -> bool:
+def _pinned(who: enrolment_certs.EnrolmentIdentity, pinned: Collection[str]) -> bool:
     """A name matches exactly (names are case-sensitive); a fingerprint in any hex spelling."""
     fps = {p.strip().lower().replace(":", "") for p in pinned}
     return who.name in pinned or who.fingerprint.hex() in fps or who.tls_fingerprint.hex() in fps
@@ -289,7 +289,7 @@ def verify_roster(
     *,
     me: Enrolment | None,
     ca_cert: x509.Certificate,
-    crl: enrolment.Revocations,
+    crl: enrolment_certs.Revocations,
     pinned_members: Collection[str],
     floor: int,
     expected: RoundBinding,
@@ -340,10 +340,10 @@ def verify_roster(
     members: list[Member] = []
     for raw, entry in zip(entries, decoded, strict=True):
         try:
-            who = enrolment.verify_certificate(entry.certificate, ca_cert, crl)
-        except enrolment.EnrolmentError as exc:
+            who = enrolment_certs.verify_certificate(entry.certificate, ca_cert, crl)
+        except enrolment_certs.EnrolmentError as exc:
             raise RosterError(f"roster entry refused: {exc}") from None
-        if not enrolment.verify_signature(who.public_key, entry.signature, entry.signed_bytes()):
+        if not enrolment_certs.verify_signature(who.public_key, entry.signature, entry.signed_bytes()):
             raise RosterError(f"the signature on the entry of {who.name!r} does not verify")
         if entry.cert_fingerprint != who.tls_fingerprint:
             raise RosterError(
