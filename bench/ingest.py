@@ -4,7 +4,7 @@ What it measures is what the server does per uploaded block of a masked round
 (:mod:`cipherhive.ckks.c0_sum`): read it back from the spool, check it, add c0
 modulo q and hash it for the member's commit. ``workers = 1`` is the server's
 in-process sum (one core, the GIL);
-more is :class:`cipherhive.server.ingest_workers.IngestWorkers`, the members'
+more is :class:`cipherhive.server.ingest.workers.IngestWorkers`, the members'
 uploads arriving concurrently, one thread per upload as in the server.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cipherhive.ckks import codec
 from cipherhive.secagg.commit import block_digest
-from cipherhive.server.ingest_workers import IngestWorkers, Outcome, ShardedSum
-from cipherhive.server.rounds import CHUNKS_IN_FLIGHT
-from cipherhive.server.running_sum import MaskedSum
-from cipherhive.server.spool import Spool
+from cipherhive.server.ingest.running_sum import MaskedSum
+from cipherhive.server.ingest.workers import IngestWorkers, Outcome, ShardedSum
+from cipherhive.server.rounds.manager import CHUNKS_IN_FLIGHT
+from cipherhive.server.storage.spool import Spool
 
 CHUNK = 16
 #: Blocks the figure is measured on (~260 MB of spool in the page cache).

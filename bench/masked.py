@@ -25,7 +25,7 @@ import tenseal as ts
 from cipherhive.ckks import codec
 from cipherhive.secagg import masking
 from cipherhive.secagg.masking import MaskPlan
-from cipherhive.server.running_sum import MaskedSum
+from cipherhive.server.ingest.running_sum import MaskedSum
 
 MEMBERS = (3, 8, 16)
 REPEATS = 5

@@ -37,7 +37,7 @@ from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_worke
 from cipherhive.node.update import weighted_vector
 from cipherhive.runtime.fsutil import atomic_write
 from cipherhive.secagg import masking
-from cipherhive.server.running_sum import MaskedSum, RunningSum
+from cipherhive.server.ingest.running_sum import MaskedSum, RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 WEIGHT_UNIT = 1000.0

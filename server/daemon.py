@@ -22,15 +22,15 @@ from cipherhive.runtime import fsutil
 from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.logs import event
 from cipherhive.server import metrics
+from cipherhive.server.api.guard import Guard, Runner
+from cipherhive.server.api.identity import Authenticator
+from cipherhive.server.api.limits import Admission, Transfers
+from cipherhive.server.api.servicers import AdminService, AggregationService
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.guard import Guard, Runner
-from cipherhive.server.identity import Authenticator
-from cipherhive.server.ingest_workers import IngestWorkers
-from cipherhive.server.limits import Admission, Transfers
-from cipherhive.server.rounds import RoundManager
-from cipherhive.server.services import AdminService, AggregationService
-from cipherhive.server.spool import Spool
-from cipherhive.server.state import State
+from cipherhive.server.ingest.workers import IngestWorkers
+from cipherhive.server.rounds.manager import RoundManager
+from cipherhive.server.storage.spool import Spool
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from cipherhive.server.guard import Runner
-from cipherhive.server.ingest import ingest
-from cipherhive.server.rounds import RoundManager
+from cipherhive.server.api.guard import Runner
+from cipherhive.server.ingest.upload_stream import ingest
+from cipherhive.server.rounds.manager import RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 
 _RUNNER = Runner(2)

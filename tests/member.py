@@ -175,7 +175,7 @@ class Member:
 
 def spooled(workdir: Path, number: int) -> dict[str, list[bytes]]:
     """Every member's spooled ciphertexts of an open round, as the server's operator can read them."""
-    from cipherhive.server.spool import read_records
+    from cipherhive.server.storage.spool import read_records
 
     folder = workdir / "server-state" / "spool" / f"round-{number}"
     return {p.stem: list(read_records(p)) for p in sorted(folder.glob("*.ct"))}

@@ -1,6 +1,6 @@
 """A masked round's sum as Σ c0 (cipherhive.ckks.c0_sum): the server's checks without SEAL, exact
 addition and rollback, unmasking, and a node's decryption with c1 rebuilt from the seeds;
-then the same through the ingest worker processes (cipherhive.server.ingest_workers)."""
+then the same through the ingest worker processes (cipherhive.server.ingest.workers)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from cipherhive.ckks import c0_sum, codec, seal_format
 from cipherhive.ckks.codec import PublicCodec, SecretCodec
 from cipherhive.secagg import masking
 from cipherhive.secagg.masking import MaskPlan, SeedCheckFailed
-from cipherhive.server.ingest_workers import STRIPE, IngestWorkers, owner
-from cipherhive.server.running_sum import MaskedSum
+from cipherhive.server.ingest.running_sum import MaskedSum
+from cipherhive.server.ingest.workers import STRIPE, IngestWorkers, owner
 
 MEMBERS = 4
 N = codec.POLY_MODULUS_DEGREE
@@ -217,18 +217,18 @@ def test_without_room_in_dev_shm_a_round_adds_in_the_server_process(
     import logging
     from types import SimpleNamespace
 
-    from cipherhive.server import rounds
-    from cipherhive.server.ingest_workers import ShardedSum
+    from cipherhive.server.ingest.workers import ShardedSum
+    from cipherhive.server.rounds import manager as round_manager
 
     pool = IngestWorkers(2, public.upload_parser(), lambda why: None)
     try:
         manager = SimpleNamespace(codec=public, ingest=pool)
-        monkeypatch.setattr(rounds, "shared_memory_free", lambda: 10 << 20)
-        small = rounds.RoundManager.new_sum(manager, 100, masked=True)  # type: ignore[arg-type]
+        monkeypatch.setattr(round_manager, "shared_memory_free", lambda: 10 << 20)
+        small = round_manager.RoundManager.new_sum(manager, 100, masked=True)  # type: ignore[arg-type]
         assert isinstance(small, ShardedSum)  # 6.6 MB fits in 10
         small.release()
         with caplog.at_level(logging.WARNING, logger="cipherhive.server.rounds"):
-            big = rounds.RoundManager.new_sum(manager, 1000, masked=True)  # type: ignore[arg-type]
+            big = round_manager.RoundManager.new_sum(manager, 1000, masked=True)  # type: ignore[arg-type]
         assert type(big) is MaskedSum
         assert "needs 62 MB of /dev/shm and 10 MB are free" in caplog.text
     finally:

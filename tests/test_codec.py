@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 from cipherhive.ckks import codec, keys
 from cipherhive.ckks.codec import VALUES_PER_CIPHERTEXT, CodecError, PublicCodec, SecretCodec
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 
 # Offsets in SEAL's 16-byte serialization header ("<HBBBBHQ").
 _HEADER_SIZE_OFFSET = 2

@@ -717,7 +717,7 @@ def _fill_history(db: Path, rounds: int, members: int, layout: Layout) -> None:
     """Write ``rounds`` published rounds of ``members`` submissions each straight into a State."""
     import sqlite3
 
-    from cipherhive.server.state import State
+    from cipherhive.server.storage.state import State
 
     State(db).close()
     with sqlite3.connect(db) as conn:

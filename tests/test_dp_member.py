@@ -38,7 +38,7 @@ from cipherhive.privacy.member_level import (
 from cipherhive.privacy.schedule import PrivacySchedule, ScheduleError
 from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 

@@ -20,7 +20,7 @@ from cipherhive.node import metrics
 from cipherhive.node.checks import CheckedApplier, SumLimits
 from cipherhive.node.trainer import AppliedRound
 from cipherhive.node.update import leading, weighted_vector
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 UNIT = 1000.0

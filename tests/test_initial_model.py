@@ -24,9 +24,9 @@ from cipherhive.federation.layout import Layout, LayoutError, TensorSpec
 from cipherhive.node.initial import PURPOSE, initial_model_hash
 from cipherhive.node.update import layout_of
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.rounds import RoundError, RoundManager
-from cipherhive.server.spool import Spool
-from cipherhive.server.state import State
+from cipherhive.server.rounds.manager import RoundError, RoundManager
+from cipherhive.server.storage.spool import Spool
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 
 

@@ -13,7 +13,7 @@ from cipherhive.ckks.codec import PublicCodec, SecretCodec
 from cipherhive.node.crypto_pool import CryptoPool
 from cipherhive.secagg import mask_stream, masking
 from cipherhive.secagg.masking import MaskPlan, SeedCheckFailed
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 
 MEMBERS = 5
 N = codec.POLY_MODULUS_DEGREE

@@ -25,7 +25,7 @@ from cipherhive.node.config import NodeConfig
 from cipherhive.node.daemon import Node
 from cipherhive.node.receive import SessionEnd
 from cipherhive.node.update import leading
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 # --------------------------------------------------------------------------- NodeState

@@ -24,9 +24,9 @@ from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
 from cipherhive.node.optimizers import ServerOptimizer, adopt, restored
 from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.rounds import RoundManager
-from cipherhive.server.spool import Spool
-from cipherhive.server.state import State
+from cipherhive.server.rounds.manager import RoundManager
+from cipherhive.server.storage.spool import Spool
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 
 SIZE = 1000

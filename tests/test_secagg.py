@@ -23,8 +23,8 @@ from cipherhive.ckks import codec, seal_format
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import LEADING_VALUES, Layout
 from cipherhive.secagg import masking
-from cipherhive.server.running_sum import MaskedSum
-from cipherhive.server.spool import encode_records, read_records
+from cipherhive.server.ingest.running_sum import MaskedSum
+from cipherhive.server.storage.spool import encode_records, read_records
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 from tests.faults import check_fedavg

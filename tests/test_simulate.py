@@ -19,7 +19,7 @@ from cipherhive.demo.sim_result import SimulationError
 from cipherhive.demo.simulate_cli import node_options
 from cipherhive.demo.simulation import check_arguments, simulate
 from cipherhive.runtime.errors import UserError
-from cipherhive.server.state import State
+from cipherhive.server.storage.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Tests for the server's durable state: cipherhive.server.state.State and cipherhive.server.spool."""
+"""Tests for the server's durable state (cipherhive.server.storage): the SQLite State and the spool."""
 
 from __future__ import annotations
 
@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive.server import spool as spool_mod
-from cipherhive.server.spool import Spool, SpoolError, read_records
-from cipherhive.server.state import MIGRATIONS, SCHEMA_VERSION, OutcomeRow, State, StateError, SubmissionRow
+from cipherhive.server.storage import spool as spool_mod
+from cipherhive.server.storage.spool import Spool, SpoolError, read_records
+from cipherhive.server.storage.state import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    OutcomeRow,
+    State,
+    StateError,
+    SubmissionRow,
+)
 
 
 @pytest.fixture()

@@ -28,7 +28,7 @@ from cipherhive.node.checks import (
     check_participants,
 )
 from cipherhive.node.update import UpdateError
-from cipherhive.server.running_sum import RunningSum
+from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 
 

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from cipherhive.ckks import codec, keys
 from cipherhive.federation.layout import Layout, TensorSpec
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.ingest import SUBMISSION_ID, validate_header
-from cipherhive.server.rounds import RoundError, RoundManager
-from cipherhive.server.spool import Spool
-from cipherhive.server.state import State
+from cipherhive.server.ingest.upload_stream import SUBMISSION_ID, validate_header
+from cipherhive.server.rounds.manager import RoundError, RoundManager
+from cipherhive.server.storage.spool import Spool
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from tests.ingesting import ingest_messages
 

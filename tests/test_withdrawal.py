@@ -20,12 +20,12 @@ import pytest
 
 from cipherhive.ckks import codec, keys
 from cipherhive.federation.layout import Layout, LayoutError, TensorSpec, check_bounds
+from cipherhive.server.api.sum_stream import stream_sum
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.events import Subscription
-from cipherhive.server.publish import stream_sum
-from cipherhive.server.rounds import RoundError, RoundManager
-from cipherhive.server.spool import Spool
-from cipherhive.server.state import State
+from cipherhive.server.rounds.events import Subscription
+from cipherhive.server.rounds.manager import RoundError, RoundManager
+from cipherhive.server.storage.spool import Spool
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from tests.ingesting import ingest_messages
 

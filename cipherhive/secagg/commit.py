@@ -84,7 +84,7 @@ def block_digest(block: bytes | memoryview) -> bytes:
     """``H(block)`` of one uploaded block: the c0 hash is :func:`uploaded_digest` over these.
 
     Hashing each block on its own lets the server hash an upload in the processes that
-    check and add its blocks (cipherhive.server.ingest_workers), in any order.
+    check and add its blocks (cipherhive.server.ingest.workers), in any order.
     """
     return hashlib.sha256(block).digest()
 

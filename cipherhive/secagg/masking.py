@@ -17,7 +17,7 @@ Three operations live here, all without changing the ciphertext format:
   one pass, each term reduced as it is added;
 * :func:`self_mask_sum` (server, no key): once every ``b_i`` is released,
   Σ PRG(b_i) is subtracted from Σ c0 (SecAgg §4, "unmasking";
-  :meth:`cipherhive.server.running_sum.MaskedSum.remove_self_masks`), or from a
+  :meth:`cipherhive.server.ingest.running_sum.MaskedSum.remove_self_masks`), or from a
   full encrypted sum as a plaintext (:meth:`cipherhive.ckks.codec.PublicCodec.remove_self_masks`);
 * :func:`seeded_zero` (node, before decrypting a sum published as full ciphertexts,
   through :meth:`cipherhive.ckks.codec.SecretCodec.check_seeds`): the sum's c1 must be exactly

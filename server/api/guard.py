@@ -33,9 +33,9 @@ import grpc
 
 from cipherhive.runtime.logs import audit, bind_caller
 from cipherhive.server import metrics
-from cipherhive.server.identity import ANY_ROLE, Authenticator, Caller, Refusal
-from cipherhive.server.limits import Admission
-from cipherhive.server.rounds import RoundError
+from cipherhive.server.api.identity import ANY_ROLE, Authenticator, Caller, Refusal
+from cipherhive.server.api.limits import Admission
+from cipherhive.server.rounds.manager import RoundError
 
 log = logging.getLogger("cipherhive.server")
 R = TypeVar("R")

@@ -17,10 +17,10 @@ import grpc
 from cipherhive import __version__
 from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.runtime.logs import audit
-from cipherhive.server import secagg
-from cipherhive.server.errors import RoundError
-from cipherhive.server.rounds import STATE_NAMES, RoundManager
-from cipherhive.server.state import OutcomeRow, RoundRow, SubmissionRow
+from cipherhive.server.rounds import masked
+from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
+from cipherhive.server.storage.state import OutcomeRow, RoundRow, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 #: ListRounds pages: the default and the most one call returns (64 members' submissions
@@ -76,7 +76,7 @@ def round_info(
         phase=row.phase,
     )
     if row.masked:
-        secagg.progress(manager, row, info)
+        masked.progress(manager, row, info)
     if not with_submissions:
         return info
     if submissions is None:

@@ -7,7 +7,7 @@ no certificates, so names are self-declared in request metadata: fit for a
 test on one machine, never for a federation of companies.
 
 The checks here are plain functions of the call's auth context and metadata
-that raise :class:`Refusal`; the server interceptor (``server/guard.py``)
+that raise :class:`Refusal`; the server interceptor (``server/api/guard.py``)
 turns a refusal into the call's status, so no servicer repeats them.
 """
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from cipherhive.server import metrics
-from cipherhive.server.identity import Caller, Refusal
+from cipherhive.server.api.identity import Caller, Refusal
 
 #: How long a transfer waits for a slot before the caller is told to retry.
 TRANSFER_WAIT_SECONDS = 60.0

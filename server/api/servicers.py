@@ -1,7 +1,7 @@
 """The gRPC servicers (asyncio): thin adapters from RPCs to the round manager.
 
 Who calls, with which role, within which limits, is settled before a handler
-runs (``server/guard.py``); a handler reads the caller from ``guard.caller()``.
+runs (``server/api/guard.py``); a handler reads the caller from ``guard.caller()``.
 Handlers run on the event loop and hand everything that blocks (the round
 manager's lock, SQLite, ciphertext parsing, sum files) to the bounded worker
 pool, so an open stream costs no thread. Refusals raise ``RoundError`` or
@@ -21,13 +21,15 @@ from typing import Any, TypeVar
 import grpc
 
 from cipherhive.runtime.logs import audit, event
-from cipherhive.server import metrics, secagg, views
-from cipherhive.server.guard import Runner, caller
-from cipherhive.server.identity import Authenticator, Refusal
-from cipherhive.server.ingest import ingest
-from cipherhive.server.limits import Transfers
-from cipherhive.server.publish import stream_sum
-from cipherhive.server.rounds import RoundError, RoundManager
+from cipherhive.server import metrics
+from cipherhive.server.api import handlers
+from cipherhive.server.api.guard import Runner, caller
+from cipherhive.server.api.identity import Authenticator, Refusal
+from cipherhive.server.api.limits import Transfers
+from cipherhive.server.api.sum_stream import stream_sum
+from cipherhive.server.ingest.upload_stream import ingest
+from cipherhive.server.rounds import masked
+from cipherhive.server.rounds.manager import RoundError, RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -65,32 +67,32 @@ class AggregationService(pb_grpc.AggregationServicer):
             self.transfers.release(who, kind, context)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        return await self.run(views.join_reply, self.m, caller().name, request)
+        return await self.run(handlers.join_reply, self.m, caller().name, request)
 
     async def ReportOutcome(
         self, request: pb.OutcomeReport, context: grpc.aio.ServicerContext
     ) -> pb.OutcomeAck:
-        return await self.run(views.report_outcome, self.m, caller().name, request)
+        return await self.run(handlers.report_outcome, self.m, caller().name, request)
 
     # Masked rounds (issue 11): each body is short and runs in a worker thread.
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolReply:
-        return await self._masked("enrolment", secagg.enrol, request)
+        return await self._masked("enrolment", masked.enrol, request)
 
     async def SubmitCommit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitReply:
-        return await self._masked("commit", secagg.submit_commit, request)
+        return await self._masked("commit", masked.submit_commit, request)
 
     async def ReleaseSeed(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
-        return await self._masked("self-mask release", secagg.release_seed, request)
+        return await self._masked("self-mask release", masked.release_seed, request)
 
     async def GetRoundProof(
         self, request: pb.ProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundProof:
-        return await self.run(secagg.proof, self.m, request.round)
+        return await self.run(masked.proof, self.m, request.round)
 
     async def _masked(self, what: str, body: Callable[..., Reply], request: Any) -> Reply:
         """Run one masked-round step; a refusal is audited with who made it."""
@@ -230,45 +232,45 @@ class AdminService(pb_grpc.AdminServicer):
         self._stopping = stopping
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        return await self.run(views.status, self.m, self.started)
+        return await self.run(handlers.status, self.m, self.started)
 
     async def ListNodes(
         self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNodesReply:
-        return await self.run(views.list_nodes, self.m)
+        return await self.run(handlers.list_nodes, self.m)
 
     async def ListRounds(
         self, request: pb.ListRoundsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRoundsReply:
-        return await self.run(views.list_rounds, self.m, request, caller().name)
+        return await self.run(handlers.list_rounds, self.m, request, caller().name)
 
     async def GetRound(self, request: pb.GetRoundRequest, context: grpc.aio.ServicerContext) -> pb.RoundInfo:
-        return await self.run(views.get_round, self.m, request.round)
+        return await self.run(handlers.get_round, self.m, request.round)
 
     async def StartRound(
         self, request: pb.StartRoundRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundInfo:
-        return await self.run(views.start_round, self.m, request, caller().name)
+        return await self.run(handlers.start_round, self.m, request, caller().name)
 
     async def CloseRound(
         self, request: pb.CloseRoundRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundInfo:
-        return await self.run(views.close_round, self.m, request, caller().name)
+        return await self.run(handlers.close_round, self.m, request, caller().name)
 
     async def WithdrawRound(
         self, request: pb.WithdrawRoundRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundInfo:
-        return await self.run(views.withdraw, self.m, request, caller().name)
+        return await self.run(handlers.withdraw, self.m, request, caller().name)
 
     async def SetLayout(
         self, request: pb.SetLayoutRequest, context: grpc.aio.ServicerContext
     ) -> pb.LayoutReply:
-        return await self.run(views.set_layout, self.m, request, caller().name)
+        return await self.run(handlers.set_layout, self.m, request, caller().name)
 
     async def ResetLayout(
         self, request: pb.ResetLayoutRequest, context: grpc.aio.ServicerContext
     ) -> pb.LayoutReply:
-        return await self.run(views.reset_layout, self.m, caller().name)
+        return await self.run(handlers.reset_layout, self.m, caller().name)
 
     async def WatchEvents(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import grpc
 
 from cipherhive.secagg.wire import split_fields
-from cipherhive.server.errors import RoundError
-from cipherhive.server.spool import Spool, read_records
-from cipherhive.server.state import State
-from cipherhive.server.withdrawal import pruned_message
+from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.rounds.withdrawal import pruned_message
+from cipherhive.server.storage.spool import Spool, read_records
+from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 
 #: A chunk closes once it passes this size (a block is far smaller), keeping

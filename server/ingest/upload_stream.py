@@ -21,9 +21,9 @@ import grpc
 from cipherhive.ckks import c0_sum, codec
 from cipherhive.secagg.commit import block_digest
 from cipherhive.server import metrics as server_metrics
-from cipherhive.server.guard import Runner
-from cipherhive.server.ingest_workers import ShardedSum
-from cipherhive.server.rounds import OpenRound, RoundError, RoundManager, Upload
+from cipherhive.server.api.guard import Runner
+from cipherhive.server.ingest.workers import ShardedSum
+from cipherhive.server.rounds.manager import OpenRound, RoundError, RoundManager, Upload
 from cipherhive.v1 import federation_pb2 as pb
 
 SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")

@@ -2,7 +2,7 @@
 
 Why: parsing and adding uploads is CPU work that holds the GIL, so one server
 process adds on one core however many it has. Here a masked round's running
-Σ c0 (:class:`cipherhive.server.running_sum.MaskedSum`) lives in shared memory,
+Σ c0 (:class:`cipherhive.server.ingest.running_sum.MaskedSum`) lives in shared memory,
 and block ``i`` belongs to worker ``(i // STRIPE) % workers``: only its owner
 ever writes that block, so no two processes touch the same row and no lock
 is needed between them. A stripe is one upload chunk (16 blocks), so one
@@ -50,7 +50,7 @@ from cipherhive.ckks import c0_sum
 from cipherhive.ckks.c0_sum import UploadParser
 from cipherhive.runtime import failpoints
 from cipherhive.secagg.commit import block_digest
-from cipherhive.server.running_sum import MaskedSum
+from cipherhive.server.ingest.running_sum import MaskedSum
 
 log = logging.getLogger("cipherhive.server.ingest")
 

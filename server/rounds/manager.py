@@ -43,21 +43,21 @@ from cipherhive.pki import enrolment_certs
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import audit
 from cipherhive.server import metrics as server_metrics
-from cipherhive.server import pinning, recovery, scheduler, secagg, withdrawal
-from cipherhive.server import replay as replay_mod
 from cipherhive.server.config import ServerConfig
-from cipherhive.server.errors import RoundError
-from cipherhive.server.events import EventBus
-from cipherhive.server.ingest_workers import (
+from cipherhive.server.ingest.running_sum import MaskedSum, RunningSum
+from cipherhive.server.ingest.workers import (
     IngestWorkers,
     Outcome,
     ShardedSum,
     WorkerLost,
     shared_memory_free,
 )
-from cipherhive.server.running_sum import MaskedSum, RunningSum
-from cipherhive.server.spool import Spool, SubmissionWriter
-from cipherhive.server.state import RoundRow, State, SubmissionRow
+from cipherhive.server.rounds import masked, pinning, recovery, scheduler, withdrawal
+from cipherhive.server.rounds import replay as replay_mod
+from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.rounds.events import EventBus
+from cipherhive.server.storage.spool import Spool, SubmissionWriter
+from cipherhive.server.storage.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.server.rounds")
@@ -83,7 +83,7 @@ class Upload:
     aborted: str | None = None
     accepted: bool = False
     #: Masked rounds: what the member's commit must hash to, computed as the blocks arrive.
-    digests: secagg.UploadDigests | None = None
+    digests: masked.UploadDigests | None = None
     #: Sharded sums: (offset, length) of each spooled block, the blocks the workers added,
     #: and whether a chunk is with the workers right now (a rollback then waits for it).
     spooled: list[tuple[int, int]] = field(default_factory=list)
@@ -109,7 +109,7 @@ class OpenRound:
     uploads: dict[str, Upload] = field(default_factory=dict)
     closing: bool = False
     #: Masked rounds: members, commits and released seeds (``secagg``).
-    mask: secagg.MaskState | None = None
+    mask: masked.MaskState | None = None
     #: The self-masks were already subtracted (a retried close must not subtract them twice).
     unmasked: bool = False
     #: Masked rounds: (H(seeds), H(blocks)) of each accepted upload, hashed at ingest (lost
@@ -331,7 +331,7 @@ class RoundManager:
             now = time.time()
             duration = timeout or self.config.timeout_seconds
             deadline = now + duration
-            nonce = secagg.new_nonce() if self.masked else None
+            nonce = masked.new_nonce() if self.masked else None
             row = self.state.open_round(
                 self.state.latest_sum_round(),
                 deadline,
@@ -344,7 +344,7 @@ class RoundManager:
                 row,
                 self.new_sum(self._blocks(layout.num_values), masked=nonce is not None),
                 layout.num_values,
-                mask=secagg.MaskState(nonce, "enrol") if nonce is not None else None,
+                mask=masked.MaskState(nonce, "enrol") if nonce is not None else None,
             )
         audit(
             "round opened",
@@ -411,8 +411,8 @@ class RoundManager:
         publish = participants >= floor and not fail_reason
         if current.mask is not None and not fail_reason:
             # A masked sum is usable only with every roster member's upload and seed in it.
-            publish = secagg.complete(current)
-            fail_reason = "" if publish else secagg.failure(current)
+            publish = masked.complete(current)
+            fail_reason = "" if publish else masked.failure(current)
             participants = len(current.mask.roster) if publish else participants
         self.bus.publish(
             self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
@@ -427,9 +427,9 @@ class RoundManager:
             try:
                 if current.mask is not None:
                     if not current.unmasked:
-                        secagg.unmask(self, current)
+                        masked.unmask(self, current)
                         current.unmasked = True
-                    self.spool.write_seeds(number, secagg.seed_records(self, current))
+                    self.spool.write_seeds(number, masked.seed_records(self, current))
                 sum_file, size = self.spool.write_sum(number, blocks())
             except BaseException:
                 with self._lock:
@@ -522,7 +522,7 @@ class RoundManager:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "layout hash differs from the federation's; join again with the federation's model",
                 )
-            secagg.check_upload(current, node, header)
+            masked.check_upload(current, node, header)
             expected_cts = len(current.running)
             if header.num_values != current.num_values or header.num_ciphertexts != expected_cts:
                 raise RoundError(
@@ -538,7 +538,7 @@ class RoundManager:
                 )
             upload = Upload(node, header.submission_id, self.spool.writer(current.number, node))
             if current.mask is not None:
-                upload.digests = secagg.UploadDigests()
+                upload.digests = masked.UploadDigests()
             current.uploads[node] = upload
             return current, upload
 

@@ -57,15 +57,15 @@ from cipherhive.secagg.commit import (
 )
 from cipherhive.secagg.roster import Enrolment, roster_hash
 from cipherhive.secagg.wire import WireError, fields
-from cipherhive.server.errors import RoundError
-from cipherhive.server.running_sum import MaskedSum
-from cipherhive.server.spool import read_records
+from cipherhive.server.ingest.running_sum import MaskedSum
+from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.storage.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
-    from cipherhive.server.identity import Caller
-    from cipherhive.server.rounds import OpenRound, RoundManager
-    from cipherhive.server.state import RoundRow
+    from cipherhive.server.api.identity import Caller
+    from cipherhive.server.rounds.manager import OpenRound, RoundManager
+    from cipherhive.server.storage.state import RoundRow
 
 log = logging.getLogger("cipherhive.server.secagg")
 

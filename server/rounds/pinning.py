@@ -24,10 +24,10 @@ from cipherhive.federation.layout import Layout, LayoutError, describe_differenc
 from cipherhive.federation.optimizer_settings import PLAIN_FEDAVG, OptimizerSpec
 from cipherhive.runtime.config import ConfigError
 from cipherhive.runtime.logs import audit, event
-from cipherhive.server.errors import RoundError
+from cipherhive.server.rounds.errors import RoundError
 
 if TYPE_CHECKING:
-    from cipherhive.server.rounds import RoundManager
+    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 

@@ -7,18 +7,18 @@ import logging
 from typing import TYPE_CHECKING
 
 from cipherhive.runtime.logs import event
-from cipherhive.server import secagg
-from cipherhive.server.spool import read_records
+from cipherhive.server.rounds import masked
+from cipherhive.server.storage.spool import read_records
 
 if TYPE_CHECKING:
-    from cipherhive.server.rounds import OpenRound, RoundManager
+    from cipherhive.server.rounds.manager import OpenRound, RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 
 
 def recover(m: RoundManager) -> OpenRound | None:
     """The open round as it was acknowledged before the restart (None: no round was open)."""
-    from cipherhive.server.rounds import OpenRound
+    from cipherhive.server.rounds.manager import OpenRound
 
     for path in m.spool.drop_partials():
         event(log, "discarded an unacknowledged upload from before the restart", path=str(path))
@@ -38,7 +38,7 @@ def recover(m: RoundManager) -> OpenRound | None:
             running.add(index, running.load(blob))
         restored.accepted[sub.node] = sub
     if row.masked:
-        secagg.restore(m, restored)
+        masked.restore(m, restored)
     event(
         log,
         "resumed open round after restart",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from cipherhive.server import secagg
-from cipherhive.server.state import RoundRow
+from cipherhive.server.rounds import masked
+from cipherhive.server.storage.state import RoundRow
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
-    from cipherhive.server.rounds import RoundManager
+    from cipherhive.server.rounds.manager import RoundManager
 
 
 def round_event(
@@ -73,7 +73,7 @@ def history(m: RoundManager, since_round: int) -> list[pb.RoundEvent]:
             # A masked round's later steps too: a node that reconnects mid-round carries on.
             phase = current.mask.phase if current.mask is not None else ""
             if phase in ("upload", "release"):
-                out.append(secagg.roster_event(m, current))
+                out.append(masked.roster_event(m, current))
             if phase == "release":
-                out.append(secagg.commits_event(m, current))
+                out.append(masked.commits_event(m, current))
     return out

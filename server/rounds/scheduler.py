@@ -8,11 +8,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from cipherhive.server import secagg
-from cipherhive.server.errors import RoundError
+from cipherhive.server.rounds import masked
+from cipherhive.server.rounds.errors import RoundError
 
 if TYPE_CHECKING:
-    from cipherhive.server.rounds import RoundManager
+    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 
@@ -40,13 +40,13 @@ def tick(m: RoundManager) -> None:
             if now >= current.row.deadline:
                 due = (current.number, "deadline reached")
             elif current.mask is not None:
-                roster = secagg.roster_due(current, now)
-                if secagg.complete(current):
+                roster = masked.roster_due(current, now)
+                if masked.complete(current):
                     due = (current.number, "every member released its self-mask")
             elif current.row.expected and set(current.row.expected) <= set(current.accepted):
                 due = (current.number, "every expected node submitted")
     if roster and current is not None:
-        why = secagg.fix_roster(m, current.number)
+        why = masked.fix_roster(m, current.number)
         if why:
             m.close_round(current.number, "enrol deadline", fail_reason=why)
         return

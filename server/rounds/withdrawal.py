@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from cipherhive.runtime.logs import audit, event
-from cipherhive.server.errors import RoundError
-from cipherhive.server.state import OutcomeRow, RoundRow
+from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.storage.state import OutcomeRow, RoundRow
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
-    from cipherhive.server.rounds import RoundManager
+    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 

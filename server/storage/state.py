@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.fsutil import private_dir, private_file
-from cipherhive.server.schema import MIGRATIONS
+from cipherhive.server.storage.schema import MIGRATIONS
 
 __all__ = [
     "MIGRATIONS",
