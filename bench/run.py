@@ -33,8 +33,8 @@ from cipherhive.bench.synthetic import member_samples, member_update
 from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import LEADING_VALUES, WEIGHT_SLOT
-from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool, default_workers
-from cipherhive.node.update import weighted_vector
+from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool, default_workers
+from cipherhive.node.training.update import weighted_vector
 from cipherhive.runtime.fsutil import atomic_write
 from cipherhive.secagg import masking
 from cipherhive.server.ingest.running_sum import MaskedSum, RunningSum

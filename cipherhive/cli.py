@@ -110,7 +110,7 @@ def _node_export(args: argparse.Namespace) -> int:
 
 def _node_layout(args: argparse.Namespace) -> int:
     from cipherhive.node.config import NodeConfig
-    from cipherhive.node.describe import write_layout
+    from cipherhive.node.state.layout_file import write_layout
     from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
@@ -125,8 +125,8 @@ def _node_layout(args: argparse.Namespace) -> int:
 
 
 def _node_bootstrap(args: argparse.Namespace) -> int:
-    from cipherhive.node.bootstrap import bootstrap
     from cipherhive.node.config import NodeConfig
+    from cipherhive.node.state.bootstrap import bootstrap
     from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)
@@ -141,7 +141,7 @@ def _node_bootstrap(args: argparse.Namespace) -> int:
 
 def _node_privacy(args: argparse.Namespace) -> int:
     from cipherhive.node.config import NodeConfig
-    from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+    from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
     from cipherhive.runtime import config, logs
 
     cfg = config.load(NodeConfig, args)

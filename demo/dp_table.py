@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from cipherhive.demo.options import DP_ROUNDS, ROUNDS
-from cipherhive.node.dp_random import DPRandom
-from cipherhive.node.dp_round import DPRound
+from cipherhive.node.privacy.randomness import DPRandom
+from cipherhive.node.privacy.round_info import DPRound
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.privacy.accountant import noise_multiplier_for
 from cipherhive.privacy.schedule import PrivacySchedule

@@ -308,7 +308,7 @@ class LocalFederation:
 
     def init_privacy_ledgers(self) -> None:
         """Create every node's privacy ledger, as a member does once with `cipherhive node privacy-init`."""
-        from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+        from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
 
         for i in range(self.nodes):
             section = self.privacy_section(i)

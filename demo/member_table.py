@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from cipherhive.node.dp_random import DPRandom
-from cipherhive.node.member_dp import noised_integers
+from cipherhive.node.privacy.member_level import noised_integers
+from cipherhive.node.privacy.randomness import DPRandom
 from cipherhive.privacy.schedule import PrivacySchedule
 
 #: (name, federated values): the digits MLP 64-64-10, and a LoRA-sized adapter set.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: The node's log messages this reader understands (node/daemon.py, node/receive.py).
+#: The node's log messages this reader understands (node/daemon.py, node/sums/receive.py).
 SUBMITTED = "update submitted"
 APPLIED = "applied round sum"
 TRAINER_FAILED = "trainer failed in round"

@@ -28,7 +28,7 @@ from cipherhive.demo.federation import LocalFederation, ProcessFailed
 from cipherhive.demo.node_logs import NodeLog
 from cipherhive.demo.plugin_ref import IMPORT_RULE, PluginError, plugin_ref
 from cipherhive.demo.sim_result import NodeRound, RoundRecord, SimulationError, SimulationResult
-from cipherhive.node.plugin_paths import resolve_options
+from cipherhive.node.training.plugin_paths import resolve_options
 from cipherhive.v1 import federation_pb2 as pb
 
 #: Most nodes one simulation starts (each is a process holding torch and the model).

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cipherhive.node.plugin_paths import resolve_folders, resolve_options
+from cipherhive.node.training.plugin_paths import resolve_folders, resolve_options
 from cipherhive.runtime.config import ConfigError, setting
 
 

@@ -17,7 +17,7 @@ import logging
 
 import grpc
 
-from cipherhive.node.receive import SessionEnd
+from cipherhive.node.sums.receive import SessionEnd
 from cipherhive.runtime.logs import event
 from cipherhive.runtime.transport import ClientTLS, describe_rpc_error, diagnose_tls, wait_connected
 

@@ -7,7 +7,7 @@ open round once its model is the round's base. When the server goes away it
 reconnects with exponential back-off and carries on.
 
 A node never exits because of what arrives over the network: a sum that fails
-its checks is rejected (:mod:`cipherhive.node.receive`), a withdrawn round it
+its checks is rejected (:mod:`cipherhive.node.sums.receive`), a withdrawn round it
 applied is rolled back to a kept checkpoint, a sum it cannot follow is skipped
 with a warning. It exits (code 2) only for local problems (an unreadable secret
 context, a checkpoint of another layout, a trainer that cannot load) and when
@@ -40,27 +40,27 @@ import torch
 from cipherhive import __version__
 from cipherhive.ckks import codec, keys
 from cipherhive.node import metrics, stopping
-from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
-from cipherhive.node.crypto_pool import DEFAULT_CODEC, CryptoPool
-from cipherhive.node.describe import member_fingerprint_key
-from cipherhive.node.dp_ledger import PrivacyLedgerError
+from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
-from cipherhive.node.initial import initial_model_hash
-from cipherhive.node.masked_round import MaskedRounds
-from cipherhive.node.optimizers import OptimizerError, OptimizerSpec, adopt, restored
-from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
-from cipherhive.node.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
-from cipherhive.node.rollback import Rollbacks
-from cipherhive.node.secagg import Participation
+from cipherhive.node.privacy.ledger import PrivacyLedgerError
+from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
+from cipherhive.node.secagg.masked_round import MaskedRounds
+from cipherhive.node.secagg.participation import Participation
+from cipherhive.node.state.checkpoint import NodeState
+from cipherhive.node.state.initial import initial_model_hash
+from cipherhive.node.state.layout_file import member_fingerprint_key
+from cipherhive.node.sums.optimizers import OptimizerError, OptimizerSpec, adopt, restored
+from cipherhive.node.sums.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
+from cipherhive.node.sums.rollback import Rollbacks
 from cipherhive.node.trainer import (
     TrainerError,
     federated_tensors,
     load_trainer,
 )
-from cipherhive.node.training import Training
-from cipherhive.node.update import (
+from cipherhive.node.training.local_round import Training
+from cipherhive.node.training.update import (
     FlatParams,
     layout_of,
 )

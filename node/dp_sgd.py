@@ -6,7 +6,7 @@ amplification in the accountant assumes: Mironov, Talwar and Zhang 2019), its
 gradient is clipped to norm ``C``, the clipped gradients are summed and
 Gaussian noise of standard deviation ``z·C`` is added. Opacus computes the
 per-record gradients and does the clipping; this module swaps the randomness
-for ChaCha20 (:mod:`cipherhive.node.dp_random`) by subclassing Opacus'
+for ChaCha20 (:mod:`cipherhive.node.privacy.randomness`) by subclassing Opacus'
 optimizer and sampler, and refuses what would silently void the guarantee:
 
 * a loader the helper did not make (shuffled batches, a custom sampler, the
@@ -49,8 +49,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from cipherhive.node.dp_random import CryptoStream
-from cipherhive.node.dp_round import DPRound
+from cipherhive.node.privacy.randomness import CryptoStream
+from cipherhive.node.privacy.round_info import DPRound
 from cipherhive.node.trainer import TrainerError
 
 # Opacus' hooks on a first layer whose input needs no gradient: expected, and said at every step.

@@ -39,16 +39,16 @@ from typing import Any
 
 import torch
 
-from cipherhive.node.checkpoint import (
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.state.checkpoint import (
     CHECKPOINT,
     Checkpoint,
     kept_name,
     read_checkpoint,
     write_checkpoint,
 )
-from cipherhive.node.config import NodeConfig
 from cipherhive.node.trainer import federated_tensors, load_trainer
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.fsutil import atomic_write
 

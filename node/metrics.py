@@ -4,7 +4,7 @@ Durations, round numbers, the privacy budget and the federated evaluation only:
 never a model value or a sample count. ε is computed from the DP mechanism's
 parameters and this node's ledger, not from data. The federated evaluation
 (issue 13) is the one figure computed from decrypted data, and it is shown rounded
-to 4 significant digits (:mod:`cipherhive.node.federated_eval`), like in the log.
+to 4 significant digits (:mod:`cipherhive.node.training.federated_eval`), like in the log.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cipherhive.federation.layout import EVAL_METRICS
-from cipherhive.node.checks import REASONS
+from cipherhive.node.sums.checks import REASONS
 
 REGISTRY = CollectorRegistry()
 
@@ -44,7 +44,7 @@ PRIVACY_EPSILON_LIMIT = Gauge(
 
 SUMS_REJECTED = Counter(
     "cipherhive_node_sums_rejected_total",
-    "Round sums this node rejected instead of applying, by reason (a fixed set, see node/checks.py)",
+    "Round sums this node rejected instead of applying, by reason (a fixed set, see node/sums/checks.py)",
     ["reason"],
     registry=REGISTRY,
 )

@@ -48,7 +48,7 @@ Optional:
     node's log), weighted by the example count, inside its encrypted and masked
     update; after decrypting the sum every member sees the federation-wide
     ``Σ n·metric / Σ n`` of that model, rounded, and nobody sees a member's own
-    figures (:mod:`cipherhive.node.federated_eval`). ``loss`` must be ≥ 0 and
+    figures (:mod:`cipherhive.node.training.federated_eval`). ``loss`` must be ≥ 0 and
     ``accuracy`` in [0, 1]; a metric that is not is left out with a warning.
     Not called under differential privacy (validation data is outside ε).
 
@@ -68,11 +68,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from cipherhive.node.plugin_paths import explain_missing_file
+from cipherhive.node.training.plugin_paths import explain_missing_file
 from cipherhive.runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from cipherhive.node.dp_round import DPRound
+    from cipherhive.node.privacy.round_info import DPRound
 
 
 def _never() -> bool:

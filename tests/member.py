@@ -20,10 +20,10 @@ import numpy as np
 from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import Layout
-from cipherhive.node.release_ledger import ReleaseLedger
-from cipherhive.node.secagg import MaskingSetup, Participation
-from cipherhive.node.sumproof import check_seed_hashes, verify_proof
-from cipherhive.node.update import leading
+from cipherhive.node.secagg.participation import MaskingSetup, Participation
+from cipherhive.node.secagg.release_ledger import ReleaseLedger
+from cipherhive.node.secagg.sum_proof import check_seed_hashes, verify_proof
+from cipherhive.node.training.update import leading
 from cipherhive.pki import certs
 from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.secagg.chain import ChainHash, sum_digest

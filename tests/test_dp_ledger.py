@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedger, PrivacyLedgerError, ledger_path
+from cipherhive.node.privacy.ledger import BudgetExhausted, PrivacyLedger, PrivacyLedgerError, ledger_path
 from cipherhive.privacy.accountant import DPEvent, epsilon
 
 EVENT = DPEvent(1.1, 0.07, 70)

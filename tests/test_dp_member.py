@@ -20,14 +20,14 @@ from scipy.stats import norm
 from cipherhive.ckks import keys
 from cipherhive.ckks.codec import VALUE_RANGE, PublicCodec, SecretCodec
 from cipherhive.federation.layout import LEADING_VALUES
-from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.dgauss import ExactSampler
-from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
-from cipherhive.node.dp_random import DPRandom
-from cipherhive.node.member_dp import clip_update, noised_integers, privatize
-from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
-from cipherhive.node.update import UpdateError, check_update, weighted_blocks
+from cipherhive.node.privacy.discrete_gaussian import ExactSampler
+from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
+from cipherhive.node.privacy.member_level import clip_update, noised_integers, privatize
+from cipherhive.node.privacy.randomness import DPRandom
+from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
+from cipherhive.node.sums.checks import CheckedApplier, SumLimits, SumRejected
+from cipherhive.node.training.update import UpdateError, check_update, weighted_blocks
 from cipherhive.privacy.member_level import (
     MemberMechanism,
     equivalent_multiplier,

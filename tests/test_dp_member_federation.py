@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
+from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
 from cipherhive.privacy.schedule import PrivacySchedule
 from cipherhive.v1 import federation_pb2 as pb
 

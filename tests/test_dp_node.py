@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedger, PrivacyLedgerError, ledger_path
-from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
+from cipherhive.node.privacy.ledger import BudgetExhausted, PrivacyLedger, PrivacyLedgerError, ledger_path
+from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
-from cipherhive.node.update import UpdateError
+from cipherhive.node.training.update import UpdateError
 from cipherhive.privacy.schedule import PrivacySchedule
 from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig

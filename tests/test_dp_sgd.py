@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from cipherhive.node.dp_random import CryptoStream, DPRandom
-from cipherhive.node.dp_round import DPRound
 from cipherhive.node.dp_sgd import DPUsageError, private_training
+from cipherhive.node.privacy.randomness import CryptoStream, DPRandom
+from cipherhive.node.privacy.round_info import DPRound
 
 RECORDS = 400
 

@@ -15,11 +15,11 @@ from cipherhive.ckks import codec, keys
 from cipherhive.ckks.codec import VALUE_RANGE, PublicCodec, SecretCodec
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import EVAL_METRICS, EVAL_SLOT, EVAL_VALUES, LEADING_VALUES
-from cipherhive.node import federated_eval as fe
 from cipherhive.node import metrics
-from cipherhive.node.checks import CheckedApplier, SumLimits
+from cipherhive.node.sums.checks import CheckedApplier, SumLimits
 from cipherhive.node.trainer import AppliedRound
-from cipherhive.node.update import leading, weighted_vector
+from cipherhive.node.training import federated_eval as fe
+from cipherhive.node.training.update import leading, weighted_vector
 from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 

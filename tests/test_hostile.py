@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import Layout, TensorSpec
-from cipherhive.node.update import leading
+from cipherhive.node.training.update import leading
 from cipherhive.pki import certs
 from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb

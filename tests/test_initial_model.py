@@ -21,8 +21,8 @@ from cipherhive.ckks import codec, keys
 from cipherhive.demo.digits import build_model
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import Layout, LayoutError, TensorSpec
-from cipherhive.node.initial import PURPOSE, initial_model_hash
-from cipherhive.node.update import layout_of
+from cipherhive.node.state.initial import PURPOSE, initial_model_hash
+from cipherhive.node.training.update import layout_of
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.rounds.manager import RoundError, RoundManager
 from cipherhive.server.storage.spool import Spool
@@ -71,7 +71,7 @@ import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from cipherhive.ckks import keys
-from cipherhive.node.initial import PURPOSE
+from cipherhive.node.state.initial import PURPOSE
 from tests.test_initial_model import _fingerprint
 print(_fingerprint(keys.members_key(Path({secret!r}).read_bytes(), PURPOSE), 0)[1])
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cipherhive.node.release_ledger import FILE_NAME, LedgerError, ReleaseLedger
+from cipherhive.node.secagg.release_ledger import FILE_NAME, LedgerError, ReleaseLedger
 from cipherhive.runtime import fsutil
 
 

@@ -24,12 +24,12 @@ from transformers import AutoModelForSequenceClassification
 
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.demo.lora_task import create_base_model
-from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import ExportError, export_model
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState
 from cipherhive.node.trainer import RoundInfo, TrainerError, federated_tensors, load_trainer
 from cipherhive.node.trainers.lora import LoraTrainer, hash_base_model
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 
 SPEC = "cipherhive.node.trainers.lora:LoraTrainer"
 

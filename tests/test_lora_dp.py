@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 
 from cipherhive.demo.lora_task import create_base_model, member_data
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
-from cipherhive.node.dp_random import DPRandom
-from cipherhive.node.dp_round import DPRound
 from cipherhive.node.dp_sgd import DPUsageError
-from cipherhive.node.privacy import PrivacyGuard
+from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
+from cipherhive.node.privacy.randomness import DPRandom
+from cipherhive.node.privacy.record_level import PrivacyGuard
+from cipherhive.node.privacy.round_info import DPRound
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.trainers.lora import LoraTrainer
 from cipherhive.privacy.schedule import PrivacySchedule

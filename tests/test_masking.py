@@ -10,7 +10,7 @@ import pytest
 
 from cipherhive.ckks import codec, keys, seal_format
 from cipherhive.ckks.codec import PublicCodec, SecretCodec
-from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.node.crypto.pool import CryptoPool
 from cipherhive.secagg import mask_stream, masking
 from cipherhive.secagg.masking import MaskPlan, SeedCheckFailed
 from cipherhive.server.ingest.running_sum import RunningSum

@@ -20,11 +20,11 @@ import torch
 
 from cipherhive.ckks import codec, keys
 from cipherhive.node import metrics
-from cipherhive.node.checkpoint import Checkpoint, NodeState, kept_name
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.daemon import Node
-from cipherhive.node.receive import SessionEnd
-from cipherhive.node.update import leading
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState, kept_name
+from cipherhive.node.sums.receive import SessionEnd
+from cipherhive.node.training.update import leading
 from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 

@@ -19,9 +19,9 @@ import torch
 from cipherhive.ckks import codec, keys
 from cipherhive.federation.layout import LEADING_VALUES, Layout, TensorSpec
 from cipherhive.federation.optimizer_settings import NAMES, PLAIN_FEDAVG, OptimizerError, OptimizerSpec
-from cipherhive.node.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from cipherhive.node.checks import CheckedApplier, SumLimits, SumRejected
-from cipherhive.node.optimizers import ServerOptimizer, adopt, restored
+from cipherhive.node.state.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from cipherhive.node.sums.checks import CheckedApplier, SumLimits, SumRejected
+from cipherhive.node.sums.optimizers import ServerOptimizer, adopt, restored
 from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.rounds.manager import RoundManager

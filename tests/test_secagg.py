@@ -416,7 +416,7 @@ def test_a_hostile_members_steps_are_refused_and_the_round_still_publishes(
     seed that is not the committed one each get their status; the honest round then completes."""
     import grpc
 
-    from cipherhive.node.secagg import Participation
+    from cipherhive.node.secagg.participation import Participation
     from cipherhive.secagg.commit import make_commit, self_mask_digest
 
     fed = _federation(tmp_path, nodes=4)

@@ -28,7 +28,7 @@ from cipherhive.demo.digits import DigitsTrainer
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import LEADING_VALUES, Layout
 from cipherhive.node.trainer import federated_tensors
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 from cipherhive.pki import certs
 from cipherhive.runtime.transport import ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb

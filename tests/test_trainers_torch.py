@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import ExportError, export_model
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState
 from cipherhive.node.trainer import RoundInfo, TrainerError, federated_tensors, load_trainer
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 
 PLUGIN = "cipherhive_torch_module_fixtures"
 SPEC = "cipherhive.node.trainers.torch_module:TorchModuleTrainer"
@@ -308,7 +308,7 @@ def test_export_refuses_without_checkpoint_or_with_another_layout(
 def test_bootstrap_from_an_export(fixtures: ModuleType, tmp_path: Path) -> None:
     """A member's export carries a checkpoint; another member installs it with `node bootstrap`."""
     from cipherhive.cli import main
-    from cipherhive.node.bootstrap import BootstrapError, bootstrap
+    from cipherhive.node.state.bootstrap import BootstrapError, bootstrap
 
     donor = _config(tmp_path / "donor")
     trainer = _trainer()

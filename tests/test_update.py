@@ -1,4 +1,4 @@
-"""Tests for cipherhive.node.update (weighting, FedAvg mean, model <-> vector) and the layout."""
+"""Tests for cipherhive.node.training.update (weighting, FedAvg mean, model <-> vector) and the layout."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from cipherhive.federation.layout import (
     TensorSpec,
     describe_difference,
 )
-from cipherhive.node import update
-from cipherhive.node.checks import (
+from cipherhive.node.sums.checks import (
     CheckedApplier,
     SumLimits,
     SumRejected,
     check_participant_slot,
     check_participants,
 )
-from cipherhive.node.update import UpdateError
+from cipherhive.node.training import update
+from cipherhive.node.training.update import UpdateError
 from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
 

@@ -5,7 +5,7 @@ unrelated numbers together. The layout travels at join time; its hash travels
 with every submission and is checked by the server.
 
 A layout also carries the fingerprint of the initial model's values
-(``initial_model_hash``, :mod:`cipherhive.node.initial`), so that every member
+(``initial_model_hash``, :mod:`cipherhive.node.state.initial`), so that every member
 starts from the same model. It is pinned and checked beside the layout hash, not
 folded into it: the hash ties sums, submissions and checkpoints to the shapes, and
 federations pinned before the fingerprint existed keep their published sums and
@@ -44,7 +44,7 @@ _BASE_HASH = re.compile(r"^([0-9a-f]{64})?$")
 #: for each metric of :data:`EVAL_METRICS` in turn, ``n/u`` and ``n/u · metric``, where n is
 #: the member's validation examples and u the federation's weight unit. The sum then holds
 #: ``Σn`` and ``Σn·metric``: the federation-wide validation of the round's *base* model
-#: (:mod:`cipherhive.node.federated_eval`). A fixed set keeps the vector's length fixed.
+#: (:mod:`cipherhive.node.training.federated_eval`). A fixed set keeps the vector's length fixed.
 WEIGHT_SLOT = 0
 CHECK_SLOT = 1
 EVAL_SLOT = 2
@@ -130,7 +130,7 @@ def check_initial_hash(value: object) -> str:
 class Layout:
     tensors: tuple[TensorSpec, ...]
     base_model_hash: str = ""
-    #: Fingerprint of the initial model's values (:mod:`cipherhive.node.initial`); "": not pinned.
+    #: Fingerprint of the initial model's values (:mod:`cipherhive.node.state.initial`); "": not pinned.
     initial_model_hash: str = ""
 
     @property

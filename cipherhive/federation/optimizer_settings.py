@@ -3,7 +3,7 @@
 Configured per federation in server.toml (``[optimizer]``), validated here, pinned
 by the server once a round is published and announced to every node in
 ``FederationSettings.optimizer``. The optimizers themselves run on the nodes
-(:mod:`cipherhive.node.optimizers`, which explains why): this module holds only
+(:mod:`cipherhive.node.sums.optimizers`, which explains why): this module holds only
 the settings, so the server does not import numpy or torch for them.
 """
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from cipherhive.ckks.codec import NodeCodec, SecretCodec
-from cipherhive.node import slots
+from cipherhive.node.crypto import slots
 from cipherhive.secagg import masking
 
 #: The product's encoding; the benchmark names its baselines here instead.
@@ -294,7 +294,7 @@ class CryptoPool:
     def decrypt_c0_sum(self, records: Iterable[bytes], seeds: Sequence[list[bytes]]) -> Iterator[np.ndarray]:
         """Decrypt a masked round's Σ c0 records, c1 rebuilt from each block's seeds (in order).
 
-        ``seeds`` must already match the members' signed commits (cipherhive.node.sumproof).
+        ``seeds`` must already match the members' signed commits (cipherhive.node.secagg.sum_proof).
         Raises :class:`cipherhive.secagg.masking.SeedCheckFailed` for a block SEAL refuses.
         """
         if not isinstance(self._local, SecretCodec):

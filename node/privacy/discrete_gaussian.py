@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from cipherhive.node.dp_random import CryptoStream
+from cipherhive.node.privacy.randomness import CryptoStream
 
 __all__ = ["ExactSampler"]
 

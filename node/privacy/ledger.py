@@ -5,7 +5,7 @@ lifetime, composing every round it trained in (Abadi et al. 2016; the
 accounting itself is :mod:`cipherhive.privacy.accountant`). So the ledger stores the
 mechanism's *events* (noise multiplier, sample rate, steps), not an ε: ε is
 recomputed from them at any δ. Its rules, in the style of the release ledger
-(:mod:`cipherhive.node.release_ledger`):
+(:mod:`cipherhive.node.secagg.release_ledger`):
 
 * **Charge before training.** :meth:`PrivacyLedger.charge` checks that the
   history plus the next round stays within the limit, then writes the round's

@@ -4,7 +4,7 @@ What a node encrypts in ``member`` mode (see :mod:`cipherhive.privacy.member_lev
 mechanism and its accounting) is ``γ·(round(clip(Δ)/γ) + noise)``: integers on
 the grid γ = 2^-grid_bits, carried in model units so that the existing range
 checks apply. Every such value is exact in float64; CKKS adds an error of
-~1e-9, which :func:`cipherhive.node.checks.CheckedApplier` removes by rounding
+~1e-9, which :func:`cipherhive.node.sums.checks.CheckedApplier` removes by rounding
 the decrypted sum back to the grid before anything uses it, so the sum every
 member applies is exactly the sum of the members' integers, and CKKS error is
 never counted as noise. The weight is 1 (uniform FedAvg over the public number
@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-from cipherhive.node.dgauss import ExactSampler, randomized_round
-from cipherhive.node.dp_random import CryptoStream
-from cipherhive.node.update import UpdateError
+from cipherhive.node.privacy.discrete_gaussian import ExactSampler, randomized_round
+from cipherhive.node.privacy.randomness import CryptoStream
+from cipherhive.node.training.update import UpdateError
 from cipherhive.privacy.member_level import MemberMechanism
 
 __all__ = ["clip_update", "noised_integers", "privatize"]
@@ -57,7 +57,7 @@ def privatize(
 ) -> np.ndarray:
     """A float64 'local model' whose difference from ``global_`` is γ·(noised integers).
 
-    :func:`cipherhive.node.update.weighted_blocks` subtracts ``global_`` again; that
+    :func:`cipherhive.node.training.update.weighted_blocks` subtracts ``global_`` again; that
     float64 round trip moves a value by ~1e-16 relative, far below half a grid step,
     and the rounding of the sum removes it.
     """

@@ -14,7 +14,7 @@ The daemon asks four things of :class:`PrivacyGuard`, in this order:
    FedAvg, divided by the public number of contributors): a sample count,
    raw or noised, is business information record-level DP does not cover.
 
-In ``member`` mode (member-level distributed DP, :mod:`cipherhive.node.member_dp`)
+In ``member`` mode (member-level distributed DP, :mod:`cipherhive.node.privacy.member_level`)
 the trainer trains as usual (``RoundInfo.privacy`` stays None); the ledger
 charges the round before training all the same, and :meth:`~PrivacyGuard.privatize`
 replaces the trained values by the clipped, grid-rounded, noised update. At Join
@@ -30,10 +30,10 @@ import numpy as np
 
 from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.dp_ledger import PrivacyLedger, ledger_path
-from cipherhive.node.dp_random import CryptoStream, DPRandom
-from cipherhive.node.dp_round import DPRound
-from cipherhive.node.update import UpdateError, sample_weight
+from cipherhive.node.privacy.ledger import PrivacyLedger, ledger_path
+from cipherhive.node.privacy.randomness import CryptoStream, DPRandom
+from cipherhive.node.privacy.round_info import DPRound
+from cipherhive.node.training.update import UpdateError, sample_weight
 from cipherhive.privacy.member_level import MemberMechanism
 from cipherhive.privacy.schedule import PrivacySchedule, ScheduleError
 from cipherhive.runtime.errors import UserError
@@ -130,7 +130,7 @@ class PrivacyGuard:
     def begin_round(self, round_number: int) -> DPRound | None:
         """Charge the ledger for one round and hand out its DP parameters (None without DP).
 
-        Raises :class:`cipherhive.node.dp_ledger.BudgetExhausted` (nothing charged) past the limit.
+        Raises :class:`cipherhive.node.privacy.ledger.BudgetExhausted` (nothing charged) past the limit.
         """
         if self.ledger is None or self.random is None:
             return None
@@ -163,7 +163,7 @@ class PrivacyGuard:
             if self.schedule.member:
                 raise UpdateError("no member-level DP round was charged; nothing was sent")
             return local
-        from cipherhive.node.member_dp import privatize
+        from cipherhive.node.privacy.member_level import privatize
 
         mech, noise, rounding = self._member
         self._member = None

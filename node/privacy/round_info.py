@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cipherhive.node.dp_random import CryptoStream
+from cipherhive.node.privacy.randomness import CryptoStream
 
 
 @dataclass

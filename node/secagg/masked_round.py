@@ -1,6 +1,6 @@
 """Taking part in a masked round: enrol, check the roster, train, mask, upload, commit, release.
 
-The steps are those of :mod:`cipherhive.node.secagg`, driven by the round's
+The steps are those of :mod:`cipherhive.node.secagg.participation`, driven by the round's
 events (OPENED, ROSTER, COMMITS). The round's :class:`Participation` stays in
 memory across reconnects: after a server restart the node re-sends the same
 enrolment and the same masked ciphertexts from disk, and carries on from the
@@ -29,17 +29,17 @@ import numpy as np
 from cipherhive.ckks import codec
 from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
-from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto_pool import CryptoPool
+from cipherhive.node.crypto.pool import CryptoPool
 from cipherhive.node.errors import NodeError
-from cipherhive.node.federated_eval import Trained
-from cipherhive.node.receive import TRANSIENT, SessionEnd
-from cipherhive.node.release_ledger import FILE_NAME as ledger_file
-from cipherhive.node.release_ledger import LedgerError, ReleaseLedger
-from cipherhive.node.secagg import MaskingSetup, Participation
-from cipherhive.node.update import rounded_metrics, weighted_blocks
-from cipherhive.node.upload import submit_requests
+from cipherhive.node.secagg.participation import MaskingSetup, Participation
+from cipherhive.node.secagg.release_ledger import FILE_NAME as ledger_file
+from cipherhive.node.secagg.release_ledger import LedgerError, ReleaseLedger
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState
+from cipherhive.node.sums.receive import TRANSIENT, SessionEnd
+from cipherhive.node.training.federated_eval import Trained
+from cipherhive.node.training.update import rounded_metrics, weighted_blocks
+from cipherhive.node.transfer.upload import submit_requests
 from cipherhive.pki.enrolment_certs import EnrolmentError
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import event

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cipherhive.ckks import codec
-from cipherhive.node.release_ledger import ReleaseLedger
+from cipherhive.node.secagg.release_ledger import ReleaseLedger
 from cipherhive.pki import enrolment_certs
 from cipherhive.runtime.fsutil import atomic_write, fsync_dir
 from cipherhive.secagg import masking

@@ -14,7 +14,7 @@ Micciancio, EUROCRYPT 2021). A masked sum is only decrypted once
    (:mod:`cipherhive.ckks.c0_sum`) gets its c1 rebuilt here from those seeds
    (:meth:`cipherhive.ckks.codec.SecretCodec.decrypt_c0_sum`), so the server chooses
    nothing in it; a sum published as full ciphertexts must have c1 = Σ expand(seed)
-   on every block (:meth:`cipherhive.node.crypto_pool.CryptoPool.check_seeds`).
+   on every block (:meth:`cipherhive.node.crypto.pool.CryptoPool.check_seeds`).
 
 Nothing about a decryption is observable before all four pass: the sum is
 downloaded to disk first, checked in full, and only then decrypted.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cipherhive.node.secagg import MaskingSetup
+from cipherhive.node.secagg.participation import MaskingSetup
 from cipherhive.secagg.commit import SEEDS_LABEL, blocks_digest, require_all_commits
 from cipherhive.secagg.roster import Enrolment, Roster, RosterError, verify_roster
 from cipherhive.v1 import federation_pb2 as pb

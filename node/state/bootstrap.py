@@ -9,7 +9,7 @@ a node's own kept ``checkpoint-<round>.pt`` files have the same format.
 Bootstrapping checks the file against the model this node's configuration
 builds (layout hash, every tensor's name and shape, finite values) and installs
 it as the start of a new chain of applied rounds (see
-:mod:`cipherhive.node.checkpoint`); the node then replays the sums after it.
+:mod:`cipherhive.node.state.checkpoint`); the node then replays the sums after it.
 Run it while the node is stopped. Files are loaded with ``weights_only``, so a
 file from elsewhere cannot run code.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from cipherhive.node.checkpoint import CHECKPOINT, Checkpoint, NodeState, read_checkpoint
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.export import PROVENANCE
-from cipherhive.node.optimizers import OptimizerError, restored
+from cipherhive.node.state.checkpoint import CHECKPOINT, Checkpoint, NodeState, read_checkpoint
+from cipherhive.node.sums.optimizers import OptimizerError, restored
 from cipherhive.node.trainer import federated_tensors, load_trainer
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 from cipherhive.runtime.errors import UserError
 
 

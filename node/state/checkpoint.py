@@ -6,7 +6,7 @@ Files in ``state_dir``:
 * ``checkpoint-<round>.pt`` — the federated tensors after applying that round
   (``{"round", "layout_hash", "tensors"}``, and ``"optimizer"``: the server-side
   optimizer's settings and moments after that round, see
-  :mod:`cipherhive.node.optimizers`; absent in checkpoints from before optimizers,
+  :mod:`cipherhive.node.sums.optimizers`; absent in checkpoints from before optimizers,
   which were plain FedAvg); the newest ``keep`` are kept so a node can roll back
   when a round it applied is withdrawn, and the moments roll back with the model.
 * ``checkpoint.pt`` — the current global model: a hard link to the newest applied

@@ -18,7 +18,7 @@ compare. Members learn nothing from it that they do not already share (the
 initial model itself).
 
 **Why float32 bytes.** The federated values travel and are applied as float32
-(:class:`cipherhive.node.update.FlatParams`); hashing the exact float32 bit
+(:class:`cipherhive.node.training.update.FlatParams`); hashing the exact float32 bit
 patterns makes the fingerprint deterministic (no rounding to decide, no
 tolerance) and as strict as the members' bit-identical models. Tensors held in
 another dtype are converted to float32 first, exactly as the node does.

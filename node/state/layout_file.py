@@ -4,7 +4,7 @@ The operator pins the federation's layout (`cipherhive ctl federation init
 --layout layout.json`, or ``[federation] layout`` in server.toml) from this
 file; it is built exactly as the daemon builds it (the same trainer plug-in,
 options and base model), so the node's Join matches it. It includes the
-fingerprint of the initial model's values (:mod:`cipherhive.node.initial`), keyed
+fingerprint of the initial model's values (:mod:`cipherhive.node.state.initial`), keyed
 with the federation's secret context, which is why it runs on a member: the file
 reveals nothing the server could test a guess against. No checkpoint is read, no
 data beyond what ``build_model`` needs, and nothing secret is written.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from cipherhive.federation.layout import Layout
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.initial import fingerprint_key, initial_model_hash
+from cipherhive.node.state.initial import fingerprint_key, initial_model_hash
 from cipherhive.node.trainer import federated_tensors, load_trainer
-from cipherhive.node.update import layout_of
+from cipherhive.node.training.update import layout_of
 from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.fsutil import atomic_write
 

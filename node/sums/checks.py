@@ -33,7 +33,7 @@ The checks, and why each bound is what it is:
   huge update.
 * **the evaluation slots** (issue 13) are values like any other here (finite, in range);
   whether they make a plausible evaluation is checked when they are read
-  (:func:`cipherhive.node.federated_eval.decode`), and an implausible one is only not
+  (:func:`cipherhive.node.training.federated_eval.decode`), and an implausible one is only not
   shown: it says nothing about the update, so it is no reason to reject the sum.
 * **member-level DP** (``grid_bits`` set): every decrypted value is rounded
   back to the grid 2^-grid_bits *before* it is checked, applied or shown, so
@@ -42,7 +42,7 @@ The checks, and why each bound is what it is:
   ~1e-9, a step at least ~1e-6) means a contributor did not follow the grid
   (``off_grid``). The total weight, a count of contributors then, is rounded too.
 * **the stream**: the round and layout asked for, the number of blocks (see
-  :mod:`cipherhive.node.fetch` for chunk order and counts).
+  :mod:`cipherhive.node.transfer.fetch` for chunk order and counts).
 
 Reasons are a small fixed set (they label a Prometheus counter) with a sentence
 in words for the log and the server. Neither ever contains a decrypted value.
@@ -157,7 +157,7 @@ def check_total_weight(total: float, limits: SumLimits) -> None:
 
 
 #: Turns the mean update of values ``lo:hi`` into the change added to the global model
-#: (a server-side optimizer, :meth:`cipherhive.node.optimizers.ServerOptimizer.step`).
+#: (a server-side optimizer, :meth:`cipherhive.node.sums.optimizers.ServerOptimizer.step`).
 Step = Callable[[int, int, np.ndarray], np.ndarray]
 
 

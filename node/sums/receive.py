@@ -8,7 +8,7 @@ directory so a restart does not check it again, and reported to the server with
 ``ReportOutcome``. The model stays at its base and the node takes part in the
 next round built on it.
 
-A stream that is cut is resumed (:func:`cipherhive.node.fetch.fetch_sum`); one
+A stream that is cut is resumed (:func:`cipherhive.node.transfer.fetch.fetch_sum`); one
 that is malformed (wrong round, layout or count, chunks out of order, bytes SEAL
 cannot load, an early end) is downloaded again up to :data:`ATTEMPTS` times, then
 rejected.
@@ -29,23 +29,24 @@ import numpy as np
 
 from cipherhive.ckks import c0_sum, codec
 from cipherhive.federation.layout import Layout
-from cipherhive.node import federated_eval, metrics
-from cipherhive.node.checkpoint import Checkpoint, NodeState
-from cipherhive.node.checks import (
+from cipherhive.node import metrics
+from cipherhive.node.config import NodeConfig
+from cipherhive.node.crypto.pool import CryptoPool
+from cipherhive.node.secagg.participation import MaskingSetup, Participation
+from cipherhive.node.secagg.sum_proof import check_seed_hashes, verify_proof
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState
+from cipherhive.node.sums.checks import (
     CheckedApplier,
     SumLimits,
     SumRejected,
     check_participants,
     member_grid_bits,
 )
-from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto_pool import CryptoPool
-from cipherhive.node.fetch import FetchError, fetch_sum
-from cipherhive.node.optimizers import ServerOptimizer
-from cipherhive.node.secagg import MaskingSetup, Participation
-from cipherhive.node.sumproof import check_seed_hashes, verify_proof
+from cipherhive.node.sums.optimizers import ServerOptimizer
 from cipherhive.node.trainer import AppliedRound
-from cipherhive.node.update import FlatParams, split
+from cipherhive.node.training import federated_eval
+from cipherhive.node.training.update import FlatParams, split
+from cipherhive.node.transfer.fetch import FetchError, fetch_sum
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import event
 from cipherhive.runtime.progress import track

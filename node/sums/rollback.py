@@ -18,12 +18,12 @@ import torch
 
 from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
-from cipherhive.node.checkpoint import Checkpoint, NodeState
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.optimizers import OptimizerError, ServerOptimizer
-from cipherhive.node.receive import BOOTSTRAP_HINT
+from cipherhive.node.state.checkpoint import Checkpoint, NodeState
+from cipherhive.node.sums.optimizers import OptimizerError, ServerOptimizer
+from cipherhive.node.sums.receive import BOOTSTRAP_HINT
 from cipherhive.node.trainer import federated_tensors
-from cipherhive.node.update import FlatParams
+from cipherhive.node.training.update import FlatParams
 from cipherhive.runtime.logs import event
 from cipherhive.secagg.chain import ChainHash
 from cipherhive.v1 import federation_pb2 as pb

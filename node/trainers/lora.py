@@ -66,7 +66,7 @@ round, so building the model (``cipherhive node export``) needs no data.
 The sample count (the FedAvg weight) is the training set's size; metrics are
 ``loss`` and ``accuracy`` over the last epoch, ``val_loss`` and
 ``val_accuracy`` on ``val``. ``evaluate(model)`` gives ``val``'s size, loss and
-accuracy: the federated evaluation (:mod:`cipherhive.node.federated_eval`).
+accuracy: the federated evaluation (:mod:`cipherhive.node.training.federated_eval`).
 
 **Differential privacy.** When the federation runs record-level DP
 (``info.privacy`` is set), a round is DP-SGD through

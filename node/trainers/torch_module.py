@@ -67,7 +67,7 @@ trained on; they stay in the node's own log.
 **Federated evaluation.** ``evaluate(model)`` returns the validation loader's
 example count with ``loss`` (and ``accuracy`` for ``cross_entropy``), which the
 node sends encrypted with each update (the evaluation of the global model before
-training; see :mod:`cipherhive.node.federated_eval`). Without a validation loader it
+training; see :mod:`cipherhive.node.training.federated_eval`). Without a validation loader it
 returns no examples, and the member's slots are zeros. The sample
 count (the FedAvg weight) is ``len(train_loader.dataset)`` when the loader
 has a sized dataset, else the number of samples in one epoch.

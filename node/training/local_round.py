@@ -1,9 +1,9 @@
 """Local training and the unmasked upload: train on the global model, weigh, check, encrypt, send.
 
-The masked round (:mod:`cipherhive.node.masked_round`) uses :meth:`Training._train`
+The masked round (:mod:`cipherhive.node.secagg.masked_round`) uses :meth:`Training._train`
 and :meth:`Training._header` too; only a federation run with masking off sends
 through :meth:`Training._train_and_submit`, encrypting as it uploads.
-Differential privacy (:mod:`cipherhive.node.privacy`) is charged before a record
+Differential privacy (:mod:`cipherhive.node.privacy.record_level`) is charged before a record
 is touched and checked after training.
 """
 
@@ -20,16 +20,22 @@ import numpy as np
 from cipherhive.ckks import codec
 from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
-from cipherhive.node.checkpoint import NodeState
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto_pool import CryptoPool
-from cipherhive.node.dp_ledger import BudgetExhausted, PrivacyLedgerError
-from cipherhive.node.federated_eval import Trained, evaluate_base
-from cipherhive.node.privacy import PrivacyGuard, ScheduleRefused
-from cipherhive.node.receive import TRANSIENT
+from cipherhive.node.crypto.pool import CryptoPool
+from cipherhive.node.privacy.ledger import BudgetExhausted, PrivacyLedgerError
+from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
+from cipherhive.node.state.checkpoint import NodeState
+from cipherhive.node.sums.receive import TRANSIENT
 from cipherhive.node.trainer import RoundInfo
-from cipherhive.node.update import FlatParams, UpdateError, check_update, rounded_metrics, weighted_blocks
-from cipherhive.node.upload import submit_requests
+from cipherhive.node.training.federated_eval import Trained, evaluate_base
+from cipherhive.node.training.update import (
+    FlatParams,
+    UpdateError,
+    check_update,
+    rounded_metrics,
+    weighted_blocks,
+)
+from cipherhive.node.transfer.upload import submit_requests
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import event
 from cipherhive.runtime.progress import track

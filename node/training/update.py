@@ -3,12 +3,12 @@
 The vector a node encrypts is ``[w, 1.0, e…, w·Δ…]`` with Δ = local - global for
 every federated tensor (flattened in layout order) and ``w = samples / weight_unit``;
 ``e…`` are the evaluation slots (zeros from a node that does not evaluate; see
-:mod:`cipherhive.node.federated_eval`).
+:mod:`cipherhive.node.training.federated_eval`).
 The server sums these; after decryption ``Σ w·Δ / Σ w`` is exactly the
 FedAvg update, and no single member's sample count was ever visible. The 1.0
 is the *check slot* (issue 11): the sum holds the number of contributors there,
 so a server that lies about a round's participants is caught after decryption
-(:func:`cipherhive.node.checks.check_participant_slot`).
+(:func:`cipherhive.node.sums.checks.check_participant_slot`).
 
 The weight, the check slot and the evaluation slots come *first* so that a node can divide and apply
 each decrypted block as it arrives, and the update is produced block by block from the
@@ -153,7 +153,7 @@ def weighted_blocks(
     """The vector ``[w, 1.0, e…, w·Δ…]`` in blocks of ``per_block`` float64 values, made on demand.
 
     ``evaluation`` holds the :data:`~cipherhive.federation.layout.EVAL_VALUES` evaluation slots, already
-    checked and scaled (:func:`cipherhive.node.federated_eval.encode`); None sends zeros.
+    checked and scaled (:func:`cipherhive.node.training.federated_eval.encode`); None sends zeros.
     """
     if per_block < LEADING_VALUES:
         raise ValueError(f"blocks of {per_block} values cannot hold the leading values")
@@ -191,7 +191,8 @@ def weighted_vector(
 
 def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
     """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value; the check and evaluation
-    slots after it are skipped); the daemon uses :class:`cipherhive.node.checks.CheckedApplier`, which also
+    slots after it are skipped); the daemon uses
+    :class:`cipherhive.node.sums.checks.CheckedApplier`, which also
     checks the check slot and every value."""
     total_weight = _total_weight(float(summed[WEIGHT_SLOT]))
     return summed[LEADING_VALUES : LEADING_VALUES + num_params] / total_weight

@@ -1,0 +1,1 @@
+"""Encryption and decryption on every core: spawned worker processes, blocks in shared memory."""

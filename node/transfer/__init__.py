@@ -1,0 +1,2 @@
+"""The node's two streams: the encrypted update up (SubmitUpdate), the encrypted sum down
+(FetchAggregate, resumable)."""
