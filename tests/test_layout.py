@@ -199,3 +199,27 @@ def test_layering() -> None:
             if mine is None and theirs is not None and name not in entry_points:
                 problems.append(f"library module {name} imports program module {target}")
     assert problems == [], "\n".join(problems)
+
+
+MAX_MODULES = 15
+
+
+def test_no_package_holds_more_than_15_modules() -> None:
+    """A folder is one concept: past 15 modules it is several, and wants subpackages."""
+    counts: dict[str, int] = {}
+    for name, path in _module_files().items():
+        if path.name != "__init__.py":
+            package = name.rpartition(".")[0]
+            counts[package] = counts.get(package, 0) + 1
+    crowded = {package: n for package, n in counts.items() if n > MAX_MODULES}
+    assert crowded == {}, f"packages with more than {MAX_MODULES} modules: {crowded}"
+
+
+def test_deprecated_shims_still_resolve() -> None:
+    """Plug-in strings written for earlier versions keep loading, with a deprecation warning."""
+    sys.modules.pop("cipherhive.codec", None)
+    with pytest.warns(DeprecationWarning, match="cipherhive.ckks.codec"):
+        secret = _resolve("cipherhive.codec:SecretCodec")
+    from cipherhive.ckks.codec import SecretCodec
+
+    assert secret is SecretCodec
