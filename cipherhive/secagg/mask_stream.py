@@ -60,18 +60,3 @@ def mask(key: bytes, block: int, modulus: int, count: int) -> np.ndarray:
         filled += kept.shape[0]
         want = _SLACK
     return out
-
-
-def add_mod(acc: np.ndarray, term: np.ndarray, modulus: int) -> None:
-    """``acc = (acc + term) mod modulus`` in place; both below the modulus (< 2^63)."""
-    q = np.uint64(modulus)
-    acc += term
-    acc -= q * (acc >= q)
-
-
-def negate_mod(values: np.ndarray, modulus: int) -> np.ndarray:
-    """``-values mod modulus`` (0 stays 0)."""
-    q = np.uint64(modulus)
-    out = q - values
-    out[values == 0] = 0
-    return out
