@@ -1,4 +1,4 @@
-"""What the double masks cost a node (issue 11, "Cost"): in process, one core.
+"""What the double masks cost a node (docs/spec/masked-round.md §3): in process, one core.
 
 * encode + encrypt throughput with masks (self-mask plus ``members - 1``
   pairwise masks, SecAgg §4) against without, at 3, 8 and 16 members (goal:

@@ -415,7 +415,7 @@ def render(report: dict[str, Any]) -> str:
         f"in-process figures on {cfg['sample']:,} values"
     )
     if "masked" in report:
-        lines += ["", "double masks (SecAgg, issue 11), 1 core:", masked.render(report["masked"])]
+        lines += ["", "double masks (SecAgg), 1 core:", masked.render(report["masked"])]
     phase_names = sorted({k for n in names for k in modes[n].get("phases", {})}, key=PHASES.index)
     if phase_names:
         lines += ["", f"{'phase (s, from the daemons JSON logs)':<34}" + "".join(f"{n:>16}" for n in names)]

@@ -133,7 +133,8 @@ class LocalFederation:
     node_privacy: dict[str, Any] = field(default_factory=dict)
     #: Extra keys for every node's [masking] section.
     masking_settings: dict[str, Any] = field(default_factory=dict)
-    #: Masked rounds (issue 11); off only for tests that play members sending unmasked uploads.
+    #: Masked rounds (docs/spec/masked-round.md); off only for tests that play members sending
+    #: unmasked uploads.
     masked: bool = True
     #: Where nodes dial (a proxy in network-fault tests); default: the server itself.
     node_address: str = ""
@@ -265,7 +266,8 @@ class LocalFederation:
         if tls:
             tls["tls_server_name"] = "localhost"
         if tls and self.masked:
-            # Each member pins the federation's membership itself (issue 11); the CRL is the CA's.
+            # Each member pins the federation's membership itself (docs/spec/masked-round.md §2);
+            # the CRL is the CA's.
             masking = {
                 "members": [self.node_name(i) for i in range(self.nodes)],
                 "crl": str(self.workdir / "ca" / certs.CRL),

@@ -155,7 +155,7 @@ def _print_round(record: Any) -> None:
         lead = " " * len(lead)
     evaluation = record.federated_eval
     if evaluation:
-        # Decrypted by the members only; the server never sees it (issue 13, item 2).
+        # Decrypted by the members only; the server never sees it (docs/spec/sum-checks.md §5).
         shown = " ".join(f"{k}={evaluation[k]:g}" for k in ("loss", "accuracy") if k in evaluation)
         print(
             f"{'':>19}federated validation of round {int(evaluation.get('of_round', 0))}'s model "

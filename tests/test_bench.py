@@ -64,7 +64,7 @@ def test_bench_smoke_json(tmp_path: object) -> None:
     # A masked round's sum is Σ c0 alone: 8 bytes per value down too (cipherhive.ckks.c0_sum).
     assert 8.0 <= ours["download_bytes_per_param_sample"] < 8.1
     assert 16.0 < report["modes"]["unmasked"]["download_bytes_per_param_sample"] < 16.1
-    # Where the time goes (issue 14): every phase of the round, in every mode, and CPU per process.
+    # Where the time goes : every phase of the round, in every mode, and CPU per process.
     for mode, figures in report["modes"].items():
         assert set(figures["phases"]) == set(PHASES), mode
         assert figures["phases"]["total"] > 0, mode

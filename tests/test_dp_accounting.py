@@ -1,4 +1,5 @@
-"""Privacy accounting (issue 12): ε from dp-accounting, pinned to a published value; the schedule."""
+"""Privacy accounting: ε from dp-accounting, pinned to a published value; the schedule.
+Spec: docs/spec/privacy.md §1.1, §2.1."""
 
 from __future__ import annotations
 

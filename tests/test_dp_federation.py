@@ -1,5 +1,6 @@
-"""Differential privacy with real processes (issue 12): a crash after sending, or a deleted ledger,
-leads to refusal, never to a fresh budget."""
+"""Differential privacy with real processes: a crash after sending, or a deleted ledger,
+leads to refusal, never to a fresh budget.
+Spec: docs/spec/privacy.md §1.3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The privacy ledger fails closed (issue 12): when unsure, no training; never a fresh budget."""
+"""The privacy ledger fails closed: when unsure, no training; never a fresh budget.
+Spec: docs/spec/privacy.md §1.3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Member-level distributed DP (issue 12, item 3): the mechanism, the attacks, the grid, the bridge.
+"""Member-level distributed DP (docs/spec/privacy.md §2): the mechanism, the attacks, the grid, the bridge.
 
 Each test can fail: the residual-noise and attack tests run the real mechanism
 (clipping, conditional randomized rounding, the exact discrete Gaussian sampler

@@ -1,4 +1,4 @@
-"""Member-level distributed DP with real processes (issue 12, item 3): a server announcing the
+"""Member-level distributed DP with real processes (docs/spec/privacy.md §2): a server announcing the
 ``member`` schedule and three nodes, masked rounds, mutual TLS.
 
 The applied mean must lie on the grid (the sum rounded back before use), be the same on every

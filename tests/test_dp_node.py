@@ -1,4 +1,4 @@
-"""A node's privacy guard, settings and built-in trainer under DP (issue 12)."""
+"""A node's privacy guard, settings and built-in trainer under DP (docs/spec/privacy.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The DP-SGD helper (issue 12): cryptographic randomness, enforced Poisson sampling, refusals."""
+"""The DP-SGD helper: cryptographic randomness, enforced Poisson sampling, refusals.
+Spec: docs/spec/privacy.md §1, §1.4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Federated evaluation slots (issue 13, item 2): encoding, sanitizing, decoding, through CKKS."""
+"""Federated evaluation slots (docs/spec/sum-checks.md §5): encoding, sanitizing, decoding, through CKKS."""
 
 from __future__ import annotations
 

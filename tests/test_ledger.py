@@ -1,4 +1,4 @@
-"""The release ledger fails closed (issue 11, step 8): when unsure, no release and no upload."""
+"""The release ledger fails closed (docs/spec/masked-round.md §6): when unsure, no release and no upload."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Record-level DP-SGD in the LoRA trainer (issue 12): the helper trains the adapters, the ledger is charged,
-what Opacus or DP-SGD cannot protect is refused. Tiny base model, as in test_lora.py."""
+"""Record-level DP-SGD in the LoRA trainer: the helper trains the adapters, the ledger is charged,
+what Opacus or DP-SGD cannot protect is refused. Tiny base model, as in test_lora.py.
+Spec: docs/spec/privacy.md §1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Errors a person can act on (issue 13, item 6): a failing TLS handshake, against a real server.
+"""Errors a person can act on: a failing TLS handshake, against a real server.
 
 The node must say at once what is wrong and what to do (not DEADLINE_EXCEEDED
 after 30 s), keep retrying, and `cipherhive ctl` must give the same diagnosis.

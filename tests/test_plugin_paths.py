@@ -1,4 +1,4 @@
-"""A plug-in's relative paths and import path (issue 13, items 6 and 7): resolved against the TOML file."""
+"""A plug-in's relative paths and import path: resolved against the TOML file."""
 
 from __future__ import annotations
 

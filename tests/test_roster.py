@@ -1,4 +1,4 @@
-"""Enrolments, roster checks, pairwise keys, commits and the chain hash (issue 11, steps 1-3, 5).
+"""Enrolments, roster checks, pairwise keys, commits and the chain hash (docs/spec/masked-round.md §1-§3, §5).
 
 Every forged roster of the issue's "Must show" list is refused here with its
 reason; the honest roster of five is accepted and its members agree on every

@@ -1,4 +1,4 @@
-"""Masked rounds against real processes (issue 11): what the operator and colluding members see.
+"""Masked rounds against real processes: what the operator and colluding members see.
 
 A real server and real node processes on loopback with mutual TLS; where the
 attack needs a colluding member, the test plays that member itself
@@ -6,6 +6,7 @@ attack needs a colluding member, the test plays that member itself
 server's spool and database as its operator could, and stops at the step it
 chooses. Each test fails on a server that does not mask, or on a node that
 skips a check.
+Spec: docs/spec/masked-round.md.
 """
 
 from __future__ import annotations

@@ -424,7 +424,7 @@ def test_write_sum_atomic(tmp_path: Path) -> None:
     assert relative == "sums/round-4.sum"
     assert path.exists()
     assert size == path.stat().st_size == len(spool_mod.MAGIC) + sum(4 + len(b) for b in BLOBS)
-    assert _mode(path) == 0o600  # sums are private to the server (issue 10, item 7)
+    assert _mode(path) == 0o600  # sums are private to the server
     assert list(read_records(path)) == BLOBS
 
     # Rewriting replaces the file whole and leaves no temporary files.

@@ -1,4 +1,4 @@
-"""Stopping a node during training (issue 13, item 5): real server and node processes.
+"""Stopping a node during training: real server and node processes.
 
 The plug-in below is written into the federation's folder (the node processes
 run there, so it is importable as ``slow_trainer``). It sleeps per batch and

@@ -1,4 +1,4 @@
-"""A hostile member spoils a round's sum; real node processes reject it and carry on (issue 10, item 1).
+"""A hostile member spoils a round's sum; real node processes reject it and carry on.
 
 A real server and three real digits nodes on loopback with mutual TLS; the test
 holds a fourth member certificate, ``mallory``, and the federation's secret key.
@@ -11,6 +11,7 @@ published sum, stay at its base and keep running (before the fix they exited
 with code 2, again on every restart, or applied the sum and wrecked the model);
 after the round is withdrawn, the next round without mallory must be the exact
 plaintext FedAvg of the honest updates.
+Spec: docs/spec/sum-checks.md §3, §4.
 """
 
 from __future__ import annotations

@@ -534,7 +534,7 @@ def test_checked_applier_rejects_a_sum_whose_check_slot_is_not_the_participants(
     extra: float | None,
 ) -> None:
     """Every member encodes 1.0 in the check slot: the decrypted sum counts its contributors,
-    so a server that lies about a round's participants is caught (issue 11)."""
+    so a server that lies about a round's participants is caught (docs/spec/sum-checks.md §3)."""
     secret, public = codecs
     global_, vectors = honest_round
     members = list(vectors)

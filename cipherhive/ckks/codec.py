@@ -16,7 +16,7 @@ Three roles use this module:
   :class:`cipherhive.ckks.c0_sum.UploadParser` / ``MaskedSum``, no SEAL);
 * node, decrypt + decode: :class:`SecretCodec.decrypt` (masked: :meth:`SecretCodec.decrypt_c0_sum`).
 
-Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; issue 11) hooks in
+Double masking (SecAgg, Bonawitz et al., CCS 2017, §4; docs/spec/masked-round.md §3) hooks in
 here without changing the ciphertext format (see :mod:`cipherhive.secagg.masking`):
 :meth:`SecretCodec.encrypt_masked` adds the masks to c0 of the seeded upload,
 the server takes the released self-masks off Σ c0 (no key), and

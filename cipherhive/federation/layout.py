@@ -40,7 +40,7 @@ _BASE_HASH = re.compile(r"^([0-9a-f]{64})?$")
 
 #: Values in front of the parameters in the encrypted vector ``[w, 1.0, e…, w·Δ…]``:
 #: the FedAvg weight (slot 0), the check slot (slot 1, 1.0 from every member, so the sum
-#: holds the number of contributors there; issue 11) and the evaluation slots (issue 13):
+#: holds the number of contributors there; docs/spec/sum-checks.md §1) and the evaluation slots (§5):
 #: for each metric of :data:`EVAL_METRICS` in turn, ``n/u`` and ``n/u · metric``, where n is
 #: the member's validation examples and u the federation's weight unit. The sum then holds
 #: ``Σn`` and ``Σn·metric``: the federation-wide validation of the round's *base* model

@@ -10,7 +10,7 @@ the check is stronger: after its upload is acknowledged each member signs
       ‖ H(its per-block seeds) ‖ H(its uploaded blocks) ‖ H(its self-mask seed)
 
 with its enrolment key, and releases its self-mask seed only once it holds a
-valid commit from **every** roster member (issue 11, step 5). The signer's
+valid commit from **every** roster member (docs/spec/masked-round.md §6). The signer's
 certificate fingerprint is inside the signed bytes so that a forwarded commit
 says whose it is; the roster hash ties it to one roster of one round.
 "H(its uploaded blocks)" is over the ciphertexts exactly as uploaded (c0 and
@@ -183,7 +183,7 @@ def verify_commit(data: bytes, roster: Roster) -> Commit:
 def require_all_commits(roster: Roster, commits: Iterable[bytes]) -> dict[bytes, Commit]:
     """Every member's valid commit, keyed by TLS fingerprint, or a refusal naming who is missing.
 
-    A node may release its self-mask seed only when this returns (issue 11, step 5).
+    A node may release its self-mask seed only when this returns (docs/spec/masked-round.md §6).
     """
     got: dict[bytes, Commit] = {}
     for data in commits:

@@ -14,7 +14,7 @@ secure against an active server):
   checks it itself (:func:`verify_roster`) before it masks anything: a server
   that could add members of its choosing ("Sybils", §6) or show members
   different rosters would break the threshold the masks rely on. The checks
-  are those of issue 11, step 2, each refusal naming what is wrong.
+  are those of docs/spec/masked-round.md §2, each refusal naming what is wrong.
 * **Pairwise keys** (§4, "masking with one-time pads"): for each pair the
   X25519 agreement, expanded with HKDF-SHA256 salted with the roster hash, so
   a key is bound to one roster of one round; the member whose TLS certificate
@@ -240,7 +240,8 @@ class Roster:
 
 
 def roster_hash(encoded_entries: Sequence[bytes], nonce: bytes) -> bytes:
-    """``H("cipherhive/v1/roster" ‖ count ‖ sorted canonical entries ‖ nonce)`` (issue 11, step 2).
+    """``H("cipherhive/v1/roster" ‖ count ‖ sorted canonical entries ‖ nonce)``
+    (docs/spec/masked-round.md §2).
 
     Sorting makes the hash independent of the order the server sent; the
     count and the length prefixes make it injective.
@@ -294,7 +295,7 @@ def verify_roster(
     floor: int,
     expected: RoundBinding,
 ) -> Roster:
-    """Check a roster the server sent (issue 11, step 2; SecAgg §6) and return it, or refuse.
+    """Check a roster the server sent (docs/spec/masked-round.md §2; SecAgg §6) and return it, or refuse.
 
     ``me`` is this node's current enrolment for the round ``expected``
     describes; ``pinned_members`` are names, or SHA-256 fingerprints (hex, any
@@ -387,7 +388,7 @@ def pair_info(low: Member, high: Member) -> bytes:
 def pairwise_keys(
     roster: Roster, my_x25519_private: X25519PrivateKey, my_cert_fingerprint: bytes
 ) -> list[tuple[bytes, int]]:
-    """``(K_ij, sign)`` for every other member j, in pair order (SecAgg §4, issue 11 step 3).
+    """``(K_ij, sign)`` for every other member j, in pair order (SecAgg §4; docs/spec/masked-round.md §3).
 
     ``K_ij = HKDF-SHA256(salt = roster hash, IKM = X25519(mine, theirs), info =
     pair_info)``; sign is +1 when this node's TLS certificate fingerprint is the
