@@ -130,6 +130,8 @@ def _import_root(module_name: str, folders: list[str]) -> str:
     if spec is None:
         raise PluginError(_not_found(module_name, folders, ""))
     top = module_name.split(".")[0]
+    if top == "cipherhive":
+        return ""  # the nodes run cipherhive: its own trainers never need a path
     top_spec = importlib.util.find_spec(top) if "." in module_name else spec
     if top_spec is None:
         return ""
