@@ -1,4 +1,4 @@
-"""`cipherhive.simulate` and `cipherhive simulate`: the README's example runs as written, and failures say
+"""`cipherhive.simulate` and `cipherhive simulate`: the tutorial's example runs as written, and failures say
 which plug-in or node failed and where its log is. Real server and node processes, as a user gets them."""
 
 from __future__ import annotations
@@ -22,36 +22,37 @@ from cipherhive.runtime.errors import UserError
 from cipherhive.server.storage.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+# The tutorial that holds the examples and the import rule (moved there from the README).
+TUTORIAL = (ROOT / "docs" / "tutorials" / "your-trainer.md").read_text(encoding="utf-8")
 CLI = [sys.executable, "-m", "cipherhive"]
 
 
-def readme_example(name: str) -> str:
-    """The code block after ``<!-- example: NAME -->`` in the README."""
-    match = re.search(rf"<!-- example: {re.escape(name)} -->\n```\w*\n(.*?)```", README, re.S)
-    assert match, f"README has no example block {name!r}"
+def tutorial_example(name: str) -> str:
+    """The code block after ``<!-- example: NAME -->`` in the tutorial."""
+    match = re.search(rf"<!-- example: {re.escape(name)} -->\n```\w*\n(.*?)```", TUTORIAL, re.S)
+    assert match, f"docs/tutorials/your-trainer.md has no example block {name!r}"
     return match.group(1)
 
 
 def fewer_rounds(text: str, old: str, new: str) -> str:
-    """The example with fewer rounds (the test budget); fails if the README no longer says ``old``."""
-    assert old in text, f"the README example no longer has {old!r}"
+    """The example with fewer rounds (the test budget); fails if the tutorial no longer says ``old``."""
+    assert old in text, f"the tutorial's example no longer has {old!r}"
     return text.replace(old, new)
 
 
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
-    (tmp_path / "bc_trainer.py").write_text(readme_example("bc_trainer.py"), encoding="utf-8")
+    (tmp_path / "bc_trainer.py").write_text(tutorial_example("bc_trainer.py"), encoding="utf-8")
     return tmp_path
 
 
-# ------------------------------------------------------------ the README's example, real processes
+# ------------------------------------------------------------ the tutorial's example, real processes
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(720)  # above its own 600 s subprocess deadline
-def test_readme_python_example_runs_as_written(example_dir: Path) -> None:
-    script = fewer_rounds(readme_example("run_federation.py"), "rounds=3", "rounds=2")
+def test_tutorial_python_example_runs_as_written(example_dir: Path) -> None:
+    script = fewer_rounds(tutorial_example("run_federation.py"), "rounds=3", "rounds=2")
     (example_dir / "run_federation.py").write_text(script, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, "run_federation.py"], cwd=example_dir, capture_output=True, text=True, timeout=600
@@ -70,8 +71,8 @@ def test_readme_python_example_runs_as_written(example_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(720)  # above its own 600 s subprocess deadline
-def test_readme_command_line_example_runs(example_dir: Path) -> None:
-    command = readme_example("cli").replace("\\\n", " ").strip()
+def test_tutorial_command_line_example_runs(example_dir: Path) -> None:
+    command = tutorial_example("cli").replace("\\\n", " ").strip()
     command = fewer_rounds(command, "--rounds 3", "--rounds 1")
     argv = shlex.split(command)
     assert argv[0] == "cipherhive"
@@ -218,11 +219,11 @@ def test_a_missing_module_is_refused_before_anything_starts(tmp_path: Path) -> N
 # ------------------------------------------------------------ the import rule
 
 
-def test_a_class_defined_in_main_is_refused_with_the_fix_the_readme_quotes() -> None:
+def test_a_class_defined_in_main_is_refused_with_the_fix_the_tutorial_quotes() -> None:
     main_class = type("MyTrainer", (), {"__module__": "__main__", "__qualname__": "MyTrainer"})
     with pytest.raises(PluginError) as caught:
         plugin_ref(main_class)
-    assert str(caught.value) in README
+    assert str(caught.value) in TUTORIAL
     assert "my_trainer.py" in str(caught.value)
 
 

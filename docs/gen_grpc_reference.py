@@ -1,0 +1,245 @@
+"""Write docs/reference/grpc-api.md from proto/cipherhive/v1/federation.proto.
+
+    python docs/gen_grpc_reference.py           # rewrite the page
+    python docs/gen_grpc_reference.py --check   # exit 1 if the page is not what the proto gives
+
+The page lists every service with its RPCs, every message with its fields and every enum with
+its values, each with the proto's own comments. `tests/test_docs.py` runs the check.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO = ROOT / "proto" / "cipherhive" / "v1" / "federation.proto"
+PAGE = ROOT / "docs" / "reference" / "grpc-api.md"
+
+SCALARS = {
+    "double", "float", "int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32",
+    "fixed64", "sfixed32", "sfixed64", "bool", "string", "bytes",
+}  # fmt: skip
+
+
+@dataclass
+class Rpc:
+    name: str
+    request: str
+    response: str
+    client_stream: bool
+    server_stream: bool
+    doc: str
+
+
+@dataclass
+class Field:
+    name: str
+    type: str
+    number: int
+    doc: str
+    label: str = ""
+    oneof: str = ""
+
+
+@dataclass
+class Block:
+    """A service, message or enum, with what it holds."""
+
+    kind: str
+    name: str
+    doc: str
+    rpcs: list[Rpc] = field(default_factory=list)
+    fields: list[Field] = field(default_factory=list)
+    values: list[tuple[str, int, str]] = field(default_factory=list)
+    nested: list[Block] = field(default_factory=list)
+
+
+RPC = re.compile(
+    r"rpc\s+(\w+)\s*\(\s*(stream\s+)?([\w.]+)\s*\)\s*returns\s*\(\s*(stream\s+)?([\w.]+)\s*\)\s*;"
+)
+FIELD = re.compile(r"(repeated\s+|optional\s+)?(map<\s*\w+\s*,\s*[\w.]+\s*>|[\w.]+)\s+(\w+)\s*=\s*(\d+)\s*;")
+VALUE = re.compile(r"(\w+)\s*=\s*(-?\d+)\s*;")
+OPEN = re.compile(r"(service|message|enum|oneof)\s+(\w+)\s*\{(\s*\})?")
+
+
+def parse(text: str) -> tuple[list[str], list[Block]]:
+    """The file's leading comment (as paragraphs) and its top-level blocks."""
+    lines = text.splitlines()
+    header: list[str] = []
+    for line in lines:
+        if not line.startswith("//"):
+            break
+        header.append(line[2:].strip())
+    paragraphs = [" ".join(p.split("\n")) for p in "\n".join(header).split("\n\n") if p.strip()]
+    top: list[Block] = []
+    stack: list[Block] = []
+    oneof = ""
+    comment: list[str] = []
+    shared = ""  # a service comment over several RPCs in a row (no blank line between them)
+    for raw in lines[len(header) :]:
+        line = raw.strip()
+        if line.startswith("//"):
+            body = line[2:].strip()
+            comment = [] if body.startswith("----") else [*comment, body]
+            continue
+        doc = " ".join(c for c in comment if c)
+        comment = []
+        if not line:
+            shared = ""
+            continue
+        opened = OPEN.match(line)
+        if opened:
+            kind, name, closed = opened.groups()
+            if kind == "oneof":
+                oneof = name
+                continue
+            block = Block(kind, name, doc)
+            (stack[-1].nested if stack else top).append(block)
+            if not closed:
+                stack.append(block)
+            continue
+        if line == "}":
+            if oneof:
+                oneof = ""
+            elif stack:
+                stack.pop()
+            continue
+        if not stack:
+            continue
+        current = stack[-1]
+        if current.kind == "service" and (rpc := RPC.match(line)):
+            name, cs, request, ss, response = rpc.groups()
+            if doc and not shared:
+                shared = doc
+            elif not doc and shared:
+                doc = shared
+            current.rpcs.append(Rpc(name, request, response, bool(cs), bool(ss), doc))
+        elif current.kind == "message" and (f := FIELD.match(line)):
+            label, type_, name, number = f.groups()
+            current.fields.append(Field(name, type_, int(number), doc, (label or "").strip(), oneof))
+        elif current.kind == "enum" and (v := VALUE.match(line)):
+            current.values.append((v.group(1), int(v.group(2)), doc))
+    return paragraphs, top
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|") if text else "—"
+
+
+def _type(name: str, known: dict[str, str]) -> str:
+    """A type, linked to its heading when the file defines it (nested ones by their own name)."""
+    if name in known:
+        return f"[`{name}`](#{known[name]})"
+    return f"`{name}`"
+
+
+def render(text: str) -> str:
+    header, blocks = parse(text)
+    known: dict[str, str] = {}
+
+    def collect(bs: list[Block], parent: str = "") -> None:
+        for b in bs:
+            if b.kind in ("message", "enum"):
+                known[b.name] = f"{parent}{b.name}".lower()
+            collect(b.nested, b.name)
+
+    collect(blocks)
+    out = [
+        "# gRPC API",
+        "",
+        "<!-- Generated by docs/gen_grpc_reference.py from proto/cipherhive/v1/federation.proto: "
+        "do not edit; run `.venv/bin/python docs/gen_grpc_reference.py`. -->",
+        "",
+        "Package `cipherhive.v1`, file `proto/cipherhive/v1/federation.proto` (its generated Python is "
+        "the module `cipherhive.v1.federation_pb2`). The server also serves gRPC reflection and "
+        "`grpc.health.v1`; every call passes the guard described in "
+        "[the trust model](../explanation/trust-model.md#security).",
+        "",
+        *(line for p in header for line in (p, "")),
+        "## Services",
+        "",
+    ]
+    services = [b for b in blocks if b.kind == "service"]
+    for service in services:
+        out += [f"### {service.name}", ""]
+        if service.doc:
+            out += [service.doc, ""]
+        out += ["| RPC | request | response | what it does |", "|---|---|---|---|"]
+        docs = [rpc.doc for rpc in service.rpcs]
+        notes: list[tuple[list[str], str]] = []
+        for rpc in service.rpcs:
+            request = ("stream " if rpc.client_stream else "") + _type(rpc.request, known)
+            response = ("stream " if rpc.server_stream else "") + _type(rpc.response, known)
+            doc = rpc.doc
+            if doc and docs.count(doc) > 1:
+                if not notes or notes[-1][1] != doc:
+                    notes.append(([], doc))
+                notes[-1][0].append(rpc.name)
+                doc = f"see note {len(notes)} below the table"
+            out.append(f"| `{rpc.name}` | {request} | {response} | {_cell(doc)} |")
+        out.append("")
+        for i, (names, doc) in enumerate(notes, 1):
+            out += [f"Note {i} ({', '.join(f'`{n}`' for n in names)}): {doc}", ""]
+    out += ["## Messages", ""]
+    for block in blocks:
+        if block.kind != "message":
+            continue
+        out += _message(block, known)
+    out += ["## Enums", ""]
+    for block in blocks:
+        if block.kind == "enum":
+            out += _enum(block, 3)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _message(block: Block, known: dict[str, str]) -> list[str]:
+    out = [f"### {block.name}", ""]
+    if block.doc:
+        out += [block.doc, ""]
+    if block.fields:
+        out += ["| field | type | number | meaning |", "|---|---|---|---|"]
+        for f in block.fields:
+            type_ = _type(f.type, known) if not f.type.startswith("map<") else f"`{f.type}`"
+            if f.label:
+                type_ = f"{f.label} {type_}"
+            doc = f.doc
+            if f.oneof:
+                doc = f"one of `{f.oneof}`" + (f"; {doc}" if doc else "")
+            out.append(f"| `{f.name}` | {type_} | {f.number} | {_cell(doc)} |")
+        out.append("")
+    else:
+        out += ["No fields.", ""]
+    for nested in block.nested:
+        if nested.kind == "enum":
+            out += _enum(nested, 4, parent=block.name)
+    return out
+
+
+def _enum(block: Block, level: int, parent: str = "") -> list[str]:
+    title = f"{parent}.{block.name}" if parent else block.name
+    out = [f"{'#' * level} {title}", ""]
+    if block.doc:
+        out += [block.doc, ""]
+    out += ["| value | number | meaning |", "|---|---|---|"]
+    for name, number, doc in block.values:
+        out.append(f"| `{name}` | {number} | {_cell(doc)} |")
+    out.append("")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    page = render(PROTO.read_text(encoding="utf-8"))
+    if "--check" in argv:
+        if PAGE.read_text(encoding="utf-8") != page:
+            print(f"{PAGE.relative_to(ROOT)} is out of date: run python docs/gen_grpc_reference.py")
+            return 1
+        return 0
+    PAGE.write_text(page, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
