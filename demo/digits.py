@@ -4,7 +4,7 @@ Each member holds a different, label-skewed slice of the training set (a
 Dirichlet split over the classes, concentration 0.5), as real members'
 data would be. The split is computed from the seed alone, so every process
 agrees on it without exchanging data. This is also the worked example of
-the trainer interface in the README.
+the trainer interface in docs/how-to/data-scientist.md.
 
 Under differential privacy (``info.privacy`` set: `cipherhive demo --dp`) a
 round is record-level DP-SGD through the helper

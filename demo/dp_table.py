@@ -1,4 +1,5 @@
-"""The digits demo with and without record-level DP, over several seeds: the README's table.
+"""The digits demo with and without record-level DP, over several seeds
+(the table in docs/explanation/privacy.md).
 
 `cipherhive demo --dp-table` runs, for every seed, the same members as
 `cipherhive demo` (same data split, model, trainer, DP-SGD helper, ledger

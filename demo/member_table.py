@@ -1,4 +1,5 @@
-"""How much noise member-level DP puts on the average, by number of members: the README's table.
+"""How much noise member-level DP puts on the average, by number of members
+(the table in docs/explanation/privacy.md).
 
 `cipherhive demo --member-table` calibrates, for each federation size n, the
 member-level schedule (every member in every round, floor k = n, t colluders

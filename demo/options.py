@@ -38,14 +38,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dp-table",
         action="store_true",
-        help="print the README's table: accuracy without DP and at ε = 1, 3, 8 over --seeds seeds "
+        help="print the documentation's table: accuracy without DP and at ε = 1, 3, 8 over --seeds seeds "
         "(in one process, aggregating in plaintext)",
     )
     parser.add_argument("--seeds", type=int, default=5, help="with --dp-table: seeds per row")
     parser.add_argument(
         "--member-table",
         action="store_true",
-        help="print the README's member-level DP table: noise on the mean update relative to the "
+        help="print the documentation's member-level DP table: noise on the mean update relative to the "
         "clipping norm, by number of members, at ε = 8 (in one process, seconds)",
     )
     parser.add_argument(

@@ -5,7 +5,7 @@ and help text; this module derives the command-line flags
 (``--min-participants``), the environment variables
 (``CIPHERHIVE_ROUNDS_MIN_PARTICIPANTS``) and the TOML keys
 (``[rounds] min_participants``) from it, so the three can never drift apart,
-and `README.md`'s reference table is generated from the same source.
+and the reference table in docs/reference/configuration.md is generated from the same source.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def load(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[
 
 
 def reference(cls: type) -> str:
-    """A Markdown table of every setting, for the README."""
+    """A Markdown table of every setting, for docs/reference/configuration.md."""
     rows = ["| TOML | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for field in dataclasses.fields(cls):
         default = field.default if field.default is not dataclasses.MISSING else ""
