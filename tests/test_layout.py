@@ -201,6 +201,58 @@ def test_layering() -> None:
     assert problems == [], "\n".join(problems)
 
 
+#: Where an import cycle is refused (type-only imports included): the server and the library.
+ACYCLIC = (
+    "cipherhive.server",
+    *(f"cipherhive.{p}" for p in ("ckks", "secagg", "pki", "privacy", "federation", "runtime")),
+)
+
+
+def _import_cycles(prefixes: tuple[str, ...]) -> list[list[str]]:
+    """Groups of modules under ``prefixes`` that import each other in a circle (Tarjan's strongly
+    connected components): every import counts, in functions and ``if TYPE_CHECKING:`` too."""
+    modules = _module_files()
+
+    def inside(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        if inside(name):
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            graph[name] = {t for t in _imports(path, package) if t != name and t in modules and inside(t)}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    """The server's modules and the library form no import cycle, so each can be read (and
+    typed) from the bottom up: a satellite of the round manager gets its ``RoundContext``."""
+    assert _import_cycles(ACYCLIC) == []
+
+
 MAX_MODULES = 15
 
 

@@ -17,7 +17,6 @@ import grpc
 from cipherhive import __version__
 from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.runtime.logs import audit
-from cipherhive.server.rounds import masked
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
 from cipherhive.server.storage.state import OutcomeRow, RoundRow, SubmissionRow
@@ -76,7 +75,7 @@ def round_info(
         phase=row.phase,
     )
     if row.masked:
-        masked.progress(manager, row, info)
+        manager.masked_progress(row, info)
     if not with_submissions:
         return info
     if submissions is None:

@@ -28,7 +28,6 @@ from cipherhive.server.api.identity import Authenticator, Refusal
 from cipherhive.server.api.limits import Transfers
 from cipherhive.server.api.sum_stream import stream_sum
 from cipherhive.server.ingest.upload_stream import ingest
-from cipherhive.server.rounds import masked
 from cipherhive.server.rounds.manager import RoundError, RoundManager
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -77,28 +76,28 @@ class AggregationService(pb_grpc.AggregationServicer):
     # Masked rounds (issue 11): each body is short and runs in a worker thread.
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolReply:
-        return await self._masked("enrolment", masked.enrol, request)
+        return await self._masked("enrolment", self.m.enrol, request)
 
     async def SubmitCommit(
         self, request: pb.CommitRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitReply:
-        return await self._masked("commit", masked.submit_commit, request)
+        return await self._masked("commit", self.m.submit_commit, request)
 
     async def ReleaseSeed(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseReply:
-        return await self._masked("self-mask release", masked.release_seed, request)
+        return await self._masked("self-mask release", self.m.release_seed, request)
 
     async def GetRoundProof(
         self, request: pb.ProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundProof:
-        return await self.run(masked.proof, self.m, request.round)
+        return await self.run(self.m.round_proof, request.round)
 
     async def _masked(self, what: str, body: Callable[..., Reply], request: Any) -> Reply:
         """Run one masked-round step; a refusal is audited with who made it."""
         who = caller()
         try:
-            return await self.run(body, self.m, who, request)
+            return await self.run(body, who, request)
         except RoundError as exc:
             audit(
                 f"{what} refused",

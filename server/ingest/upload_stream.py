@@ -23,6 +23,7 @@ from cipherhive.secagg.commit import block_digest
 from cipherhive.server import metrics as server_metrics
 from cipherhive.server.api.guard import Runner
 from cipherhive.server.ingest.workers import ShardedSum
+from cipherhive.server.rounds.errors import refuse
 from cipherhive.server.rounds.manager import OpenRound, RoundError, RoundManager, Upload
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -31,26 +32,22 @@ METRIC_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 MAX_METRICS = 16
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> RoundError:
-    return RoundError(code, message)
-
-
 def validate_header(header: pb.SubmitHeader) -> dict[str, float]:
     """Field checks that need no server state; returns the metrics to record."""
     if header.round == 0:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "header.round must be the open round's number (≥ 1)")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "header.round must be the open round's number (≥ 1)")
     if not SUBMISSION_ID.match(header.submission_id):
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.INVALID_ARGUMENT,
             "header.submission_id must be 8-64 characters of A-Z a-z 0-9 _ - "
             "(a node picks one per round and reuses it on retry)",
         )
     if len(header.metrics) > MAX_METRICS:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_METRICS} metrics per submission")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_METRICS} metrics per submission")
     metrics: dict[str, float] = {}
     for key, value in header.metrics.items():
         if not METRIC_KEY.match(key) or not math.isfinite(value):
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"metric {key[:40]!r}={value} refused: names are 1-32 of A-Z a-z 0-9 _ . - "
                 "and values finite numbers",
@@ -74,9 +71,7 @@ def _add_chunk(
             try:
                 ct = current.running.load(blob)
             except (codec.CodecError, c0_sum.UploadError) as exc:
-                raise _refuse(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {first + offset}: {exc}"
-                ) from exc
+                raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"ciphertext {first + offset}: {exc}") from exc
             if upload.digests is not None:
                 upload.digests.update(blob)  # the blocks of one upload arrive in order
                 upload.digests.blocks[first + offset] = block_digest(blob)
@@ -104,9 +99,9 @@ async def ingest(
     """
     first = await anext(requests, None)
     if first is None:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send a header first")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send a header first")
     if first.WhichOneof("part") != "header":
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its header")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first message of an upload must be its header")
     header = first.header
     metrics = validate_header(header)
     async with slot():
@@ -143,22 +138,22 @@ async def _receive(
     expected_index = 0
     async for request in requests:
         if request.WhichOneof("part") != "chunk":
-            raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "only one header per upload")
+            raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "only one header per upload")
         chunk = request.chunk
         if chunk.index != expected_index or chunk.first_ciphertext != received:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"chunk {chunk.index} (first ciphertext {chunk.first_ciphertext}) out of order; "
                 f"expected chunk {expected_index} starting at ciphertext {received}",
             )
         count = len(chunk.ciphertexts)
         if not 1 <= count <= max_per_chunk:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"chunk {chunk.index} carries {count} ciphertexts; 1 to {max_per_chunk} allowed",
             )
         if received + count > header.num_ciphertexts:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"stream carries more than the {header.num_ciphertexts} ciphertexts announced",
             )
@@ -166,13 +161,13 @@ async def _receive(
         received += count
         expected_index += 1
     if received != header.num_ciphertexts:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"stream ended after {received} of {header.num_ciphertexts} ciphertexts; nothing was added",
         )
     reason = revoked()
     if reason:
-        raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"{reason} during the upload; nothing was added")
+        raise refuse(grpc.StatusCode.PERMISSION_DENIED, f"{reason} during the upload; nothing was added")
     receipt = await run(manager.finish_upload, current, upload, metrics)
     busy += upload.busy  # the ingest workers' share (sharded sums)
     server_metrics.VALUES_ADDED.inc(header.num_values)

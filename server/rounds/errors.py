@@ -12,3 +12,8 @@ class RoundError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def refuse(code: grpc.StatusCode, message: str) -> RoundError:
+    """The refusal to ``raise`` (one spelling for every check that turns a request down)."""
+    return RoundError(code, message)

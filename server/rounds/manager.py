@@ -1,6 +1,6 @@
 """Round lifecycle: open, accept uploads into the running sum, close, publish or fail.
 
-One lock (``self._lock``) guards the open round, its running sum and the set
+One lock (``self.context.lock``) guards the open round, its running sum and the set
 of uploads in flight, so that closing a round and adding a block can never
 interleave: a close rolls back every upload still in flight before the sum
 is written, and an upload that finds its round closing stops.
@@ -15,7 +15,9 @@ Join in this server's lifetime and while it keeps a watch stream open; one
 that missed ``missed_rounds_limit`` rounds in a row is not expected until it
 submits again, so an absent member cannot stretch every round to its timeout.
 Withdrawal, outcome reports and pruning live in ``withdrawal``; the pinned
-layout in ``pinning``.
+layout in ``pinning``. Those and the other satellite modules get this manager's
+:class:`~cipherhive.server.rounds.context.RoundContext` (and the manager itself only
+as a ``RoundControl``), so none of them imports this module.
 """
 
 from __future__ import annotations
@@ -28,11 +30,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
@@ -47,18 +46,21 @@ from cipherhive.server.config import ServerConfig
 from cipherhive.server.ingest.running_sum import MaskedSum, RunningSum
 from cipherhive.server.ingest.workers import (
     IngestWorkers,
-    Outcome,
     ShardedSum,
     WorkerLost,
     shared_memory_free,
 )
-from cipherhive.server.rounds import masked, pinning, recovery, scheduler, withdrawal
-from cipherhive.server.rounds import replay as replay_mod
+from cipherhive.server.rounds import masked, pinning, recovery, replay, scheduler, withdrawal
+from cipherhive.server.rounds.context import OpenRound, RoundContext, Upload
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.events import EventBus
-from cipherhive.server.storage.spool import Spool, SubmissionWriter
+from cipherhive.server.rounds.mask_state import MaskState, UploadDigests
+from cipherhive.server.storage.spool import Spool
 from cipherhive.server.storage.state import RoundRow, State, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
+
+if TYPE_CHECKING:
+    from cipherhive.server.api.identity import Caller
 
 log = logging.getLogger("cipherhive.server.rounds")
 
@@ -71,56 +73,9 @@ STATE_NAMES = {
     "failed": pb.ROUND_FAILED,
     "withdrawn": pb.ROUND_WITHDRAWN,
 }
+# OpenRound and Upload live in ``context`` (the satellites need them without importing this
+# module); they are re-exported here for the code that imported them from the manager.
 __all__ = ["STATE_NAMES", "OpenRound", "RoundError", "RoundManager", "Upload"]
-
-
-@dataclass
-class Upload:
-    node: str
-    submission_id: str
-    writer: SubmissionWriter
-    added: int = 0
-    aborted: str | None = None
-    accepted: bool = False
-    #: Masked rounds: what the member's commit must hash to, computed as the blocks arrive.
-    digests: masked.UploadDigests | None = None
-    #: Sharded sums: (offset, length) of each spooled block, the blocks the workers added,
-    #: and whether a chunk is with the workers right now (a rollback then waits for it).
-    spooled: list[tuple[int, int]] = field(default_factory=list)
-    added_blocks: list[int] = field(default_factory=list)
-    #: Chunks sent to the workers whose outcome is not recorded yet, oldest first; the first
-    #: block a worker refused; who may wait for the oldest chunk right now.
-    pending: deque[list[Future[Outcome]]] = field(default_factory=deque)
-    failed: str = ""
-    settling: threading.Lock = field(default_factory=threading.Lock)
-    #: CPU seconds the ingest workers spent on this upload (the ingest rate metric).
-    busy: float = 0.0
-
-    def key(self, number: int) -> str:
-        return f"{number}/{self.node}/{self.submission_id}"
-
-
-@dataclass
-class OpenRound:
-    row: RoundRow
-    running: RunningSum | MaskedSum
-    num_values: int
-    accepted: dict[str, SubmissionRow] = field(default_factory=dict)
-    uploads: dict[str, Upload] = field(default_factory=dict)
-    closing: bool = False
-    #: Masked rounds: members, commits and released seeds (``secagg``).
-    mask: masked.MaskState | None = None
-    #: The self-masks were already subtracted (a retried close must not subtract them twice).
-    unmasked: bool = False
-    #: Masked rounds: (H(seeds), H(blocks)) of each accepted upload, hashed at ingest (lost
-    #: on a restart, when the commit check reads the spool instead).
-    digests: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
-    #: Uploads rolled back while some of their chunks were still with the ingest workers.
-    uploads_aborted: list[Upload] = field(default_factory=list)
-
-    @property
-    def number(self) -> int:
-        return self.row.round
 
 
 class RoundManager:
@@ -138,27 +93,32 @@ class RoundManager:
         self.codec = public
         self.fingerprint = fingerprint
         self.bus = EventBus()
-        self._lock = threading.RLock()
+        #: The round state this manager shares with its satellite modules (``context``).
+        self.context = RoundContext(config, state, spool, public, fingerprint, self.bus)
         #: Worker processes that own stripes of a masked sum's blocks (None: add in-process).
         self.ingest: IngestWorkers | None = None
-        self._open: OpenRound | None = None
-        self._watchers: Counter[str] = Counter()
-        #: Nodes that joined successfully since this server started: only they can be online.
-        self._joined: set[str] = set()
-        self._layout_cache: tuple[str, Layout] | None = None
-        self._wake = threading.Event()
         self.parse_slots = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
-        self._last_closed = 0.0
         key = state.get_meta("receipt_key")
         if key is None:
             key = secrets.token_hex(32)
             state.set_meta("receipt_key", key)
         self._receipt_key = bytes.fromhex(key)
-        #: Revocations for enrolment certificates (set by the daemon; None: no CRL configured).
-        self.revocations: enrolment_certs.RevocationCheck | None = None
-        self._ca: x509.Certificate | None = None
-        pinning.pin_configured(self)
-        self.optimizer = pinning.pin_optimizer(self)
+        pinning.pin_configured(self.context)
+        self.optimizer = pinning.pin_optimizer(self.context)
+
+    @property
+    def revocations(self) -> enrolment_certs.RevocationCheck | None:
+        """Revocations for enrolment certificates (set by the daemon; None: no CRL configured)."""
+        return self.context.revocations
+
+    @revocations.setter
+    def revocations(self, check: enrolment_certs.RevocationCheck | None) -> None:
+        self.context.revocations = check
+
+    @property
+    def _open(self) -> OpenRound | None:
+        """The open round (tests read it to look at the running sum)."""
+        return self.context.open
 
     @property
     def masked(self) -> bool:
@@ -167,13 +127,7 @@ class RoundManager:
 
     def ca_certificate(self) -> x509.Certificate:
         """The federation CA (loaded once): enrolment certificates must chain to it."""
-        if self._ca is None:
-            assert self.config.tls_ca is not None
-            self._ca = x509.load_pem_x509_certificate(self.config.tls_ca.read_bytes())
-        return self._ca
-
-    def _blocks(self, num_values: int) -> int:
-        return codec.blocks_for(num_values, self.codec.values_per_block)
+        return self.context.ca_certificate()
 
     # ------------------------------------------------------------ federation
 
@@ -199,26 +153,19 @@ class RoundManager:
 
     def layout(self) -> Layout | None:
         """The pinned layout (parsed once per change: it is read on every upload)."""
-        text = self.state.get_meta("layout")
-        if text is None:
-            return None
-        cached = self._layout_cache
-        if cached is None or cached[0] != text:
-            cached = (text, Layout.from_canonical(text))
-            self._layout_cache = cached
-        return cached[1]
+        return self.context.layout()
 
     def set_layout(self, layout: Layout, replace: bool = False, actor: str = "operator") -> Layout:
-        return pinning.set_layout(self, layout, replace, actor)
+        return pinning.set_layout(self.context, layout, replace, actor)
 
     def reset_layout(self, actor: str = "operator") -> None:
-        pinning.reset_layout(self, actor)
+        pinning.reset_layout(self.context, actor)
 
     def report_outcome(self, node: str, number: int, applied: bool, reason: str) -> bool:
-        return withdrawal.report_outcome(self, node, number, applied, reason)
+        return withdrawal.report_outcome(self.context, self, node, number, applied, reason)
 
     def withdraw_round(self, number: int, reason: str, actor: str = "operator") -> RoundRow:
-        return withdrawal.withdraw_round(self, number, reason, actor)
+        return withdrawal.withdraw_round(self.context, self, number, reason, actor)
 
     def settings(self) -> pb.FederationSettings:
         layout = self.layout()
@@ -242,6 +189,24 @@ class RoundManager:
             masked=self.masked,
         )
 
+    # ------------------------------------------------------------ masked rounds (``masked``)
+
+    def enrol(self, who: Caller, request: pb.EnrolRequest) -> pb.EnrolReply:
+        return masked.enrol(self.context, who, request)
+
+    def submit_commit(self, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
+        return masked.submit_commit(self.context, who, request)
+
+    def release_seed(self, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
+        return masked.release_seed(self.context, who, request)
+
+    def round_proof(self, number: int) -> pb.RoundProof:
+        return masked.proof(self.context, number)
+
+    def masked_progress(self, row: RoundRow, info: pb.RoundInfo) -> None:
+        """Fill ``info`` with how far a masked round got (counts only)."""
+        masked.progress(self.context, row, info)
+
     def join(self, node: str, fingerprint: str, layout: Layout) -> None:
         """Admit a node whose key and layout match the federation's."""
         if fingerprint != self.fingerprint:
@@ -252,7 +217,7 @@ class RoundManager:
             )
         if not layout.tensors or layout.num_params == 0:
             raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, "layout has no tensors")
-        with self._lock:
+        with self.context.lock:
             current = self.layout()
             if current is None:
                 # UNAVAILABLE, not FAILED_PRECONDITION: the node is right to keep trying, since
@@ -261,32 +226,31 @@ class RoundManager:
                     grpc.StatusCode.UNAVAILABLE, pinning.NOT_PINNED + "; this node will retry until then"
                 )
             pinning.check_joining(current, layout)
-            self._joined.add(node)
+            self.context.joined.add(node)
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
-        self._wake.set()
+        self.context.wake()
 
     # ------------------------------------------------------------ presence
 
     def watcher_enter(self, node: str) -> None:
-        with self._lock:
-            self._watchers[node] += 1
+        with self.context.lock:
+            self.context.watchers[node] += 1
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
-        self._wake.set()
+        self.context.wake()
 
     def watcher_exit(self, node: str) -> None:
-        with self._lock:
-            self._watchers[node] -= 1
-            if self._watchers[node] <= 0:
-                del self._watchers[node]
+        with self.context.lock:
+            self.context.watchers[node] -= 1
+            if self.context.watchers[node] <= 0:
+                del self.context.watchers[node]
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
 
     def online(self) -> list[str]:
         """Joined and watching: a watch stream alone does not make a member online."""
-        with self._lock:
-            return sorted(n for n in self._watchers if n in self._joined)
+        return self.context.online()
 
     def expected_nodes(self) -> list[str]:
         """Online nodes that have not missed ``missed_rounds_limit`` rounds in a row."""
@@ -297,13 +261,12 @@ class RoundManager:
     # ------------------------------------------------------------ rounds
 
     def open_round_number(self) -> int:
-        with self._lock:
-            return self._open.number if self._open else 0
+        with self.context.lock:
+            return self.context.open.number if self.context.open else 0
 
     def open_row(self) -> RoundRow | None:
         """The open round's row, unless it is closing."""
-        with self._lock:
-            return self._open.row if self._open is not None and not self._open.closing else None
+        return self.context.open_row()
 
     def start_round(self, timeout: float = 0.0, actor: str = "scheduler", force: bool = False) -> RoundRow:
         """Open a round on the latest published, not withdrawn round.
@@ -315,11 +278,11 @@ class RoundManager:
         if layout is None:
             raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, pinning.NOT_PINNED)
         floor = self.config.min_participants
-        with self._lock:
-            if self._open is not None:
+        with self.context.lock:
+            if self.context.open is not None:
                 raise RoundError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"round {self._open.number} is still open; close it first",
+                    f"round {self.context.open.number} is still open; close it first",
                 )
             online = self.online()
             if len(online) < floor and not force:
@@ -340,11 +303,11 @@ class RoundManager:
                 nonce=nonce,
                 enrol_deadline=now + min(self.config.enrol_seconds, duration / 2),
             )
-            self._open = OpenRound(
+            self.context.open = OpenRound(
                 row,
-                self.new_sum(self._blocks(layout.num_values), masked=nonce is not None),
+                self.new_sum(self.context.blocks(layout.num_values), masked=nonce is not None),
                 layout.num_values,
-                mask=masked.MaskState(nonce, "enrol") if nonce is not None else None,
+                mask=MaskState(nonce, "enrol") if nonce is not None else None,
             )
         audit(
             "round opened",
@@ -358,14 +321,14 @@ class RoundManager:
             deadline=round(deadline, 3),
         )
         server_metrics.ROUNDS.labels("opened").inc()
-        self.bus.publish(self._event(pb.RoundEvent.OPENED, row))
+        self.bus.publish(self.context.event(pb.RoundEvent.OPENED, row))
         return row
 
     def recover(self) -> None:
         """After a restart: drop unacknowledged uploads, rebuild the open round's sum."""
-        opened = recovery.recover(self)
+        opened = recovery.recover(self.context, self)
         if opened is not None:
-            self._open = opened
+            self.context.open = opened
 
     def close_round(
         self, number: int, reason: str, actor: str = "scheduler", *, fail_reason: str = ""
@@ -375,8 +338,8 @@ class RoundManager:
         The floor is the one the round opened with. ``fail_reason`` fails the round
         whatever its participants (its base was withdrawn): its spool is deleted unread.
         """
-        with self._lock:
-            current = self._open
+        with self.context.lock:
+            current = self.context.open
             if current is None or current.number != number or current.closing:
                 row = self.state.round(number)
                 if row is None:
@@ -400,7 +363,7 @@ class RoundManager:
         # Chunks still with the ingest workers are waited for, then taken off the sum.
         for upload in rolled_back:
             self._drain_quietly(current, upload)
-        with self._lock:
+        with self.context.lock:
             accepted = dict(current.accepted)
         participants = len(accepted)
         floor = max(current.row.min_participants or self.config.min_participants, 2)
@@ -415,7 +378,7 @@ class RoundManager:
             fail_reason = "" if publish else masked.failure(current)
             participants = len(current.mask.roster) if publish else participants
         self.bus.publish(
-            self._event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
+            self.context.event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
         )
         if publish:
 
@@ -427,12 +390,12 @@ class RoundManager:
             try:
                 if current.mask is not None:
                     if not current.unmasked:
-                        masked.unmask(self, current)
+                        masked.unmask(current)
                         current.unmasked = True
-                    self.spool.write_seeds(number, masked.seed_records(self, current))
+                    self.spool.write_seeds(number, masked.seed_records(self.context, current))
                 sum_file, size = self.spool.write_sum(number, blocks())
             except BaseException:
-                with self._lock:
+                with self.context.lock:
                     current.closing = False  # the scheduler retries the close
                 raise
             failpoints.hit("server.published")
@@ -469,17 +432,17 @@ class RoundManager:
             self.state.forget_members(number, keep_proof=kind == pb.RoundEvent.SUM_READY)
         if not cut_short:
             self.state.record_missed(number, current.row.expected, set(accepted))
-        with self._lock:
-            self._open = None
-            self._last_closed = time.time()
+        with self.context.lock:
+            self.context.open = None
+            self.context.last_closed = time.time()
         if isinstance(current.running, ShardedSum):
             current.running.release()
         row = self.state.round(number)
         assert row is not None
-        self.bus.publish(self._event(kind, row))
+        self.bus.publish(self.context.event(kind, row))
         if kind == pb.RoundEvent.SUM_READY:
-            withdrawal.prune_sums(self)
-        self._wake.set()
+            withdrawal.prune_sums(self.context)
+        self.context.wake()
         return row
 
     # ------------------------------------------------------------ uploads
@@ -487,8 +450,8 @@ class RoundManager:
     def begin_upload(self, node: str, header: pb.SubmitHeader) -> tuple[OpenRound, Upload] | pb.SubmitReceipt:
         """Check a header against the open round; a retry gets its first receipt back."""
         layout = self.layout()
-        with self._lock:
-            current = self._open
+        with self.context.lock:
+            current = self.context.open
             previous = self.state.submission(header.round, node)
             if previous is not None:
                 if previous.submission_id == header.submission_id:
@@ -538,13 +501,13 @@ class RoundManager:
                 )
             upload = Upload(node, header.submission_id, self.spool.writer(current.number, node))
             if current.mask is not None:
-                upload.digests = masked.UploadDigests()
+                upload.digests = UploadDigests()
             current.uploads[node] = upload
             return current, upload
 
     def add_block(self, current: OpenRound, upload: Upload, blob: bytes, ct: Any) -> None:
         """Spool and add one validated ciphertext of an upload."""
-        with self._lock:
+        with self.context.lock:
             if upload.aborted is not None:
                 raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
             upload.writer.append(blob)
@@ -562,7 +525,7 @@ class RoundManager:
         """
         running = current.running
         assert isinstance(running, ShardedSum)
-        with self._lock:
+        with self.context.lock:
             if upload.aborted is not None:
                 raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
             items = [(first + i, *upload.writer.append(blob)) for i, blob in enumerate(blobs)]
@@ -594,7 +557,7 @@ class RoundManager:
                     raise RoundError(
                         grpc.StatusCode.UNAVAILABLE, f"{exc}; the server is restarting, send the upload again"
                     ) from None
-                with self._lock:
+                with self.context.lock:
                     upload.pending.popleft()
                     for outcome in outcomes:
                         upload.busy += outcome.busy
@@ -632,7 +595,7 @@ class RoundManager:
             spool_file=spool_file,
             metrics=metrics,
         )
-        with self._lock:
+        with self.context.lock:
             if upload.aborted is not None:
                 raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
             try:
@@ -659,11 +622,11 @@ class RoundManager:
         server_metrics.SUBMISSIONS.labels("accepted").inc()
         server_metrics.BYTES_RECEIVED.inc(row.num_bytes)
         if everyone_in:
-            self._wake.set()
+            self.context.wake()
         return self._receipt(row, duplicate=False)
 
     def abort_upload(self, current: OpenRound, upload: Upload, reason: str) -> None:
-        with self._lock:
+        with self.context.lock:
             self._rollback(current, upload, reason)
         self._drain_quietly(current, upload)  # chunks still with the workers, then the undo
 
@@ -713,32 +676,19 @@ class RoundManager:
             duplicate=duplicate,
             num_bytes=row.num_bytes,
             accepted_unix=row.accepted,
-            num_ciphertexts=self._blocks(layout.num_values) if layout else 0,
+            num_ciphertexts=self.context.blocks(layout.num_values) if layout else 0,
         )
 
     # ------------------------------------------------------------ events and scheduler
 
-    def _event(
-        self,
-        kind: pb.RoundEvent.Kind,
-        row: RoundRow,
-        *,
-        reason: str = "",
-        participants: int | None = None,
-        replay: bool = False,
-    ) -> pb.RoundEvent:
-        return replay_mod.round_event(
-            self, kind, row, reason=reason, participants=participants, replay=replay
-        )
-
     def history(self, since_round: int) -> list[pb.RoundEvent]:
         """Events a node that last saw ``since_round`` needs to catch up, oldest first."""
-        return replay_mod.history(self, since_round)
+        return replay.history(self.context, since_round)
 
     def close(self) -> None:
         """Server shutdown: free the open round's shared sum and stop the ingest workers."""
-        with self._lock:
-            current = self._open
+        with self.context.lock:
+            current = self.context.open
         if current is not None and isinstance(current.running, ShardedSum):
             current.running.release()
         if self.ingest is not None:
@@ -746,4 +696,4 @@ class RoundManager:
 
     def run_scheduler(self, stop: threading.Event) -> None:
         """Close rounds at their deadline or when all are in; open rounds when due."""
-        scheduler.run(self, stop)
+        scheduler.run(self.context, self, stop)

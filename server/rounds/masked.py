@@ -27,6 +27,7 @@ released seed matches its commitment.
 Everything is durable (SQLite ``members``) before it is acknowledged, so a
 restart resumes the phase it was in; a round that fails leaves the
 self-masks on (nothing released can be differenced: see the node's ledger).
+The in-memory records (``MaskState``, ``UploadDigests``) live in ``mask_state``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -47,24 +47,18 @@ from cipherhive.pki import enrolment_certs
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import audit, event
 from cipherhive.secagg import masking
-from cipherhive.secagg.commit import (
-    SEEDS_LABEL,
-    BlocksDigest,
-    Commit,
-    block_digest,
-    self_mask_digest,
-    uploaded_digest,
-)
+from cipherhive.secagg.commit import Commit, self_mask_digest
 from cipherhive.secagg.roster import Enrolment, roster_hash
 from cipherhive.secagg.wire import WireError, fields
 from cipherhive.server.ingest.running_sum import MaskedSum
-from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.rounds.context import OpenRound, RoundContext
+from cipherhive.server.rounds.errors import refuse
+from cipherhive.server.rounds.mask_state import Entry, MaskState, upload_digests
 from cipherhive.server.storage.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
     from cipherhive.server.api.identity import Caller
-    from cipherhive.server.rounds.manager import OpenRound, RoundManager
     from cipherhive.server.storage.state import RoundRow
 
 log = logging.getLogger("cipherhive.server.secagg")
@@ -80,117 +74,83 @@ class _NothingRevoked:
         return False
 
 
-@dataclass
-class Entry:
-    """A verified roster entry as the server keeps it."""
-
-    node: str
-    encoded: bytes
-    cert_fingerprint: bytes
-    enrol_key: ec.EllipticCurvePublicKey
-
-
-@dataclass
-class MaskState:
-    """The open masked round's members, in memory (mirrors the ``members`` table)."""
-
-    nonce: bytes
-    phase: str
-    enrolled: dict[str, Entry] = field(default_factory=dict)
-    roster: dict[str, Entry] = field(default_factory=dict)
-    roster_hash: bytes = b""
-    commits: dict[str, Commit] = field(default_factory=dict)
-    seeds: dict[str, bytes] = field(default_factory=dict)
-
-    def ordered(self) -> list[Entry]:
-        """Roster members in pair order (TLS certificate fingerprint), as members order them."""
-        return sorted(self.roster.values(), key=lambda e: e.cert_fingerprint)
-
-    def missing(self, done: Collection[str]) -> list[str]:
-        return sorted(n for n in self.roster if n not in done)
-
-
 def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> RoundError:
-    return RoundError(code, message)
-
-
-def _check_entry(m: RoundManager, who: Caller, number: int, nonce: bytes, data: bytes) -> Entry:
+def _check_entry(ctx: RoundContext, who: Caller, number: int, nonce: bytes, data: bytes) -> Entry:
     """An enrolment the caller may make for this round, or a refusal saying why."""
     try:
         entry = Enrolment.decode(data)
     except WireError as exc:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed enrolment ({exc})") from None
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed enrolment ({exc})") from None
     b = entry.binding
     if b.round != number or b.nonce != nonce:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"the enrolment was made for round {b.round} with another nonce, not round {number}: "
             "enrol again from the round's OPENED event",
         )
-    if b.federation != bytes.fromhex(m.fingerprint):
-        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, "the enrolment is for another federation key")
-    if b.block_count != len(m._open.running if m._open else ()):
-        raise _refuse(
+    if b.federation != bytes.fromhex(ctx.fingerprint):
+        raise refuse(grpc.StatusCode.FAILED_PRECONDITION, "the enrolment is for another federation key")
+    if b.block_count != len(ctx.open.running if ctx.open else ()):
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"the enrolment is for {b.block_count} blocks; this federation's layout has "
-            f"{len(m._open.running if m._open else ())}",
+            f"{len(ctx.open.running if ctx.open else ())}",
         )
     if not who.tls_fingerprint or entry.cert_fingerprint != who.tls_fingerprint:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.PERMISSION_DENIED,
             "the enrolment names another TLS certificate than the one this call came with",
         )
-    ca = m.ca_certificate()
-    revocations = m.revocations or _NothingRevoked()
+    ca = ctx.ca_certificate()
+    revocations = ctx.revocations or _NothingRevoked()
     try:
         ident = enrolment_certs.verify_certificate(entry.certificate, ca, revocations)
     except enrolment_certs.EnrolmentError as exc:
-        raise _refuse(grpc.StatusCode.PERMISSION_DENIED, f"enrolment certificate refused: {exc}") from None
+        raise refuse(grpc.StatusCode.PERMISSION_DENIED, f"enrolment certificate refused: {exc}") from None
     if ident.name != who.name or ident.tls_fingerprint != who.tls_fingerprint:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.PERMISSION_DENIED,
             f"the enrolment certificate is {ident.name!r}'s, issued with another TLS certificate; "
             "sign with this member's own NAME.enrol.key",
         )
     if not enrolment_certs.verify_signature(ident.public_key, entry.signature, entry.signed_bytes()):
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the enrolment's signature does not verify")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "the enrolment's signature does not verify")
     return Entry(who.name, data, entry.cert_fingerprint, ident.public_key)
 
 
-def enrol(m: RoundManager, who: Caller, request: pb.EnrolRequest) -> pb.EnrolReply:
+def enrol(ctx: RoundContext, who: Caller, request: pb.EnrolRequest) -> pb.EnrolReply:
     """Enrol: record a member's signed enrolment for the open round (idempotent)."""
-    with m._lock:
-        current, mask = _open_masked(m, request.round)
-        if who.name not in m._joined:
-            raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, "join the federation before enrolling")
+    with ctx.lock:
+        current, mask = _open_masked(ctx, request.round)
+        if who.name not in ctx.joined:
+            raise refuse(grpc.StatusCode.FAILED_PRECONDITION, "join the federation before enrolling")
         previous = mask.enrolled.get(who.name)
         if previous is not None:
             if previous.encoded == request.enrolment:
                 return _enrol_reply(current, mask)
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{who.name!r} already enrolled in round {current.number} with another key; one "
                 "enrolment per member per round (a node that lost its key sits this round out)",
             )
         if mask.phase != "enrol":
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the roster of round {current.number} is already fixed; take part in the next round",
             )
-        entry = _check_entry(m, who, current.number, mask.nonce, request.enrolment)
+        entry = _check_entry(ctx, who, current.number, mask.nonce, request.enrolment)
         try:
-            m.state.add_enrolment(current.number, who.name, request.enrolment)
+            ctx.state.add_enrolment(current.number, who.name, request.enrolment)
         except sqlite3.IntegrityError:
-            raise _refuse(grpc.StatusCode.ALREADY_EXISTS, "enrolment already recorded") from None
+            raise refuse(grpc.StatusCode.ALREADY_EXISTS, "enrolment already recorded") from None
         mask.enrolled[who.name] = entry
         everyone = set(current.row.expected) <= set(mask.enrolled)
     audit("enrolled", who.name, round=current.number, enrolled=len(mask.enrolled))
     if everyone:
-        m._wake.set()
+        ctx.wake()
     return _enrol_reply(current, mask)
 
 
@@ -198,18 +158,18 @@ def _enrol_reply(current: OpenRound, mask: MaskState) -> pb.EnrolReply:
     return pb.EnrolReply(enrolled=len(mask.enrolled), roster_deadline_unix=current.row.enrol_deadline)
 
 
-def _open_masked(m: RoundManager, number: int) -> tuple[OpenRound, MaskState]:
+def _open_masked(ctx: RoundContext, number: int) -> tuple[OpenRound, MaskState]:
     """The open round if it is ``number`` and masked (caller holds the lock)."""
-    current = m._open
+    current = ctx.open
     if current is None or current.closing or current.number != number:
         open_now = current.number if current is not None and not current.closing else 0
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"round {number} is not open"
             + (f" (round {open_now} is)" if open_now else " (no round is open)"),
         )
     if current.mask is None:
-        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} is not a masked round")
+        raise refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} is not a masked round")
     return current, current.mask
 
 
@@ -223,13 +183,13 @@ def roster_due(current: OpenRound, now: float) -> bool:
     return bool(current.row.expected) and set(current.row.expected) <= set(mask.enrolled)
 
 
-def fix_roster(m: RoundManager, number: int) -> str:
+def fix_roster(ctx: RoundContext, number: int) -> str:
     """Fix the open round's roster; returns "" or why the round must fail instead."""
-    with m._lock:
-        current, mask = _open_masked(m, number)
+    with ctx.lock:
+        current, mask = _open_masked(ctx, number)
         if mask.phase != "enrol":
             return ""
-        floor = max(current.row.min_participants or m.config.min_participants, 2)
+        floor = max(current.row.min_participants or ctx.config.min_participants, 2)
         if len(mask.enrolled) < floor:
             return (
                 f"only {len(mask.enrolled)} member(s) enrolled by the enrol deadline and a masked round "
@@ -237,28 +197,28 @@ def fix_roster(m: RoundManager, number: int) -> str:
             )
         encoded = sorted(e.encoded for e in mask.enrolled.values())
         digest = roster_hash(encoded, mask.nonce)
-        m.state.fix_roster(number, sorted(mask.enrolled), digest)
+        ctx.state.fix_roster(number, sorted(mask.enrolled), digest)
         mask.roster = dict(mask.enrolled)
         mask.roster_hash = digest
         mask.phase = "upload"
-        row = m.state.round(number)
+        row = ctx.state.round(number)
         assert row is not None
         current.row = row
     audit("roster fixed", "scheduler", round=number, members=sorted(mask.roster), hash=digest.hex()[:16])
-    m.bus.publish(roster_event(m, current))
+    ctx.bus.publish(roster_event(ctx, current))
     return ""
 
 
-def roster_event(m: RoundManager, current: OpenRound) -> pb.RoundEvent:
+def roster_event(ctx: RoundContext, current: OpenRound) -> pb.RoundEvent:
     assert current.mask is not None
-    ev = m._event(pb.RoundEvent.ROSTER, current.row)
+    ev = ctx.event(pb.RoundEvent.ROSTER, current.row)
     ev.roster.extend(e.encoded for e in current.mask.ordered())
     return ev
 
 
-def commits_event(m: RoundManager, current: OpenRound) -> pb.RoundEvent:
+def commits_event(ctx: RoundContext, current: OpenRound) -> pb.RoundEvent:
     assert current.mask is not None
-    ev = m._event(pb.RoundEvent.COMMITS, current.row)
+    ev = ctx.event(pb.RoundEvent.COMMITS, current.row)
     ev.roster.extend(e.encoded for e in current.mask.ordered())
     ev.commits.extend(current.mask.commits[e.node].encode() for e in current.mask.ordered())
     return ev
@@ -270,101 +230,70 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
     if mask is None:
         return
     if mask.phase == "enrol":
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"round {current.number} is still enrolling; upload after its ROSTER event",
         )
     if node not in mask.roster:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.PERMISSION_DENIED,
             f"{node!r} is not in the roster of round {current.number}; a masked round takes uploads "
             "only from the members it enrolled",
         )
     if mask.phase != "upload":
-        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {current.number} no longer takes uploads")
+        raise refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {current.number} no longer takes uploads")
     if header.roster_hash != mask.roster_hash:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION,
             "the update was masked for another roster than this round's; nothing was added",
         )
 
 
-@dataclass
-class UploadDigests:
-    """H(per-block seeds) and H(blocks as uploaded), as the blocks arrive (cipherhive.secagg.commit).
-
-    The seeds are hashed here, in order; each block's own hash comes from whoever
-    checked it (this process, or the ingest worker that owns the block).
-    """
-
-    seeds: BlocksDigest = field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
-    blocks: dict[int, bytes] = field(default_factory=dict)
-
-    def update(self, blob: bytes) -> None:
-        self.seeds.update(seed_trailer_of(blob))
-
-    def final(self, count: int) -> tuple[bytes, bytes] | None:
-        if self.seeds.count != count or len(self.blocks) != count:
-            return None
-        return self.seeds.digest(), uploaded_digest(self.blocks[i] for i in range(count))
-
-
-def upload_digests(blobs: Iterator[bytes]) -> tuple[bytes, bytes]:
-    """(H(per-block seeds), H(uploaded blocks)) of one spooled upload, as a member commits them."""
-    digests = UploadDigests()
-    for index, blob in enumerate(blobs):
-        digests.update(blob)
-        digests.blocks[index] = block_digest(blob)
-    final = digests.final(len(digests.blocks))
-    assert final is not None
-    return final
-
-
-def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
+def submit_commit(ctx: RoundContext, who: Caller, request: pb.CommitRequest) -> pb.CommitReply:
     """SubmitCommit: check a member's signed commit against its spooled upload and record it.
 
     The last commit and the move to the release phase are one transaction, and a resent
     commit re-checks whether every member has committed, so no crash leaves a round holding
     every commit but never announcing COMMITS (README, "Masked rounds", step 5)."""
-    with m._lock:
-        current, mask = _open_masked(m, request.round)
+    with ctx.lock:
+        current, mask = _open_masked(ctx, request.round)
         entry = mask.roster.get(who.name)
         if entry is None:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who.name!r} is not in the roster of round {current.number}",
             )
         previous = mask.commits.get(who.name)
         if previous is not None and previous.encode() != request.commit:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.ALREADY_EXISTS, "a different commit is already recorded for this member"
             )
         commit = previous
         if previous is None:
             sub = current.accepted.get(who.name)
             if sub is None or sub.spool_file is None:
-                raise _refuse(
+                raise refuse(
                     grpc.StatusCode.FAILED_PRECONDITION, "commit after the upload's receipt, not before"
                 )
             spool_file = sub.spool_file
             roster_digest = mask.roster_hash
             hashed = current.digests.get(who.name)
     if commit is None:
-        commit = _checked_commit(m, request.commit, entry, roster_digest, hashed, spool_file)
-    with m._lock:
-        current, mask = _open_masked(m, request.round)
+        commit = _checked_commit(ctx, request.commit, entry, roster_digest, hashed, spool_file)
+    with ctx.lock:
+        current, mask = _open_masked(ctx, request.round)
         new = who.name not in mask.commits
         everyone = set(mask.roster) <= set(mask.commits) | {who.name} and mask.phase == "upload"
         if new:
             phase = "release" if everyone else None
-            m.state.set_commit(current.number, who.name, request.commit, phase=phase)
+            ctx.state.set_commit(current.number, who.name, request.commit, phase=phase)
             mask.commits[who.name] = commit
         elif everyone:
-            m.state.set_phase(current.number, "release")
+            ctx.state.set_phase(current.number, "release")
         if everyone:
             failpoints.hit("server.committed")  # tests: a crash once the release phase is durable
             mask.phase = "release"
-            row = m.state.round(current.number)
+            row = ctx.state.round(current.number)
             assert row is not None
             current.row = row
         committed = len(mask.commits)
@@ -372,12 +301,12 @@ def submit_commit(m: RoundManager, who: Caller, request: pb.CommitRequest) -> pb
         audit("commit accepted", who.name, round=current.number, committed=committed)
     if everyone:
         audit("every member committed", "scheduler", round=current.number, members=committed)
-        m.bus.publish(commits_event(m, current))
+        ctx.bus.publish(commits_event(ctx, current))
     return pb.CommitReply(committed=committed)
 
 
 def _checked_commit(
-    m: RoundManager,
+    ctx: RoundContext,
     raw: bytes,
     entry: Entry,
     roster_digest: bytes,
@@ -388,33 +317,33 @@ def _checked_commit(
     try:
         commit = Commit.decode(raw)
     except WireError as exc:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed commit ({exc})") from None
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed commit ({exc})") from None
     if commit.roster_hash != roster_digest or commit.cert_fingerprint != entry.cert_fingerprint:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "the commit is for another roster or another member")
+        raise refuse(grpc.StatusCode.INVALID_ARGUMENT, "the commit is for another roster or another member")
     if not enrolment_certs.verify_signature(entry.enrol_key, commit.signature, commit.signed_bytes()):
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.INVALID_ARGUMENT, "the commit is not signed by this member's enrolment key"
         )
     try:
-        seeds_hash, blocks_hash = hashed or upload_digests(read_records(m.spool.path(spool_file)))
+        seeds_hash, blocks_hash = hashed or upload_digests(read_records(ctx.spool.path(spool_file)))
     except (masking.MaskError, ValueError) as exc:
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION, f"the spooled upload cannot be read: {exc}"
         ) from None
     if (commit.seeds_hash, commit.c0_hash) != (seeds_hash, blocks_hash):
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.INVALID_ARGUMENT,
             "the commit does not match the upload this server acknowledged (seeds or blocks differ)",
         )
     return commit
 
 
-def release_seed(m: RoundManager, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
+def release_seed(ctx: RoundContext, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
     """ReleaseSeed: record a member's self-mask seed once it matches its commitment."""
-    with m._lock:
-        current, mask = _open_masked(m, request.round)
+    with ctx.lock:
+        current, mask = _open_masked(ctx, request.round)
         if who.name not in mask.roster:
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who.name!r} is not in the roster of round {current.number}",
             )
@@ -422,11 +351,11 @@ def release_seed(m: RoundManager, who: Caller, request: pb.ReleaseRequest) -> pb
         if previous is not None:
             if previous == request.seed:
                 return pb.ReleaseReply(released=len(mask.seeds))
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.ALREADY_EXISTS, "a different seed is already recorded for this member"
             )
         if mask.phase != "release":
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"round {current.number} is not releasing yet: not every member has committed",
             )
@@ -434,17 +363,17 @@ def release_seed(m: RoundManager, who: Caller, request: pb.ReleaseRequest) -> pb
             len(request.seed) != SEED_BYTES
             or self_mask_digest(request.seed) != mask.commits[who.name].self_mask_hash
         ):
-            raise _refuse(
+            raise refuse(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the seed does not match the self-mask commitment in this member's commit",
             )
-        m.state.set_seed(current.number, who.name, request.seed)
+        ctx.state.set_seed(current.number, who.name, request.seed)
         mask.seeds[who.name] = request.seed
         released = len(mask.seeds)
         everyone = set(mask.roster) <= set(mask.seeds)
     audit("self-mask released", who.name, round=current.number, released=released)
     if everyone:
-        m._wake.set()
+        ctx.wake()
     return pb.ReleaseReply(released=released)
 
 
@@ -468,7 +397,7 @@ def failure(current: OpenRound) -> str:
     return f"{', '.join(mask.missing(mask.seeds))} withheld the self-mask seed; the sum stays masked"
 
 
-def unmask(m: RoundManager, current: OpenRound) -> None:
+def unmask(current: OpenRound) -> None:
     """Subtract Σ PRG(b_i) from every block of the running sum (SecAgg §4, unmasking)."""
     mask = current.mask
     assert mask is not None
@@ -476,7 +405,7 @@ def unmask(m: RoundManager, current: OpenRound) -> None:
     current.running.remove_self_masks([mask.seeds[e.node] for e in mask.ordered()])
 
 
-def seed_records(m: RoundManager, current: OpenRound) -> Iterator[bytes]:
+def seed_records(ctx: RoundContext, current: OpenRound) -> Iterator[bytes]:
     """Per block, every member's upload seed in pair order: what nodes check c1 against."""
     mask = current.mask
     assert mask is not None
@@ -484,17 +413,17 @@ def seed_records(m: RoundManager, current: OpenRound) -> Iterator[bytes]:
     for e in mask.ordered():
         sub = current.accepted[e.node]
         assert sub.spool_file is not None
-        streams.append(read_records(m.spool.path(sub.spool_file)))
+        streams.append(read_records(ctx.spool.path(sub.spool_file)))
     for blobs in zip(*streams, strict=True):
         yield fields(*(seed_trailer_of(b) for b in blobs))
 
 
-def restore(m: RoundManager, current: OpenRound) -> None:
+def restore(ctx: RoundContext, current: OpenRound) -> None:
     """After a restart: the open masked round's members, commits and seeds, from the database."""
     row = current.row
     assert row.nonce is not None
     mask = MaskState(row.nonce, row.phase or "enrol", roster_hash=row.roster_hash or b"")
-    for member in m.state.members(row.round):
+    for member in ctx.state.members(row.round):
         entry = Enrolment.decode(member.enrolment)
         # Verified when it enrolled; only the key is needed again (to check its commit).
         key = x509.load_der_x509_certificate(entry.certificate).public_key()
@@ -511,18 +440,18 @@ def restore(m: RoundManager, current: OpenRound) -> None:
     event(log, "resumed masked round", round=row.round, phase=mask.phase, enrolled=len(mask.enrolled))
 
 
-def proof(m: RoundManager, number: int) -> pb.RoundProof:
+def proof(ctx: RoundContext, number: int) -> pb.RoundProof:
     """GetRoundProof: the roster and commits of a published masked round."""
-    row = m.state.round(number)
+    row = ctx.state.round(number)
     if row is None:
-        raise _refuse(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
+        raise refuse(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
     if not row.masked or row.nonce is None:
-        raise _refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} was not masked")
+        raise refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {number} was not masked")
     if row.state not in ("sum_ready", "withdrawn"):
-        raise _refuse(
+        raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION, f"round {number} has no published sum ({row.state})"
         )
-    members = m.state.members(number, roster_only=True)
+    members = ctx.state.members(number, roster_only=True)
     ordered = sorted(members, key=lambda r: Enrolment.decode(r.enrolment).cert_fingerprint)
     return pb.RoundProof(
         round=number,
@@ -532,10 +461,10 @@ def proof(m: RoundManager, number: int) -> pb.RoundProof:
     )
 
 
-def progress(m: RoundManager, row: RoundRow, info: pb.RoundInfo) -> None:
+def progress(ctx: RoundContext, row: RoundRow, info: pb.RoundInfo) -> None:
     """How far a masked round got, for the operator: counts only, never what was sent."""
-    with m._lock:
-        current = m._open if m._open is not None and m._open.number == row.round else None
+    with ctx.lock:
+        current = ctx.open if ctx.open is not None and ctx.open.number == row.round else None
         if current is not None and current.mask is not None:
             mask = current.mask
             info.enrolled, info.committed, info.released = (
@@ -544,7 +473,7 @@ def progress(m: RoundManager, row: RoundRow, info: pb.RoundInfo) -> None:
                 len(mask.seeds),
             )
             return
-    members = m.state.members(row.round, roster_only=row.state != "open")
+    members = ctx.state.members(row.round, roster_only=row.state != "open")
     info.enrolled = len(members)
     info.committed = sum(r.commit is not None for r in members)
     info.released = len(members) if row.state in ("sum_ready", "withdrawn") else 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -24,10 +23,8 @@ from cipherhive.federation.layout import Layout, LayoutError, describe_differenc
 from cipherhive.federation.optimizer_settings import PLAIN_FEDAVG, OptimizerSpec
 from cipherhive.runtime.config import ConfigError
 from cipherhive.runtime.logs import audit, event
+from cipherhive.server.rounds.context import RoundContext
 from cipherhive.server.rounds.errors import RoundError
-
-if TYPE_CHECKING:
-    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 
@@ -53,16 +50,16 @@ def check_joining(pinned: Layout, layout: Layout) -> None:
         raise RoundError(grpc.StatusCode.FAILED_PRECONDITION, describe_difference(pinned, layout))
 
 
-def _changeable(m: RoundManager, what: str) -> None:
+def _changeable(ctx: RoundContext, what: str) -> None:
     """Refuse to change a pinned layout once sums depend on it, or while a round runs."""
-    published = m.state.published_count()
+    published = ctx.state.published_count()
     if published:
         raise RoundError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"cannot {what} the layout: {published} round(s) have been published with it, and "
             "their sums only make sense with it; start a new federation (new --state-dir) for another model",
         )
-    opened = m.state.open_round_row()
+    opened = ctx.state.open_round_row()
     if opened is not None:
         raise RoundError(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -70,10 +67,10 @@ def _changeable(m: RoundManager, what: str) -> None:
         )
 
 
-def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> Layout:
+def set_layout(ctx: RoundContext, layout: Layout, replace: bool, actor: str) -> Layout:
     """Pin ``layout`` (already bounds-checked); the same layout again is a no-op."""
-    with m._lock:
-        current = m.layout()
+    with ctx.lock:
+        current = ctx.layout()
         if current is not None and current.same_pin(layout):
             return current
         if current is not None and current.hash == layout.hash and not layout.initial_model_hash:
@@ -81,7 +78,7 @@ def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> La
         if current is not None and current.hash == layout.hash and not current.initial_model_hash:
             # Adding the initial model's fingerprint to shapes pinned without one: published sums
             # stay valid (same shapes), so this is allowed at any time, and needs no --replace.
-            m.state.set_meta("layout", layout.pinned_text())
+            ctx.state.set_meta("layout", layout.pinned_text())
             audit("initial model fingerprint pinned", actor, layout_hash=layout.hash[:16])
             return layout
         if current is not None:
@@ -98,8 +95,8 @@ def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> La
                     f"another layout is pinned already ({current.hash[:16]}…, {current.num_params} "
                     "values); pass --replace to replace it (only while no round has been published)",
                 )
-            _changeable(m, "replace")
-        m.state.set_meta("layout", layout.pinned_text())
+            _changeable(ctx, "replace")
+        ctx.state.set_meta("layout", layout.pinned_text())
     audit(
         "layout pinned" if current is None else "layout replaced",
         actor,
@@ -107,29 +104,29 @@ def set_layout(m: RoundManager, layout: Layout, replace: bool, actor: str) -> La
         params=layout.num_params,
         tensors=len(layout.tensors),
     )
-    m._wake.set()
+    ctx.wake()
     return layout
 
 
-def reset_layout(m: RoundManager, actor: str) -> None:
-    with m._lock:
-        if m.layout() is None:
+def reset_layout(ctx: RoundContext, actor: str) -> None:
+    with ctx.lock:
+        if ctx.layout() is None:
             return
-        _changeable(m, "reset")
-        m.state.delete_meta("layout")
+        _changeable(ctx, "reset")
+        ctx.state.delete_meta("layout")
     audit("layout reset", actor)
 
 
-def pin_configured(m: RoundManager) -> None:
+def pin_configured(ctx: RoundContext) -> None:
     """At start: pin ``[federation] layout`` if set (the file is the operator's word)."""
-    path = m.config.layout
+    path = ctx.config.layout
     if path is None:
         return
     layout = Layout.read_file(path)
-    current = m.layout()
+    current = ctx.layout()
     if current is None or not current.same_pin(layout):
         try:
-            pinned = set_layout(m, layout, replace=True, actor=f"server.toml ({path})")
+            pinned = set_layout(ctx, layout, replace=True, actor=f"server.toml ({path})")
         except RoundError as exc:
             raise LayoutError(f"[federation] layout = {path}: {exc.message}") from None
         event(
@@ -149,15 +146,15 @@ def pin_configured(m: RoundManager) -> None:
 OPTIMIZER_META = "optimizer"
 
 
-def pinned_optimizer(m: RoundManager) -> OptimizerSpec:
+def pinned_optimizer(ctx: RoundContext) -> OptimizerSpec:
     """The optimizer the federation's published rounds were applied with (none stored: FedAvg)."""
-    text = m.state.get_meta(OPTIMIZER_META)
+    text = ctx.state.get_meta(OPTIMIZER_META)
     if text is None:
         return PLAIN_FEDAVG  # a state directory from before optimizers: its rounds were plain FedAvg
     return OptimizerSpec.from_dict(json.loads(text), "the optimizer in the server's state:")
 
 
-def pin_optimizer(m: RoundManager) -> OptimizerSpec:
+def pin_optimizer(ctx: RoundContext) -> OptimizerSpec:
     """At start: pin ``[optimizer]``; refused when published rounds were applied with another one.
 
     Every node applies every published sum with the federation's optimizer, and a node
@@ -165,13 +162,13 @@ def pin_optimizer(m: RoundManager) -> OptimizerSpec:
     published, that node would compute another model than the members who applied the
     sums as they came. So the optimizer may change only while nothing is published.
     """
-    wanted = m.config.optimizer_spec()
-    with m._lock:
-        current = pinned_optimizer(m)
-        stored = m.state.get_meta(OPTIMIZER_META)
+    wanted = ctx.config.optimizer_spec()
+    with ctx.lock:
+        current = pinned_optimizer(ctx)
+        stored = ctx.state.get_meta(OPTIMIZER_META)
         if stored is not None and current == wanted:
             return wanted
-        published = m.state.published_count()
+        published = ctx.state.published_count()
         if published and current != wanted:
             raise ConfigError(
                 f"[optimizer] asks for {wanted.describe()}, but {published} round(s) of this federation "
@@ -179,7 +176,7 @@ def pin_optimizer(m: RoundManager) -> OptimizerSpec:
                 f"apply them the same way. Set [optimizer] back to {current.describe()}, or start a new "
                 "federation (new state_dir) to use another optimizer"
             )
-        m.state.set_meta(OPTIMIZER_META, wanted.canonical())
+        ctx.state.set_meta(OPTIMIZER_META, wanted.canonical())
     if stored is not None or wanted != PLAIN_FEDAVG:
         audit("optimizer pinned", "server.toml", optimizer=wanted.describe())
     return wanted

@@ -6,23 +6,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from cipherhive.server.rounds import masked
+from cipherhive.server.rounds.context import RoundContext, RoundControl
 from cipherhive.server.rounds.errors import RoundError
-
-if TYPE_CHECKING:
-    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 
 
-def run(m: RoundManager, stop: threading.Event) -> None:
+def run(ctx: RoundContext, control: RoundControl, stop: threading.Event) -> None:
+    """The scheduler thread: a step whenever woken (an upload, a join, a close), else every 0.2 s."""
     while not stop.is_set():
-        m._wake.wait(0.2)
-        m._wake.clear()
+        ctx.wait_for_wake(0.2)
         try:
-            tick(m)
+            tick(ctx, control)
         except RoundError as exc:
             log.debug("scheduler: %s", exc.message)
         except Exception:
@@ -30,10 +27,10 @@ def run(m: RoundManager, stop: threading.Event) -> None:
             stop.wait(1.0)
 
 
-def tick(m: RoundManager) -> None:
+def tick(ctx: RoundContext, control: RoundControl) -> None:
     now = time.time()
-    with m._lock:
-        current = m._open
+    with ctx.lock:
+        current = ctx.open
         due: tuple[int, str] | None = None
         roster = False
         if current is not None and not current.closing:
@@ -46,23 +43,23 @@ def tick(m: RoundManager) -> None:
             elif current.row.expected and set(current.row.expected) <= set(current.accepted):
                 due = (current.number, "every expected node submitted")
     if roster and current is not None:
-        why = masked.fix_roster(m, current.number)
+        why = masked.fix_roster(ctx, current.number)
         if why:
-            m.close_round(current.number, "enrol deadline", fail_reason=why)
+            control.close_round(current.number, "enrol deadline", fail_reason=why)
         return
     if due is not None:
-        m.close_round(*due)
+        control.close_round(*due)
         return
-    if current is None and should_start(m, now):
-        m.start_round()
+    if current is None and should_start(ctx, now):
+        control.start_round()
 
 
-def should_start(m: RoundManager, now: float) -> bool:
+def should_start(ctx: RoundContext, now: float) -> bool:
     """Only joined, watching nodes count: a watch stream alone never starts a round."""
-    if not m.config.auto_start or m.layout() is None:
+    if not ctx.config.auto_start or ctx.layout() is None:
         return False
-    if m.config.max_rounds and m.state.count_rounds("sum_ready") >= m.config.max_rounds:
+    if ctx.config.max_rounds and ctx.state.count_rounds("sum_ready") >= ctx.config.max_rounds:
         return False
-    if now - m._last_closed < m.config.interval_seconds:
+    if now - ctx.last_closed < ctx.config.interval_seconds:
         return False
-    return len(m.online()) >= m.config.min_participants
+    return len(ctx.online()) >= ctx.config.min_participants

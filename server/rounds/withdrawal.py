@@ -21,17 +21,14 @@ import contextlib
 import logging
 import time
 import unicodedata
-from typing import TYPE_CHECKING
 
 import grpc
 
 from cipherhive.runtime.logs import audit, event
+from cipherhive.server.rounds.context import RoundContext, RoundControl
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.storage.state import OutcomeRow, RoundRow
 from cipherhive.v1 import federation_pb2 as pb
-
-if TYPE_CHECKING:
-    from cipherhive.server.rounds.manager import RoundManager
 
 log = logging.getLogger("cipherhive.server.rounds")
 
@@ -60,41 +57,45 @@ def clean_text(text: str, what: str, *, required: bool = False) -> str:
     return cleaned
 
 
-def report_outcome(m: RoundManager, node: str, number: int, applied: bool, reason: str) -> bool:
+def report_outcome(
+    ctx: RoundContext, control: RoundControl, node: str, number: int, applied: bool, reason: str
+) -> bool:
     """Record what ``node`` did with round ``number``'s sum; True if this withdrew the round."""
     reason = "" if applied else clean_text(reason, "reason")
-    row = m.state.round(number)
+    row = ctx.state.round(number)
     if row is None:
         raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
     if row.state not in ("sum_ready", "withdrawn"):
         raise RoundError(
             grpc.StatusCode.FAILED_PRECONDITION, f"round {number} has no published sum (it is {row.state})"
         )
-    if m.state.submission(number, node) is None:
+    if ctx.state.submission(number, node) is None:
         raise RoundError(
             grpc.StatusCode.PERMISSION_DENIED,
             f"node {node!r} did not submit to round {number}; only its participants report on its sum",
         )
-    m.state.record_outcome(OutcomeRow(number, node, applied, reason, time.time()))
+    ctx.state.record_outcome(OutcomeRow(number, node, applied, reason, time.time()))
     audit("outcome reported", node, round=number, applied=applied, reason=reason)
-    if applied or not m.config.withdraw_on_majority or row.state != "sum_ready":
+    if applied or not ctx.config.withdraw_on_majority or row.state != "sum_ready":
         return False
-    rejected = sum(not o.applied for o in m.state.outcomes(number))
+    rejected = sum(not o.applied for o in ctx.state.outcomes(number))
     if rejected * 2 <= row.participants:
         return False
     why = f"{rejected} of its {row.participants} participants rejected its sum"
     try:
-        withdraw_round(m, number, why, "server")
+        withdraw_round(ctx, control, number, why, "server")
     except RoundError:
         return False  # withdrawn meanwhile (by the operator or another report)
     return True
 
 
-def withdraw_round(m: RoundManager, number: int, reason: str, actor: str) -> RoundRow:
+def withdraw_round(
+    ctx: RoundContext, control: RoundControl, number: int, reason: str, actor: str
+) -> RoundRow:
     """Withdraw a published round and every published round built on it (transitively)."""
     reason = clean_text(reason, "reason", required=True)
-    with m._lock:
-        row = m.state.round(number)
+    with ctx.lock:
+        row = ctx.state.round(number)
         if row is None:
             raise RoundError(grpc.StatusCode.NOT_FOUND, f"round {number} does not exist")
         if row.state != "sum_ready":
@@ -103,44 +104,44 @@ def withdraw_round(m: RoundManager, number: int, reason: str, actor: str) -> Rou
                 f"round {number} is {row.state}; only a published round (sum ready) can be withdrawn",
             )
         gone = {number}
-        for later in m.state.rounds(after=number):
+        for later in ctx.state.rounds(after=number):
             if later.state == "sum_ready" and later.base_round in gone:
                 gone.add(later.round)
         cascade = sorted(gone)
         now = time.time()
         for number_ in cascade:
             why = reason if number_ == number else f"it builds on withdrawn round {number}: {reason}"
-            for sum_file in m.state.withdraw([number_], why, now):
-                m.spool.delete_sum(sum_file)
-        opened = m.open_row()
+            for sum_file in ctx.state.withdraw([number_], why, now):
+                ctx.spool.delete_sum(sum_file)
+        opened = ctx.open_row()
     audit("round withdrawn", actor, round=number, cascade=cascade[1:], reason=reason)
     for number_ in cascade:
-        withdrawn = m.state.round(number_)
+        withdrawn = ctx.state.round(number_)
         assert withdrawn is not None
-        m.bus.publish(m._event(pb.RoundEvent.WITHDRAWN, withdrawn))
+        ctx.bus.publish(ctx.event(pb.RoundEvent.WITHDRAWN, withdrawn))
     if opened is not None and opened.base_round in gone:
         # Closed meanwhile? close_round fails a round whose base is withdrawn anyway.
         with contextlib.suppress(RoundError):
-            m.close_round(
+            control.close_round(
                 opened.round,
                 "base round withdrawn",
                 actor,
                 fail_reason=f"it builds on round {opened.base_round}, which was withdrawn: {reason}",
             )
-    result = m.state.round(number)
+    result = ctx.state.round(number)
     assert result is not None
     return result
 
 
-def prune_sums(m: RoundManager) -> list[int]:
+def prune_sums(ctx: RoundContext) -> list[int]:
     """Delete published sums beyond ``keep_sums``, oldest first; never the newest one."""
-    keep = m.config.keep_sums
+    keep = ctx.config.keep_sums
     if keep <= 0:
         return []
     pruned = []
-    for number, sum_file in m.state.kept_sums()[keep:]:
-        m.state.forget_sum(number)
-        m.spool.delete_sum(sum_file)
+    for number, sum_file in ctx.state.kept_sums()[keep:]:
+        ctx.state.forget_sum(number)
+        ctx.spool.delete_sum(sum_file)
         pruned.append(number)
     if pruned:
         event(log, "pruned old sums", rounds=f"{pruned[-1]}..{pruned[0]}", keep_sums=keep)
