@@ -20,7 +20,7 @@ from typing import Any
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.dp_table import DELTA, digits_schedule
 from cipherhive.demo.federation import LocalFederation
-from cipherhive.demo.run import _progress, round_figures
+from cipherhive.demo.round_figures import progress_bar, round_figures
 from cipherhive.privacy.schedule import PrivacySchedule
 from cipherhive.runtime.fsutil import removed_on_error
 from cipherhive.v1 import federation_pb2 as pb
@@ -77,7 +77,7 @@ def _dp_demo(args: argparse.Namespace, workdir: Path) -> int:
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     started = time.monotonic()
-    bar = _progress(args)
+    bar = progress_bar(args)
     try:
         fed.setup()
         fed.start()

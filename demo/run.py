@@ -19,62 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
 from cipherhive.demo.options import optimizer_section
+from cipherhive.demo.round_figures import progress_bar, round_figures
 from cipherhive.demo.sim_result import RoundRecord, SimulationError
 from cipherhive.demo.simulation import simulate
 from cipherhive.federation.optimizer_settings import OptimizerSpec
 from cipherhive.runtime.fsutil import removed_on_error
-
-
-def _load(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = torch.load(path, weights_only=True)
-    return data
-
-
-def round_figures(records: Path, number: int, nodes: int, participants: int) -> dict[str, Any]:
-    """Decrypted vs plaintext FedAvg for one round, from the trainers' records."""
-    folder = records / f"round-{number}"
-    updates = [_load(p) for p in sorted(folder.glob("shard-*.update.pt"))]
-    applied = [_load(folder / f"shard-{i}.applied.pt") for i in range(nodes)]
-    total = sum(u["samples"] for u in updates)
-    plain = sum(u["samples"] * (u["local"] - u["global"]) for u in updates) / total
-    decrypted = applied[0]["mean"]
-    # Every node decrypted the same sum and holds the same model.
-    spread = max(float((a["global"] - applied[0]["global"]).abs().max()) for a in applied)
-    return {
-        "round": number,
-        "participants": participants,
-        "max_abs_error": float((decrypted - plain).abs().max()),
-        "node_model_spread": spread,
-        "global": applied[0]["global"],
-    }
-
-
-def _progress(args: argparse.Namespace) -> Progress | None:
-    """A progress bar over the rounds on a terminal; plain lines otherwise."""
-    if args.json or not sys.stdout.isatty():
-        return None
-    bar = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    bar.add_task("starting the server and the nodes", total=args.rounds)
-    bar.start()
-    return bar
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -105,7 +56,7 @@ def _digits_demo(args: argparse.Namespace, workdir: Path) -> int:
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     started = time.monotonic()
-    bar = _progress(args)
+    bar = progress_bar(args)
 
     def check_round(record: RoundRecord) -> None:
         """Compare what the nodes decrypted with plaintext FedAvg, and test the global model."""
