@@ -233,3 +233,22 @@ def test_without_room_in_dev_shm_a_round_adds_in_the_server_process(
         assert "needs 62 MB of /dev/shm and 10 MB are free" in caplog.text
     finally:
         pool.close()
+
+
+def test_member_and_server_state_the_same_upload_digests(secret: SecretCodec) -> None:
+    """One computation on both sides (docs/spec/masked-round.md §5): the member's digests over
+    its whole upload equal the server's, built with block hashes arriving out of order."""
+    from cipherhive.secagg.commit import UploadDigests, block_digest, upload_digests
+
+    uploads, _, _ = _uploads(secret, 3)
+    blobs = uploads[0]
+    server = UploadDigests()
+    for blob in blobs:
+        server.update(blob)  # seeds in order, as the stream arrives
+    for index in reversed(range(len(blobs))):  # block hashes as the workers finish them
+        assert server.final(len(blobs)) is None
+        server.blocks[index] = block_digest(blobs[index])
+    seeds_hash, blocks_hash = upload_digests(blobs)
+    assert server.final(len(blobs)) == (seeds_hash, blocks_hash)
+    assert seeds_hash != upload_digests(uploads[1])[0]
+    assert [masking.upload_seed(b) for b in blobs] == [c0_sum.seed_trailer_of(b) for b in blobs]

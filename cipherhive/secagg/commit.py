@@ -30,9 +30,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cipherhive.ckks.c0_sum import seed_trailer_of
 from cipherhive.pki import enrolment_certs
 from cipherhive.secagg.roster import HASH_BYTES, MAX_SIGNATURE, Roster, RosterError
 from cipherhive.secagg.wire import Reader, WireError, field, fields, u64
@@ -100,6 +102,45 @@ def blocks_digest(label: bytes, blocks: Iterable[bytes]) -> bytes:
     for block in blocks:
         digest.update(block)
     return digest.digest()
+
+
+@dataclass
+class UploadDigests:
+    """H(per-block seeds) and H(blocks as uploaded) of one upload, as a commit states them
+    (docs/spec/masked-round.md §5): the one computation the member that commits and the server
+    that checks the commit both run, block by block as the blocks are written or arrive.
+
+    The seeds are hashed here, in order; each block's own hash is set by whoever hashed the
+    block (the member, or the server's ingest worker that owns it), in any order.
+    """
+
+    seeds: BlocksDigest = dataclass_field(default_factory=lambda: BlocksDigest(SEEDS_LABEL))
+    blocks: dict[int, bytes] = dataclass_field(default_factory=dict)
+
+    def update(self, blob: bytes) -> None:
+        """The next block's seed (a well-formed seeded upload block ends with its seed)."""
+        self.seeds.update(seed_trailer_of(blob))
+
+    def add(self, index: int, blob: bytes) -> None:
+        """Block ``index`` in full: its seed (blocks in order) and its own hash."""
+        self.update(blob)
+        self.blocks[index] = block_digest(blob)
+
+    def final(self, count: int) -> tuple[bytes, bytes] | None:
+        """(seeds hash, blocks hash) once all ``count`` blocks are in; None before."""
+        if self.seeds.count != count or len(self.blocks) != count:
+            return None
+        return self.seeds.digest(), uploaded_digest(self.blocks[i] for i in range(count))
+
+
+def upload_digests(blobs: Iterable[bytes]) -> tuple[bytes, bytes]:
+    """(H(per-block seeds), H(uploaded blocks)) of a whole upload, as its commit states them."""
+    digests = UploadDigests()
+    for index, blob in enumerate(blobs):
+        digests.add(index, blob)
+    final = digests.final(len(digests.blocks))
+    assert final is not None
+    return final
 
 
 @dataclass(frozen=True, slots=True)

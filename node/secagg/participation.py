@@ -38,15 +38,7 @@ from cipherhive.node.secagg.release_ledger import ReleaseLedger
 from cipherhive.pki import enrolment_certs
 from cipherhive.runtime.fsutil import atomic_write, fsync_dir
 from cipherhive.secagg import masking
-from cipherhive.secagg.commit import (
-    SEEDS_LABEL,
-    block_digest,
-    blocks_digest,
-    make_commit,
-    require_all_commits,
-    self_mask_digest,
-    uploaded_digest,
-)
+from cipherhive.secagg.commit import UploadDigests, make_commit, require_all_commits, self_mask_digest
 from cipherhive.secagg.roster import (
     Enrolment,
     Roster,
@@ -233,8 +225,7 @@ class Participation:
 
     def write_upload(self, path: Path, blobs: Iterable[bytes]) -> UploadFile:
         """Write the masked ciphertexts (0600), fsync, and hash them as the commit will say."""
-        seeds: list[bytes] = []
-        digest_blocks: list[bytes] = []
+        digests = UploadDigests()
         tmp = path.with_suffix(".partial")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         count = 0
@@ -242,14 +233,15 @@ class Participation:
             for blob in blobs:
                 fh.write(len(blob).to_bytes(4, "big"))
                 fh.write(blob)
-                seeds.append(masking.upload_seed(blob))
-                digest_blocks.append(block_digest(blob))
+                digests.add(count, blob)
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        upload = UploadFile(path, count, blocks_digest(SEEDS_LABEL, seeds), uploaded_digest(digest_blocks))
+        final = digests.final(count)
+        assert final is not None
+        upload = UploadFile(path, count, *final)
         self.upload = upload
         return upload
 

@@ -47,13 +47,13 @@ from cipherhive.pki import enrolment_certs
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import audit, event
 from cipherhive.secagg import masking
-from cipherhive.secagg.commit import Commit, self_mask_digest
+from cipherhive.secagg.commit import Commit, self_mask_digest, upload_digests
 from cipherhive.secagg.roster import Enrolment, roster_hash
 from cipherhive.secagg.wire import WireError, fields
 from cipherhive.server.ingest.running_sum import MaskedSum
 from cipherhive.server.rounds.context import OpenRound, RoundContext
 from cipherhive.server.rounds.errors import refuse
-from cipherhive.server.rounds.mask_state import Entry, MaskState, upload_digests
+from cipherhive.server.rounds.mask_state import Entry, MaskState
 from cipherhive.server.storage.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
 
