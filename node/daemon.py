@@ -28,17 +28,17 @@ import logging
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import tenseal as ts
 import torch
 
 from cipherhive import __version__
 from cipherhive.ckks import codec, keys
+from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics, stopping
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import check_handshake, refusal_with_fix
@@ -46,20 +46,27 @@ from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.privacy.ledger import PrivacyLedgerError
 from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
-from cipherhive.node.secagg.masked_round import MaskedRounds
-from cipherhive.node.secagg.participation import Participation
+from cipherhive.node.secagg.masked_round import (
+    MaskedRoundDriver,
+    load_chain,
+    load_masking,
+    open_ledger,
+    remove_stale_files,
+)
+from cipherhive.node.session import RoundEvents, Services
 from cipherhive.node.state.checkpoint import NodeState
 from cipherhive.node.state.initial import initial_model_hash
 from cipherhive.node.state.layout_file import member_fingerprint_key
-from cipherhive.node.sums.optimizers import OptimizerError, OptimizerSpec, adopt, restored
-from cipherhive.node.sums.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumReceiver
-from cipherhive.node.sums.rollback import Rollbacks
+from cipherhive.node.state.model_state import ModelState
+from cipherhive.node.sums.optimizers import OptimizerError, OptimizerSpec, ServerOptimizer, adopt, restored
+from cipherhive.node.sums.receive import BOOTSTRAP_HINT, TRANSIENT, SessionEnd, SumApplier
+from cipherhive.node.sums.rollback import RollbackHandler
 from cipherhive.node.trainer import (
     TrainerError,
     federated_tensors,
     load_trainer,
 )
-from cipherhive.node.training.local_round import Training
+from cipherhive.node.training.local_round import LocalTraining
 from cipherhive.node.training.update import (
     FlatParams,
     layout_of,
@@ -82,88 +89,153 @@ class CodecChoice:
     fingerprint: str
 
 
-class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
+class Node:
+    """The daemon: joins, follows the round events and hands each to the collaborator for it.
+
+    Its parts share one :class:`ModelState` and one :class:`Services` and are given each other
+    where one needs another (the masked round trains through :class:`LocalTraining`).
+    """
+
     def __init__(self, config: NodeConfig, choice: CodecChoice | None = None) -> None:
-        self.config = config
         try:
             if choice is None:
                 secret = keys.read_secret_context(config.secret_context)
                 choice = CodecChoice(DEFAULT_CODEC, secret, keys.fingerprint(ts.context_from(secret)))
-            self.fingerprint = choice.fingerprint
-            self.pool = CryptoPool(choice.key, config.workers, choice.factory)
+            pool = CryptoPool(choice.key, config.workers, choice.factory)
         except codec.CodecError as exc:
             raise NodeError(f"{config.secret_context}: {exc}") from exc
         try:
-            self.trainer = load_trainer(config.plugin, config.options, config.python_path)
-            self.model = self.trainer.build_model()
+            trainer = load_trainer(config.plugin, config.options, config.python_path)
+            model = trainer.build_model()
         except TrainerError:
-            self.pool.close()
+            pool.close()
             raise
+        self._stop = threading.Event()
+        self._stream: Any = None
+        self._rng = random.Random()
+        self.services = Services(
+            config=config,
+            fingerprint=choice.fingerprint,
+            pool=pool,
+            trainer=trainer,
+            stop=self._stop,
+            events=RoundEvents(),
+            metadata=self._metadata,
+        )
         try:
             self.privacy = PrivacyGuard(config, config.name or config.state_dir.name)
         except PrivacyLedgerError as exc:
-            self.pool.close()
+            pool.close()
             raise NodeError(str(exc)) from exc
-        self.tensors = federated_tensors(self.trainer, self.model)
-        base_hash_fn = getattr(self.trainer, "base_model_hash", None)
-        try:  # of the values build_model made, before any checkpoint is loaded into them
-            initial = initial_model_hash(member_fingerprint_key(config), self.tensors)
-        except UserError:
-            self.pool.close()
+        try:
+            self.state = self._load_state(model)
+        except UserError:  # NodeError among them
+            pool.close()
             raise
-        self.layout = layout_of(self.tensors, base_hash_fn() if base_hash_fn else "", initial)
-        self.store = NodeState(config.state_dir, config.keep_checkpoints)
-        self.applied_round = 0
-        checkpoint = self.store.load()
+        self.training = LocalTraining(self.services, self.state, self.privacy)
+        self.rollbacks = RollbackHandler(self.services, self.state)
+        self.masked = MaskedRoundDriver(self.services, self.state, self.training)
+        self.sums = SumApplier(self.services, self.state)
+        remove_stale_files(config, self.state.applied_round)
+
+    def _load_state(self, model: Any) -> ModelState:
+        """The model as the state directory left it (NodeError: a state this node cannot use)."""
+        config, trainer, fingerprint = self.services.config, self.services.trainer, self.services.fingerprint
+        tensors = federated_tensors(trainer, model)
+        base_hash_fn = getattr(trainer, "base_model_hash", None)
+        # of the values build_model made, before any checkpoint is loaded into them
+        initial = initial_model_hash(member_fingerprint_key(config), tensors)
+        layout = layout_of(tensors, base_hash_fn() if base_hash_fn else "", initial)
+        store = NodeState(config.state_dir, config.keep_checkpoints)
+        applied_round = 0
+        checkpoint = store.load()
         if checkpoint is not None:
-            if checkpoint.layout_hash != self.layout.hash:
-                self.pool.close()
+            if checkpoint.layout_hash != layout.hash:
                 raise NodeError(
                     f"the checkpoint in {config.state_dir} was made for another model layout; "
                     "use a new --state-dir for this model"
                 )
             with torch.no_grad():
-                for name, tensor in self.tensors:
+                for name, tensor in tensors:
                     tensor.copy_(checkpoint.tensors[name])
-            self.applied_round = checkpoint.round
+            applied_round = checkpoint.round
         try:
-            self.optimizer = restored(
+            optimizer = restored(
                 checkpoint.optimizer if checkpoint else None,
-                self.applied_round,
-                self.layout.num_params,
+                applied_round,
+                layout.num_params,
                 f"{config.state_dir}/checkpoint.pt",
             )
         except OptimizerError as exc:
-            self.pool.close()
             raise NodeError(str(exc)) from exc
         # The model's federated values live in one float32 buffer; ``global_values`` is
         # the last applied global model (float32, the only other full-size copy).
-        self.flat = FlatParams(self.tensors)
-        self.global_values = self.flat.read().copy()
-        self.name = config.name
-        self.settings = pb.FederationSettings()
-        self._stop = threading.Event()
-        self._stream: Any = None
-        self._rng = random.Random()
-        self._outcome_unimplemented = False
-        #: Rounds the server withdrew (from Join and WITHDRAWN events): never applied on replay.
-        self.withdrawn: set[int] = set()
-        #: Why this node follows the federation without taking part (None: it takes part).
-        self._idle: str | None = None
-        self._resync = False
-        self._oldest_kept = 0
-        self._events: Iterator[pb.RoundEvent] | None = None
-        self._pending: deque[pb.RoundEvent] = deque()
-        self._part: Participation | None = None
-        self.chain = self._load_chain(checkpoint)
-        self.ledger = self._open_ledger(checkpoint is not None)
-        self.masking = self._load_masking()
-        # A masked round's files from before a restart: kept while their round may still be open
-        # (the node resends that very upload), removed once the model is past it.
-        for stale in [*config.state_dir.glob("upload-*.ct"), *config.state_dir.glob("round-*.part.json")]:
-            number = stale.name.split("-", 1)[1].split(".", 1)[0]
-            if not number.isdigit() or int(number) <= self.applied_round:
-                stale.unlink()
+        flat = FlatParams(tensors)
+        global_values = flat.read().copy()
+        chain = load_chain(checkpoint, config, fingerprint, layout.hash)
+        ledger = open_ledger(config, checkpoint is not None)
+        masking = load_masking(config, fingerprint)
+        return ModelState(
+            name=config.name,
+            settings=pb.FederationSettings(),
+            model=model,
+            tensors=tensors,
+            layout=layout,
+            flat=flat,
+            global_values=global_values,
+            store=store,
+            applied_round=applied_round,
+            optimizer=optimizer,
+            chain=chain,
+            ledger=ledger,
+            masking=masking,
+        )
+
+    # ------------------------------------------------------------ the state, as tests and tools see it
+
+    @property
+    def config(self) -> NodeConfig:
+        return self.services.config
+
+    @property
+    def applied_round(self) -> int:
+        return self.state.applied_round
+
+    @property
+    def settings(self) -> pb.FederationSettings:
+        return self.state.settings
+
+    @settings.setter
+    def settings(self, settings: pb.FederationSettings) -> None:
+        self.state.settings = settings
+
+    @property
+    def optimizer(self) -> ServerOptimizer:
+        return self.state.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: ServerOptimizer) -> None:
+        self.state.optimizer = optimizer
+
+    @property
+    def layout(self) -> Layout:
+        return self.state.layout
+
+    @property
+    def store(self) -> NodeState:
+        return self.state.store
+
+    @property
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return self.state.tensors
+
+    @property
+    def flat(self) -> FlatParams:
+        return self.state.flat
+
+    @property
+    def global_values(self) -> np.ndarray:
+        return self.state.global_values
 
     # ------------------------------------------------------------ lifecycle
 
@@ -174,22 +246,22 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
             stream.cancel()
 
     def close(self) -> None:
-        self.pool.close()
+        self.services.pool.close()
 
     def run(self) -> int:
         """Connect, follow rounds, reconnect on failure; 0 on a requested stop, 2 on a fatal error."""
         event(
             log,
             "node starting",
-            params=self.layout.num_params,
-            tensors=len(self.layout.tensors),
-            applied_round=self.applied_round,
-            workers=self.pool.workers,
-            server=self.config.server,
+            params=self.state.layout.num_params,
+            tensors=len(self.state.layout.tensors),
+            applied_round=self.state.applied_round,
+            workers=self.services.pool.workers,
+            server=self.services.config.server,
         )
-        if self.config.metrics_listen:
-            metrics.serve(self.config.metrics_listen)
-        metrics.APPLIED_ROUND.set(self.applied_round)
+        if self.services.config.metrics_listen:
+            metrics.serve(self.services.config.metrics_listen)
+        metrics.APPLIED_ROUND.set(self.state.applied_round)
         backoff = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -200,7 +272,7 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
                     break
                 log.warning(
                     "connection to %s lost (%s); reconnecting in %.1fs",
-                    self.config.server,
+                    self.services.config.server,
                     describe_rpc_error(exc),
                     backoff,
                 )
@@ -212,15 +284,17 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
             except Exception:
                 # Whatever else went wrong came from a session with the server: never a reason
                 # to stop following the federation.
-                log.exception("unexpected error in the session with %s; reconnecting", self.config.server)
-            if self._resync and not self._stop.is_set():
-                self._resync = False  # rolled back: follow the federation again at once
+                log.exception(
+                    "unexpected error in the session with %s; reconnecting", self.services.config.server
+                )
+            if self.state.resync and not self._stop.is_set():
+                self.state.resync = False  # rolled back: follow the federation again at once
                 continue
             if time.monotonic() - started > 60:
                 backoff = 1.0
             self._stop.wait(backoff * (0.5 + self._rng.random()))
-            backoff = min(backoff * 2, self.config.max_backoff_seconds)
-        event(log, "node stopped", applied_round=self.applied_round)
+            backoff = min(backoff * 2, self.services.config.max_backoff_seconds)
+        event(log, "node stopped", applied_round=self.state.applied_round)
         return 0
 
     def serve_forever(self) -> int:
@@ -233,10 +307,10 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
     # ------------------------------------------------------------ session
 
     def _metadata(self) -> list[tuple[str, str]]:
-        return [(NODE_NAME_METADATA, self.name)] if self.config.insecure else []
+        return [(NODE_NAME_METADATA, self.state.name)] if self.services.config.insecure else []
 
     def _session(self) -> None:
-        cfg = self.config
+        cfg = self.services.config
         tls = None
         if not cfg.insecure:
             assert cfg.tls_cert and cfg.tls_key and cfg.tls_ca
@@ -247,8 +321,8 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
             try:
                 reply = stub.Join(
                     pb.JoinRequest(
-                        key_fingerprint=self.fingerprint,
-                        layout=self.layout.to_proto(),
+                        key_fingerprint=self.services.fingerprint,
+                        layout=self.state.layout.to_proto(),
                         node_name=cfg.name,
                         software_version=__version__,
                     ),
@@ -260,53 +334,54 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
                 if exc.code() in TRANSIENT or self._stop.is_set():
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
-            self.name, self.settings = reply.node_name, reply.settings
+            self.state.name, self.state.settings = reply.node_name, reply.settings
             try:
-                self.privacy.accept(reply.settings, self.applied_round)
+                self.privacy.accept(reply.settings, self.state.applied_round)
             except (ScheduleRefused, PrivacyLedgerError) as exc:
                 raise NodeError(f"not joining: {exc}") from exc
-            self._idle = None
+            self.state.idle = None
             self._follow_optimizer(reply.settings.optimizer)
-            if reply.settings.masked and self.masking is None and not cfg.insecure:
+            if reply.settings.masked and self.state.masking is None and not cfg.insecure:
                 raise NodeError(
                     "the federation runs masked rounds: list its members in [masking] members (names "
                     "or certificate fingerprints) in this node's configuration"
                 )
-            if not reply.settings.masked and self.masking is not None:
-                self._idle = (
+            if not reply.settings.masked and self.state.masking is not None:
+                self.state.idle = (
                     "this node is configured for masked rounds ([masking] members) but the server runs "
                     "unmasked ones; it follows the federation without submitting"
                 )
-                event(log, self._idle, logging.ERROR, node=self.name)
+                event(log, self.state.idle, logging.ERROR, node=self.state.name)
             event(
                 log,
                 "joined federation",
-                node=self.name,
+                node=self.state.name,
                 latest_sum_round=reply.latest_sum_round,
-                applied_round=self.applied_round,
-                min_participants=self.settings.min_participants,
-                optimizer=self.optimizer.spec.describe(),
+                applied_round=self.state.applied_round,
+                min_participants=self.state.settings.min_participants,
+                optimizer=self.state.optimizer.spec.describe(),
             )
-            self.withdrawn.update(reply.withdrawn_rounds)
+            self.state.withdrawn.update(reply.withdrawn_rounds)
             for number in sorted(reply.withdrawn_rounds):
-                if self._roll_back(number, "listed as withdrawn at join"):
+                if self.rollbacks.roll_back(number, "listed as withdrawn at join"):
                     break
-            self._resync = False  # rolled back before watching: the watch starts from there
+            self.state.resync = False  # rolled back before watching: the watch starts from there
             self._check_kept(reply.settings.oldest_kept_round)
             stream = stub.WatchRounds(
-                pb.WatchRequest(since_round=self.applied_round), metadata=self._metadata()
+                pb.WatchRequest(since_round=self.state.applied_round), metadata=self._metadata()
             )
             self._stream = stream
-            self._events, self._pending = iter(stream), deque()
+            self.services.events.open(stream)
             try:
-                while (ev := self._next_event()) is not None:
+                while (ev := self.services.events.next()) is not None:
                     if self._stop.is_set():
                         return
                     self._handle(stub, ev)
-                    if self._resync:
+                    if self.state.resync:
                         return
             finally:
-                self._stream = self._events = None
+                self._stream = None
+                self.services.events.close()
                 stream.cancel()
 
     def _follow_optimizer(self, announced: pb.ServerOptimizer) -> None:
@@ -315,10 +390,10 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
             spec = OptimizerSpec.from_proto(announced)
         except OptimizerError as exc:
             message = f"the server announced an optimizer this node cannot run ({exc}); reconnecting later"
-            event(log, message, logging.ERROR, node=self.name)
+            event(log, message, logging.ERROR, node=self.state.name)
             raise SessionEnd(message) from exc
         try:
-            self.optimizer = adopt(self.optimizer, spec, self.applied_round)
+            self.state.optimizer = adopt(self.state.optimizer, spec, self.state.applied_round)
         except OptimizerError as exc:
             raise NodeError(str(exc)) from exc
 
@@ -329,97 +404,74 @@ class Node(Training, Rollbacks, MaskedRounds, SumReceiver):
         one has no sum to prune, so the sums this node needs may all still be there. If one
         is not, the fetch (FAILED_PRECONDITION) or the replay (a base it cannot reach) says so.
         """
-        self._oldest_kept = oldest_kept
-        if self._pruned_behind():
+        self.state.oldest_kept = oldest_kept
+        if self.state.pruned_behind():
             event(
                 log,
                 f"the server keeps sums from round {oldest_kept} on, but this node is at round "
-                f"{self.applied_round}: the sums it needs were probably pruned; {BOOTSTRAP_HINT}",
+                f"{self.state.applied_round}: the sums it needs were probably pruned; {BOOTSTRAP_HINT}",
                 logging.ERROR,
-                node=self.name,
-                applied_round=self.applied_round,
+                node=self.state.name,
+                applied_round=self.state.applied_round,
             )
-
-    def _pruned_behind(self) -> bool:
-        return bool(self._oldest_kept) and self._oldest_kept > self.applied_round + 1
 
     def _handle(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
         if ev.kind == pb.RoundEvent.SUM_READY:
-            if ev.round > self.applied_round:
-                self._on_sum(stub, ev)
-            self._end_part(ev.round)
+            if ev.round > self.state.applied_round:
+                self.sums.on_sum(stub, ev)
+            self.masked.end_part(ev.round)
         elif ev.kind == pb.RoundEvent.WITHDRAWN:
-            self._on_withdrawn(ev)
+            self.rollbacks.on_withdrawn(ev)
         elif ev.kind == pb.RoundEvent.OPENED:
-            if self._idle is not None:
-                log.debug("not taking part in round %d: %s", ev.round, self._idle)
+            if self.state.idle is not None:
+                log.debug("not taking part in round %d: %s", ev.round, self.state.idle)
                 return
             self._take_part(stub, ev)
         elif ev.kind == pb.RoundEvent.FAILED and ev.replay:
-            self._end_part(ev.round)
+            self.masked.end_part(ev.round)
         elif ev.kind == pb.RoundEvent.FAILED:
-            self._end_part(ev.round)
+            self.masked.end_part(ev.round)
             event(
                 log,
                 "round failed",
                 logging.WARNING,
-                node=self.name,
+                node=self.state.name,
                 round=ev.round,
                 reason=ev.reason,
             )
         elif ev.kind == pb.RoundEvent.CLOSED:
-            event(log, "round closed", node=self.name, round=ev.round, participants=ev.participants)
+            event(log, "round closed", node=self.state.name, round=ev.round, participants=ev.participants)
 
     # ------------------------------------------------------------ train → encrypt → upload
 
     def _take_part(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
-        fields: dict[str, Any] = {"node": self.name, "round": ev.round}
-        if ev.base_round != self.applied_round:
+        fields: dict[str, Any] = {"node": self.state.name, "round": ev.round}
+        if ev.base_round != self.state.applied_round:
             event(
                 log,
                 "skipping round: model is not at its base",
                 logging.WARNING,
                 base_round=ev.base_round,
-                applied_round=self.applied_round,
+                applied_round=self.state.applied_round,
                 **fields,
             )
             return
-        if self.store.submitted_round() == ev.round and not ev.masked:
+        if self.state.store.submitted_round() == ev.round and not ev.masked:
             return  # already acknowledged (e.g. the open round replayed after a reconnect)
-        floor = ev.min_participants or self.settings.min_participants
-        if floor < self.config.min_participants:
+        floor = ev.min_participants or self.state.settings.min_participants
+        if floor < self.services.config.min_participants:
             event(
                 log,
                 f"not submitting: round {ev.round} opened with a floor of {floor} participants, "
-                f"below this node's floor of {self.config.min_participants}",
+                f"below this node's floor of {self.services.config.min_participants}",
                 logging.WARNING,
                 **fields,
             )
             return
         if ev.masked:
-            self._masked_round(stub, ev)
+            self.masked.run(stub, ev)
             return
         try:
-            self._train_and_submit(stub, ev, fields)
+            self.training.train_and_submit(stub, ev, fields)
         finally:
-            self._restore_model()
-
-    # ------------------------------------------------------------ sums and withdrawals
-
-    def _on_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
-        fields: dict[str, Any] = {"node": self.name, "round": ev.round}
-        if ev.round in self.withdrawn:
-            event(log, f"skipping round {ev.round}: it was withdrawn", **fields)
-        elif self._idle is not None:
-            log.debug("not applying round %d: %s", ev.round, self._idle)
-        elif ev.base_round != self.applied_round:
-            pruned = ev.base_round > self.applied_round and self._pruned_behind()
-            event(
-                log,
-                f"skipping round {ev.round}: its sum builds on round {ev.base_round} but this node "
-                f"is at round {self.applied_round}" + (f"; {BOOTSTRAP_HINT}" if pruned else ""),
-                logging.ERROR if pruned else logging.WARNING,
-                **fields,
-            )
-        elif not self._rejected_before(stub, ev):
-            self._apply_sum(stub, ev)
+            self.training.restore_model()

@@ -257,12 +257,12 @@ def test_node_rejects_remembers_and_rolls_back(key_files: keys.KeyFiles, tmp_pat
 
     # Round 2 is withdrawn: back to round 1's checkpoint, chain and model together.
     node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=2, reason="operator"))  # type: ignore[arg-type]
-    assert node.applied_round == 1 and node._resync
+    assert node.applied_round == 1 and node.state.resync
     assert node.store.chain() == [0, 1]
     after[1] = _values(node)
     assert not np.array_equal(after[1], after[2])
     # Withdrawn rounds are skipped when replaying.
-    node._resync = False
+    node.state.resync = False
     node._handle(stub, _sum_ready(2, 1))  # type: ignore[arg-type]
     assert node.applied_round == 1 and stub.fetches.count(2) == 1
     # Round 1 too: back to the trainer's initial model.
@@ -270,9 +270,9 @@ def test_node_rejects_remembers_and_rolls_back(key_files: keys.KeyFiles, tmp_pat
     assert node.applied_round == 0
     np.testing.assert_array_equal(_values(node), initial)
     # A WITHDRAWN event for a round the node never applied changes nothing.
-    node._resync = False
+    node.state.resync = False
     node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=3))  # type: ignore[arg-type]
-    assert node.applied_round == 0 and not node._resync
+    assert node.applied_round == 0 and not node.state.resync
     node.close()
 
 
@@ -285,7 +285,7 @@ def test_node_without_an_old_enough_checkpoint_keeps_running(
     node = _node(key_files, tmp_path / "fresh", keep_checkpoints=1)
     assert node.applied_round == 5
     node._handle(None, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=5))  # type: ignore[arg-type]
-    assert node.applied_round == 5 and node._idle and "cipherhive node bootstrap" in node._idle
+    assert node.applied_round == 5 and node.state.idle and "cipherhive node bootstrap" in node.state.idle
     # It follows without taking part: an OPENED round is ignored, not an error.
     node._handle(None, pb.RoundEvent(kind=pb.RoundEvent.OPENED, round=6, base_round=5))  # type: ignore[arg-type]
     node.close()
@@ -298,7 +298,7 @@ def test_node_rejects_too_few_participants_without_fetching(key_files: keys.KeyF
     node._handle(stub, _sum_ready(1, 0, participants=2))  # type: ignore[arg-type]
     assert node.applied_round == 0 and stub.fetches == []
     assert node.store.rejections()[1]["reason"] == "too_few_participants"
-    assert node._outcome_unimplemented  # tolerated, asked once
+    assert node.sums.outcome_unimplemented  # tolerated, asked once
     node.close()
 
 

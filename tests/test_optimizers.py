@@ -267,7 +267,7 @@ def test_a_node_rolls_its_moments_back_with_the_model(tmp_path: Path) -> None:
 
     node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=3))  # type: ignore[arg-type]
     assert node.applied_round == 2 and same(2)
-    node._resync = False
+    node.state.resync = False
     node._handle(stub, pb.RoundEvent(kind=pb.RoundEvent.WITHDRAWN, round=1))  # type: ignore[arg-type]
     assert node.applied_round == 0 and same(0) and node.optimizer.rounds == 0
     node.close()

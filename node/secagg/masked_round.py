@@ -19,25 +19,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 
 from cipherhive.ckks import codec
-from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto.pool import CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.secagg.participation import MaskingSetup, Participation
 from cipherhive.node.secagg.release_ledger import FILE_NAME as ledger_file
 from cipherhive.node.secagg.release_ledger import LedgerError, ReleaseLedger
-from cipherhive.node.state.checkpoint import Checkpoint, NodeState
+from cipherhive.node.session import Services
+from cipherhive.node.state.checkpoint import Checkpoint
+from cipherhive.node.state.model_state import ModelState
 from cipherhive.node.sums.receive import TRANSIENT, SessionEnd
-from cipherhive.node.training.federated_eval import Trained
+from cipherhive.node.training.local_round import LocalTraining
 from cipherhive.node.training.update import rounded_metrics, weighted_blocks
 from cipherhive.node.transfer.upload import submit_requests
 from cipherhive.pki.enrolment_certs import EnrolmentError
@@ -53,97 +50,77 @@ log = logging.getLogger("cipherhive.node")
 Kind = pb.RoundEvent.Kind
 
 
-class MaskedRounds:
-    """The masked-round half of :class:`cipherhive.node.daemon.Node` (a mixin)."""
+# ------------------------------------------------------------ start-up
 
-    config: NodeConfig
-    name: str
-    settings: pb.FederationSettings
-    pool: CryptoPool
-    store: NodeState
-    layout: Layout
-    global_values: np.ndarray
-    withdrawn: set[int]
-    masking: MaskingSetup | None
-    chain: ChainHash | None
-    ledger: ReleaseLedger
-    _part: Participation | None
-    _events: Iterator[pb.RoundEvent] | None
-    _pending: deque[pb.RoundEvent]
-    fingerprint: str
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        raise NotImplementedError
-
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
-        raise NotImplementedError
-
-    def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
-        raise NotImplementedError
-
-    def _restore_model(self) -> None:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------ start-up
-
-    def _load_chain(self, checkpoint: Checkpoint | None) -> ChainHash | None:
-        if checkpoint is None:
-            try:
-                return ChainHash.genesis(self.fingerprint, self.layout.hash)
-            except ValueError:
-                return None  # a benchmark's baseline codec (no SEAL key fingerprint): unmasked only
-        if not checkpoint.chain_hash:
-            return None  # from before masked rounds: it cannot enrol (logged when a round opens)
+def load_chain(
+    checkpoint: Checkpoint | None, config: NodeConfig, fingerprint: str, layout_hash: str
+) -> ChainHash | None:
+    """The chain hash of the model at start-up (None: this node cannot enrol in masked rounds)."""
+    if checkpoint is None:
         try:
-            return ChainHash.from_hex(checkpoint.chain_hash)
-        except ValueError as exc:
-            self.pool.close()
-            raise NodeError(
-                f"the checkpoint in {self.config.state_dir} holds a damaged chain hash ({exc})"
-            ) from exc
+            return ChainHash.genesis(fingerprint, layout_hash)
+        except ValueError:
+            return None  # a benchmark's baseline codec (no SEAL key fingerprint): unmasked only
+    if not checkpoint.chain_hash:
+        return None  # from before masked rounds: it cannot enrol (logged when a round opens)
+    try:
+        return ChainHash.from_hex(checkpoint.chain_hash)
+    except ValueError as exc:
+        raise NodeError(f"the checkpoint in {config.state_dir} holds a damaged chain hash ({exc})") from exc
 
-    def _open_ledger(self, has_checkpoint: bool) -> ReleaseLedger:
-        """The release ledger (fail closed): created only for a brand-new state directory."""
-        path = self.config.state_dir / ledger_file
-        try:
-            if not path.exists() and not path.is_symlink() and not has_checkpoint:
-                return ReleaseLedger.init(path)
-            return ReleaseLedger(path)
-        except (LedgerError, OSError) as exc:
-            self.pool.close()
-            raise NodeError(str(exc)) from exc
 
-    def _load_masking(self) -> MaskingSetup | None:
-        cfg = self.config
-        if cfg.insecure or not cfg.members:
-            return None
-        assert cfg.tls_cert is not None and cfg.tls_ca is not None
-        cert, key, crl = cfg.enrolment_files()
-        try:
-            return MaskingSetup.load(
-                members=cfg.members,
-                floor=cfg.min_participants,
-                tls_cert=cfg.tls_cert,
-                tls_ca=cfg.tls_ca,
-                enrol_cert=cert,
-                enrol_key=key,
-                crl=crl,
-                aggregator=cfg.tls_server_name or cfg.server.rpartition(":")[0],
-                federation_fingerprint=self.fingerprint,
-            )
-        except EnrolmentError as exc:
-            self.pool.close()
-            raise NodeError(f"masked rounds: {exc}") from exc
+def open_ledger(config: NodeConfig, has_checkpoint: bool) -> ReleaseLedger:
+    """The release ledger (fail closed): created only for a brand-new state directory."""
+    path = config.state_dir / ledger_file
+    try:
+        if not path.exists() and not path.is_symlink() and not has_checkpoint:
+            return ReleaseLedger.init(path)
+        return ReleaseLedger(path)
+    except (LedgerError, OSError) as exc:
+        raise NodeError(str(exc)) from exc
+
+
+def load_masking(cfg: NodeConfig, fingerprint: str) -> MaskingSetup | None:
+    """This node's pinned membership and enrolment keys (None: masked rounds not configured)."""
+    if cfg.insecure or not cfg.members:
+        return None
+    assert cfg.tls_cert is not None and cfg.tls_ca is not None
+    cert, key, crl = cfg.enrolment_files()
+    try:
+        return MaskingSetup.load(
+            members=cfg.members,
+            floor=cfg.min_participants,
+            tls_cert=cfg.tls_cert,
+            tls_ca=cfg.tls_ca,
+            enrol_cert=cert,
+            enrol_key=key,
+            crl=crl,
+            aggregator=cfg.tls_server_name or cfg.server.rpartition(":")[0],
+            federation_fingerprint=fingerprint,
+        )
+    except EnrolmentError as exc:
+        raise NodeError(f"masked rounds: {exc}") from exc
+
+
+def remove_stale_files(config: NodeConfig, applied_round: int) -> None:
+    """A masked round's files from before a restart: kept while their round may still be open
+    (the node resends that very upload), removed once the model is past it."""
+    for stale in [*config.state_dir.glob("upload-*.ct"), *config.state_dir.glob("round-*.part.json")]:
+        number = stale.name.split("-", 1)[1].split(".", 1)[0]
+        if not number.isdigit() or int(number) <= applied_round:
+            stale.unlink()
+
+
+class MaskedRoundDriver:
+    """Takes this node through a masked round's steps as the round's events arrive."""
+
+    def __init__(self, services: Services, state: ModelState, training: LocalTraining) -> None:
+        self._services = services
+        self._state = state
+        self._training = training
 
     # ------------------------------------------------------------ events
-
-    def _next_event(self) -> pb.RoundEvent | None:
-        """The next round event: one put back first, then the watch stream (None: it ended)."""
-        if self._pending:
-            return self._pending.popleft()
-        if self._events is None:
-            return None
-        return next(self._events, None)
 
     def _await(self, number: int, kind: Kind) -> pb.RoundEvent | None:
         """Read events until round ``number``'s ``kind``; None if the round ends first.
@@ -152,7 +129,7 @@ class MaskedRounds:
         is put back for the main loop; heartbeats are dropped.
         """
         while True:
-            ev = self._next_event()
+            ev = self._services.events.next()
             if ev is None:
                 raise SessionEnd("the event stream ended")
             if ev.kind == pb.RoundEvent.HEARTBEAT:
@@ -165,13 +142,12 @@ class MaskedRounds:
                 pb.RoundEvent.OPENED,
             ):
                 continue  # an earlier step again (replayed after a reconnect)
-            self._pending.appendleft(ev)
+            if ev.kind == pb.RoundEvent.CLOSED and ev.round == number:
+                continue  # a masked round closes as it publishes: keep waiting
+            self._services.events.put_back(ev)
             if ev.kind in (pb.RoundEvent.FAILED, pb.RoundEvent.SUM_READY, pb.RoundEvent.CLOSED) or (
                 ev.kind == pb.RoundEvent.OPENED and ev.round > number
             ):
-                if ev.kind == pb.RoundEvent.CLOSED and ev.round == number:
-                    self._pending.popleft()
-                    continue  # a masked round closes as it publishes: keep waiting
                 return None
             if ev.kind == pb.RoundEvent.WITHDRAWN:
                 return None
@@ -185,16 +161,19 @@ class MaskedRounds:
         built on this base makes a new version of it (that round's sum was published,
         so the next round on this base reveals no more than a round with another roster).
         """
-        assert self.chain is not None
-        withdrawn_after = max((r for r in self.withdrawn if r > base_round), default=0)
-        return f"{base_round}:{self.chain.hex()}:w{withdrawn_after}"
+        assert self._state.chain is not None
+        withdrawn_after = max((r for r in self._state.withdrawn if r > base_round), default=0)
+        return f"{base_round}:{self._state.chain.hex()}:w{withdrawn_after}"
 
     def _refuse_round(self, ev: pb.RoundEvent, why: str, level: int = logging.WARNING) -> None:
-        event(log, f"not taking part in round {ev.round}: {why}", level, node=self.name, round=ev.round)
+        event(
+            log, f"not taking part in round {ev.round}: {why}", level, node=self._state.name, round=ev.round
+        )
         metrics.MASKED_REFUSALS.inc()
 
-    def _masked_round(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
-        setup, chain = self.masking, self.chain
+    def run(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
+        """Take part in the masked round ``ev`` opened, from the step this node had reached."""
+        setup, chain = self._state.masking, self._state.chain
         if setup is None or chain is None:
             why = (
                 "list the federation's members in [masking] members to take part in masked rounds"
@@ -204,24 +183,27 @@ class MaskedRounds:
             )
             self._refuse_round(ev, why, logging.ERROR)
             return
-        part = self._part
+        part = self._state.part
         if part is None or part.round != ev.round or part.binding.nonce != ev.nonce:
             if part is not None:
                 part.discard()
-                self._part = part = None
-            restored = Participation.restore(setup, self.config.state_dir, ev.round, ev.nonce)
+                self._state.part = part = None
+            restored = Participation.restore(setup, self._services.config.state_dir, ev.round, ev.nonce)
             if restored is not None:
                 event(
-                    log, "resuming round after a restart with the same upload", node=self.name, round=ev.round
+                    log,
+                    "resuming round after a restart with the same upload",
+                    node=self._state.name,
+                    round=ev.round,
                 )
-                self._part = part = restored
-            elif self.store.submitted_round() == ev.round:
+                self._state.part = part = restored
+            elif self._state.store.submitted_round() == ev.round:
                 self._refuse_round(ev, "this node restarted after uploading to it and lost that upload")
                 return
         if part is None or part.round != ev.round:
             key = self._ledger_key(ev.base_round)
             try:
-                if not self.ledger.may_upload(key):
+                if not self._state.ledger.may_upload(key):
                     self._refuse_round(
                         ev,
                         f"this node already released a self-mask on base round {ev.base_round}; "
@@ -231,13 +213,13 @@ class MaskedRounds:
             except LedgerError as exc:
                 self._refuse_round(ev, str(exc), logging.ERROR)
                 return
-            blocks = codec.blocks_for(self.layout.num_values, self.pool.values_per_block)
+            blocks = codec.blocks_for(self._state.layout.num_values, self._services.pool.values_per_block)
             try:
                 part = Participation.enrol(setup, ev.round, ev.base_round, ev.nonce, chain.value, blocks)
             except ValueError as exc:
                 self._refuse_round(ev, f"cannot enrol ({exc})")
                 return
-            self._part = part
+            self._state.part = part
         if not self._step(stub.Enrol, pb.EnrolRequest(round=ev.round, enrolment=part.enrolment.encode()), ev):
             return
         roster_ev = self._await(ev.round, pb.RoundEvent.ROSTER)
@@ -248,21 +230,22 @@ class MaskedRounds:
         except RosterError as exc:
             self._refuse_round(ev, f"refused its roster: {exc}")
             part.discard()
-            self._part = None
+            self._state.part = None
             return
-        event(log, "roster verified", node=self.name, round=ev.round, members=len(roster.members))
+        event(log, "roster verified", node=self._state.name, round=ev.round, members=len(roster.members))
         started = time.perf_counter()
         if part.upload is None and not self._mask_update(ev, part):
             return
         assert part.upload is not None
         if not part.receipt:
-            part.save(self.config.state_dir)  # before the first byte is sent
-            header = self._header(ev, part.result)
+            part.save(self._services.config.state_dir)  # before the first byte is sent
+            header = self._training.header(ev, part.result)
             header.roster_hash = roster.hash
-            per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
+            per_chunk = max(1, min(self._state.settings.max_ciphertexts_per_chunk, 16))
             try:
                 receipt = stub.SubmitUpdate(
-                    submit_requests(header, part.upload.blobs(), per_chunk), metadata=self._metadata()
+                    submit_requests(header, part.upload.blobs(), per_chunk),
+                    metadata=self._services.metadata(),
                 )
             except grpc.RpcError as exc:
                 if exc.code() in TRANSIENT:
@@ -270,9 +253,9 @@ class MaskedRounds:
                 self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
                 return
             part.receipt = receipt.receipt
-            part.save(self.config.state_dir)
+            part.save(self._services.config.state_dir)
             failpoints.hit("node.submitted")
-            self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
+            self._state.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
             metrics.ROUNDS_JOINED.inc()
             metrics.PHASE_SECONDS.labels("encrypt_upload").observe(
                 time.perf_counter() - started - part.train_s
@@ -280,7 +263,7 @@ class MaskedRounds:
             event(
                 log,
                 "update submitted",
-                node=self.name,
+                node=self._state.name,
                 round=ev.round,
                 samples=part.result.num_samples,
                 train_s=round(part.train_s, 3),
@@ -291,7 +274,9 @@ class MaskedRounds:
                 masked=True,
             )
         commit = part.commit()
-        part.save(self.config.state_dir)  # a signature is randomized: only the kept commit is ever sent
+        part.save(
+            self._services.config.state_dir
+        )  # a signature is randomized: only the kept commit is ever sent
         if not self._step(stub.SubmitCommit, pb.CommitRequest(round=ev.round, commit=commit), ev):
             return
         commits_ev = self._await(ev.round, pb.RoundEvent.COMMITS)
@@ -300,48 +285,52 @@ class MaskedRounds:
         try:
             if not part.releasing:
                 part.releasing = True
-                part.save(self.config.state_dir)
-            seed = part.release(list(commits_ev.commits), self.ledger, self._ledger_key(ev.base_round))
-            part.save(self.config.state_dir)
+                part.save(self._services.config.state_dir)
+            seed = part.release(list(commits_ev.commits), self._state.ledger, self._ledger_key(ev.base_round))
+            part.save(self._services.config.state_dir)
         except (RosterError, LedgerError) as exc:
             self._refuse_round(ev, f"not releasing the self-mask: {exc}")
             return
         failpoints.hit("node.released")
         if self._step(stub.ReleaseSeed, pb.ReleaseRequest(round=ev.round, seed=seed), ev):
-            event(log, "self-mask released", node=self.name, round=ev.round)
+            event(log, "self-mask released", node=self._state.name, round=ev.round)
 
     def _mask_update(self, ev: pb.RoundEvent, part: Participation) -> bool:
         """Train, then mask and encrypt to disk (fsynced) before anything is sent."""
-        fields: dict[str, Any] = {"node": self.name, "round": ev.round}
+        fields: dict[str, Any] = {"node": self._state.name, "round": ev.round}
         started = time.perf_counter()
         try:
-            trained = self._train(ev, fields)
+            trained = self._training.train(ev, fields)
             if trained is None:
                 return False
             weight, result, local, evaluation = trained
             part.train_s = time.perf_counter() - started
-            plan = part.mask_plan(self.pool.modulus)
-            self.pool.set_mask_plan(plan)
+            plan = part.mask_plan(self._services.pool.modulus)
+            self._services.pool.set_mask_plan(plan)
             try:
                 part.write_upload(
-                    self.config.state_dir / f"upload-{ev.round}.ct",
-                    self.pool.encrypt_masked(
+                    self._services.config.state_dir / f"upload-{ev.round}.ct",
+                    self._services.pool.encrypt_masked(
                         weighted_blocks(
-                            local, self.global_values, weight, self.pool.values_per_block, evaluation
+                            local,
+                            self._state.global_values,
+                            weight,
+                            self._services.pool.values_per_block,
+                            evaluation,
                         )
                     ),
                 )
             finally:
-                self.pool.clear_mask_plan()
+                self._services.pool.clear_mask_plan()
             part.weight, part.result = weight, result
             return True
         finally:
-            self._restore_model()
+            self._training.restore_model()
 
     def _step(self, call: Any, request: Any, ev: pb.RoundEvent) -> bool:
         """One unary step of the round; a refusal ends this node's part in it (logged)."""
         try:
-            call(request, metadata=self._metadata(), timeout=60)
+            call(request, metadata=self._services.metadata(), timeout=60)
         except grpc.RpcError as exc:
             if exc.code() in TRANSIENT:
                 raise
@@ -349,10 +338,10 @@ class MaskedRounds:
             return False
         return True
 
-    def _end_part(self, number: int) -> None:
+    def end_part(self, number: int) -> None:
         """Round ``number`` is over: drop its participation (keys, upload and participation files)."""
-        part = self._part
+        part = self._state.part
         if part is not None and part.round <= number:
             part.discard()
-            self._part = None
-        Participation.forget(self.config.state_dir, number)
+            self._state.part = None
+        Participation.forget(self._services.config.state_dir, number)

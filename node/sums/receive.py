@@ -1,7 +1,7 @@
 """Fetch → decrypt → check → apply a round's sum, or reject it; report the outcome.
 
 The node half of "a node never exits because of what arrives over the network"
-(issue 10): every way a sum can be wrong ends in :meth:`SumReceiver._reject` —
+(issue 10): every way a sum can be wrong ends in :meth:`SumApplier._reject` —
 logged with its reason (never a decrypted value), counted in
 ``cipherhive_node_sums_rejected_total{reason}``, remembered in the state
 directory so a restart does not check it again, and reported to the server with
@@ -28,13 +28,12 @@ import grpc
 import numpy as np
 
 from cipherhive.ckks import c0_sum, codec
-from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto.pool import CryptoPool
-from cipherhive.node.secagg.participation import MaskingSetup, Participation
 from cipherhive.node.secagg.sum_proof import check_seed_hashes, verify_proof
-from cipherhive.node.state.checkpoint import Checkpoint, NodeState
+from cipherhive.node.session import Services
+from cipherhive.node.state.checkpoint import Checkpoint
+from cipherhive.node.state.model_state import ModelState
 from cipherhive.node.sums.checks import (
     CheckedApplier,
     SumLimits,
@@ -42,10 +41,9 @@ from cipherhive.node.sums.checks import (
     check_participants,
     member_grid_bits,
 )
-from cipherhive.node.sums.optimizers import ServerOptimizer
 from cipherhive.node.trainer import AppliedRound
 from cipherhive.node.training import federated_eval
-from cipherhive.node.training.update import FlatParams, split
+from cipherhive.node.training.update import split
 from cipherhive.node.transfer.fetch import FetchError, fetch_sum
 from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import event
@@ -90,33 +88,35 @@ def checks_key(config: NodeConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class SumReceiver:
-    """The fetch/check/apply half of :class:`cipherhive.node.daemon.Node` (a mixin)."""
+class SumApplier:
+    """Follows published sums: skips what the model cannot take, fetches, checks and applies or
+    rejects the rest, and reports each outcome to the server."""
 
-    config: NodeConfig
-    name: str
-    settings: pb.FederationSettings
-    pool: CryptoPool
-    layout: Layout
-    store: NodeState
-    flat: FlatParams
-    global_values: np.ndarray
-    applied_round: int
-    tensors: list[tuple[str, Any]]
-    trainer: Any
-    model: Any
-    #: The server-side optimizer the federation announced (set at Join, before any sum is applied).
-    optimizer: ServerOptimizer
-    _outcome_unimplemented: bool
-    #: Masked rounds: this node's pinned membership and keys (None: not configured).
-    masking: MaskingSetup | None
-    #: The chain hash of the applied model (None: a checkpoint from before masked rounds).
-    chain: ChainHash | None
-    #: This node's part in the round it is taking part in (masked rounds).
-    _part: Participation | None
+    def __init__(self, services: Services, state: ModelState) -> None:
+        self._services = services
+        self._state = state
+        #: The server does not take outcome reports (asked once, then not sent again).
+        self.outcome_unimplemented = False
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        raise NotImplementedError
+    def on_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
+        """A published sum beyond the applied round: skipped, rejected before, or applied."""
+        state = self._state
+        fields: dict[str, Any] = {"node": state.name, "round": ev.round}
+        if ev.round in state.withdrawn:
+            event(log, f"skipping round {ev.round}: it was withdrawn", **fields)
+        elif state.idle is not None:
+            log.debug("not applying round %d: %s", ev.round, state.idle)
+        elif ev.base_round != state.applied_round:
+            pruned = ev.base_round > state.applied_round and state.pruned_behind()
+            event(
+                log,
+                f"skipping round {ev.round}: its sum builds on round {ev.base_round} but this node "
+                f"is at round {state.applied_round}" + (f"; {BOOTSTRAP_HINT}" if pruned else ""),
+                logging.ERROR if pruned else logging.WARNING,
+                **fields,
+            )
+        elif not self._rejected_before(stub, ev):
+            self._apply_sum(stub, ev)
 
     # ------------------------------------------------------------ reporting
 
@@ -124,60 +124,62 @@ class SumReceiver:
         self, stub: pb_grpc.AggregationStub, round_number: int, applied: bool, reason: str = ""
     ) -> bool:
         """Best effort: tell the server whether this node applied the round's sum (True if it heard)."""
-        if self._outcome_unimplemented:
+        if self.outcome_unimplemented:
             return False
         try:
             stub.ReportOutcome(
                 pb.OutcomeReport(round=round_number, applied=applied, reason=reason[:MAX_REASON]),
-                metadata=self._metadata(),
+                metadata=self._services.metadata(),
                 timeout=10,
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._outcome_unimplemented = True
+                self.outcome_unimplemented = True
                 log.debug("the server does not take outcome reports (UNIMPLEMENTED); not sending them")
             else:
                 event(
                     log,
                     f"could not report the outcome of round {round_number}: {describe_rpc_error(exc)}",
                     logging.WARNING,
-                    node=self.name,
+                    node=self._state.name,
                     round=round_number,
                 )
             return False
         return True
 
     def _reject(self, stub: pb_grpc.AggregationStub, round_number: int, exc: SumRejected) -> None:
-        self.flat.load(self.global_values)
+        self._state.flat.load(self._state.global_values)
         metrics.SUMS_REJECTED.labels(exc.reason).inc()
         event(
             log,
             f"rejected the sum of round {round_number}: {exc.message}; the model stays at round "
-            f"{self.applied_round}",
+            f"{self._state.applied_round}",
             logging.WARNING,
-            node=self.name,
+            node=self._state.name,
             round=round_number,
             reason=exc.reason,
         )
-        self.store.remember_rejection(round_number, exc.reason, exc.message, checks_key(self.config))
+        self._state.store.remember_rejection(
+            round_number, exc.reason, exc.message, checks_key(self._services.config)
+        )
         if self._report(stub, round_number, False, f"round {round_number} rejected: {exc.message}"):
-            self.store.mark_reported(round_number)
+            self._state.store.mark_reported(round_number)
 
     def _rejected_before(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> bool:
         """A sum rejected earlier under the same settings is not fetched again (only re-reported)."""
-        record = self.store.rejections().get(ev.round)
-        if record is None or record.get("checks") != checks_key(self.config):
+        record = self._state.store.rejections().get(ev.round)
+        if record is None or record.get("checks") != checks_key(self._services.config):
             return False
         event(
             log,
             f"skipping round {ev.round}: this node rejected its sum before ({record.get('reason')})",
-            node=self.name,
+            node=self._state.name,
             round=ev.round,
         )
         if not record.get("reported"):
             message = f"round {ev.round} rejected: {record.get('message', '')}"
             if self._report(stub, ev.round, False, message):
-                self.store.mark_reported(ev.round)
+                self._state.store.mark_reported(ev.round)
         return True
 
     # ------------------------------------------------------------ fetch → decrypt → check → apply
@@ -185,57 +187,65 @@ class SumReceiver:
     def _apply_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
         t0 = time.perf_counter()
         try:
-            check_participants(ev.participants, self.config.min_participants)
+            check_participants(ev.participants, self._services.config.min_participants)
             applier = self._download(stub, ev)
         except SumRejected as exc:
             self._reject(stub, ev.round, exc)
             return
         except grpc.RpcError as exc:
-            self.flat.load(self.global_values)
+            self._state.flat.load(self._state.global_values)
             if exc.code() in TRANSIENT:
                 raise
             self._fetch_refused(ev, exc)
         except BaseException:
-            self.flat.load(self.global_values)  # a broken download leaves the global model as it was
+            self._state.flat.load(
+                self._state.global_values
+            )  # a broken download leaves the global model as it was
             raise
         t_apply = time.perf_counter()
         metrics.PHASE_SECONDS.labels("download_decrypt").observe(t_apply - t0)
-        self.flat.commit()
+        self._state.flat.commit()
         failpoints.hit("node.applying")
         next_chain = None
-        if self.chain is not None:  # advanced only once the checkpoint that records it is written
-            next_chain = ChainHash(self.chain.value)
+        if self._state.chain is not None:  # advanced only once the checkpoint that records it is written
+            next_chain = ChainHash(self._state.chain.value)
             next_chain.apply(applier.sum_digest)
-        record = self.optimizer.record(pending=True)
-        self.store.save(
+        record = self._state.optimizer.record(pending=True)
+        self._state.store.save(
             Checkpoint(
                 ev.round,
-                self.layout.hash,
-                {n: t for n, t in self.tensors},
+                self._state.layout.hash,
+                {n: t for n, t in self._state.tensors},
                 record,
                 next_chain.hex() if next_chain is not None else "",
             )
         )
-        self.optimizer.commit()  # the moments are the state only once the checkpoint holds them
+        self._state.optimizer.commit()  # the moments are the state only once the checkpoint holds them
         if next_chain is not None:
-            self.chain = next_chain
-        self.global_values[:] = self.flat.read()
-        self.applied_round = ev.round
+            self._state.chain = next_chain
+        self._state.global_values[:] = self._state.flat.read()
+        self._state.applied_round = ev.round
         metrics.APPLIED_ROUND.set(ev.round)
         metrics.PHASE_SECONDS.labels("apply").observe(time.perf_counter() - t_apply)
-        fields: dict[str, Any] = {"node": self.name, "round": ev.round, "participants": ev.participants}
+        fields: dict[str, Any] = {
+            "node": self._state.name,
+            "round": ev.round,
+            "participants": ev.participants,
+        }
         # The federated evaluation of the round's base (issue 13), rounded; nothing goes to the server.
-        evaluation = federated_eval.show(applier.leading, self.settings.weight_unit, ev.base_round, fields)
+        evaluation = federated_eval.show(
+            applier.leading, self._state.settings.weight_unit, ev.base_round, fields
+        )
         event(log, "applied round sum", **fields, fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3))
         self._report(stub, ev.round, True)
-        hook = getattr(self.trainer, "after_round", None)
+        hook = getattr(self._services.trainer, "after_round", None)
         if hook is not None:
             # float32, like checkpoints and exports: a full-precision decrypted value next to its
             # ciphertext gives away the shared key (issue 11, step 9).
             mean = applier.mean.astype(np.float32) if applier.mean is not None else None
-            mean_update = split(self.tensors, mean) if mean is not None else {}
+            mean_update = split(self._state.tensors, mean) if mean is not None else {}
             try:
-                hook(self.model, AppliedRound(ev.round, ev.participants, mean_update, evaluation))
+                hook(self._state.model, AppliedRound(ev.round, ev.participants, mean_update, evaluation))
             except Exception:
                 log.exception("trainer after_round hook failed in round %d", ev.round)
 
@@ -244,32 +254,37 @@ class SumReceiver:
         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
             message = (
                 f"the server no longer serves the sum of round {ev.round} ({exc.details()}); this "
-                f"node, at round {self.applied_round}, cannot catch up by replay: {BOOTSTRAP_HINT}"
+                f"node, at round {self._state.applied_round}, cannot catch up by replay: {BOOTSTRAP_HINT}"
             )
         else:
             message = f"the server refused the sum of round {ev.round}: {describe_rpc_error(exc)}"
-        event(log, message, logging.ERROR, node=self.name, round=ev.round)
+        event(log, message, logging.ERROR, node=self._state.name, round=ev.round)
         raise SessionEnd(message) from exc
 
     def _download(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> CheckedApplier:
-        per_block = self.pool.values_per_block
-        n_ct = codec.blocks_for(self.layout.num_values, per_block)
-        hook = getattr(self.trainer, "after_round", None)
+        per_block = self._services.pool.values_per_block
+        n_ct = codec.blocks_for(self._state.layout.num_values, per_block)
+        hook = getattr(self._services.trainer, "after_round", None)
         # The float64 average is only kept for a trainer that asks to see it.
-        wants_mean = hook is not None and getattr(self.trainer, "wants_mean_update", True)
+        wants_mean = hook is not None and getattr(self._services.trainer, "wants_mean_update", True)
         limits = SumLimits(
-            floor=self.config.min_participants,
-            max_update=self.config.max_update_value,
-            max_participants=self.settings.max_participants,
+            floor=self._services.config.min_participants,
+            max_update=self._services.config.max_update_value,
+            max_participants=self._state.settings.max_participants,
             participants=ev.participants,
-            own_weight=self.store.own_weight(ev.round),
-            grid_bits=member_grid_bits(self.settings.privacy),
+            own_weight=self._state.store.own_weight(ev.round),
+            grid_bits=member_grid_bits(self._state.settings.privacy),
         )
         last = ""
         for attempt in range(1, ATTEMPTS + 1):
-            mean = np.empty(self.layout.num_params) if wants_mean else None
+            mean = np.empty(self._state.layout.num_params) if wants_mean else None
             applier = CheckedApplier(
-                self.global_values, self.flat.read(), per_block, limits, mean, self.optimizer.step
+                self._state.global_values,
+                self._state.flat.read(),
+                per_block,
+                limits,
+                mean,
+                self._state.optimizer.step,
             )
             digest = SumDigest()
             try:
@@ -291,7 +306,7 @@ class SumReceiver:
                     log,
                     f"sum of round {ev.round} arrived malformed ({last}); attempt {attempt} of {ATTEMPTS}",
                     logging.WARNING,
-                    node=self.name,
+                    node=self._state.name,
                     round=ev.round,
                 )
         raise SumRejected("malformed", f"the sum stream was malformed {ATTEMPTS} times ({last})")
@@ -304,19 +319,19 @@ class SumReceiver:
                 stub,
                 ev.round,
                 n_ct,
-                self.layout.hash,
-                self._metadata(),
-                num_values=self.layout.num_values,
+                self._state.layout.hash,
+                self._services.metadata(),
+                num_values=self._state.layout.num_values,
                 participants=ev.participants,
             ):
                 digest.update(blob)
                 yield blob
 
         return track(
-            self.pool.decrypt(blobs()),
+            self._services.pool.decrypt(blobs()),
             n_ct,
             f"round {ev.round}: download+decrypt",
-            node=self.name,
+            node=self._state.name,
             round=ev.round,
         )
 
@@ -324,14 +339,18 @@ class SumReceiver:
         self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int, digest: SumDigest
     ) -> Iterator[np.ndarray]:
         """A masked round's sum: proof, download to disk, every check, and only then decryption."""
-        setup, chain = self.masking, self.chain
+        setup, chain = self._state.masking, self._state.chain
         if setup is None or chain is None:
             raise SumRejected(
                 "unverifiable",
                 "a masked sum needs [masking] members and a chain hash to be checked before decryption",
             )
-        proof = stub.GetRoundProof(pb.ProofRequest(round=ev.round), metadata=self._metadata(), timeout=60)
-        part = self._part if self._part is not None and self._part.round == ev.round else None
+        proof = stub.GetRoundProof(
+            pb.ProofRequest(round=ev.round), metadata=self._services.metadata(), timeout=60
+        )
+        part = (
+            self._state.part if self._state.part is not None and self._state.part.round == ev.round else None
+        )
         try:
             proven = verify_proof(
                 setup,
@@ -349,15 +368,15 @@ class SumReceiver:
                 "participants_mismatch",
                 f"the server announced {ev.participants} participants for a roster of {proven.size}",
             )
-        path = self.config.state_dir / f"sum-{ev.round}.download"
+        path = self._services.config.state_dir / f"sum-{ev.round}.download"
         seeds: list[list[bytes]] = []
         fetched = fetch_sum(
             stub,
             ev.round,
             n_ct,
-            self.layout.hash,
-            self._metadata(),
-            num_values=self.layout.num_values,
+            self._state.layout.hash,
+            self._services.metadata(),
+            num_values=self._state.layout.num_values,
             participants=ev.participants,
             seeds_out=seeds,
         )
@@ -365,7 +384,7 @@ class SumReceiver:
         try:
             check_seed_hashes(proven, seeds)
             if not c0_only:  # a full-ciphertext sum (published before sums were c0 alone)
-                self.pool.check_seeds(read_records(path), seeds, n_ct)
+                self._services.pool.check_seeds(read_records(path), seeds, n_ct)
         except RosterError as exc:
             path.unlink(missing_ok=True)
             raise SumRejected("seeds", str(exc)) from None
@@ -378,15 +397,15 @@ class SumReceiver:
                 failpoints.hit("node.decrypt")  # tests: prove nothing was decrypted before the checks
                 if c0_only:
                     # c1 is rebuilt from the checked seeds: nothing in it is the server's choice.
-                    yield from self.pool.decrypt_c0_sum(read_records(path), seeds)
+                    yield from self._services.pool.decrypt_c0_sum(read_records(path), seeds)
                 else:
-                    yield from self.pool.decrypt(read_records(path))
+                    yield from self._services.pool.decrypt(read_records(path))
             except SeedCheckFailed as exc:
                 raise SumRejected("seed_check", exc.message) from None
             finally:
                 path.unlink(missing_ok=True)
 
-        return track(decrypted(), n_ct, f"round {ev.round}: decrypt", node=self.name, round=ev.round)
+        return track(decrypted(), n_ct, f"round {ev.round}: decrypt", node=self._state.name, round=ev.round)
 
 
 def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> bool:

@@ -1,8 +1,8 @@
 """Local training and the unmasked upload: train on the global model, weigh, check, encrypt, send.
 
-The masked round (:mod:`cipherhive.node.secagg.masked_round`) uses :meth:`Training._train`
-and :meth:`Training._header` too; only a federation run with masking off sends
-through :meth:`Training._train_and_submit`, encrypting as it uploads.
+The masked round (:mod:`cipherhive.node.secagg.masked_round`) uses :meth:`LocalTraining.train`
+and :meth:`LocalTraining.header` too; only a federation run with masking off sends
+through :meth:`LocalTraining.train_and_submit`, encrypting as it uploads.
 Differential privacy (:mod:`cipherhive.node.privacy.record_level`) is charged before a record
 is touched and checked after training.
 """
@@ -10,26 +10,21 @@ is touched and checked after training.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
 import grpc
-import numpy as np
 
 from cipherhive.ckks import codec
-from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics
-from cipherhive.node.config import NodeConfig
-from cipherhive.node.crypto.pool import CryptoPool
 from cipherhive.node.privacy.ledger import BudgetExhausted, PrivacyLedgerError
 from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
-from cipherhive.node.state.checkpoint import NodeState
+from cipherhive.node.session import Services
+from cipherhive.node.state.model_state import ModelState
 from cipherhive.node.sums.receive import TRANSIENT
 from cipherhive.node.trainer import RoundInfo
 from cipherhive.node.training.federated_eval import Trained, evaluate_base
 from cipherhive.node.training.update import (
-    FlatParams,
     UpdateError,
     check_update,
     rounded_metrics,
@@ -46,59 +41,53 @@ from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 log = logging.getLogger("cipherhive.node")
 
 
-class Training:
-    """The training half of :class:`cipherhive.node.daemon.Node` (a mixin)."""
+class LocalTraining:
+    """Trains the global model for a round and, in an unmasked round, encrypts and uploads the update."""
 
-    config: NodeConfig
-    name: str
-    fingerprint: str
-    settings: pb.FederationSettings
-    pool: CryptoPool
-    store: NodeState
-    layout: Layout
-    trainer: Any
-    model: Any
-    flat: FlatParams
-    global_values: np.ndarray
-    privacy: PrivacyGuard
-    _stop: threading.Event
+    def __init__(self, services: Services, state: ModelState, privacy: PrivacyGuard) -> None:
+        self._services = services
+        self._state = state
+        self._privacy = privacy
 
-    def _metadata(self) -> list[tuple[str, str]]:
-        raise NotImplementedError
-
-    def _restore_model(self) -> None:
+    def restore_model(self) -> None:
         """Back to the global model: the trained values were only ever an input to an update."""
-        self.flat.load(self.global_values)
+        self._state.flat.load(self._state.global_values)
 
-    def _train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
+    def train(self, ev: pb.RoundEvent, fields: dict[str, Any]) -> Trained | None:
         """Evaluate and train the global model; (weight, result, trained values, evaluation slots)."""
         t0 = time.perf_counter()
         try:
-            dp = self.privacy.begin_round(ev.round)  # charged (durably) before a record is touched
+            dp = self._privacy.begin_round(ev.round)  # charged (durably) before a record is touched
         except (PrivacyLedgerError, ScheduleRefused) as exc:
             level = logging.WARNING if isinstance(exc, BudgetExhausted) else logging.ERROR
             event(log, f"not taking part: {exc}", level, **fields)
             return None
         if dp is not None:
-            fields["epsilon"] = round(self.privacy.spent(), 4)
+            fields["epsilon"] = round(self._privacy.spent(), 4)
         # The base model's evaluation rides this round's upload (issue 13).
-        evaluation = evaluate_base(self.trainer, self.model, self.settings, dp is not None, fields)
+        evaluation = evaluate_base(
+            self._services.trainer, self._state.model, self._state.settings, dp is not None, fields
+        )
         try:
-            info = RoundInfo(ev.round, ev.base_round, self.name, should_stop=self._stop.is_set, privacy=dp)
-            result = self.trainer.train(self.model, info)
-            if self._stop.is_set():
+            info = RoundInfo(
+                ev.round, ev.base_round, self._state.name, should_stop=self._services.stop.is_set, privacy=dp
+            )
+            result = self._services.trainer.train(self._state.model, info)
+            if self._services.stop.is_set():
                 event(log, "stop requested during training: not submitting this round", **fields)
                 return None
-            self.privacy.check_trained(dp)
-            weight = self.privacy.weight(int(result.num_samples), self.settings.weight_unit)
+            self._privacy.check_trained(dp)
+            weight = self._privacy.weight(int(result.num_samples), self._state.settings.weight_unit)
             # The trained values are read in place (no copy) while they are encrypted.
-            local = self.privacy.privatize(self.flat.read(), self.global_values)  # member-level DP
-            check_update(local, self.global_values, weight, self.settings.max_participants)
+            local = self._privacy.privatize(
+                self._state.flat.read(), self._state.global_values
+            )  # member-level DP
+            check_update(local, self._state.global_values, weight, self._state.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)
             return None
         except Exception:
-            if self._stop.is_set():  # a trainer cut short may fail on its way out: not a fault
+            if self._services.stop.is_set():  # a trainer cut short may fail on its way out: not a fault
                 event(log, "stop requested during training: not submitting this round", **fields)
                 return None
             log.exception("trainer failed in round %d; not submitting", ev.round, extra={"fields": fields})
@@ -115,46 +104,50 @@ class Training:
         )
         return weight, result, local, evaluation
 
-    def _header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
+    def header(self, ev: pb.RoundEvent, result: Any) -> pb.SubmitHeader:
         return pb.SubmitHeader(
             round=ev.round,
             base_round=ev.base_round,
-            submission_id=self.store.submission_id(ev.round),
-            layout_hash=self.layout.hash,
-            key_fingerprint=self.fingerprint,
-            num_values=self.layout.num_values,
-            num_ciphertexts=codec.blocks_for(self.layout.num_values, self.pool.values_per_block),
+            submission_id=self._state.store.submission_id(ev.round),
+            layout_hash=self._state.layout.hash,
+            key_fingerprint=self._services.fingerprint,
+            num_values=self._state.layout.num_values,
+            num_ciphertexts=codec.blocks_for(
+                self._state.layout.num_values, self._services.pool.values_per_block
+            ),
             # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
-            metrics=rounded_metrics(result.metrics) if self.config.report_metrics else {},
+            metrics=rounded_metrics(result.metrics) if self._services.config.report_metrics else {},
         )
 
-    def _train_and_submit(
+    def train_and_submit(
         self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, fields: dict[str, Any]
     ) -> None:
         """An unmasked round (a server run with masking off): train, encrypt as it uploads."""
         t0 = time.perf_counter()
-        trained = self._train(ev, fields)
+        trained = self.train(ev, fields)
         if trained is None:
             return
         weight, result, local, evaluation = trained
-        blocks = weighted_blocks(local, self.global_values, weight, self.pool.values_per_block, evaluation)
-        header = self._header(ev, result)
+        blocks = weighted_blocks(
+            local, self._state.global_values, weight, self._services.pool.values_per_block, evaluation
+        )
+        header = self.header(ev, result)
         t1 = time.perf_counter()
-        per_chunk = max(1, min(self.settings.max_ciphertexts_per_chunk, 16))
+        per_chunk = max(1, min(self._state.settings.max_ciphertexts_per_chunk, 16))
         try:
             receipt = stub.SubmitUpdate(
                 submit_requests(
                     header,
                     track(
-                        self.pool.encrypt(blocks),
+                        self._services.pool.encrypt(blocks),
                         header.num_ciphertexts,
                         f"round {ev.round}: encrypt+upload",
-                        node=self.name,
+                        node=self._state.name,
                         round=ev.round,
                     ),
                     per_chunk,
                 ),
-                metadata=self._metadata(),
+                metadata=self._services.metadata(),
             )
         except grpc.RpcError as exc:
             if exc.code() in TRANSIENT:
@@ -162,7 +155,7 @@ class Training:
             event(log, f"server refused the update: {describe_rpc_error(exc)}", logging.WARNING, **fields)
             return
         failpoints.hit("node.submitted")
-        self.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
+        self._state.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, weight)
         metrics.ROUNDS_JOINED.inc()
         metrics.PHASE_SECONDS.labels("encrypt_upload").observe(time.perf_counter() - t1)
         event(
