@@ -1,7 +1,7 @@
 """Before a node's first call on a new channel: explain a TLS handshake that cannot succeed.
 
 gRPC reports a failed handshake to a call that waits for the connection only as
-DEADLINE_EXCEEDED, after the whole deadline (issue 13: 30 s of silence, then
+DEADLINE_EXCEEDED, after the whole deadline (30 s of silence, then
 "reconnecting", forever). So the node first gives the channel a few seconds to
 connect; if it does not, it redoes the handshake itself
 (:func:`cipherhive.runtime.transport.diagnose_tls`, the same diagnosis `cipherhive ctl`

@@ -9,5 +9,5 @@ class NodeError(UserError, RuntimeError):
     """A problem retrying cannot fix; the daemon stops with this message.
 
     Only for local problems and a refusal at Join: nothing else that arrives over the
-    network may end the node (issue 10), it is rejected, skipped or retried instead.
+    network may end the node (docs/spec/sum-checks.md §4), it is rejected, skipped or retried instead.
     """

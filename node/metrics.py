@@ -3,7 +3,7 @@
 Durations, round numbers, the privacy budget and the federated evaluation only:
 never a model value or a sample count. ε is computed from the DP mechanism's
 parameters and this node's ledger, not from data. The federated evaluation
-(issue 13) is the one figure computed from decrypted data, and it is shown rounded
+(docs/spec/sum-checks.md §5) is the one figure computed from decrypted data, and it is shown rounded
 to 4 significant digits (:mod:`cipherhive.node.training.federated_eval`), like in the log.
 """
 

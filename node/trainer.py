@@ -87,8 +87,9 @@ class RoundInfo:
     #: True once the node was asked to stop: return from ``train`` early (nothing is submitted).
     #: A default that never fires keeps trainers and tests that build a RoundInfo themselves working.
     should_stop: Callable[[], bool] = field(default=_never, compare=False, repr=False)
-    #: Record-level DP-SGD parameters and randomness when the federation runs DP (issue 12): pass it
-    #: to :func:`cipherhive.node.dp_sgd.private_training`. None: train without DP.
+    #: Record-level DP-SGD parameters and randomness when the federation runs DP
+    #: (docs/spec/privacy.md §1): pass it to :func:`cipherhive.node.dp_sgd.private_training`.
+    #: None: train without DP.
     privacy: DPRound | None = field(default=None, compare=False)
 
 

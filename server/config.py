@@ -79,7 +79,7 @@ class ServerConfig:
     masked: bool = setting(
         True,
         "rounds",
-        "mask every contribution inside its ciphertext (SecAgg double masking, issue 11): members enrol, "
+        "mask every contribution inside its ciphertext (SecAgg double masking): members enrol, "
         "commit and release a self-mask seed before a sum is published; needs mutual TLS "
         "(off with --insecure)",
     )

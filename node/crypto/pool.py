@@ -271,7 +271,7 @@ class CryptoPool:
 
         ``seeds`` gives, block by block, the roster's seeds of that block. Call it on
         the *whole* sum before :meth:`decrypt` sees any block of it: nothing about a
-        decryption may be observable before every block passed (issue 11, step 7;
+        decryption may be observable before every block passed (docs/spec/masked-round.md §8;
         Li and Micciancio, EUROCRYPT 2021). Spread over the workers like encryption.
         """
         if not isinstance(self._local, SecretCodec):

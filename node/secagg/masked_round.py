@@ -155,7 +155,7 @@ class MaskedRoundDriver:
     # ------------------------------------------------------------ the round
 
     def _ledger_key(self, base_round: int) -> str:
-        """The base-model version a release is recorded for (issue 11, step 8).
+        """The base-model version a release is recorded for (docs/spec/masked-round.md §6).
 
         The chain hash names the model's whole history; a later withdrawal of a round
         built on this base makes a new version of it (that round's sum was published,

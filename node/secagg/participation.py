@@ -1,11 +1,13 @@
-"""The node's half of a masked round (issue 11; SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+"""The node's half of a masked round (SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+
+Specified in docs/spec/masked-round.md.
 
 One :class:`Participation` per round this node takes part in, kept in memory
 across reconnects (a server restart resumes the round where it was):
 
 1. :meth:`Participation.enrol` — a fresh X25519 key, signed with the
    enrolment key over the round's binding (§4 round 0 with §6's signature);
-2. :meth:`Participation.accept_roster` — every check of issue 11 step 2
+2. :meth:`Participation.accept_roster` — every check of docs/spec/masked-round.md §2
    (:func:`cipherhive.secagg.roster.verify_roster`), against this node's own pinned
    membership, floor, CA and CRL; a refusal means nothing is uploaded;
 3. :meth:`Participation.mask_plan` — pairwise keys and a fresh self-mask seed;
@@ -197,7 +199,8 @@ class Participation:
         return cls(setup, binding, base_round, entry, private)
 
     def accept_roster(self, entries: Sequence[bytes]) -> Roster:
-        """Verify the roster (issue 11, step 2); the same roster again is accepted, another refused."""
+        """Verify the roster (docs/spec/masked-round.md §2); the same roster again is accepted,
+        another refused."""
         roster = verify_roster(
             entries,
             me=self.enrolment,
@@ -219,7 +222,7 @@ class Participation:
         if self.roster is None or self._x25519 is None:
             raise RosterError("no verified roster (or the key was already used): cannot mask")
         pairs = pairwise_keys(self.roster, self._x25519, self.setup.tls_fingerprint)
-        self._x25519 = None  # issue 11, step 8: erased once the masks are made
+        self._x25519 = None  # docs/spec/masked-round.md §3: erased once the masks are made
         self.plan = masking.MaskPlan.fresh(pairs, modulus)
         return self.plan
 
@@ -246,7 +249,7 @@ class Participation:
         return upload
 
     def commit(self) -> bytes:
-        """The signed commit (issue 11, step 5), once the upload has its receipt."""
+        """The signed commit (docs/spec/masked-round.md §5), once the upload has its receipt."""
         if self.commit_bytes:
             return self.commit_bytes
         assert self.roster is not None and self.upload is not None and self.plan is not None

@@ -6,7 +6,7 @@ never both. cipherhive's rounds have no dropout recovery, but a server can
 still fail a round after some members released their self-mask seeds and
 then run the round again on the same base model: two rounds on one base,
 with one member's seed released in the first, would let the server
-difference the two sums. So (issue 11, step 8) a member
+difference the two sums. So (docs/spec/masked-round.md §6) a member
 
 * releases its self-mask seed at most once per base-model version, and
 * never uploads again on a base it has released for,

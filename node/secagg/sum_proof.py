@@ -1,4 +1,4 @@
-"""What a node checks before it decrypts a masked round's sum (issue 11, step 7).
+"""What a node checks before it decrypts a masked round's sum (docs/spec/masked-round.md §8).
 
 A hostile server that could make a node decrypt a ciphertext of its choosing
 would learn about the shared secret key (a key-recovery attack on CKKS: Li and

@@ -14,7 +14,7 @@ The checks, and why each bound is what it is:
   before anything is downloaded, so a node never even decrypts a sum of fewer
   members than it accepts (a sum of one update *is* that update).
 * **the check slot equals the announced participants**: every member encodes
-  1.0 in slot 1 of its vector (issue 11), so the decrypted sum holds the
+  1.0 in slot 1 of its vector (docs/spec/sum-checks.md §1), so the decrypted sum holds the
   number of contributors there. A server that announces more participants than
   it summed (to pass the floor above) is caught: |slot - participants| must be
   below 1e-3, far above CKKS error (~1e-9) and far below one member.
@@ -31,7 +31,7 @@ The checks, and why each bound is what it is:
   L2 bound must grow with √n and be tuned per model) and because one wrecked
   value is enough to wreck a model; it is what stops a tiny weight carrying a
   huge update.
-* **the evaluation slots** (issue 13) are values like any other here (finite, in range);
+* **the evaluation slots** (docs/spec/sum-checks.md §5) are values like any other here (finite, in range);
   whether they make a plausible evaluation is checked when they are read
   (:func:`cipherhive.node.training.federated_eval.decode`), and an implausible one is only not
   shown: it says nothing about the update, so it is no reason to reject the sum.
@@ -71,12 +71,12 @@ REASONS = (
     "out_of_range",
     "update_too_large",
     "malformed",
-    # Masked rounds (issue 11): refused before anything is decrypted.
+    # Masked rounds (docs/spec/masked-round.md §8): refused before anything is decrypted.
     "unverifiable",
     "proof",
     "seeds",
     "seed_check",
-    # Member-level DP (issue 12): a decrypted value far from the announced grid.
+    # Member-level DP (docs/spec/privacy.md §2): a decrypted value far from the announced grid.
     "off_grid",
 )
 

@@ -1,7 +1,7 @@
 """Fetch → decrypt → check → apply a round's sum, or reject it; report the outcome.
 
 The node half of "a node never exits because of what arrives over the network"
-(issue 10): every way a sum can be wrong ends in :meth:`SumApplier._reject` —
+(docs/spec/sum-checks.md §4): every way a sum can be wrong ends in :meth:`SumApplier._reject` —
 logged with its reason (never a decrypted value), counted in
 ``cipherhive_node_sums_rejected_total{reason}``, remembered in the state
 directory so a restart does not check it again, and reported to the server with
@@ -232,7 +232,8 @@ class SumApplier:
             "round": ev.round,
             "participants": ev.participants,
         }
-        # The federated evaluation of the round's base (issue 13), rounded; nothing goes to the server.
+        # The federated evaluation of the round's base (docs/spec/sum-checks.md §5), rounded;
+        # nothing goes to the server.
         evaluation = federated_eval.show(
             applier.leading, self._state.settings.weight_unit, ev.base_round, fields
         )
@@ -241,7 +242,7 @@ class SumApplier:
         hook = getattr(self._services.trainer, "after_round", None)
         if hook is not None:
             # float32, like checkpoints and exports: a full-precision decrypted value next to its
-            # ciphertext gives away the shared key (issue 11, step 9).
+            # ciphertext gives away the shared key (docs/spec/sum-checks.md §7).
             mean = applier.mean.astype(np.float32) if applier.mean is not None else None
             mean_update = split(self._state.tensors, mean) if mean is not None else {}
             try:

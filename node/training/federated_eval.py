@@ -1,4 +1,4 @@
-"""Federated evaluation under encryption (issue 13, item 2).
+"""Federated evaluation under encryption (docs/spec/sum-checks.md §1, §5).
 
 A trainer may provide ``evaluate(model) -> (num_examples, metrics)`` on its own
 validation data. Why the evaluation travels the way it does:

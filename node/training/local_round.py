@@ -64,7 +64,7 @@ class LocalTraining:
             return None
         if dp is not None:
             fields["epsilon"] = round(self._privacy.spent(), 4)
-        # The base model's evaluation rides this round's upload (issue 13).
+        # The base model's evaluation rides this round's upload (docs/spec/sum-checks.md §5).
         evaluation = evaluate_base(
             self._services.trainer, self._state.model, self._state.settings, dp is not None, fields
         )
@@ -115,7 +115,7 @@ class LocalTraining:
             num_ciphertexts=codec.blocks_for(
                 self._state.layout.num_values, self._services.pool.values_per_block
             ),
-            # Off by default: rounded accuracies reveal sample counts (issue 10, item 6).
+            # Off by default: rounded accuracies reveal sample counts (docs/explanation/trust-model.md).
             metrics=rounded_metrics(result.metrics) if self._services.config.report_metrics else {},
         )
 

@@ -6,7 +6,7 @@ every federated tensor (flattened in layout order) and ``w = samples / weight_un
 :mod:`cipherhive.node.training.federated_eval`).
 The server sums these; after decryption ``Σ w·Δ / Σ w`` is exactly the
 FedAvg update, and no single member's sample count was ever visible. The 1.0
-is the *check slot* (issue 11): the sum holds the number of contributors there,
+is the *check slot* (docs/spec/sum-checks.md §1): the sum holds the number of contributors there,
 so a server that lies about a round's participants is caught after decryption
 (:func:`cipherhive.node.sums.checks.check_participant_slot`).
 

@@ -48,7 +48,7 @@ class Caller:
     role: str
     serial: int = 0  # certificate serial, 0 in insecure mode
     #: SHA-256 of the client certificate's DER (empty in insecure mode): what a masked
-    #: round's enrolment must name (issue 11).
+    #: round's enrolment must name (docs/spec/masked-round.md §1).
     tls_fingerprint: bytes = b""
 
     @property

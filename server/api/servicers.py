@@ -73,7 +73,7 @@ class AggregationService(pb_grpc.AggregationServicer):
     ) -> pb.OutcomeAck:
         return await self.run(handlers.report_outcome, self.m, caller().name, request)
 
-    # Masked rounds (issue 11): each body is short and runs in a worker thread.
+    # Masked rounds (docs/spec/masked-round.md): each body is short and runs in a worker thread.
 
     async def Enrol(self, request: pb.EnrolRequest, context: grpc.aio.ServicerContext) -> pb.EnrolReply:
         return await self._masked("enrolment", self.m.enrol, request)

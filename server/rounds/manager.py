@@ -122,7 +122,8 @@ class RoundManager:
 
     @property
     def masked(self) -> bool:
-        """Rounds are masked (issue 11): configured so, and certificates to enrol with exist."""
+        """Rounds are masked (docs/spec/masked-round.md): configured so, and certificates to enrol
+        with exist."""
         return self.config.masked and not self.config.insecure
 
     def ca_certificate(self) -> x509.Certificate:

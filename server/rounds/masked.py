@@ -1,4 +1,6 @@
-"""The server's half of a masked round (issue 11; SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+"""The server's half of a masked round (SecAgg, Bonawitz et al., CCS 2017, §4 and §6).
+
+Specified in docs/spec/masked-round.md.
 
 Phases of an open masked round (``rounds.phase``)::
 

@@ -81,7 +81,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (round, node)
     );
     """,
-    # 2 -> 3: masked rounds (issue 11): the round's nonce and phase, and per member its
+    # 2 -> 3: masked rounds (docs/spec/masked-round.md): the round's nonce and phase, and per member its
     # enrolment, commit and released self-mask seed.
     """
     ALTER TABLE rounds ADD COLUMN masked INTEGER NOT NULL DEFAULT 0;

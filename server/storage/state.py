@@ -55,7 +55,7 @@ class RoundRow:
     min_participants: int = 0
     withdrawn_reason: str = ""
     withdrawn_unix: float = 0.0
-    #: Masked rounds (issue 11): the nonce members sign, the phase, when the roster is fixed.
+    #: Masked rounds (docs/spec/masked-round.md): the nonce members sign, the phase, when the roster is fixed.
     masked: int = 0
     nonce: bytes | None = None
     phase: str = ""
