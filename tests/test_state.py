@@ -445,3 +445,12 @@ def test_write_sum_failure_keeps_old_file(tmp_path: Path) -> None:
         spool.write_sum(1, broken())
     assert list(read_records(spool.path(relative))) == [b"old"]
     assert os.listdir(spool.sums_dir) == ["round-1.sum"]
+
+
+def test_a_conflicting_row_is_the_interfaces_error(state: State) -> None:
+    """The round logic catches RowConflict (storage.rows), whatever the database; SQLite's is
+    still an IntegrityError."""
+    from cipherhive.server.storage.rows import RowConflict
+
+    with pytest.raises(RowConflict):
+        state.accept_submission(_submission(77, "a"))  # no such round

@@ -19,7 +19,7 @@ from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.runtime.logs import audit
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
-from cipherhive.server.storage.state import OutcomeRow, RoundRow, SubmissionRow
+from cipherhive.server.storage.rows import OutcomeRow, RoundRow, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 #: ListRounds pages: the default and the most one call returns (64 members' submissions

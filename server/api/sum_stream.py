@@ -15,7 +15,7 @@ from cipherhive.secagg.wire import split_fields
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.withdrawal import pruned_message
 from cipherhive.server.storage.spool import Spool, read_records
-from cipherhive.server.storage.state import State
+from cipherhive.server.storage.store import RoundStore
 from cipherhive.v1 import federation_pb2 as pb
 
 #: A chunk closes once it passes this size (a block is far smaller), keeping
@@ -24,7 +24,7 @@ MAX_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def stream_sum(
-    state: State,
+    state: RoundStore,
     spool: Spool,
     request: pb.FetchRequest,
     layout_hash: str,

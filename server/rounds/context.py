@@ -29,8 +29,9 @@ from cipherhive.server.ingest.running_sum import MaskedSum, RunningSum
 from cipherhive.server.ingest.workers import Outcome
 from cipherhive.server.rounds.events import EventBus
 from cipherhive.server.rounds.mask_state import MaskState, UploadDigests
+from cipherhive.server.storage.rows import RoundRow, SubmissionRow
 from cipherhive.server.storage.spool import Spool, SubmissionWriter
-from cipherhive.server.storage.state import RoundRow, State, SubmissionRow
+from cipherhive.server.storage.store import RoundStore
 from cipherhive.v1 import federation_pb2 as pb
 
 __all__ = ["OpenRound", "RoundContext", "RoundControl", "Upload"]
@@ -107,7 +108,7 @@ class RoundContext:
     def __init__(
         self,
         config: ServerConfig,
-        state: State,
+        state: RoundStore,
         spool: Spool,
         public: codec.ServerCodec,
         fingerprint: str,

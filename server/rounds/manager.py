@@ -27,7 +27,6 @@ import hmac
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -55,8 +54,9 @@ from cipherhive.server.rounds.context import OpenRound, RoundContext, Upload
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.events import EventBus
 from cipherhive.server.rounds.mask_state import MaskState, UploadDigests
+from cipherhive.server.storage.rows import RoundRow, RowConflict, SubmissionRow
 from cipherhive.server.storage.spool import Spool
-from cipherhive.server.storage.state import RoundRow, State, SubmissionRow
+from cipherhive.server.storage.store import RoundStore
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class RoundManager:
     def __init__(
         self,
         config: ServerConfig,
-        state: State,
+        state: RoundStore,
         spool: Spool,
         public: codec.ServerCodec,
         fingerprint: str,
@@ -601,7 +601,7 @@ class RoundManager:
                 raise RoundError(grpc.StatusCode.ABORTED, upload.aborted)
             try:
                 self.state.accept_submission(row)
-            except sqlite3.IntegrityError as exc:
+            except RowConflict as exc:
                 raise RoundError(grpc.StatusCode.ALREADY_EXISTS, "submission already recorded") from exc
             current.accepted[upload.node] = row
             final = upload.digests.final(upload.added) if upload.digests is not None else None

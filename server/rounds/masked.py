@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -56,12 +55,13 @@ from cipherhive.server.ingest.running_sum import MaskedSum
 from cipherhive.server.rounds.context import OpenRound, RoundContext
 from cipherhive.server.rounds.errors import refuse
 from cipherhive.server.rounds.mask_state import Entry, MaskState
+from cipherhive.server.storage.rows import RowConflict
 from cipherhive.server.storage.spool import read_records
 from cipherhive.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:
     from cipherhive.server.api.identity import Caller
-    from cipherhive.server.storage.state import RoundRow
+    from cipherhive.server.storage.rows import RoundRow
 
 log = logging.getLogger("cipherhive.server.secagg")
 
@@ -146,7 +146,7 @@ def enrol(ctx: RoundContext, who: Caller, request: pb.EnrolRequest) -> pb.EnrolR
         entry = _check_entry(ctx, who, current.number, mask.nonce, request.enrolment)
         try:
             ctx.state.add_enrolment(current.number, who.name, request.enrolment)
-        except sqlite3.IntegrityError:
+        except RowConflict:
             raise refuse(grpc.StatusCode.ALREADY_EXISTS, "enrolment already recorded") from None
         mask.enrolled[who.name] = entry
         everyone = set(current.row.expected) <= set(mask.enrolled)

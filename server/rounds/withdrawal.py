@@ -27,7 +27,7 @@ import grpc
 from cipherhive.runtime.logs import audit, event
 from cipherhive.server.rounds.context import RoundContext, RoundControl
 from cipherhive.server.rounds.errors import RoundError
-from cipherhive.server.storage.state import OutcomeRow, RoundRow
+from cipherhive.server.storage.rows import OutcomeRow, RoundRow
 from cipherhive.v1 import federation_pb2 as pb
 
 log = logging.getLogger("cipherhive.server.rounds")

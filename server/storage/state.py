@@ -1,4 +1,5 @@
-"""The server's durable state in SQLite: members, rounds, accepted submissions.
+"""The server's durable state in SQLite (the ``store.RoundStore`` implementation): members,
+rounds, accepted submissions.
 
 Why SQLite: one file next to the spool, transactions that make "accepted"
 atomic with the receipt, WAL mode so readers (Admin RPCs) never block the
@@ -14,11 +15,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.fsutil import private_dir, private_file
+from cipherhive.server.storage.rows import (
+    MemberRow,
+    NodeRow,
+    OutcomeRow,
+    RoundRow,
+    RowConflict,
+    StateError,
+    SubmissionRow,
+)
 from cipherhive.server.storage.schema import MIGRATIONS
 
 __all__ = [
@@ -35,82 +43,6 @@ __all__ = [
 SCHEMA_VERSION = len(MIGRATIONS)
 #: Round numbers arrive as uint64 from the wire; SQLite integers are signed 64-bit.
 _MAX_SQL_INT = 2**63 - 1
-
-
-@dataclass
-class RoundRow:
-    round: int
-    state: str
-    base_round: int
-    opened: float
-    deadline: float
-    closed: float | None
-    expected: list[str]
-    participants: int
-    reason: str
-    sum_file: str | None
-    num_ciphertexts: int
-    num_values: int
-    #: The floor the round opened with (0: opened before it was recorded; the setting applies).
-    min_participants: int = 0
-    withdrawn_reason: str = ""
-    withdrawn_unix: float = 0.0
-    #: Masked rounds (docs/spec/masked-round.md): the nonce members sign, the phase, when the roster is fixed.
-    masked: int = 0
-    nonce: bytes | None = None
-    phase: str = ""
-    enrol_deadline: float = 0.0
-    roster_hash: bytes | None = None
-
-
-@dataclass
-class MemberRow:
-    """One member of a masked round: its enrolment, and later its commit and released seed."""
-
-    round: int
-    node: str
-    enrolment: bytes
-    in_roster: bool
-    commit: bytes | None
-    seed: bytes | None
-
-
-@dataclass
-class OutcomeRow:
-    """What one participant said it did with a round's sum: applied, or rejected and why."""
-
-    round: int
-    node: str
-    applied: bool
-    reason: str
-    reported: float
-
-
-@dataclass
-class SubmissionRow:
-    round: int
-    node: str
-    submission_id: str
-    receipt: str
-    accepted: float
-    num_bytes: int
-    spool_file: str | None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class NodeRow:
-    name: str
-    first_seen: float
-    last_seen: float
-    last_round: int
-    submissions: int
-    #: Consecutive rounds the node was expected in and did not submit to.
-    missed_rounds: int = 0
-
-
-class StateError(UserError, RuntimeError):
-    """The state directory cannot be used (newer schema, corrupt database)."""
 
 
 class State:
@@ -397,8 +329,8 @@ class State:
     # ------------------------------------------------------------ submissions
 
     def accept_submission(self, row: SubmissionRow) -> None:
-        """Record an accepted submission; raises sqlite3.IntegrityError on a second one."""
-        with self._tx() as db:
+        """Record an accepted submission; raises :class:`RowConflict` on a second one."""
+        with _conflicts(), self._tx() as db:
             db.execute(
                 "INSERT INTO submissions (round, node, submission_id, receipt, accepted, "
                 "num_bytes, spool_file, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -517,8 +449,8 @@ class State:
         return [self._member(r) for r in rows]
 
     def add_enrolment(self, number: int, node: str, enrolment: bytes) -> None:
-        """Record an enrolment; raises sqlite3.IntegrityError if the node already enrolled."""
-        with self._tx() as db:
+        """Record an enrolment; raises :class:`RowConflict` if the node already enrolled."""
+        with _conflicts(), self._tx() as db:
             db.execute(
                 "INSERT INTO members (round, node, enrolment) VALUES (?, ?, ?)", (number, node, enrolment)
             )
@@ -565,3 +497,16 @@ class State:
                 db.execute("UPDATE members SET seed = NULL WHERE round = ?", (number,))
             else:
                 db.execute("DELETE FROM members WHERE round = ?", (number,))
+
+
+class SqliteRowConflict(RowConflict, sqlite3.IntegrityError):
+    """SQLite's conflict: the interface's :class:`RowConflict`, still an IntegrityError."""
+
+
+@contextmanager
+def _conflicts() -> Iterator[None]:
+    """A key clash on insert (primary or foreign) becomes the interface's :class:`RowConflict`."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise SqliteRowConflict(*exc.args) from exc

@@ -1,0 +1,92 @@
+"""The rows of the server's round state: what every store (SQLite today) reads and writes,
+and the interface speaks (``store.RoundStore``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cipherhive.runtime.errors import UserError
+
+__all__ = ["MemberRow", "NodeRow", "OutcomeRow", "RoundRow", "RowConflict", "StateError", "SubmissionRow"]
+
+
+@dataclass
+class RoundRow:
+    round: int
+    state: str
+    base_round: int
+    opened: float
+    deadline: float
+    closed: float | None
+    expected: list[str]
+    participants: int
+    reason: str
+    sum_file: str | None
+    num_ciphertexts: int
+    num_values: int
+    #: The floor the round opened with (0: opened before it was recorded; the setting applies).
+    min_participants: int = 0
+    withdrawn_reason: str = ""
+    withdrawn_unix: float = 0.0
+    #: Masked rounds (docs/spec/masked-round.md): the nonce members sign, the phase, when the roster is fixed.
+    masked: int = 0
+    nonce: bytes | None = None
+    phase: str = ""
+    enrol_deadline: float = 0.0
+    roster_hash: bytes | None = None
+
+
+@dataclass
+class MemberRow:
+    """One member of a masked round: its enrolment, and later its commit and released seed."""
+
+    round: int
+    node: str
+    enrolment: bytes
+    in_roster: bool
+    commit: bytes | None
+    seed: bytes | None
+
+
+@dataclass
+class OutcomeRow:
+    """What one participant said it did with a round's sum: applied, or rejected and why."""
+
+    round: int
+    node: str
+    applied: bool
+    reason: str
+    reported: float
+
+
+@dataclass
+class SubmissionRow:
+    round: int
+    node: str
+    submission_id: str
+    receipt: str
+    accepted: float
+    num_bytes: int
+    spool_file: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NodeRow:
+    name: str
+    first_seen: float
+    last_seen: float
+    last_round: int
+    submissions: int
+    #: Consecutive rounds the node was expected in and did not submit to.
+    missed_rounds: int = 0
+
+
+class StateError(UserError, RuntimeError):
+    """The state directory cannot be used (newer schema, corrupt database)."""
+
+
+class RowConflict(Exception):
+    """A row that conflicts with what is stored (a second submission or enrolment for the same
+    node and round, or one for a round the store does not hold): every store raises this
+    (SQLite's is also a ``sqlite3.IntegrityError``), so the round logic never names a database."""
