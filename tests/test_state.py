@@ -454,3 +454,18 @@ def test_a_conflicting_row_is_the_interfaces_error(state: State) -> None:
 
     with pytest.raises(RowConflict):
         state.accept_submission(_submission(77, "a"))  # no such round
+
+
+def test_one_ciphertext_file_format_on_both_sides(tmp_path: Path) -> None:
+    """The node's upload and downloaded-sum files and the server's spool are one format
+    (cipherhive.runtime.records): what one side writes, the other's reader reads."""
+    from cipherhive.node.sums.receive import read_records as node_read
+    from cipherhive.runtime import records
+
+    path = tmp_path / "upload.ct"
+    with open(path, "wb") as fh:
+        fh.write(records.MAGIC)
+        for blob in BLOBS:
+            records.write_record(fh, blob)
+    assert list(read_records(path)) == list(node_read(path)) == BLOBS
+    assert path.read_bytes() == b"".join(spool_mod.encode_records(BLOBS))

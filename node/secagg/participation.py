@@ -23,6 +23,7 @@ across reconnects (a server restart resumes the round where it was):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cipherhive.ckks import codec
 from cipherhive.node.secagg.release_ledger import ReleaseLedger
 from cipherhive.pki import enrolment_certs
+from cipherhive.runtime import records as record_file
 from cipherhive.runtime.fsutil import atomic_write, fsync_dir
 from cipherhive.secagg import masking
 from cipherhive.secagg.commit import UploadDigests, make_commit, require_all_commits, self_mask_digest
@@ -141,13 +143,15 @@ class UploadFile:
     blocks_hash: bytes
 
     def blobs(self) -> Iterator[bytes]:
-        with open(self.path, "rb") as fh:
-            for _ in range(self.count):
-                size = int.from_bytes(fh.read(4), "big")
-                blob = fh.read(size)
-                if len(blob) != size:
-                    raise OSError(f"{self.path} is truncated")
+        yielded = 0
+        try:
+            for blob in itertools.islice(record_file.read_records(self.path), self.count):
+                yielded += 1
                 yield blob
+        except record_file.RecordsError as exc:
+            raise OSError(str(exc)) from None
+        if yielded != self.count:
+            raise OSError(f"{self.path} is truncated: {yielded} of {self.count} blocks")
 
 
 @dataclass
@@ -233,9 +237,9 @@ class Participation:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         count = 0
         with os.fdopen(fd, "wb") as fh:
+            fh.write(record_file.MAGIC)
             for blob in blobs:
-                fh.write(len(blob).to_bytes(4, "big"))
-                fh.write(blob)
+                record_file.write_record(fh, blob)
                 digests.add(count, blob)
                 count += 1
             fh.flush()

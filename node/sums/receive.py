@@ -46,6 +46,7 @@ from cipherhive.node.training import federated_eval
 from cipherhive.node.training.update import split
 from cipherhive.node.transfer.fetch import FetchError, fetch_sum
 from cipherhive.runtime import failpoints
+from cipherhive.runtime import records as record_file
 from cipherhive.runtime.logs import event
 from cipherhive.runtime.progress import track
 from cipherhive.runtime.transport import describe_rpc_error
@@ -417,11 +418,11 @@ def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> bool
     sizes: set[bool] = set()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
+        fh.write(record_file.MAGIC)
         for blob in blobs:
             digest.update(blob)
             sizes.add(len(blob) == c0_sum.RECORD_BYTES)
-            fh.write(len(blob).to_bytes(4, "big"))
-            fh.write(blob)
+            record_file.write_record(fh, blob)
     if len(sizes) > 1:
         path.unlink(missing_ok=True)
         raise FetchError("the sum mixes Σ c0 records with full ciphertexts")
@@ -429,10 +430,8 @@ def write_records(path: Path, blobs: Iterator[bytes], digest: SumDigest) -> bool
 
 
 def read_records(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while head := fh.read(4):
-            size = int.from_bytes(head, "big")
-            blob = fh.read(size)
-            if len(blob) != size:
-                raise FetchError(f"{path} is truncated")
-            yield blob
+    """The downloaded sum's records (the one ciphertext file format, runtime.records)."""
+    try:
+        yield from record_file.read_records(path)
+    except record_file.RecordsError as exc:
+        raise FetchError(str(exc)) from None

@@ -6,7 +6,7 @@ Layout under the state directory::
     spool/round-<R>/<node>.ct        an acknowledged submission (until the sum is final)
     sums/round-<R>.sum               a published encrypted sum (kept for catch-up)
 
-A file is a magic header followed by length-prefixed serialized ciphertexts.
+A file is in the one ciphertext file format (``cipherhive.runtime.records``).
 A submission becomes ``.ct`` only after fsync, and only then is it
 acknowledged; the spool of a round is deleted once its sum is final, so no
 individual ciphertext outlives its round.
@@ -17,52 +17,31 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from cipherhive.runtime import records as record_file
 from cipherhive.runtime.fsutil import atomic_write, fsync_dir, private_dir
+from cipherhive.runtime.records import MAGIC, RecordsError, encode_records
 
-MAGIC = b"CHCT\x01"
-_LEN = struct.Struct("<I")
+__all__ = ["MAGIC", "Spool", "SpoolError", "encode_records", "read_records"]
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class SpoolError(RuntimeError):
-    """A spool or sum file that is missing, truncated or not ours."""
-
-
-def encode_records(blobs: Iterable[bytes]) -> Iterator[bytes]:
-    yield MAGIC
-    for blob in blobs:
-        yield _LEN.pack(len(blob))
-        yield blob
+class SpoolError(RecordsError):
+    """A spool or sum file that is missing, truncated or not ours, or an unsafe name."""
 
 
 def read_records(path: Path, skip: int = 0) -> Iterator[bytes]:
-    """Yield the ciphertexts stored in ``path``, after the first ``skip``."""
-    size_on_disk = path.stat().st_size
-    with open(path, "rb") as fh:
-        if fh.read(len(MAGIC)) != MAGIC:
-            raise SpoolError(f"{path} is not a cipherhive ciphertext file")
-        index = 0
-        while True:
-            head = fh.read(_LEN.size)
-            if not head:
-                return
-            if len(head) != _LEN.size:
-                raise SpoolError(f"{path} is truncated")
-            (size,) = _LEN.unpack(head)
-            if index < skip:
-                if fh.seek(size, os.SEEK_CUR) > size_on_disk:
-                    raise SpoolError(f"{path} is truncated")
-            else:
-                blob = fh.read(size)
-                if len(blob) != size:
-                    raise SpoolError(f"{path} is truncated")
-                yield blob
-            index += 1
+    """The ciphertexts stored in ``path`` after the first ``skip`` (runtime.records' format)."""
+    try:
+        yield from record_file.read_records(path, skip)
+    except SpoolError:
+        raise
+    except RecordsError as exc:
+        raise SpoolError(str(exc)) from None
 
 
 class Spool:
@@ -133,19 +112,18 @@ class SubmissionWriter:
         self.final = directory / f"{node}.ct"
         self._fh: BinaryIO | None = open(self.partial, "wb")  # noqa: SIM115 - closed in commit/discard
         os.fchmod(self._fh.fileno(), 0o600)
-        self._fh.write(MAGIC)
+        self._fh.write(record_file.MAGIC)
         self.count = 0
         self.num_bytes = 0
-        self._position = len(MAGIC)
+        self._position = len(record_file.MAGIC)
 
     def append(self, blob: bytes) -> tuple[int, int]:
         """Append one ciphertext; returns (offset of its bytes in the file, length)."""
         assert self._fh is not None
-        self._fh.write(_LEN.pack(len(blob)))
-        self._fh.write(blob)
+        record_file.write_record(self._fh, blob)
         self.count += 1
         self.num_bytes += len(blob)
-        offset = self._position + _LEN.size
+        offset = self._position + record_file.LENGTH.size
         self._position = offset + len(blob)
         return offset, len(blob)
 
