@@ -87,14 +87,9 @@ class RoundManager:
         public: codec.ServerCodec,
         fingerprint: str,
     ) -> None:
-        self.config = config
-        self.state = state
-        self.spool = spool
-        self.codec = public
-        self.fingerprint = fingerprint
-        self.bus = EventBus()
-        #: The round state this manager shares with its satellite modules (``context``).
-        self.context = RoundContext(config, state, spool, public, fingerprint, self.bus)
+        #: The round state this manager shares with its satellite modules (``context``); the
+        #: stores and settings below are the context's, not copies.
+        self.context = RoundContext(config, state, spool, public, fingerprint, EventBus())
         #: Worker processes that own stripes of a masked sum's blocks (None: add in-process).
         self.ingest: IngestWorkers | None = None
         self.parse_slots = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
@@ -105,6 +100,30 @@ class RoundManager:
         self._receipt_key = bytes.fromhex(key)
         pinning.pin_configured(self.context)
         self.optimizer = pinning.pin_optimizer(self.context)
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.context.config
+
+    @property
+    def state(self) -> RoundStore:
+        return self.context.state
+
+    @property
+    def spool(self) -> Spool:
+        return self.context.spool
+
+    @property
+    def codec(self) -> codec.ServerCodec:
+        return self.context.codec
+
+    @property
+    def fingerprint(self) -> str:
+        return self.context.fingerprint
+
+    @property
+    def bus(self) -> EventBus:
+        return self.context.bus
 
     @property
     def revocations(self) -> enrolment_certs.RevocationCheck | None:
