@@ -58,7 +58,10 @@ def test_round_below_floor_fails_and_releases_nothing(tmp_path: Path) -> None:
         assert info.participants == 2
         assert "only 2 of the required 3" in info.reason
         assert list((tmp_path / "server-state" / "sums").iterdir()) == []
-        assert not (tmp_path / "server-state" / "spool" / f"round-{opened.round}").exists()
+        # The round is recorded failed first, then its spool is deleted unread (a crash between
+        # the two is cleaned up at restart): wait for the deletion, do not race it.
+        spool = tmp_path / "server-state" / "spool" / f"round-{opened.round}"
+        fed.wait_for(lambda: not spool.exists(), 30, "the failed round's spool to be deleted")
         d = tmp_path / "node-1"
         tls = ClientTLS(d / "node-1.crt", d / "node-1.key", d / "ca.crt", "localhost")
         with channel(f"127.0.0.1:{fed.port}", tls) as ch:
