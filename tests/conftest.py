@@ -1,11 +1,16 @@
-"""Fixtures several test modules share: one federation key per module, and its two codecs."""
+"""Fixtures several test modules share: one federation key per module, and its two codecs; and
+logging put back after every test, so no test depends on the order they run in."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
 
 import pytest
 
 from cipherhive.ckks import keys
 from cipherhive.ckks.codec import PublicCodec, SecretCodec
+from cipherhive.runtime import logs
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +26,20 @@ def secret(key_files: keys.KeyFiles) -> SecretCodec:
 @pytest.fixture(scope="module")
 def public(key_files: keys.KeyFiles) -> PublicCodec:
     return PublicCodec(key_files.public.read_bytes())
+
+
+@pytest.fixture(autouse=True)
+def _logging_put_back() -> Iterator[None]:
+    """A command run in-process (``cipherhive.cli.main``) points the root logger at the
+    sys.stderr of its test, which pytest closes afterwards: a later test that logs would then
+    print "--- Logging error ---" into its own captured output. Take that handler (and any audit
+    file handler) away again, and the root level back; pytest's own handlers are its business."""
+    root, audit = logging.getLogger(), logging.getLogger("cipherhive.audit")
+    level, audit_handlers = root.level, list(audit.handlers)
+    yield
+    for handler in [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME]:
+        root.removeHandler(handler)
+    for handler in [h for h in audit.handlers if h not in audit_handlers]:
+        audit.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)

@@ -75,8 +75,13 @@ class _Formatter(logging.Formatter):
         return line
 
 
+#: The name of the stderr handler :func:`setup` installs, so a caller can find it again.
+HANDLER_NAME = "cipherhive.stderr"
+
+
 def setup(level: str = "INFO", as_json: bool = False, audit_file: Path | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(HANDLER_NAME)
     handler.setFormatter(_Formatter(as_json))
     root = logging.getLogger()
     root.handlers[:] = [handler]
