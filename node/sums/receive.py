@@ -313,19 +313,30 @@ class SumApplier:
                 )
         raise SumRejected("malformed", f"the sum stream was malformed {ATTEMPTS} times ({last})")
 
+    def _fetch(
+        self,
+        stub: pb_grpc.AggregationStub,
+        ev: pb.RoundEvent,
+        n_ct: int,
+        seeds_out: list[list[bytes]] | None = None,
+    ) -> Iterator[tuple[bytes, int]]:
+        """Round ``ev.round``'s sum as this node's layout and the announced participants expect it."""
+        return fetch_sum(
+            stub,
+            ev.round,
+            n_ct,
+            self._state.layout.hash,
+            self._services.metadata(),
+            num_values=self._state.layout.num_values,
+            participants=ev.participants,
+            seeds_out=seeds_out,
+        )
+
     def _decrypted(
         self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, n_ct: int, digest: SumDigest
     ) -> Iterator[np.ndarray]:
         def blobs() -> Iterator[bytes]:
-            for blob, _count in fetch_sum(
-                stub,
-                ev.round,
-                n_ct,
-                self._state.layout.hash,
-                self._services.metadata(),
-                num_values=self._state.layout.num_values,
-                participants=ev.participants,
-            ):
+            for blob, _count in self._fetch(stub, ev, n_ct):
                 digest.update(blob)
                 yield blob
 
@@ -372,16 +383,7 @@ class SumApplier:
             )
         path = self._services.config.state_dir / f"sum-{ev.round}.download"
         seeds: list[list[bytes]] = []
-        fetched = fetch_sum(
-            stub,
-            ev.round,
-            n_ct,
-            self._state.layout.hash,
-            self._services.metadata(),
-            num_values=self._state.layout.num_values,
-            participants=ev.participants,
-            seeds_out=seeds,
-        )
+        fetched = self._fetch(stub, ev, n_ct, seeds_out=seeds)
         c0_only = write_records(path, (blob for blob, _ in fetched), digest)
         try:
             check_seed_hashes(proven, seeds)
