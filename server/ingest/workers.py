@@ -34,6 +34,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -89,7 +90,14 @@ class Outcome:
 
 
 def _serve(conn: Connection, parms_id: tuple[int, ...], scale: float, modulus: int) -> None:
-    """A worker's loop: one reply per request, in order."""
+    """A worker's loop: one reply per request, in order.
+
+    Stop signals are the server's to handle: Ctrl-C in a terminal, or a service manager that
+    signals the whole process group, reaches the workers too, and a worker that died of it
+    would look to the server like a lost worker (it would exit 1). The server stops its
+    workers itself, with a "stop" message and a kill after a grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parser = UploadParser(parms_id, scale, modulus)
     shm: SharedMemory | None = None
     running: MaskedSum | None = None
