@@ -156,7 +156,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
 
     _leaf(sub, "status", _status, "show the server's version, settings, nodes online and latest rounds")
-    _leaf(sub, "nodes", _nodes, "list the member nodes the server knows, online or not")
+    nodes_parser = _leaf(
+        sub, "nodes", _nodes, "list the member nodes the server knows, online or not, and whom it named"
+    )
+    nodes_sub = nodes_parser.add_subparsers(dest="nodes_command", metavar="ACTION")
+    p = _leaf(
+        nodes_sub,
+        "readmit",
+        _nodes_readmit,
+        "lift a member's exclusion after missed or refused steps and forget its earlier offences",
+    )
+    p.add_argument("name", metavar="NAME", help="the member's name (as `ctl nodes` lists it)")
 
     p = _leaf(sub, "rounds", _rounds, "list rounds with participants, duration and mean accuracy/loss")
     p.add_argument(
@@ -326,6 +336,11 @@ def _emit(args: argparse.Namespace, value: Any, as_dict: Any, as_table: Any) -> 
 
 def _nodes(client: Client, args: argparse.Namespace) -> int:
     return _emit(args, client.nodes(), render.nodes_dict, render.print_nodes)
+
+
+def _nodes_readmit(client: Client, args: argparse.Namespace) -> int:
+    info = client.readmit_node(args.name)
+    return _emit(args, [info], render.nodes_dict, render.print_nodes)
 
 
 def _rounds(client: Client, args: argparse.Namespace) -> int:

@@ -160,6 +160,10 @@ class Client:
         reply: pb.ListNodesReply = self._unary(self._admin.ListNodes, pb.ListNodesRequest())
         return list(reply.nodes)
 
+    def readmit_node(self, name: str) -> pb.NodeInfo:
+        reply: pb.NodeInfo = self._unary(self._admin.ReadmitNode, pb.ReadmitNodeRequest(name=name))
+        return reply
+
     def rounds(self, limit: int = 0) -> list[pb.RoundInfo]:
         """The newest ``limit`` rounds (0: all), oldest first, fetched page by page."""
         pages: list[list[pb.RoundInfo]] = []

@@ -261,7 +261,16 @@ def print_nodes(console: Console, nodes: Sequence[pb.NodeInfo]) -> None:
         emit(console, "no node has joined yet")
         return
     table = _table(
-        "node", "online", "expected", "first seen", "last seen", "last round", "submissions", "missed"
+        "node",
+        "online",
+        "expected",
+        "first seen",
+        "last seen",
+        "last round",
+        "submissions",
+        "missed",
+        "offences",
+        "excluded until",
     )
     for n in nodes:
         table.add_row(
@@ -273,8 +282,17 @@ def print_nodes(console: Console, nodes: Sequence[pb.NodeInfo]) -> None:
             str(n.last_round) if n.last_round else DASH,
             str(n.submissions),
             str(n.missed_rounds),
+            str(n.offences),
+            f"round {n.excluded_until_round}" if n.excluded_until_round else DASH,
         )
     emit(console, table)
+    named = [n for n in nodes if n.offences]
+    if named:
+        emit(console, "")
+        offences = _table("node", "round", "step", "reason", title="latest offence of each named member")
+        for n in named:
+            offences.add_row(n.name, str(n.last_offence_round), n.last_offence_step, n.last_offence_reason)
+        emit(console, offences)
 
 
 def print_rounds(console: Console, rounds: Sequence[pb.RoundInfo]) -> None:
@@ -329,6 +347,12 @@ def print_round(console: Console, info: pb.RoundInfo) -> None:
     ]
     if info.state == pb.ROUND_WITHDRAWN:
         rows.append(("withdrawn", fmt_time(info.withdrawn_unix)))
+    if info.failed_step:
+        rows.append(("failed at step", info.failed_step))
+    if info.culprits:
+        rows.append(("named", ", ".join(info.culprits)))
+    if info.reformed:
+        rows.append(("roster", "re-formed once without a member that left"))
     if info.phase:
         # Masked rounds: how far the protocol got (counts only; nothing members sent).
         rows.append(

@@ -7,9 +7,10 @@ another for its configuration, crypto pool or the round events of the current se
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,29 +22,77 @@ from cipherhive.v1 import federation_pb2 as pb
 class RoundEvents:
     """The current session's round events: the watch stream, with events put back first.
 
+    A thread reads the stream as events arrive, so a step can look at what came in while it
+    was busy (a re-formed roster during training, docs/spec/masked-round.md §2.1) without
+    waiting; an error of the stream is raised where the next event would have been read.
     A masked round reads ahead for its own steps and puts back what the main loop must handle.
     """
 
     def __init__(self) -> None:
-        self._stream: Iterator[pb.RoundEvent] | None = None
+        self._queue: queue.Queue[pb.RoundEvent | BaseException | None] | None = None
         self._pending: deque[pb.RoundEvent] = deque()
+        self._error: BaseException | None = None
 
     def open(self, stream: Iterable[pb.RoundEvent]) -> None:
-        self._stream, self._pending = iter(stream), deque()
+        inbox: queue.Queue[pb.RoundEvent | BaseException | None] = queue.Queue()
+
+        def pump() -> None:
+            try:
+                for ev in stream:
+                    inbox.put(ev)
+            except BaseException as exc:  # handed to the reader, raised where it reads next
+                inbox.put(exc)
+            inbox.put(None)
+
+        self._queue, self._pending, self._error = inbox, deque(), None
+        threading.Thread(target=pump, name="round-events", daemon=True).start()
 
     def close(self) -> None:
-        self._stream = None
+        self._queue = None
 
     def next(self) -> pb.RoundEvent | None:
         """The next round event: one put back first, then the watch stream (None: it ended)."""
         if self._pending:
             return self._pending.popleft()
-        if self._stream is None:
-            return None
-        return next(self._stream, None)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._take(block=True)
+
+    def ready(self) -> list[pb.RoundEvent]:
+        """Every event already here, without waiting (they stay in order for :meth:`next`).
+
+        An error of the stream is not raised here: it stays for :meth:`next`, after these
+        events, so a step that only looks ahead (before masking) is never cut short by it."""
+        while self._error is None and (ev := self._take(block=False)) is not None:
+            self._pending.append(ev)
+        return list(self._pending)
+
+    def drop(self, ev: pb.RoundEvent) -> None:
+        """Remove an event :meth:`ready` showed (the caller handled it)."""
+        self._pending.remove(ev)
 
     def put_back(self, ev: pb.RoundEvent) -> None:
         self._pending.appendleft(ev)
+
+    def _take(self, *, block: bool) -> pb.RoundEvent | None:
+        inbox = self._queue
+        if inbox is None:
+            return None
+        try:
+            item = inbox.get(block=block)
+        except queue.Empty:
+            return None
+        if item is None:
+            self._queue = None
+            return None
+        if isinstance(item, BaseException):
+            self._queue = None
+            if not block:
+                self._error = item
+                return None
+            raise item
+        return item
 
 
 @dataclass(frozen=True)

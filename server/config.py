@@ -89,6 +89,23 @@ class ServerConfig:
         "masked rounds: the roster is fixed once every expected node enrolled, or after this (at most half "
         "the round's timeout)",
     )
+    step_seconds: float = setting(
+        30.0,
+        "rounds",
+        "masked rounds: each step after training has this long: a commit after its upload's receipt, "
+        "every seed after the COMMITS event, and a roster member whose connection dropped to come back "
+        "before the round goes on without it",
+    )
+    exclude_rounds: int = setting(
+        2,
+        "rounds",
+        "a member named for a failed round (a missed or refused signed step) is left out of this many "
+        "following rosters, doubled for each earlier offence in the last exclude_window rounds "
+        "(0: never excluded); `cipherhive ctl nodes readmit NAME` lifts it",
+    )
+    exclude_window: int = setting(
+        100, "rounds", "offences older than this many rounds no longer count, and no exclusion lasts longer"
+    )
     withdraw_on_majority: bool = setting(
         True, "rounds", "withdraw a published round once most of its participants report rejecting it"
     )
@@ -206,8 +223,10 @@ class ServerConfig:
             raise ConfigError("stream_idle_seconds must be positive and min_upload_bytes_per_second >= 0")
         if self.max_participants < self.min_participants:
             raise ConfigError("max_participants must be at least min_participants")
-        if self.enrol_seconds <= 0:
-            raise ConfigError("enrol_seconds must be positive")
+        if self.enrol_seconds <= 0 or self.step_seconds <= 0:
+            raise ConfigError("enrol_seconds and step_seconds must be positive")
+        if self.exclude_rounds < 0 or self.exclude_window < 1:
+            raise ConfigError("exclude_rounds must be at least 0 and exclude_window at least 1")
         if self.timeout_seconds <= 0 or self.weight_unit <= 0:
             raise ConfigError("timeout_seconds and weight_unit must be positive")
         if not 1 <= self.max_ciphertexts_per_chunk <= 60:

@@ -209,16 +209,28 @@ def test_connection_from_environment(
 def test_nodes(ctl: Ctl) -> None:
     lines = _ok(ctl("nodes")).out.splitlines()
     assert lines[0].split()[:3] == ["node", "online", "expected"]
-    assert lines[0].split()[-1] == "missed"
+    assert lines[0].split()[-4:] == ["missed", "offences", "excluded", "until"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(rows) == {"node-1", "node-2", "node-3"}
-    assert all(row[-3:] == ["2", "2", "0"] for row in rows.values())  # last round, submissions, missed
+    # last round, submissions, missed, offences, excluded until
+    assert all(row[-5:] == ["2", "2", "0", "0", "—"] for row in rows.values())
     assert all(row[1:3] == ["yes", "yes"] for row in rows.values())  # joined, watching: expected
     nodes = _ok(ctl("--json", "nodes")).json()["nodes"]
     assert isinstance(nodes, list)
     assert {n["name"] for n in nodes} == {"node-1", "node-2", "node-3"}
     assert all(n["submissions"] == 2 and n["last_round"] == 2 and n["first_seen_unix"] > 0 for n in nodes)
     assert all(n["missed_rounds"] == 0 and n["expected"] and n["online"] for n in nodes)
+
+
+def test_readmit_a_member(ctl: Ctl) -> None:
+    """``nodes readmit`` answers with the member's row; an unknown name is exit 1, NOT_FOUND."""
+    readmitted = _ok(ctl("--json", "nodes", "readmit", "node-2")).json()["nodes"]
+    assert [(n["name"], n["excluded_until_round"], n["offences"]) for n in readmitted] == [("node-2", 0, 0)]
+    unknown = ctl("nodes", "readmit", "nobody")
+    assert unknown.code == 1
+    assert unknown.err == (
+        "cipherhive ctl: error: NOT_FOUND: no member named 'nobody' has ever joined this server\n"
+    )
 
 
 def test_rounds(ctl: Ctl) -> None:

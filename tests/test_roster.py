@@ -651,3 +651,42 @@ def test_enrolment_certificate_outside_its_validity(fed: Fed) -> None:
     with pytest.raises(enrolment_certs.EnrolmentError, match="outside its validity"):
         enrolment_certs.verify_certificate(cert, fed.ca_cert, fed.crl(), now=later)
     assert enrolment_certs.verify_certificate(cert, fed.ca_cert, fed.crl()).name == "acme"
+
+
+def test_withdrawals(fed: Fed) -> None:
+    """A signed withdrawal (docs/spec/masked-round.md §2.1): canonical, bound to one round, one
+    member and its reason; another key's signature or any changed byte does not verify."""
+    from cipherhive.secagg.withdrawal import MAX_REASON_BYTES, Withdrawal, make_withdrawal
+
+    acme, eve = fed.parties["acme"], fed.parties["eve"]
+    acme_key = acme.enrol_key.public_key()
+    w = make_withdrawal(
+        round_number=7,
+        nonce=b"\x11" * 32,
+        cert_fingerprint=acme.tls_fp,
+        reason="refused the roster",
+        key=acme.enrol_key,
+    )
+    data = w.encode()
+    assert Withdrawal.decode(data) == w and w.verify(acme_key)
+    assert not w.verify(eve.enrol_key.public_key())
+    forged = make_withdrawal(
+        round_number=7, nonce=b"\x11" * 32, cert_fingerprint=acme.tls_fp, reason="x", key=eve.enrol_key
+    )
+    assert not forged.verify(acme_key)
+    for changed in (
+        Withdrawal(8, w.nonce, w.cert_fingerprint, w.reason, w.signature),
+        Withdrawal(7, b"\x12" * 32, w.cert_fingerprint, w.reason, w.signature),
+        Withdrawal(7, w.nonce, eve.tls_fp, w.reason, w.signature),
+        Withdrawal(7, w.nonce, w.cert_fingerprint, "stopping", w.signature),
+    ):
+        assert not changed.verify(acme_key), changed
+    with pytest.raises(WireError):
+        Withdrawal.decode(data + b"\x00")
+    with pytest.raises(WireError):
+        Withdrawal.decode(data[:-3])
+    long = make_withdrawal(
+        round_number=7, nonce=b"\x11" * 32, cert_fingerprint=acme.tls_fp, reason="é" * 400, key=acme.enrol_key
+    )
+    assert len(long.reason.encode()) <= MAX_REASON_BYTES and long.reason == "é" * (MAX_REASON_BYTES // 2)
+    assert Withdrawal.decode(long.encode()).verify(acme_key)

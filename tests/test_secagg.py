@@ -230,6 +230,13 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
     truth = sum(w * u for u, w in (_update(fed, first, s) for s in range(3)))
     magnitude, corr = _noise(decrypted[LEADING_VALUES:], truth)
     assert magnitude > 1e4 and corr < 0.1, (magnitude, corr)
+    # The round's record names the member and the step it missed, and the server leaves it out of
+    # the next rosters; the operator (colluding here) lets it back in at once.
+    assert info.failed_step == "upload" and list(info.culprits) == ["node-4"], info
+    admin = _admin(fed)
+    [named] = [n for n in admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes if n.name == "node-4"]
+    assert named.offences == 1 and named.excluded_until_round > first and named.last_offence_step == "upload"
+    admin.ReadmitNode(pb.ReadmitNodeRequest(name="node-4"), timeout=10)
 
     # Round 2: fresh keys; the colluder withholds its seed once the others released theirs.
     second = _start_round(fed)
@@ -313,7 +320,9 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     tmp_path: Path, stopper: list[LocalFederation]
 ) -> None:
     """A roster with a name outside a member's pinned membership, and (after a round) members
-    whose chain hashes differ, as if the server had shown them different sums: no upload."""
+    whose chain hashes differ, as if the server had shown them different sums: no upload. The
+    member that refuses says so (a signed withdrawal); the member whose history differs is left
+    out of the roster by the server before any member sees it."""
     fed = _federation(tmp_path, nodes=3, timeout_seconds=20.0, enrol_seconds=5.0)
     stopper.append(fed)
     # node-1 pins a membership without node-3.
@@ -323,11 +332,16 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     _wait_online(fed, 3)
     first = _start_round(fed)
     info = fed.wait_round(first, 60)
-    assert info.state == pb.ROUND_FAILED and "node-1 did not upload" in info.reason, info.reason
+    # node-1 refuses the roster and withdraws, signed, with its reason: three members and a floor
+    # of three leave no room to re-form the round, so it fails at once, naming node-1.
+    assert info.state == pb.ROUND_FAILED and info.failed_step == "withdraw", info
+    assert "node-1 withdrew (refused the roster: 'node-3' is not in" in info.reason, info.reason
     assert _log_has(fed, "node-1", r"'node-3' is not in this node's pinned membership")
 
     fed.stop("node-1")
     fed.write_node_config(0)
+    # The operator fixed node-1's configuration: it need not sit out the next rounds.
+    _admin(fed).ReadmitNode(pb.ReadmitNodeRequest(name="node-1"), timeout=10)
     fed.start_node(0)
     _wait_online(fed, 3)
     second = _start_round(fed)
@@ -346,8 +360,12 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     third = _start_round(fed)
     info = fed.wait_round(third, 60)
     assert info.state == pb.ROUND_FAILED, info.reason
-    assert _log_has(fed, "node-1", r"applied a different history of sums")
-    assert _log_has(fed, "node-3", r"applied a different history of sums")
+    # An honest server puts only the enrolments that agree in a roster (each member would refuse
+    # the others anyway: tests/test_roster.py): node-3 is left out, and two are below the floor.
+    assert info.failed_step == "enrol" and "agree on the round's history" in info.reason, info
+    assert _log_has(fed, "server", r"left out of the roster \[action=left out of the roster actor=node-3 ")
+    assert _log_has(fed, "server", r"chain hash \(applied sums\) differs")
+    assert info.participants == 0, "nothing may be uploaded in a round without a roster"
 
 
 # --------------------------------------------------------------------------- server restart

@@ -107,4 +107,9 @@ def test_sigterm_stops_training_promptly_and_submits_nothing(federation: LocalFe
     # The server received nothing from either node.
     rounds = fed.list_rounds()
     assert rounds and all(not r.submissions for r in rounds), rounds
-    assert rounds[0].state == pb.ROUND_OPEN
+    # node-1 withdrew, signed, as it stopped: with two members and a floor of two the round cannot
+    # be re-formed, so it fails at once instead of waiting for its deadline
+    # (docs/spec/masked-round.md §2.1), and names node-1.
+    assert "withdrew from round" in log1 and "this node is stopping" in log1
+    assert rounds[0].state == pb.ROUND_FAILED and rounds[0].failed_step == "withdraw", rounds[0]
+    assert list(rounds[0].culprits) == ["node-1"]

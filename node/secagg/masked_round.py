@@ -43,6 +43,7 @@ from cipherhive.runtime.logs import event
 from cipherhive.runtime.transport import describe_rpc_error
 from cipherhive.secagg.chain import ChainHash
 from cipherhive.secagg.roster import RosterError
+from cipherhive.secagg.withdrawal import REPLACED_ROSTER
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -119,6 +120,8 @@ class MaskedRoundDriver:
         self._services = services
         self._state = state
         self._training = training
+        #: The trained update (values, weight, evaluation) until its upload is acknowledged.
+        self._unsent: tuple[Any, float, Any] | None = None
 
     # ------------------------------------------------------------ events
 
@@ -220,8 +223,14 @@ class MaskedRoundDriver:
                 self._refuse_round(ev, f"cannot enrol ({exc})")
                 return
             self._state.part = part
-        if not self._step(stub.Enrol, pb.EnrolRequest(round=ev.round, enrolment=part.enrolment.encode()), ev):
+        refused = self._enrol(stub, part, ev)
+        if refused is not None:
+            if refused == grpc.StatusCode.ALREADY_EXISTS:
+                # Enrolled before a restart with a key this node no longer has: say so at once, so
+                # the round goes on without it instead of waiting for its upload (§2.1).
+                self._withdraw(stub, part, "restarted after enrolling and lost this round's key")
             return
+        failpoints.hit("node.enrolled")  # tests: a member lost right after enrolling
         roster_ev = self._await(ev.round, pb.RoundEvent.ROSTER)
         if roster_ev is None:
             return
@@ -229,33 +238,24 @@ class MaskedRoundDriver:
             roster = part.accept_roster(list(roster_ev.roster))
         except RosterError as exc:
             self._refuse_round(ev, f"refused its roster: {exc}")
+            self._withdraw(stub, part, f"refused the roster: {exc}")
             part.discard()
             self._state.part = None
             return
         event(log, "roster verified", node=self._state.name, round=ev.round, members=len(roster.members))
         started = time.perf_counter()
-        if part.upload is None and not self._mask_update(ev, part):
+        if part.upload is None and not self._mask_update(stub, ev, part):
             return
-        assert part.upload is not None
         if not part.receipt:
-            part.save(self._services.config.state_dir)  # before the first byte is sent
-            header = self._training.header(ev, part.result)
-            header.roster_hash = roster.hash
-            per_chunk = max(1, min(self._state.settings.max_ciphertexts_per_chunk, 16))
-            try:
-                receipt = stub.SubmitUpdate(
-                    submit_requests(header, part.upload.blobs(), per_chunk),
-                    metadata=self._services.metadata(),
-                )
-            except grpc.RpcError as exc:
-                if exc.code() in TRANSIENT:
-                    raise
-                self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
+            receipt = self._submit(stub, ev, part)
+            if receipt is None:
                 return
             part.receipt = receipt.receipt
+            part.forget_key()
+            self._unsent = None
             part.save(self._services.config.state_dir)
             failpoints.hit("node.submitted")
-            self._state.store.mark_submitted(ev.round, header.submission_id, receipt.receipt, part.weight)
+            self._state.store.mark_submitted(ev.round, receipt.submission_id, receipt.receipt, part.weight)
             metrics.ROUNDS_JOINED.inc()
             metrics.PHASE_SECONDS.labels("encrypt_upload").observe(
                 time.perf_counter() - started - part.train_s
@@ -295,16 +295,74 @@ class MaskedRoundDriver:
         if self._step(stub.ReleaseSeed, pb.ReleaseRequest(round=ev.round, seed=seed), ev):
             event(log, "self-mask released", node=self._state.name, round=ev.round)
 
-    def _mask_update(self, ev: pb.RoundEvent, part: Participation) -> bool:
-        """Train, then mask and encrypt to disk (fsynced) before anything is sent."""
+    def _submit(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, part: Participation
+    ) -> pb.SubmitReceipt | None:
+        """Stream the masked upload from disk; None if the server refused it (logged).
+
+        An upload masked for a roster the server re-formed meanwhile (§2.1) is refused without
+        being added: this node takes the new roster, masks the same update again and sends that
+        instead (once)."""
+        for attempt in range(2):
+            assert part.upload is not None and part.roster is not None
+            part.save(self._services.config.state_dir)  # before the first byte is sent
+            header = self._training.header(ev, part.result)
+            header.roster_hash = part.roster.hash
+            per_chunk = max(1, min(self._state.settings.max_ciphertexts_per_chunk, 16))
+            try:
+                receipt: pb.SubmitReceipt = stub.SubmitUpdate(
+                    submit_requests(header, part.upload.blobs(), per_chunk),
+                    metadata=self._services.metadata(),
+                )
+                return receipt
+            except grpc.RpcError as exc:
+                if exc.code() in TRANSIENT:
+                    raise
+                replaced = REPLACED_ROSTER in (exc.details() or "")
+                if not (replaced and attempt == 0 and self._unsent is not None):
+                    self._refuse_round(ev, f"the server refused the upload: {describe_rpc_error(exc)}")
+                    return None
+            roster_ev = self._await(ev.round, pb.RoundEvent.ROSTER)  # the re-formed one, on its way
+            if roster_ev is None:
+                return None
+            self._services.events.put_back(roster_ev)
+            if not self._mask(stub, ev, part):
+                return None
+        return None
+
+    def _mask_update(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, part: Participation) -> bool:
+        """Train, take a roster re-formed meanwhile, then mask and encrypt to disk (fsynced)
+        before anything is sent. A node that ends up with no update withdraws (§2.1)."""
         fields: dict[str, Any] = {"node": self._state.name, "round": ev.round}
         started = time.perf_counter()
         try:
             trained = self._training.train(ev, fields)
             if trained is None:
+                self._withdraw(
+                    stub,
+                    part,
+                    "this node is stopping"
+                    if self._services.stop.is_set()
+                    else "training produced no update (see the member's log)",
+                )
                 return False
             weight, result, local, evaluation = trained
             part.train_s = time.perf_counter() - started
+            part.weight, part.result = weight, result
+            # Kept until the upload is acknowledged: a re-formed roster means masking it again.
+            self._unsent = (local, weight, evaluation)
+            return self._mask(stub, ev, part)
+        finally:
+            self._training.restore_model()
+
+    def _mask(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, part: Participation) -> bool:
+        """Mask the trained update for the roster in hand and write it to disk; a roster re-formed
+        meanwhile (at most once) replaces the first and the update is masked again (§2.1)."""
+        assert self._unsent is not None
+        local, weight, evaluation = self._unsent
+        if not self._take_reformed_roster(stub, ev, part):
+            return False
+        while part.upload is None:
             plan = part.mask_plan(self._services.pool.modulus)
             self._services.pool.set_mask_plan(plan)
             try:
@@ -322,10 +380,72 @@ class MaskedRoundDriver:
                 )
             finally:
                 self._services.pool.clear_mask_plan()
-            part.weight, part.result = weight, result
-            return True
-        finally:
-            self._training.restore_model()
+            if not self._take_reformed_roster(stub, ev, part):
+                return False
+        return True
+
+    def _take_reformed_roster(
+        self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent, part: Participation
+    ) -> bool:
+        """A roster the server re-formed while this node trained replaces the first one before
+        anything is masked (docs/spec/masked-round.md §2.1); False if this node refuses it."""
+        for later in self._services.events.ready():
+            if later.round != ev.round or later.kind != pb.RoundEvent.ROSTER:
+                continue
+            self._services.events.drop(later)
+            try:
+                roster = part.accept_roster(list(later.roster))
+            except RosterError as exc:
+                self._refuse_round(ev, f"refused its re-formed roster: {exc}")
+                self._withdraw(stub, part, f"refused the re-formed roster: {exc}")
+                return False
+            event(
+                log,
+                "roster re-formed and verified",
+                node=self._state.name,
+                round=ev.round,
+                members=len(roster.members),
+            )
+        return True
+
+    def _enrol(
+        self, stub: pb_grpc.AggregationStub, part: Participation, ev: pb.RoundEvent
+    ) -> grpc.StatusCode | None:
+        """Enrol; None when accepted, else the refusal's status (logged)."""
+        request = pb.EnrolRequest(round=ev.round, enrolment=part.enrolment.encode())
+        try:
+            stub.Enrol(request, metadata=self._services.metadata(), timeout=60)
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT:
+                raise
+            self._refuse_round(ev, f"the server refused EnrolRequest: {describe_rpc_error(exc)}")
+            code: grpc.StatusCode = exc.code()
+            return code
+        return None
+
+    def _withdraw(self, stub: pb_grpc.AggregationStub, part: Participation, reason: str) -> None:
+        """Tell the server, signed, that this member leaves the round (§2.1): best effort, since
+        the round's step deadlines cover a withdrawal that never arrives."""
+        request = pb.WithdrawRequest(round=part.round, withdrawal=part.withdrawal(reason))
+        try:
+            reply = stub.Withdraw(request, metadata=self._services.metadata(), timeout=10)
+        except grpc.RpcError as exc:
+            event(
+                log,
+                f"could not withdraw from round {part.round}: {describe_rpc_error(exc)}",
+                logging.WARNING,
+                node=self._state.name,
+                round=part.round,
+            )
+            return
+        event(
+            log,
+            "withdrew from round",
+            node=self._state.name,
+            round=part.round,
+            reason=reason,
+            round_continues=reply.round_continues,
+        )
 
     def _step(self, call: Any, request: Any, ev: pb.RoundEvent) -> bool:
         """One unary step of the round; a refusal ends this node's part in it (logged)."""
@@ -344,4 +464,5 @@ class MaskedRoundDriver:
         if part is not None and part.round <= number:
             part.discard()
             self._state.part = None
+            self._unsent = None
         Participation.forget(self._services.config.state_dir, number)

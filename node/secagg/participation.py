@@ -11,7 +11,8 @@ across reconnects (a server restart resumes the round where it was):
    (:func:`cipherhive.secagg.roster.verify_roster`), against this node's own pinned
    membership, floor, CA and CRL; a refusal means nothing is uploaded;
 3. :meth:`Participation.mask_plan` — pairwise keys and a fresh self-mask seed;
-   the X25519 private key is dropped as soon as the keys are derived;
+   the X25519 private key is dropped once the upload is acknowledged
+   (:meth:`Participation.forget_key`; a re-formed roster before that is masked for again);
 4. :meth:`Participation.write_upload` — the masked ciphertexts go to a 0600
    file, fsynced, *before* the first byte is sent, and only that file is ever
    sent (a reconnect resends it; nothing is masked twice);
@@ -52,6 +53,7 @@ from cipherhive.secagg.roster import (
     pairwise_keys,
     verify_roster,
 )
+from cipherhive.secagg.withdrawal import make_withdrawal
 
 __all__ = ["MaskingSetup", "Participation", "params_id"]
 
@@ -175,6 +177,8 @@ class Participation:
     train_s: float = 0.0
     #: The release was about to be recorded (a crash may fall between the ledger and the send).
     releasing: bool = False
+    #: The roster was re-formed once (docs/spec/masked-round.md §2.1); a second one is refused.
+    reformed: bool = False
 
     @property
     def round(self) -> int:
@@ -214,21 +218,52 @@ class Participation:
             floor=self.setup.floor,
             expected=self.binding,
         )
-        if self.roster is not None and roster.hash != self.roster.hash:
-            raise RosterError("the server sent a different roster for the same round; abandoning it")
+        previous = self.roster
+        if previous is not None and roster.hash != previous.hash:
+            # docs/spec/masked-round.md §2.1: one re-forming, to a strict subset, before the upload
+            # was acknowledged; an update masked for the first roster is masked again.
+            kept = {m.cert_fingerprint for m in previous.members}
+            mine = {m.cert_fingerprint for m in roster.members}
+            if self.receipt or self._x25519 is None:
+                raise RosterError("the server re-formed the roster after this node's upload was accepted")
+            if self.reformed or not mine < kept:
+                raise RosterError(
+                    "the server sent a different roster for the same round that is not the first one "
+                    "without some of its members; abandoning it"
+                )
+            self.reformed = True
+            self.plan = None  # masked for the replaced roster: never sent, masked again
+            if self.upload is not None:
+                self.upload.path.unlink(missing_ok=True)
+                self.upload = None
         self.roster = roster
         return roster
 
+    def withdrawal(self, reason: str) -> bytes:
+        """This member's signed withdrawal from the round (docs/spec/masked-round.md §2.1)."""
+        return make_withdrawal(
+            round_number=self.round,
+            nonce=self.binding.nonce,
+            cert_fingerprint=self.setup.tls_fingerprint,
+            reason=reason,
+            key=self.setup.enrol_key,
+        ).encode()
+
     def mask_plan(self, modulus: int) -> masking.MaskPlan:
-        """Pairwise keys and a fresh self-mask seed; the X25519 private key is dropped here."""
+        """Pairwise keys and a fresh self-mask seed for the current roster."""
         if self.plan is not None:
             return self.plan
         if self.roster is None or self._x25519 is None:
             raise RosterError("no verified roster (or the key was already used): cannot mask")
         pairs = pairwise_keys(self.roster, self._x25519, self.setup.tls_fingerprint)
-        self._x25519 = None  # docs/spec/masked-round.md §3: erased once the masks are made
         self.plan = masking.MaskPlan.fresh(pairs, modulus)
         return self.plan
+
+    def forget_key(self) -> None:
+        """The upload was acknowledged: the X25519 private key is erased (docs/spec/masked-round.md
+        §3). It is kept until then only so that a roster re-formed while this node masked can be
+        masked for again (§2.1)."""
+        self._x25519 = None
 
     def write_upload(self, path: Path, blobs: Iterable[bytes]) -> UploadFile:
         """Write the masked ciphertexts (0600), fsync, and hash them as the commit will say."""

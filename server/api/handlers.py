@@ -19,7 +19,7 @@ from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.runtime.logs import audit
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
-from cipherhive.server.storage.rows import OutcomeRow, RoundRow, SubmissionRow
+from cipherhive.server.storage.rows import NodeRow, OutcomeRow, RoundRow, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
 #: ListRounds pages: the default and the most one call returns (64 members' submissions
@@ -73,6 +73,9 @@ def round_info(
         withdrawn_reason=row.withdrawn_reason,
         withdrawn_unix=row.withdrawn_unix,
         phase=row.phase,
+        failed_step=row.failed_step,
+        culprits=row.culprits,
+        reformed=bool(row.reformed),
     )
     if row.masked:
         manager.masked_progress(row, info)
@@ -154,24 +157,43 @@ def status(manager: RoundManager, started: float) -> pb.StatusReply:
     )
 
 
+def node_info(manager: RoundManager, n: NodeRow, online: set[str], expected: set[str]) -> pb.NodeInfo:
+    """One member as the operator sees it, with its offences (docs/spec/masked-round.md §10)."""
+    offences, excluding = manager.standing(n.name)
+    info = pb.NodeInfo(
+        name=n.name,
+        online=n.name in online,
+        first_seen_unix=n.first_seen,
+        last_seen_unix=n.last_seen,
+        last_round=n.last_round,
+        submissions=n.submissions,
+        missed_rounds=n.missed_rounds,
+        expected=n.name in expected,
+        offences=len(offences),
+        excluded_until_round=excluding.excluded_until if excluding is not None else 0,
+    )
+    if offences:
+        last = offences[-1]
+        info.last_offence_round, info.last_offence_step, info.last_offence_reason = (
+            last.round,
+            last.step,
+            last.reason,
+        )
+    return info
+
+
 def list_nodes(manager: RoundManager) -> pb.ListNodesReply:
     online = set(manager.online())
     expected = set(manager.expected_nodes())
-    return pb.ListNodesReply(
-        nodes=[
-            pb.NodeInfo(
-                name=n.name,
-                online=n.name in online,
-                first_seen_unix=n.first_seen,
-                last_seen_unix=n.last_seen,
-                last_round=n.last_round,
-                submissions=n.submissions,
-                missed_rounds=n.missed_rounds,
-                expected=n.name in expected,
-            )
-            for n in manager.state.nodes()
-        ]
-    )
+    return pb.ListNodesReply(nodes=[node_info(manager, n, online, expected) for n in manager.state.nodes()])
+
+
+def readmit_node(manager: RoundManager, name: str, actor: str) -> pb.NodeInfo:
+    if not name or len(name) > 200:
+        raise RoundError(grpc.StatusCode.INVALID_ARGUMENT, "name the member to readmit (1 to 200 characters)")
+    manager.readmit(name, actor)
+    row = next(n for n in manager.state.nodes() if n.name == name)
+    return node_info(manager, row, set(manager.online()), set(manager.expected_nodes()))
 
 
 def list_rounds(

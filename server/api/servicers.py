@@ -88,6 +88,11 @@ class AggregationService(pb_grpc.AggregationServicer):
     ) -> pb.ReleaseReply:
         return await self._masked("self-mask release", self.m.release_seed, request)
 
+    async def Withdraw(
+        self, request: pb.WithdrawRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WithdrawReply:
+        return await self._masked("withdrawal", self.m.withdraw, request)
+
     async def GetRoundProof(
         self, request: pb.ProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundProof:
@@ -265,6 +270,11 @@ class AdminService(pb_grpc.AdminServicer):
         self, request: pb.SetLayoutRequest, context: grpc.aio.ServicerContext
     ) -> pb.LayoutReply:
         return await self.run(handlers.set_layout, self.m, request, caller().name)
+
+    async def ReadmitNode(
+        self, request: pb.ReadmitNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeInfo:
+        return await self.run(handlers.readmit_node, self.m, request.name, caller().name)
 
     async def ResetLayout(
         self, request: pb.ResetLayoutRequest, context: grpc.aio.ServicerContext

@@ -34,7 +34,17 @@ from cipherhive.server.storage.spool import Spool, SubmissionWriter
 from cipherhive.server.storage.store import RoundStore
 from cipherhive.v1 import federation_pb2 as pb
 
-__all__ = ["OpenRound", "RoundContext", "RoundControl", "Upload"]
+__all__ = ["OpenRound", "RoundContext", "RoundControl", "Upload", "Verdict"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a round fails now: the step that decided it, whom it names, and in words
+    (docs/spec/masked-round.md §10). ``culprits`` are the members the failure is charged to."""
+
+    step: str
+    reason: str
+    culprits: tuple[str, ...] = ()
 
 
 @dataclass
@@ -80,6 +90,9 @@ class OpenRound:
     digests: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     #: Uploads rolled back while some of their chunks were still with the ingest workers.
     uploads_aborted: list[Upload] = field(default_factory=list)
+    #: Decided while the round was open (a withdrawal, an upload for a replaced roster): the
+    #: scheduler fails the round with it at its next step.
+    verdict: Verdict | None = None
 
     @property
     def number(self) -> int:
@@ -95,7 +108,13 @@ class RoundControl(Protocol):
     ) -> RoundRow: ...
 
     def close_round(
-        self, number: int, reason: str, actor: str = "scheduler", *, fail_reason: str = ""
+        self,
+        number: int,
+        reason: str,
+        actor: str = "scheduler",
+        *,
+        fail_reason: str = "",
+        verdict: Verdict | None = None,
     ) -> RoundRow: ...
 
     def new_sum(self, num_blocks: int, *, masked: bool) -> RunningSum | MaskedSum: ...
@@ -131,6 +150,10 @@ class RoundContext:
         self.joined: set[str] = set()
         #: When the last round closed (the scheduler waits ``interval_seconds`` after it).
         self.last_closed = 0.0
+        #: When each node's last watch stream ended (under ``lock``); a node never seen since
+        #: this server started counts as gone since then.
+        self.absent_since: dict[str, float] = {}
+        self.started = time.time()
         #: Revocations for enrolment certificates (set by the daemon; None: no CRL configured).
         self.revocations: enrolment_certs.RevocationCheck | None = None
         self._ca: x509.Certificate | None = None
@@ -175,6 +198,13 @@ class RoundContext:
         """Joined and watching: a watch stream alone does not make a member online."""
         with self.lock:
             return sorted(n for n in self.watchers if n in self.joined)
+
+    def absent_for(self, node: str, now: float) -> float:
+        """Seconds since ``node`` was last online (0: online now)."""
+        with self.lock:
+            if node in self.joined and self.watchers.get(node, 0) > 0:
+                return 0.0
+            return max(0.0, now - self.absent_since.get(node, self.started))
 
     def open_row(self) -> RoundRow | None:
         """The open round's row, unless it is closing."""

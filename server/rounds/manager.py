@@ -49,12 +49,12 @@ from cipherhive.server.ingest.workers import (
     WorkerLost,
     shared_memory_free,
 )
-from cipherhive.server.rounds import masked, pinning, recovery, replay, scheduler, withdrawal
-from cipherhive.server.rounds.context import OpenRound, RoundContext, Upload
+from cipherhive.server.rounds import culprits, masked, pinning, recovery, replay, scheduler, withdrawal
+from cipherhive.server.rounds.context import OpenRound, RoundContext, Upload, Verdict
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.events import EventBus
 from cipherhive.server.rounds.mask_state import MaskState, UploadDigests
-from cipherhive.server.storage.rows import RoundRow, RowConflict, SubmissionRow
+from cipherhive.server.storage.rows import OffenceRow, RoundRow, RowConflict, SubmissionRow
 from cipherhive.server.storage.spool import Spool
 from cipherhive.server.storage.store import RoundStore
 from cipherhive.v1 import federation_pb2 as pb
@@ -220,6 +220,16 @@ class RoundManager:
     def release_seed(self, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
         return masked.release_seed(self.context, who, request)
 
+    def withdraw(self, who: Caller, request: pb.WithdrawRequest) -> pb.WithdrawReply:
+        return masked.withdraw(self.context, who, request)
+
+    def readmit(self, node: str, actor: str = "operator") -> None:
+        culprits.readmit(self.context, node, actor)
+
+    def standing(self, node: str) -> tuple[list[OffenceRow], OffenceRow | None]:
+        """A member's offences that count for the next round, and the one excluding it."""
+        return culprits.standing(self.context, node, self.state.latest_round() + 1)
+
     def round_proof(self, number: int) -> pb.RoundProof:
         return masked.proof(self.context, number)
 
@@ -265,6 +275,7 @@ class RoundManager:
             self.context.watchers[node] -= 1
             if self.context.watchers[node] <= 0:
                 del self.context.watchers[node]
+                self.context.absent_since[node] = time.time()
             server_metrics.NODES_ONLINE.set(len(self.online()))
         self.state.touch_node(node)
 
@@ -273,10 +284,12 @@ class RoundManager:
         return self.context.online()
 
     def expected_nodes(self) -> list[str]:
-        """Online nodes that have not missed ``missed_rounds_limit`` rounds in a row."""
+        """Online nodes that have not missed ``missed_rounds_limit`` rounds in a row and are not
+        excluded for an offence (docs/spec/masked-round.md §10)."""
         missed = self.state.missed_rounds()
         limit = self.config.missed_rounds_limit
-        return [n for n in self.online() if missed.get(n, 0) < limit]
+        excluded = culprits.exclusions(self.context, self.state.latest_round() + 1)
+        return [n for n in self.online() if missed.get(n, 0) < limit and n not in excluded]
 
     # ------------------------------------------------------------ rounds
 
@@ -351,12 +364,20 @@ class RoundManager:
             self.context.open = opened
 
     def close_round(
-        self, number: int, reason: str, actor: str = "scheduler", *, fail_reason: str = ""
+        self,
+        number: int,
+        reason: str,
+        actor: str = "scheduler",
+        *,
+        fail_reason: str = "",
+        verdict: Verdict | None = None,
     ) -> RoundRow:
         """Close the open round: publish its sum if enough nodes are in, else fail it.
 
         The floor is the one the round opened with. ``fail_reason`` fails the round
         whatever its participants (its base was withdrawn): its spool is deleted unread.
+        A ``verdict`` (a step deadline, a withdrawal) fails it too, naming the step and the
+        members it is charged to (docs/spec/masked-round.md §10).
         """
         with self.context.lock:
             current = self.context.open
@@ -390,12 +411,16 @@ class RoundManager:
         base = self.state.round(current.row.base_round) if current.row.base_round else None
         if not fail_reason and base is not None and base.state == "withdrawn":
             fail_reason = f"it builds on round {base.round}, which was withdrawn: {base.withdrawn_reason}"
-        cut_short = bool(fail_reason)  # its base was withdrawn: nobody's miss
+        cut_short = bool(fail_reason)  # its base was withdrawn, or no roster formed: nobody's miss
+        if verdict is not None and not fail_reason:
+            fail_reason = verdict.reason
         publish = participants >= floor and not fail_reason
         if current.mask is not None and not fail_reason:
             # A masked sum is usable only with every roster member's upload and seed in it.
             publish = masked.complete(current)
-            fail_reason = "" if publish else masked.failure(current)
+            if not publish:
+                verdict = masked.failure(current)
+                fail_reason = verdict.reason
             participants = len(current.mask.roster) if publish else participants
         self.bus.publish(
             self.context.event(pb.RoundEvent.CLOSED, current.row, reason=reason, participants=participants)
@@ -442,8 +467,29 @@ class RoundManager:
             reason = fail_reason or (
                 f"only {participants} of the required {floor} nodes submitted ({reason}); no sum is released"
             )
-            self.state.finish_round(number, state="failed", reason=reason, participants=participants)
-            audit("round failed", actor, round=number, participants=participants, reason=reason)
+            named = verdict.culprits if verdict is not None else ()
+            step = verdict.step if verdict is not None else ""
+            offences = culprits.offence_rows(self.context, number, named, step, reason) if named else []
+            self.state.finish_round(
+                number,
+                state="failed",
+                reason=reason,
+                participants=participants,
+                failed_step=step,
+                culprits=named,
+                offences=offences,
+            )
+            audit(
+                "round failed",
+                actor,
+                round=number,
+                participants=participants,
+                reason=reason,
+                step=step,
+                culprits=",".join(named),
+            )
+            for offence in offences:
+                culprits.announce(offence)
             kind = pb.RoundEvent.FAILED
             server_metrics.ROUNDS.labels("failed").inc()
         server_metrics.ROUND_SECONDS.observe(max(0.0, time.time() - current.row.opened))

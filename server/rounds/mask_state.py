@@ -38,6 +38,13 @@ class MaskState:
     roster_hash: bytes = b""
     commits: dict[str, Commit] = field(default_factory=dict)
     seeds: dict[str, bytes] = field(default_factory=dict)
+    #: Members that withdrew (signed) while the round was enrolling: not waited for.
+    withdrawn: set[str] = field(default_factory=set)
+    #: The roster was re-formed (at most once, docs/spec/masked-round.md §2.1); the hash it replaced.
+    reformed: bool = False
+    superseded: set[bytes] = field(default_factory=set)
+    #: When the release phase began here (its step deadline counts from it; a restart resets it).
+    release_started: float = 0.0
 
     def ordered(self) -> list[Entry]:
         """Roster members in pair order (TLS certificate fingerprint), as members order them."""

@@ -18,10 +18,12 @@ Phases of an open masked round (``rounds.phase``)::
              key needed) and publishes it with every member's per-block seeds
                                                         -> SUM_READY
 
-The server never checks what the members check among themselves (pinned
+The server does not rely on what the members check among themselves (pinned
 membership, chain hashes, parameters): a server that lies is refused by the
-members, so it gains nothing from skipping those checks. What it does check
-is what keeps an honest server from publishing a sum nobody can use: the
+members. It forms the roster from the enrolments that agree with each other
+(:func:`_agreeing`), so that one member with another history cannot make every
+honest member refuse the round. What it checks besides is what keeps an honest
+server from publishing a sum nobody can use: the
 enrolment names the caller's own TLS certificate and is signed by its
 certified enrolment key, the commit matches the spooled upload, and the
 released seed matches its commitment.
@@ -30,12 +32,16 @@ Everything is durable (SQLite ``members``) before it is acknowledged, so a
 restart resumes the phase it was in; a round that fails leaves the
 self-masks on (nothing released can be differenced: see the node's ledger).
 The in-memory records (``MaskState``, ``UploadDigests``) live in ``mask_state``.
+A member that leaves (a signed withdrawal) may get the round re-formed without it
+(§2.1, :func:`withdraw`, :func:`reform`); the step deadlines are in ``deadlines`` and
+the members named for a failure in ``culprits`` (§10).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -49,11 +55,13 @@ from cipherhive.runtime import failpoints
 from cipherhive.runtime.logs import audit, event
 from cipherhive.secagg import masking
 from cipherhive.secagg.commit import Commit, self_mask_digest, upload_digests
-from cipherhive.secagg.roster import Enrolment, roster_hash
+from cipherhive.secagg.roster import Enrolment, RoundBinding, roster_hash
 from cipherhive.secagg.wire import WireError, fields
+from cipherhive.secagg.withdrawal import REPLACED_ROSTER, Withdrawal
 from cipherhive.server.ingest.running_sum import MaskedSum
-from cipherhive.server.rounds.context import OpenRound, RoundContext
-from cipherhive.server.rounds.errors import refuse
+from cipherhive.server.rounds import culprits
+from cipherhive.server.rounds.context import OpenRound, RoundContext, Verdict
+from cipherhive.server.rounds.errors import RoundError, refuse
 from cipherhive.server.rounds.mask_state import Entry, MaskState
 from cipherhive.server.storage.rows import RowConflict
 from cipherhive.server.storage.spool import read_records
@@ -143,7 +151,20 @@ def enrol(ctx: RoundContext, who: Caller, request: pb.EnrolRequest) -> pb.EnrolR
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the roster of round {current.number} is already fixed; take part in the next round",
             )
-        entry = _check_entry(ctx, who, current.number, mask.nonce, request.enrolment)
+        excluded = culprits.exclusions(ctx, current.number).get(who.name)
+        if excluded is not None:
+            raise refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{who.name!r} is left out of rounds up to {excluded.excluded_until}: named in round "
+                f"{excluded.round} at its {excluded.step} step ({excluded.reason}); the operator can lift "
+                f"this with `cipherhive ctl nodes readmit {who.name}`",
+            )
+        try:
+            entry = _check_entry(ctx, who, current.number, mask.nonce, request.enrolment)
+        except RoundError as exc:
+            if exc.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT):
+                culprits.record(ctx, current.number, who.name, "enrol", exc.message)
+            raise
         try:
             ctx.state.add_enrolment(current.number, who.name, request.enrolment)
         except RowConflict:
@@ -182,7 +203,11 @@ def roster_due(current: OpenRound, now: float) -> bool:
         return False
     if now >= current.row.enrol_deadline:
         return True
-    return bool(current.row.expected) and set(current.row.expected) <= set(mask.enrolled)
+    waiting = set(current.row.expected) - mask.withdrawn
+    # Everyone expected is in, and enough of them: a member that was reconnecting when the round
+    # opened (so not expected) may still come within the enrol window to make up the floor.
+    enough = len(mask.enrolled) >= max(current.row.min_participants, 2)
+    return bool(waiting) and waiting <= set(mask.enrolled) and enough
 
 
 def fix_roster(ctx: RoundContext, number: int) -> str:
@@ -197,10 +222,18 @@ def fix_roster(ctx: RoundContext, number: int) -> str:
                 f"only {len(mask.enrolled)} member(s) enrolled by the enrol deadline and a masked round "
                 f"needs {floor}; nothing was uploaded"
             )
-        encoded = sorted(e.encoded for e in mask.enrolled.values())
+        agreeing, left_out = _agreeing(mask.enrolled)
+        for name, why in sorted(left_out.items()):
+            audit("left out of the roster", name, round=number, reason=why)
+        if len(agreeing) < floor:
+            return (
+                f"only {len(agreeing)} of the {len(mask.enrolled)} enrolled member(s) agree on the round's "
+                f"history and parameters and a masked round needs {floor}; nothing was uploaded"
+            )
+        encoded = sorted(e.encoded for e in agreeing.values())
         digest = roster_hash(encoded, mask.nonce)
-        ctx.state.fix_roster(number, sorted(mask.enrolled), digest)
-        mask.roster = dict(mask.enrolled)
+        ctx.state.fix_roster(number, sorted(agreeing), digest)
+        mask.roster = agreeing
         mask.roster_hash = digest
         mask.phase = "upload"
         row = ctx.state.round(number)
@@ -209,6 +242,39 @@ def fix_roster(ctx: RoundContext, number: int) -> str:
     audit("roster fixed", "scheduler", round=number, members=sorted(mask.roster), hash=digest.hex()[:16])
     ctx.bus.publish(roster_event(ctx, current))
     return ""
+
+
+def _agreeing(enrolled: dict[str, Entry]) -> tuple[dict[str, Entry], dict[str, str]]:
+    """The largest set of enrolments that share one binding (chain hash, parameters, aggregator,
+    block count), and why each other member is left out.
+
+    Members refuse a roster whose entries disagree (§2); one member enrolling with another
+    history (a member that missed a sum, or one that lies) would make every honest member
+    refuse, and so fail the round. An honest server puts only the agreeing majority in the
+    roster: the members still check everything themselves."""
+    groups: dict[RoundBinding, dict[str, Entry]] = {}
+    for name, entry in enrolled.items():
+        groups.setdefault(Enrolment.decode(entry.encoded).binding, {})[name] = entry
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), sorted(kv[1])))
+    binding, agreeing = ranked[0]
+    left_out = {}
+    for other, members in ranked[1:]:
+        differs = [
+            what
+            for what, mine, theirs in (
+                ("chain hash (applied sums)", binding.chain_hash, other.chain_hash),
+                ("parameters", binding.params_id, other.params_id),
+                ("aggregator name", binding.aggregator, other.aggregator),
+                ("block count", binding.block_count, other.block_count),
+            )
+            if mine != theirs
+        ]
+        for name in members:
+            left_out[name] = (
+                f"its enrolment's {', '.join(differs) or 'binding'} differs from the other "
+                f"{len(agreeing)} members': catch up, or check its configuration"
+            )
+    return agreeing, left_out
 
 
 def roster_event(ctx: RoundContext, current: OpenRound) -> pb.RoundEvent:
@@ -244,6 +310,14 @@ def check_upload(current: OpenRound, node: str, header: pb.SubmitHeader) -> None
         )
     if mask.phase != "upload":
         raise refuse(grpc.StatusCode.FAILED_PRECONDITION, f"round {current.number} no longer takes uploads")
+    if header.roster_hash in mask.superseded:
+        # Masked before the member saw the re-formed roster: it still holds its key, so it masks
+        # again for the new one (§2.1); nothing of this upload was added.
+        raise refuse(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the update was {REPLACED_ROSTER}: round {current.number} was re-formed; take its new "
+            "roster and mask again",
+        )
     if header.roster_hash != mask.roster_hash:
         raise refuse(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -281,7 +355,12 @@ def submit_commit(ctx: RoundContext, who: Caller, request: pb.CommitRequest) -> 
             roster_digest = mask.roster_hash
             hashed = current.digests.get(who.name)
     if commit is None:
-        commit = _checked_commit(ctx, request.commit, entry, roster_digest, hashed, spool_file)
+        try:
+            commit = _checked_commit(ctx, request.commit, entry, roster_digest, hashed, spool_file)
+        except RoundError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                culprits.record(ctx, current.number, who.name, "commit", exc.message)
+            raise
     with ctx.lock:
         current, mask = _open_masked(ctx, request.round)
         new = who.name not in mask.commits
@@ -295,6 +374,7 @@ def submit_commit(ctx: RoundContext, who: Caller, request: pb.CommitRequest) -> 
         if everyone:
             failpoints.hit("server.committed")  # tests: a crash once the release phase is durable
             mask.phase = "release"
+            mask.release_started = time.time()
             row = ctx.state.round(current.number)
             assert row is not None
             current.row = row
@@ -365,10 +445,9 @@ def release_seed(ctx: RoundContext, who: Caller, request: pb.ReleaseRequest) -> 
             len(request.seed) != SEED_BYTES
             or self_mask_digest(request.seed) != mask.commits[who.name].self_mask_hash
         ):
-            raise refuse(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the seed does not match the self-mask commitment in this member's commit",
-            )
+            why = "the seed does not match the self-mask commitment in this member's commit"
+            culprits.record(ctx, current.number, who.name, "release", why)
+            raise refuse(grpc.StatusCode.INVALID_ARGUMENT, why)
         ctx.state.set_seed(current.number, who.name, request.seed)
         mask.seeds[who.name] = request.seed
         released = len(mask.seeds)
@@ -385,18 +464,154 @@ def complete(current: OpenRound) -> bool:
     return mask is not None and mask.phase == "release" and set(mask.roster) <= set(mask.seeds)
 
 
-def failure(current: OpenRound) -> str:
-    """Why an incomplete masked round fails, naming who is missing in its phase."""
+def failure(current: OpenRound) -> Verdict:
+    """Why an incomplete masked round fails at its deadline: the step it stopped at and who
+    had not done it (docs/spec/masked-round.md §10)."""
     mask = current.mask
     assert mask is not None
     if mask.phase == "enrol":
-        return f"the roster was never fixed ({len(mask.enrolled)} enrolled)"
+        return Verdict("enrol", f"the roster was never fixed ({len(mask.enrolled)} enrolled)")
     if mask.phase == "upload":
         missing = mask.missing(set(current.accepted))
         if missing:
-            return f"{', '.join(missing)} did not upload; no self-mask was released"
-        return f"{', '.join(mask.missing(mask.commits))} did not commit; no self-mask was released"
-    return f"{', '.join(mask.missing(mask.seeds))} withheld the self-mask seed; the sum stays masked"
+            return Verdict(
+                "upload",
+                f"{', '.join(missing)} did not upload by the round's deadline; no self-mask was released",
+                tuple(missing),
+            )
+        late = mask.missing(mask.commits)
+        return Verdict("commit", f"{', '.join(late)} did not commit; no self-mask was released", tuple(late))
+    missing = mask.missing(mask.seeds)
+    return Verdict(
+        "release", f"{', '.join(missing)} withheld the self-mask seed; the sum stays masked", tuple(missing)
+    )
+
+
+def floor_of(ctx: RoundContext, current: OpenRound) -> int:
+    return max(current.row.min_participants or ctx.config.min_participants, 2)
+
+
+def can_reform(ctx: RoundContext, current: OpenRound, leaving: set[str]) -> bool:
+    """A round may be re-formed without ``leaving`` only before anything was uploaded, once,
+    and with the floor still met (docs/spec/masked-round.md §2.1; caller holds the lock)."""
+    mask = current.mask
+    return (
+        mask is not None
+        and mask.phase == "upload"
+        and not mask.reformed
+        and not current.accepted
+        and not current.uploads
+        and len(set(mask.roster) - leaving) >= floor_of(ctx, current)
+    )
+
+
+def _reform_locked(ctx: RoundContext, current: OpenRound, leaving: set[str]) -> None:
+    """The roster without ``leaving``, durable, with its new hash (caller holds the lock)."""
+    mask = current.mask
+    assert mask is not None
+    remaining = {n: e for n, e in mask.roster.items() if n not in leaving}
+    digest = roster_hash(sorted(e.encoded for e in remaining.values()), mask.nonce)
+    ctx.state.reform_roster(current.number, sorted(remaining), digest)
+    mask.superseded.add(mask.roster_hash)
+    mask.roster, mask.roster_hash, mask.reformed = remaining, digest, True
+    row = ctx.state.round(current.number)
+    assert row is not None
+    current.row = row
+
+
+def reform(ctx: RoundContext, number: int, leaving: set[str], why: str) -> bool:
+    """Re-form the open round without ``leaving`` and send the new roster; False if it may not be."""
+    with ctx.lock:
+        current, mask = _open_masked(ctx, number)
+        if not can_reform(ctx, current, leaving):
+            return False
+        _reform_locked(ctx, current, leaving)
+    audit(
+        "roster re-formed",
+        "scheduler",
+        round=number,
+        without=sorted(leaving),
+        members=sorted(mask.roster),
+        why=why,
+        hash=mask.roster_hash.hex()[:16],
+    )
+    ctx.bus.publish(roster_event(ctx, current))
+    return True
+
+
+def withdraw(ctx: RoundContext, who: Caller, request: pb.WithdrawRequest) -> pb.WithdrawReply:
+    """Withdraw: a member leaves the round it enrolled in, on its own signed word (§2.1).
+
+    Enrolling: it is forgotten and not waited for. In the roster, before any upload: the
+    round is re-formed without it (once). Otherwise the round cannot finish: it fails at
+    the scheduler's next step, charged to the member."""
+    published = charged = False
+    with ctx.lock:
+        current, mask = _open_masked(ctx, request.round)
+        if who.name in mask.withdrawn:
+            return pb.WithdrawReply(round_continues=True)
+        entry = mask.enrolled.get(who.name)
+        if entry is None:
+            raise refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{who.name!r} is not enrolled in round {current.number}; there is nothing to withdraw from",
+            )
+        try:
+            withdrawal = Withdrawal.decode(request.withdrawal)
+        except WireError as exc:
+            raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed withdrawal ({exc})") from None
+        if (
+            withdrawal.round != current.number
+            or withdrawal.nonce != mask.nonce
+            or withdrawal.cert_fingerprint != entry.cert_fingerprint
+        ):
+            raise refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the withdrawal was made for another round or another member",
+            )
+        if not withdrawal.verify(entry.enrol_key):
+            raise refuse(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the withdrawal is not signed by this member's enrolment key",
+            )
+        if mask.phase == "enrol":
+            del mask.enrolled[who.name]
+            mask.withdrawn.add(who.name)
+            ctx.state.drop_enrolment(current.number, who.name)
+            outcome, continues = "left before the roster was fixed", True
+        elif who.name not in mask.roster:
+            outcome, continues = "not in the roster", True
+        elif can_reform(ctx, current, {who.name}):
+            _reform_locked(ctx, current, {who.name})
+            mask.withdrawn.add(who.name)
+            outcome, continues, published, charged = "the roster is re-formed without it", True, True, True
+        else:
+            if current.verdict is None:
+                current.verdict = Verdict(
+                    "withdraw",
+                    f"{who.name} withdrew ({withdrawal.reason}) when the round could no longer go on "
+                    f"without it (phase {mask.phase})",
+                    (who.name,),
+                )
+            outcome, continues, charged = "the round fails", False, True
+    audit("withdrew", who.name, round=current.number, reason=withdrawal.reason, outcome=outcome)
+    if charged:
+        # Leaving a roster costs the others a re-forming or the round: named and left out of the
+        # next rosters like a missed step (§10), so one member cannot do it every round.
+        culprits.record(ctx, current.number, who.name, "withdraw", f"withdrew: {withdrawal.reason}")
+    if published:
+        audit(
+            "roster re-formed",
+            "scheduler",
+            round=current.number,
+            without=[who.name],
+            members=sorted(mask.roster),
+            why="withdrawal",
+            hash=mask.roster_hash.hex()[:16],
+        )
+        ctx.bus.publish(roster_event(ctx, current))
+    ctx.wake()
+    return pb.WithdrawReply(round_continues=continues)
 
 
 def unmask(current: OpenRound) -> None:
@@ -438,6 +653,9 @@ def restore(ctx: RoundContext, current: OpenRound) -> None:
             mask.commits[member.node] = Commit.decode(member.commit)
         if member.seed is not None:
             mask.seeds[member.node] = member.seed
+    mask.reformed = bool(row.reformed)
+    if mask.phase == "release":
+        mask.release_started = ctx.started
     current.mask = mask
     event(log, "resumed masked round", round=row.round, phase=mask.phase, enrolled=len(mask.enrolled))
 

@@ -7,8 +7,8 @@ import logging
 import threading
 import time
 
-from cipherhive.server.rounds import masked
-from cipherhive.server.rounds.context import RoundContext, RoundControl
+from cipherhive.server.rounds import deadlines, masked
+from cipherhive.server.rounds.context import RoundContext, RoundControl, Verdict
 from cipherhive.server.rounds.errors import RoundError
 
 log = logging.getLogger("cipherhive.server.rounds")
@@ -33,6 +33,7 @@ def tick(ctx: RoundContext, control: RoundControl) -> None:
         current = ctx.open
         due: tuple[int, str] | None = None
         roster = False
+        step: Verdict | deadlines.Reform | None = None
         if current is not None and not current.closing:
             if now >= current.row.deadline:
                 due = (current.number, "deadline reached")
@@ -40,12 +41,23 @@ def tick(ctx: RoundContext, control: RoundControl) -> None:
                 roster = masked.roster_due(current, now)
                 if masked.complete(current):
                     due = (current.number, "every member released its self-mask")
+                else:
+                    step = deadlines.check(ctx, current, now)
             elif current.row.expected and set(current.row.expected) <= set(current.accepted):
                 due = (current.number, "every expected node submitted")
     if roster and current is not None:
         why = masked.fix_roster(ctx, current.number)
         if why:
-            control.close_round(current.number, "enrol deadline", fail_reason=why)
+            control.close_round(
+                current.number, "enrol deadline", fail_reason=why, verdict=Verdict("enrol", why)
+            )
+        return
+    if isinstance(step, deadlines.Reform) and current is not None:
+        if not masked.reform(ctx, current.number, set(step.leaving), step.why):
+            control.close_round(current.number, "step deadline", verdict=Verdict("upload", step.why))
+        return
+    if isinstance(step, Verdict) and current is not None:
+        control.close_round(current.number, f"{step.step} step", verdict=step)
         return
     if due is not None:
         control.close_round(*due)

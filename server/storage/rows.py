@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 
 from cipherhive.runtime.errors import UserError
 
-__all__ = ["MemberRow", "NodeRow", "OutcomeRow", "RoundRow", "RowConflict", "StateError", "SubmissionRow"]
+__all__ = [
+    "MemberRow",
+    "NodeRow",
+    "OffenceRow",
+    "OutcomeRow",
+    "RoundRow",
+    "RowConflict",
+    "StateError",
+    "SubmissionRow",
+]
 
 
 @dataclass
@@ -34,6 +43,11 @@ class RoundRow:
     phase: str = ""
     enrol_deadline: float = 0.0
     roster_hash: bytes | None = None
+    #: A failed round: the step that decided it, and the members named for it (§10).
+    failed_step: str = ""
+    culprits: list[str] = field(default_factory=list)
+    #: The roster was re-formed once without a member that withdrew (§2.1).
+    reformed: int = 0
 
 
 @dataclass
@@ -80,6 +94,21 @@ class NodeRow:
     submissions: int
     #: Consecutive rounds the node was expected in and did not submit to.
     missed_rounds: int = 0
+    #: The operator readmitted it after this round: earlier offences no longer count.
+    readmitted_round: int = 0
+
+
+@dataclass
+class OffenceRow:
+    """A member named for a round: a signed step it missed or sent wrong (docs/spec/masked-round.md §10)."""
+
+    round: int
+    node: str
+    step: str
+    reason: str
+    at: float
+    #: Left out of rosters up to and including this round.
+    excluded_until: int
 
 
 class StateError(UserError, RuntimeError):

@@ -99,4 +99,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (round, node)
     );
     """,
+    # 3 -> 4: step deadlines and named culprits (docs/spec/masked-round.md §10): which step
+    # decided a failed round and whom it names, a roster re-formed once, every member's
+    # offences (each with the round its exclusion lasts to), and when the operator last
+    # readmitted a member.
+    """
+    ALTER TABLE rounds ADD COLUMN failed_step TEXT NOT NULL DEFAULT '';
+    ALTER TABLE rounds ADD COLUMN culprits TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rounds ADD COLUMN reformed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN readmitted_round INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE offences (
+        round INTEGER NOT NULL,
+        node TEXT NOT NULL,
+        step TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        excluded_until INTEGER NOT NULL,
+        PRIMARY KEY (round, node)
+    );
+    CREATE INDEX offences_by_node ON offences (node, round);
+    """,
 ]

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from cipherhive.runtime.fsutil import private_dir, private_file
 from cipherhive.server.storage.rows import (
     MemberRow,
     NodeRow,
+    OffenceRow,
     OutcomeRow,
     RoundRow,
     RowConflict,
@@ -146,6 +147,7 @@ class State:
     def _round(self, row: sqlite3.Row) -> RoundRow:
         data = dict(row)
         data["expected"] = json.loads(data["expected"])
+        data["culprits"] = json.loads(data["culprits"])
         return RoundRow(**data)
 
     def open_round(
@@ -305,12 +307,16 @@ class State:
         sum_file: str | None = None,
         num_ciphertexts: int = 0,
         num_values: int = 0,
+        failed_step: str = "",
+        culprits: Sequence[str] = (),
+        offences: Sequence[OffenceRow] = (),
     ) -> None:
-        """Mark a round published or failed; spooled submissions are no longer needed."""
+        """Mark a round published or failed, with the step that decided a failure, whom it
+        names, and their offences (one transaction); spooled submissions are no longer needed."""
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, reason = ?, participants = ?, closed = ?, "
-                "sum_file = ?, num_ciphertexts = ?, num_values = ?, "
+                "sum_file = ?, num_ciphertexts = ?, num_values = ?, failed_step = ?, culprits = ?, "
                 "phase = CASE WHEN masked = 1 THEN 'done' ELSE phase END "
                 "WHERE round = ? AND state = 'open'",
                 (
@@ -321,9 +327,17 @@ class State:
                     sum_file,
                     num_ciphertexts,
                     num_values,
+                    failed_step,
+                    json.dumps(sorted(culprits)),
                     number,
                 ),
             )
+            for o in offences:
+                db.execute(
+                    "INSERT OR REPLACE INTO offences (round, node, step, reason, at, excluded_until) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (o.round, o.node, o.step, o.reason, o.at, o.excluded_until),
+                )
             db.execute("UPDATE submissions SET spool_file = NULL WHERE round = ?", (number,))
 
     # ------------------------------------------------------------ submissions
@@ -465,6 +479,51 @@ class State:
                 "UPDATE rounds SET phase = 'upload', roster_hash = ? WHERE round = ? AND state = 'open'",
                 (roster_hash, number),
             )
+
+    def reform_roster(self, number: int, nodes: list[str], roster_hash: bytes) -> None:
+        """The roster is re-formed (once) with only these members and this hash (§2.1)."""
+        with self._tx() as db:
+            db.execute("UPDATE members SET in_roster = 0 WHERE round = ?", (number,))
+            db.executemany(
+                "UPDATE members SET in_roster = 1 WHERE round = ? AND node = ?", [(number, n) for n in nodes]
+            )
+            db.execute(
+                "UPDATE rounds SET roster_hash = ?, reformed = 1 WHERE round = ? AND state = 'open'",
+                (roster_hash, number),
+            )
+
+    def drop_enrolment(self, number: int, node: str) -> None:
+        """A member withdrew before the roster was fixed: its enrolment is forgotten."""
+        with self._tx() as db:
+            db.execute("DELETE FROM members WHERE round = ? AND node = ? AND in_roster = 0", (number, node))
+
+    # ------------------------------------------------------------ offences
+
+    def offences(self, node: str | None = None, since_round: int = 0) -> list[OffenceRow]:
+        """Offences after ``since_round`` (of one member, or of all), oldest first."""
+        sql = "SELECT * FROM offences WHERE round > ?"
+        params: tuple[object, ...] = (min(since_round, _MAX_SQL_INT),)
+        if node is not None:
+            sql += " AND node = ?"
+            params += (node,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY round, node", params).fetchall()
+        return [OffenceRow(**dict(r)) for r in rows]
+
+    def record_offence(self, row: OffenceRow) -> None:
+        """One offence per member per round: a later one replaces the earlier."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO offences (round, node, step, reason, at, excluded_until) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (row.round, row.node, row.step, row.reason, row.at, row.excluded_until),
+            )
+
+    def readmit(self, node: str, after_round: int) -> bool:
+        """Offences up to ``after_round`` no longer count for ``node``; False if it is unknown."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE nodes SET readmitted_round = ? WHERE name = ?", (after_round, node))
+            return cur.rowcount > 0
 
     def set_phase(self, number: int, phase: str) -> None:
         with self._tx() as db:

@@ -8,11 +8,13 @@ returns.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from cipherhive.server.storage.rows import (
     MemberRow,
     NodeRow,
+    OffenceRow,
     OutcomeRow,
     RoundRow,
     SubmissionRow,
@@ -98,8 +100,12 @@ class RoundStore(Protocol):
         sum_file: str | None = None,
         num_ciphertexts: int = 0,
         num_values: int = 0,
+        failed_step: str = "",
+        culprits: Sequence[str] = (),
+        offences: Sequence[OffenceRow] = (),
     ) -> None:
-        """Mark a round published or failed; spooled submissions are no longer needed."""
+        """Mark a round published or failed, with the step that decided a failure, whom it
+        names, and their offences (one transaction); spooled submissions are no longer needed."""
         ...
 
     def accept_submission(self, row: SubmissionRow) -> None:
@@ -138,6 +144,26 @@ class RoundStore(Protocol):
 
     def fix_roster(self, number: int, nodes: list[str], roster_hash: bytes) -> None:
         """The roster is fixed: these members, this hash; the round moves to its upload phase."""
+        ...
+
+    def reform_roster(self, number: int, nodes: list[str], roster_hash: bytes) -> None:
+        """The roster is re-formed (once) with only these members and this hash (§2.1)."""
+        ...
+
+    def drop_enrolment(self, number: int, node: str) -> None:
+        """A member withdrew before the roster was fixed: its enrolment is forgotten."""
+        ...
+
+    def offences(self, node: str | None = None, since_round: int = 0) -> list[OffenceRow]:
+        """Offences after ``since_round`` (of one member, or of all), oldest first."""
+        ...
+
+    def record_offence(self, row: OffenceRow) -> None:
+        """One offence per member per round: a later one replaces the earlier."""
+        ...
+
+    def readmit(self, node: str, after_round: int) -> bool:
+        """Offences up to ``after_round`` no longer count for ``node``; False if it is unknown."""
         ...
 
     def set_phase(self, number: int, phase: str) -> None: ...

@@ -126,6 +126,20 @@ class ServerOptimizer(_message.Message):
     tau: float
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
 
+class WithdrawRequest(_message.Message):
+    __slots__ = ("round", "withdrawal")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWAL_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    withdrawal: bytes
+    def __init__(self, round: _Optional[int] = ..., withdrawal: _Optional[bytes] = ...) -> None: ...
+
+class WithdrawReply(_message.Message):
+    __slots__ = ("round_continues",)
+    ROUND_CONTINUES_FIELD_NUMBER: _ClassVar[int]
+    round_continues: bool
+    def __init__(self, round_continues: _Optional[bool] = ...) -> None: ...
+
 class EnrolRequest(_message.Message):
     __slots__ = ("round", "enrolment")
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +403,12 @@ class BlockSeeds(_message.Message):
     seeds: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, seeds: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class ReadmitNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -428,7 +448,7 @@ class StatusReply(_message.Message):
     def __init__(self, version: _Optional[str] = ..., started_unix: _Optional[float] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., nodes_known: _Optional[int] = ..., nodes_online: _Optional[int] = ..., open_round: _Optional[int] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., auto_start: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., layout_hash: _Optional[str] = ..., layout_params: _Optional[int] = ..., rounds_withdrawn: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions", "missed_rounds", "expected")
+    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions", "missed_rounds", "expected", "offences", "last_offence_round", "last_offence_step", "last_offence_reason", "excluded_until_round")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +457,11 @@ class NodeInfo(_message.Message):
     SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
     MISSED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    OFFENCES_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFENCE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFENCE_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFENCE_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_UNTIL_ROUND_FIELD_NUMBER: _ClassVar[int]
     name: str
     online: bool
     first_seen_unix: float
@@ -445,7 +470,12 @@ class NodeInfo(_message.Message):
     submissions: int
     missed_rounds: int
     expected: bool
-    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ..., missed_rounds: _Optional[int] = ..., expected: _Optional[bool] = ...) -> None: ...
+    offences: int
+    last_offence_round: int
+    last_offence_step: str
+    last_offence_reason: str
+    excluded_until_round: int
+    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ..., missed_rounds: _Optional[int] = ..., expected: _Optional[bool] = ..., offences: _Optional[int] = ..., last_offence_round: _Optional[int] = ..., last_offence_step: _Optional[str] = ..., last_offence_reason: _Optional[str] = ..., excluded_until_round: _Optional[int] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -489,7 +519,7 @@ class NodeOutcome(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., applied: _Optional[bool] = ..., reason: _Optional[str] = ..., reported_unix: _Optional[float] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions", "min_participants", "outcomes", "withdrawn_reason", "withdrawn_unix", "phase", "enrolled", "committed", "released")
+    __slots__ = ("round", "state", "base_round", "opened_unix", "deadline_unix", "closed_unix", "expected", "participants", "reason", "submissions", "min_participants", "outcomes", "withdrawn_reason", "withdrawn_unix", "phase", "enrolled", "committed", "released", "failed_step", "culprits", "reformed")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     BASE_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -508,6 +538,9 @@ class RoundInfo(_message.Message):
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STEP_FIELD_NUMBER: _ClassVar[int]
+    CULPRITS_FIELD_NUMBER: _ClassVar[int]
+    REFORMED_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: RoundState
     base_round: int
@@ -526,7 +559,10 @@ class RoundInfo(_message.Message):
     enrolled: int
     committed: int
     released: int
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ..., min_participants: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., withdrawn_reason: _Optional[str] = ..., withdrawn_unix: _Optional[float] = ..., phase: _Optional[str] = ..., enrolled: _Optional[int] = ..., committed: _Optional[int] = ..., released: _Optional[int] = ...) -> None: ...
+    failed_step: str
+    culprits: _containers.RepeatedScalarFieldContainer[str]
+    reformed: bool
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., base_round: _Optional[int] = ..., opened_unix: _Optional[float] = ..., deadline_unix: _Optional[float] = ..., closed_unix: _Optional[float] = ..., expected: _Optional[int] = ..., participants: _Optional[int] = ..., reason: _Optional[str] = ..., submissions: _Optional[_Iterable[_Union[SubmissionInfo, _Mapping]]] = ..., min_participants: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[NodeOutcome, _Mapping]]] = ..., withdrawn_reason: _Optional[str] = ..., withdrawn_unix: _Optional[float] = ..., phase: _Optional[str] = ..., enrolled: _Optional[int] = ..., committed: _Optional[int] = ..., released: _Optional[int] = ..., failed_step: _Optional[str] = ..., culprits: _Optional[_Iterable[str]] = ..., reformed: _Optional[bool] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ("limit", "before_round")

@@ -81,6 +81,11 @@ class AggregationStub:
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.ProofRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RoundProof.FromString,
                 _registered_method=True)
+        self.Withdraw = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/Withdraw',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -128,7 +133,7 @@ class AggregationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Enrol(self, request, context):
-        """Masked rounds (SecAgg, Bonawitz et al., CCS 2017, with issue 11's changes):
+        """Masked rounds (SecAgg, Bonawitz et al., CCS 2017; docs/spec/masked-round.md):
         enrol (a signed fresh X25519 key) -> ROSTER event -> masked upload ->
         SubmitCommit -> COMMITS event -> ReleaseSeed -> the server removes the
         self-masks and publishes; GetRoundProof gives what a node checks first.
@@ -151,6 +156,16 @@ class AggregationServicer:
 
     def GetRoundProof(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Withdraw(self, request, context):
+        """Leave a masked round this member enrolled in, signed with its enrolment
+        key, with its reason: it refused the roster, or it is stopping. Before any
+        upload the server re-forms the round without it (once per round);
+        otherwise the round fails at once (docs/spec/masked-round.md §2.1).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -202,6 +217,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.GetRoundProof,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ProofRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.RoundProof.SerializeToString,
+            ),
+            'Withdraw': grpc.unary_unary_rpc_method_handler(
+                    servicer.Withdraw,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -459,6 +479,33 @@ class Aggregation:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Withdraw(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/Withdraw',
+            cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """---------------------------------------------------------------- Admin
@@ -520,6 +567,11 @@ class AdminStub:
                 '/cipherhive.v1.Admin/ResetLayout',
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
+                _registered_method=True)
+        self.ReadmitNode = channel.unary_unary(
+                '/cipherhive.v1.Admin/ReadmitNode',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.ReadmitNodeRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.NodeInfo.FromString,
                 _registered_method=True)
 
 
@@ -592,6 +644,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadmitNode(self, request, context):
+        """Lift a member's exclusion after missed or refused steps, and forget its
+        earlier offences (`cipherhive ctl nodes readmit NAME`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -644,6 +704,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResetLayout,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.LayoutReply.SerializeToString,
+            ),
+            'ReadmitNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitNode,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.ReadmitNodeRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.NodeInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -918,6 +983,33 @@ class Admin:
             '/cipherhive.v1.Admin/ResetLayout',
             cipherhive_dot_v1_dot_federation__pb2.ResetLayoutRequest.SerializeToString,
             cipherhive_dot_v1_dot_federation__pb2.LayoutReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Admin/ReadmitNode',
+            cipherhive_dot_v1_dot_federation__pb2.ReadmitNodeRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,
