@@ -6,6 +6,11 @@ model returns to the newest kept checkpoint from before it, with the chain hash
 that checkpoint recorded, and the session restarts to follow the federation
 again from there. Without such a checkpoint the node stops taking part and
 says how to recover (`cipherhive node bootstrap`).
+
+A withdrawn round is over for good (its sum is deleted, it is never published again), so
+whatever this node kept for it goes too: its rejection, its participation and upload files
+and a download of its sum cut short. A member that spoils every round then leaves no trace
+behind on the honest members but a bounded one (docs/spec/sum-checks.md §8).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from cipherhive.node import metrics
+from cipherhive.node.secagg.participation import Participation
 from cipherhive.node.session import Services
 from cipherhive.node.state.checkpoint import Checkpoint
 from cipherhive.node.state.model_state import ModelState
@@ -52,10 +58,31 @@ class RollbackHandler:
         """Never apply the round again, and undo it if the model went through it."""
         self._state.withdrawn.add(ev.round)
         self._state.store.forget_rejection(ev.round)  # nothing left to remember about it
+        self._forget_files(ev.round)
         event(
             log, "round withdrawn", logging.WARNING, node=self._state.name, round=ev.round, reason=ev.reason
         )
         self.roll_back(ev.round, ev.reason or "withdrawn")
+
+    def _forget_files(self, number: int) -> None:
+        """Round ``number`` is over for good: drop what is left of it on disk, and this node's
+        part in memory of any round up to it (a withdrawn round was published, so no round up
+        to it is still open).
+
+        SUM_READY normally ends a round's part (``MaskedRoundDriver.end_part``), but a node
+        that was away when the round was published and withdrawn only ever hears WITHDRAWN,
+        and a download cut short leaves its file: both would otherwise stay while the model
+        sits below the round (``remove_stale_files`` keeps files of rounds above the model's).
+        """
+        part = self._state.part
+        if part is not None and part.round <= number:
+            part.discard()
+            self._state.part = None
+        state_dir = self._services.config.state_dir
+        Participation.forget(state_dir, number)
+        # Names written by Participation.write_upload (before its rename) and SumApplier._masked.
+        for name in (f"upload-{number}.partial", f"sum-{number}.download"):
+            (state_dir / name).unlink(missing_ok=True)
 
     def roll_back(self, withdrawn: int, why: str) -> bool:
         """Return to the newest kept checkpoint from before ``withdrawn`` if the model went
