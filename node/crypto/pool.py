@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -54,6 +55,9 @@ def make_codec(factory: str, key: bytes) -> NodeCodec:
 
 def _init_worker(factory: str, key: bytes, area: Any = None, slot_area: Any = None) -> None:
     global _worker_codec, _worker_area
+    # Ctrl-C in a terminal reaches the whole process group: a worker interrupted in the middle of
+    # a task would leave the node waiting for it. The node stops its workers itself (close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_codec = make_codec(factory, key)
     _worker_area = area
     slots.attach(slot_area)
