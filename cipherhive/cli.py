@@ -30,22 +30,26 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from cipherhive.runtime import config, logs
+    from cipherhive.runtime.fsutil import exclusive_state_dir
     from cipherhive.server.config import ServerConfig
     from cipherhive.server.daemon import Server
 
     cfg = config.load(ServerConfig, args)
     logs.setup(cfg.log_level, cfg.log_json, cfg.audit_file)
-    return Server(cfg).serve_forever()
+    with exclusive_state_dir(cfg.state_dir, "server"):
+        return Server(cfg).serve_forever()
 
 
 def _node(args: argparse.Namespace) -> int:
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.daemon import Node
     from cipherhive.runtime import config, logs
+    from cipherhive.runtime.fsutil import exclusive_state_dir
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
-    return Node(cfg).serve_forever()
+    with exclusive_state_dir(cfg.state_dir, "node"):
+        return Node(cfg).serve_forever()
 
 
 def _demo(args: argparse.Namespace) -> int:

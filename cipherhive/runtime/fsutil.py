@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from cipherhive.runtime.errors import UserError
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable."""
@@ -116,5 +118,43 @@ def private_file(path: Path) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+#: The file a running daemon holds locked in its state directory.
+LOCK_FILE = "daemon.lock"
+
+
+class StateDirInUse(UserError):
+    """Another daemon holds the state directory."""
+
+
+@contextmanager
+def exclusive_state_dir(state_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``state_dir`` for this daemon's life: a second daemon on it is refused, naming the first.
+
+    Two daemons on one state directory would each resend, commit and release from the same
+    round files and ledgers as if alone, and two servers would serve one database. The lock is
+    ``flock`` on :data:`LOCK_FILE`: the kernel drops it when the process ends, however it ends,
+    so a crash never leaves a stale lock behind.
+    """
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its pid is unknown"
+        os.close(fd)
+        raise StateDirInUse(
+            f"{state_dir} is in use by another cipherhive {what} ({holder}); stop that one first, "
+            f"or give this {what} a state directory of its own"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        yield
     finally:
         os.close(fd)
