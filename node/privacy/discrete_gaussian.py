@@ -10,8 +10,11 @@ arithmetic (their Algorithms 1 and 2), every random integer drawn by rejection
 from the keystream (no modulo bias). It is exact for rational σ², which is why
 :attr:`cipherhive.privacy.member_level.MemberMechanism.sigma2` rounds σ² up to a small rational.
 
-Pure Python, about 20-40 µs a value: 0.2 s for the digits model; a LoRA-sized
-update (1 M values) takes tens of seconds per round.
+Pure Python, about 30-65 µs a value (half a minute to a minute for a 1 M-value
+update), so it is the reference: nodes draw their noise with the same algorithms
+over numpy arrays (:mod:`cipherhive.node.privacy.vector_gaussian`, ~0.25 µs a
+value, ``python -m cipherhive.bench.dp_noise``), which the tests compare with this
+one, and which hands it the rare value too large for int64.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ import math
 
 import numpy as np
 
-from cipherhive.node.privacy.discrete_gaussian import ExactSampler, randomized_round
+from cipherhive.node.privacy.discrete_gaussian import randomized_round
 from cipherhive.node.privacy.randomness import CryptoStream
+from cipherhive.node.privacy.vector_gaussian import VectorSampler
 from cipherhive.node.training.update import UpdateError
 from cipherhive.privacy.member_level import MemberMechanism
 
@@ -36,7 +37,8 @@ def clip_update(delta: np.ndarray, clip: float) -> np.ndarray:
 def noised_integers(
     delta: np.ndarray, mech: MemberMechanism, noise: CryptoStream, rounding: CryptoStream
 ) -> np.ndarray:
-    """The member's integer vector: conditional randomized rounding of clip(Δ)/γ plus noise."""
+    """The member's integer vector: conditional randomized rounding of clip(Δ)/γ plus exact
+    discrete Gaussian noise (:class:`VectorSampler`)."""
     if delta.shape[0] != mech.dimension:
         raise UpdateError(
             f"the update has {delta.shape[0]} values but the federation's DP schedule covers "
@@ -44,7 +46,7 @@ def noised_integers(
         )
     scaled = np.ldexp(clip_update(delta, mech.clip), mech.grid_bits)
     rounded = randomized_round(scaled, mech.l2_bound, rounding)
-    out: np.ndarray = rounded + ExactSampler(noise).noise(mech.dimension, mech.sigma2)
+    out: np.ndarray = rounded + VectorSampler(noise).noise(mech.dimension, mech.sigma2)
     return out
 
 
