@@ -32,6 +32,7 @@ import numpy as np
 
 from cipherhive.ckks.codec import NodeCodec, SecretCodec
 from cipherhive.node.crypto import slots
+from cipherhive.runtime.child_signals import ignored_in_children
 from cipherhive.secagg import masking
 
 #: The product's encoding; the benchmark names its baselines here instead.
@@ -152,11 +153,13 @@ class CryptoPool:
             self._area = ctx.RawArray("B", _PLAN_AREA) if isinstance(self._local, SecretCodec) else None
             # Enough slots for every block in flight: the window, plus the task being filled.
             self._slots = slots.Slots(ctx, (WINDOW_PER_WORKER * self.workers + 1) * BATCH)
-            self._pool = ctx.Pool(
-                self.workers,
-                initializer=_init_worker,
-                initargs=(factory, secret_context, self._area, self._slots.area),
-            )
+            # SIGINT only: close() ends the workers with SIGTERM (runtime.child_signals).
+            with ignored_in_children(signal.SIGINT):
+                self._pool = ctx.Pool(
+                    self.workers,
+                    initializer=_init_worker,
+                    initargs=(factory, secret_context, self._area, self._slots.area),
+                )
 
     @property
     def modulus(self) -> int:

@@ -50,6 +50,7 @@ import numpy as np
 from cipherhive.ckks import c0_sum
 from cipherhive.ckks.c0_sum import UploadParser
 from cipherhive.runtime import failpoints
+from cipherhive.runtime.child_signals import ignored_in_children
 from cipherhive.secagg.commit import block_digest
 from cipherhive.server.ingest.running_sum import MaskedSum
 
@@ -87,6 +88,10 @@ class Outcome:
 
 
 # ----------------------------------------------------------------------------- worker process
+
+
+#: What a terminal or a service manager sends the whole process group to stop the server.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _serve(conn: Connection, parms_id: tuple[int, ...], scale: float, modulus: int) -> None:
@@ -182,7 +187,8 @@ class _Worker:
         self.process = ctx.Process(
             target=_serve, args=(child, *args), name=f"cipherhive-ingest-{index}", daemon=True
         )
-        self.process.start()
+        with ignored_in_children(*STOP_SIGNALS):  # from its first instruction (runtime.child_signals)
+            self.process.start()
         child.close()
         self.conn: Connection = parent
         self.index = index
