@@ -469,7 +469,11 @@ class RoundManager:
             )
             named = verdict.culprits if verdict is not None else ()
             step = verdict.step if verdict is not None else ""
-            offences = culprits.offence_rows(self.context, number, named, step, reason) if named else []
+            # A member already named in this round (a refused step, a withdrawal) keeps that offence,
+            # which says why; the round's record names it all the same.
+            already = {o.node for o in self.state.offences(since_round=number - 1) if o.round == number}
+            fresh = [n for n in named if n not in already]
+            offences = culprits.offence_rows(self.context, number, fresh, step, reason) if fresh else []
             self.state.finish_round(
                 number,
                 state="failed",
