@@ -149,3 +149,82 @@ def test_bench_removes_its_folder_on_error_and_ctrl_c(
     assert seen["modes"]["secret.ctx"] == 0o600 and seen["modes"]["tenseal-secret.ctx"] == 0o600
     assert not seen["workdir"].exists()
     assert not list(tmp_path.glob("cipherhive-bench-*"))
+
+
+# ------------------------------------------------------------ one hostile member (cipherhive.bench.hostile)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_hostile_bench_smoke_json(tmp_path: Path) -> None:
+    """A baseline and one behaviour for half a minute each: figures that add up, the settings
+    beside them, the hostile member named, and no folder left behind."""
+    from cipherhive.bench.hostile import render
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cipherhive.bench.hostile",
+            "--minutes",
+            "0.5",
+            "--behaviours",
+            "refuse-roster",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        env=dict(os.environ, TMPDIR=str(scratch)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    settings = report["settings"]
+    assert settings["minutes"] == 0.5 and settings["floor"] == 3 and settings["timeout_seconds"] > 0
+    assert set(report["runs"]) == {"refuse-roster"}
+    baseline, hostile = report["baseline"], report["runs"]["refuse-roster"]
+    for figures in (baseline, hostile):
+        assert figures["opened"] >= 1, figures
+        assert figures["published"] + figures["failed"] + figures["withdrawn"] <= figures["opened"], figures
+        assert figures["share_published"] == pytest.approx(figures["published"] / figures["opened"])
+        assert figures["mean_round_seconds"] > 0 and figures["seconds"] > 0, figures
+        assert figures["honest_named"] == {} and figures["member_errors"] == [], figures
+    # Present and honest in the baseline: in every roster, never named.
+    assert baseline["published"] >= 1 and baseline["scripted_in_roster"] == baseline["opened"], baseline
+    assert baseline["scripted_named"] == 0, baseline
+    # Refusing its first roster gets it named (and left out of the next rounds).
+    assert hostile["scripted_in_roster"] >= 1 and hostile["scripted_named"] >= 1, hostile
+    assert hostile["share_vs_baseline"] == pytest.approx(
+        hostile["share_published"] / baseline["share_published"]
+    )
+    text = render(report)
+    assert "share published" in text and "refuse-roster:" in text and "timeout_seconds" in text
+    assert not list(scratch.glob("cipherhive-hostile-*"))
+
+
+# ------------------------------------------------------------ member-level DP noise (bench.dp_noise)
+
+
+@pytest.mark.timeout(120)
+def test_dp_noise_bench_smoke_json() -> None:
+    """The noise benchmark on a small update, pinned to one core: both samplers' figures."""
+    from cipherhive.bench.dp_noise import render
+
+    small = ["--values", "20k", "--reference-values", "300", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cipherhive.bench.dp_noise", *small],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    assert figures["values"] == 20_000 and figures["reference_values"] == 300
+    assert len(figures["cores"]) == 1
+    for key in ("reference_us_per_value", "vector_us_per_value", "vector_seconds", "noised_integers_seconds"):
+        assert figures[key] > 0, key
+    assert figures["goal_seconds"] == pytest.approx(0.04)
+    text = render(figures)
+    assert "reference sampler" in text and "vectorised sampler" in text and "µs/value" in text

@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
+from cipherhive.bench.hostile import Hostile
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import Layout
 from cipherhive.secagg.chain import sum_digest
-from cipherhive.secagg.commit import make_commit, self_mask_digest
 from cipherhive.secagg.withdrawal import make_withdrawal
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
@@ -87,7 +86,19 @@ def _applied(fed: LocalFederation, number: int, names: list[str]) -> None:
 
 
 def _start(fed: LocalFederation) -> int:
-    return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
+    """Open the next round; the last one may still be finishing its close (its record says failed
+    a moment before the server lets go of it), which StartRound refuses: ask again."""
+
+    def start() -> int | None:
+        try:
+            return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "still open" in (exc.details() or ""):
+                return None
+            raise
+
+    number: int = fed.wait_for(start, 30, "the next round to open")
+    return number
 
 
 def _node(fed: LocalFederation, name: str) -> pb.NodeInfo:
@@ -238,65 +249,6 @@ def test_a_signed_refusal_reforms_the_round_before_any_upload_and_it_publishes(
 
 
 # --------------------------------------------------------------------------- one hostile member
-
-
-class Hostile:
-    """A member with a valid certificate that misbehaves the same way in every round it can enrol in."""
-
-    def __init__(self, member: Member, behaviour: str, layout: Layout) -> None:
-        self.member = member
-        self.behaviour = behaviour
-        self.layout = layout
-        self.enrolled: list[int] = []
-        self.errors: list[str] = []
-
-    def play(self, number: int) -> None:
-        m = self.member
-        try:
-            opened = m.wait(pb.RoundEvent.OPENED, number, timeout=60)
-            try:
-                part = m.enrol(opened)
-            except grpc.RpcError as exc:
-                # Excluded; or not expected (excluded when the round opened), so the roster was
-                # fixed as soon as the others enrolled.
-                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
-                details = exc.details() or ""
-                assert "left out of rounds" in details or "is already fixed" in details, details
-                return
-            self.enrolled.append(number)
-            part.accept_roster(list(m.wait(pb.RoundEvent.ROSTER, number, timeout=60).roster))
-            if self.behaviour == "never-upload":
-                return
-            if self.behaviour == "refuse-roster":
-                m.stub.Withdraw(
-                    pb.WithdrawRequest(round=number, withdrawal=part.withdrawal("refused the roster")),
-                    timeout=30,
-                )
-                return
-            m.upload(part, m.vector(np.zeros(self.layout.num_params), 0.1), number, opened.base_round)
-            if self.behaviour == "withdraw-late":
-                m.stub.Withdraw(
-                    pb.WithdrawRequest(round=number, withdrawal=part.withdrawal("stopping")), timeout=30
-                )
-                return
-            assert self.behaviour == "lying-commit"
-            assert part.upload is not None and part.plan is not None and part.roster is not None
-            lying = make_commit(
-                roster=part.roster,
-                cert_fingerprint=m.setup.tls_fingerprint,
-                seeds_hash=bytes(32),
-                c0_hash=part.upload.blocks_hash,
-                self_mask_hash=self_mask_digest(part.plan.self_seed),
-                key=m.setup.enrol_key,
-            ).encode()
-            try:
-                m.stub.SubmitCommit(pb.CommitRequest(round=number, commit=lying), timeout=30)
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
-            else:
-                raise AssertionError("a lying commit was accepted")
-        except Exception as exc:  # reported by the test's main thread
-            self.errors.append(f"round {number}: {exc!r}")
 
 
 STEP_OF = {
