@@ -157,7 +157,7 @@ def test_bench_removes_its_folder_on_error_and_ctrl_c(
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_hostile_bench_smoke_json(tmp_path: Path) -> None:
-    """A baseline and one behaviour for half a minute each: figures that add up, the settings
+    """A baseline and one behaviour for twelve seconds each: figures that add up, the settings
     beside them, the hostile member named, and no folder left behind."""
     from cipherhive.bench.hostile import render
 
@@ -169,7 +169,9 @@ def test_hostile_bench_smoke_json(tmp_path: Path) -> None:
             "-m",
             "cipherhive.bench.hostile",
             "--minutes",
-            "0.5",
+            "0.2",
+            "--train-seconds",
+            "1",
             "--behaviours",
             "refuse-roster",
             "--json",
@@ -182,7 +184,7 @@ def test_hostile_bench_smoke_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     settings = report["settings"]
-    assert settings["minutes"] == 0.5 and settings["floor"] == 3 and settings["timeout_seconds"] > 0
+    assert settings["minutes"] == 0.2 and settings["floor"] == 3 and settings["timeout_seconds"] > 0
     assert set(report["runs"]) == {"refuse-roster"}
     baseline, hostile = report["baseline"], report["runs"]["refuse-roster"]
     for figures in (baseline, hostile):
