@@ -1,5 +1,6 @@
 """Fixtures several test modules share: one federation key per module, and its two codecs; and
-logging put back after every test, so no test depends on the order they run in."""
+logging put back after every test, so no test depends on the order they run in. The ``stopper`` fixture
+stops every local federation a test appends to it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from cipherhive.ckks import keys
 from cipherhive.ckks.codec import PublicCodec, SecretCodec
+from cipherhive.demo.federation import LocalFederation
 from cipherhive.runtime import logs
 
 
@@ -43,3 +45,12 @@ def _logging_put_back() -> Iterator[None]:
         audit.removeHandler(handler)
         handler.close()
     root.setLevel(level)
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[LocalFederation]]:
+    """Append a local federation to it: every process of it is stopped when the test ends."""
+    feds: list[LocalFederation] = []
+    yield feds
+    for fed in feds:
+        fed.stop_all()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from cipherhive.secagg import masking
 from cipherhive.server.ingest.running_sum import MaskedSum
 from cipherhive.server.storage.spool import encode_records, read_records
 from cipherhive.v1 import federation_pb2 as pb
-from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 from tests.faults import check_fedavg
+from tests.federations import admin, wait_online
 from tests.member import Member, released_seeds, spooled
 
 pytestmark = pytest.mark.slow
@@ -47,26 +46,6 @@ def _federation(workdir: Path, nodes: int, **rounds: object) -> LocalFederation:
     return fed
 
 
-@pytest.fixture
-def stopper() -> Iterator[list[LocalFederation]]:
-    feds: list[LocalFederation] = []
-    yield feds
-    for fed in feds:
-        fed.stop_all()
-
-
-def _admin(fed: LocalFederation) -> pb_grpc.AdminStub:
-    return pb_grpc.AdminStub(fed.admin_channel())
-
-
-def _wait_online(fed: LocalFederation, count: int) -> None:
-    def online() -> bool:
-        nodes = _admin(fed).ListNodes(pb.ListNodesRequest(), timeout=10).nodes
-        return sum(n.online for n in nodes) >= count
-
-    fed.wait_for(online, 90, f"{count} nodes online")
-
-
 def _wait_applied(fed: LocalFederation, number: int, nodes: int) -> None:
     fed.wait_for(
         lambda: len(list((fed.workdir / "records" / f"round-{number}").glob("*.applied.pt"))) == nodes,
@@ -76,7 +55,7 @@ def _wait_applied(fed: LocalFederation, number: int, nodes: int) -> None:
 
 
 def _start_round(fed: LocalFederation) -> int:
-    return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
+    return int(admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
 
 
 def _layout(fed: LocalFederation) -> Layout:
@@ -131,7 +110,7 @@ def test_spooled_uploads_are_noise_and_the_sum_is_exact(
     layout = _layout(fed)
     colluder = Member(fed, "node-5", layout, [fed.node_name(i) for i in range(5)])
     colluder.join()
-    _wait_online(fed, 5)
+    wait_online(fed, 5)
     number = _start_round(fed)
 
     part = colluder.enrol(colluder.wait(pb.RoundEvent.OPENED, number))
@@ -175,7 +154,7 @@ def test_spooled_uploads_are_noise_and_the_sum_is_exact(
     assert abs(total[1] - 5) < 1e-6, "the check slot holds the roster size"
     fedavg = (sum(w * u for u, w in truths) + own_weight * own_update) / sum(weights)
     assert np.abs(total[LEADING_VALUES:] / total[0] - fedavg).max() < 1e-7
-    info = _admin(fed).GetRound(pb.GetRoundRequest(round=number), timeout=10)
+    info = admin(fed).GetRound(pb.GetRoundRequest(round=number), timeout=10)
     assert info.participants == 5 and info.phase == "done"
     colluder.close()
 
@@ -199,7 +178,7 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
     layout = _layout(fed)
     colluder = Member(fed, "node-4", layout, [fed.node_name(i) for i in range(4)])
     colluder.join()
-    _wait_online(fed, 4)
+    wait_online(fed, 4)
     honest = [fed.node_name(i) for i in range(3)]
 
     # Round 1: enrol, then withhold the upload.
@@ -233,10 +212,10 @@ def test_a_withholding_member_leaves_noise_and_releasers_refuse_the_base(
     # The round's record names the member and the step it missed, and the server leaves it out of
     # the next rosters; the operator (colluding here) lets it back in at once.
     assert info.failed_step == "upload" and list(info.culprits) == ["node-4"], info
-    admin = _admin(fed)
-    [named] = [n for n in admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes if n.name == "node-4"]
+    operator = admin(fed)
+    [named] = [n for n in operator.ListNodes(pb.ListNodesRequest(), timeout=10).nodes if n.name == "node-4"]
     assert named.offences == 1 and named.excluded_until_round > first and named.last_offence_step == "upload"
-    admin.ReadmitNode(pb.ReadmitNodeRequest(name="node-4"), timeout=10)
+    operator.ReadmitNode(pb.ReadmitNodeRequest(name="node-4"), timeout=10)
 
     # Round 2: fresh keys; the colluder withholds its seed once the others released theirs.
     second = _start_round(fed)
@@ -329,7 +308,7 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     toml = fed.workdir / "node-1.toml"
     toml.write_text(toml.read_text().replace('"node-2", "node-3"', '"node-2"'))
     fed.start()
-    _wait_online(fed, 3)
+    wait_online(fed, 3)
     first = _start_round(fed)
     info = fed.wait_round(first, 60)
     # node-1 refuses the roster and withdraws, signed, with its reason: three members and a floor
@@ -341,9 +320,9 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     fed.stop("node-1")
     fed.write_node_config(0)
     # The operator fixed node-1's configuration: it need not sit out the next rounds.
-    _admin(fed).ReadmitNode(pb.ReadmitNodeRequest(name="node-1"), timeout=10)
+    admin(fed).ReadmitNode(pb.ReadmitNodeRequest(name="node-1"), timeout=10)
     fed.start_node(0)
-    _wait_online(fed, 3)
+    wait_online(fed, 3)
     second = _start_round(fed)
     assert fed.wait_round(second, 90).state == pb.ROUND_SUM_READY
     fed.wait_for(
@@ -356,7 +335,7 @@ def test_forged_roster_and_split_view_are_refused_by_the_members(
     fed.stop("node-3")
     _set_chain_hash(fed, "node-3", "ab" * 32)
     fed.start_node(2)
-    _wait_online(fed, 3)
+    wait_online(fed, 3)
     third = _start_round(fed)
     info = fed.wait_round(third, 60)
     assert info.state == pb.ROUND_FAILED, info.reason
@@ -448,7 +427,7 @@ def test_a_hostile_members_steps_are_refused_and_the_round_still_publishes(
     names = [fed.node_name(i) for i in range(4)]
     member = Member(fed, "node-4", layout, names)
     member.join()
-    _wait_online(fed, 4)
+    wait_online(fed, 4)
     number = _start_round(fed)
     opened = member.wait(pb.RoundEvent.OPENED, number)
 
@@ -556,7 +535,7 @@ def test_a_refused_or_broken_masked_upload_leaves_the_shared_sum_untouched(
     member = Member(fed, "node-4", layout, [fed.node_name(i) for i in range(4)])
     assert member.blocks == 19
     member.join()
-    _wait_online(fed, 4)
+    wait_online(fed, 4)
     number = _start_round(fed)
     part = member.enrol(member.wait(pb.RoundEvent.OPENED, number))
     assert part.accept_roster(list(member.wait(pb.RoundEvent.ROSTER, number).roster)) is not None

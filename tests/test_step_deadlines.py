@@ -12,7 +12,6 @@ name it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,7 +23,7 @@ from cipherhive.federation.layout import Layout
 from cipherhive.secagg.chain import sum_digest
 from cipherhive.secagg.withdrawal import make_withdrawal
 from cipherhive.v1 import federation_pb2 as pb
-from cipherhive.v1 import federation_pb2_grpc as pb_grpc
+from tests.federations import admin, wait_online
 from tests.member import Member
 
 pytestmark = pytest.mark.slow
@@ -51,28 +50,6 @@ def _federation(workdir: Path, nodes: int = 4, **rounds: object) -> LocalFederat
     return fed
 
 
-@pytest.fixture
-def stopper() -> Iterator[list[LocalFederation]]:
-    feds: list[LocalFederation] = []
-    yield feds
-    for fed in feds:
-        fed.stop_all()
-
-
-def _admin(fed: LocalFederation) -> pb_grpc.AdminStub:
-    return pb_grpc.AdminStub(fed.admin_channel())
-
-
-def _online(fed: LocalFederation, count: int) -> None:
-    fed.wait_for(
-        lambda: (
-            sum(n.online for n in _admin(fed).ListNodes(pb.ListNodesRequest(), timeout=10).nodes) >= count
-        ),
-        90,
-        f"{count} nodes online",
-    )
-
-
 def _applied(fed: LocalFederation, number: int, names: list[str]) -> None:
     """Every named node applied round ``number`` (the demo trainer records it), so the next round
     finds them at its base."""
@@ -91,7 +68,7 @@ def _start(fed: LocalFederation) -> int:
 
     def start() -> int | None:
         try:
-            return int(_admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
+            return int(admin(fed).StartRound(pb.StartRoundRequest(), timeout=30).round)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "still open" in (exc.details() or ""):
                 return None
@@ -102,7 +79,7 @@ def _start(fed: LocalFederation) -> int:
 
 
 def _node(fed: LocalFederation, name: str) -> pb.NodeInfo:
-    [info] = [n for n in _admin(fed).ListNodes(pb.ListNodesRequest(), timeout=10).nodes if n.name == name]
+    [info] = [n for n in admin(fed).ListNodes(pb.ListNodesRequest(), timeout=10).nodes if n.name == name]
     return info
 
 
@@ -128,7 +105,7 @@ def test_a_member_lost_after_enrolling_or_after_uploading_costs_seconds_not_the_
     for i in range(3):
         fed.start_node(i)
     fed.start_node(3, env={"CIPHERHIVE_FAILPOINTS": "node.enrolled"})
-    _online(fed, 4)
+    wait_online(fed, 4)
     honest = [fed.node_name(i) for i in range(3)]
 
     first = _start(fed)
@@ -148,7 +125,7 @@ def test_a_member_lost_after_enrolling_or_after_uploading_costs_seconds_not_the_
     # node-3 dies right after its upload's receipt, before its commit.
     fed.stop("node-3")
     fed.start_node(2, env={"CIPHERHIVE_FAILPOINTS": "node.submitted"})
-    _online(fed, 3)
+    wait_online(fed, 3)
     second = _start(fed)
     info = fed.wait_round(second, 90)
     assert fed.procs["node-3"].wait(10) != 0
@@ -160,13 +137,13 @@ def test_a_member_lost_after_enrolling_or_after_uploading_costs_seconds_not_the_
     assert "member named" in fed.log("server")
 
     # Readmitted, restarted: all four take part again.
-    admin = _admin(fed)
+    operator = admin(fed)
     for name in ("node-3", "node-4"):
-        admin.ReadmitNode(pb.ReadmitNodeRequest(name=name), timeout=10)
+        operator.ReadmitNode(pb.ReadmitNodeRequest(name=name), timeout=10)
         assert _node(fed, name).excluded_until_round == 0
     fed.start_node(2)
     fed.start_node(3)
-    _online(fed, 4)
+    wait_online(fed, 4)
     base = max((r.round for r in fed.list_rounds() if r.state == pb.ROUND_SUM_READY), default=0)
     if base:
         _applied(fed, base, [fed.node_name(i) for i in range(4)])
@@ -194,7 +171,7 @@ def test_a_signed_refusal_reforms_the_round_before_any_upload_and_it_publishes(
     names = [fed.node_name(i) for i in range(4)]
     member = Member(fed, "node-4", layout, names)
     member.join()
-    _online(fed, 4)
+    wait_online(fed, 4)
     number = _start(fed)
     opened = member.wait(pb.RoundEvent.OPENED, number)
 
@@ -276,11 +253,11 @@ def test_one_hostile_member_fails_at_most_two_of_eight_rounds_and_is_named(
     layout = Layout.read_file(fed.layout_file)
     member = Member(fed, "node-4", layout, [fed.node_name(i) for i in range(4)])
     member.join()
-    _online(fed, 4)
+    wait_online(fed, 4)
     hostile = Hostile(member, behaviour, layout)
     states: list[int] = []
     for _ in range(8):
-        _online(fed, 4)  # an honest node whose upload a failed round cut short reconnects first
+        wait_online(fed, 4)  # an honest node whose upload a failed round cut short reconnects first
         number = _start(fed)
         player = threading.Thread(target=hostile.play, args=(number,), daemon=True)
         player.start()
