@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cipherhive.server.rounds import masked
+from cipherhive.server.rounds import leaving
 from cipherhive.server.rounds.context import OpenRound, RoundContext, Verdict
 
 __all__ = ["Reform", "check"]
@@ -53,7 +53,7 @@ def check(ctx: RoundContext, current: OpenRound, now: float) -> Verdict | Reform
         ]
         if lost:
             why = f"{_names(lost)} lost its connection for {step:g} s before uploading"
-            if masked.can_reform(ctx, current, set(lost)):
+            if leaving.can_reform(ctx, current, set(lost)):
                 return Reform(frozenset(lost), why)
             return Verdict("upload", why + "; the round cannot finish without it", tuple(sorted(lost)))
         late = [

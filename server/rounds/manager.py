@@ -49,7 +49,16 @@ from cipherhive.server.ingest.workers import (
     WorkerLost,
     shared_memory_free,
 )
-from cipherhive.server.rounds import culprits, masked, pinning, recovery, replay, scheduler, withdrawal
+from cipherhive.server.rounds import (
+    culprits,
+    leaving,
+    masked,
+    pinning,
+    recovery,
+    replay,
+    scheduler,
+    withdrawal,
+)
 from cipherhive.server.rounds.context import OpenRound, RoundContext, Upload, Verdict
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.events import EventBus
@@ -221,7 +230,7 @@ class RoundManager:
         return masked.release_seed(self.context, who, request)
 
     def withdraw(self, who: Caller, request: pb.WithdrawRequest) -> pb.WithdrawReply:
-        return masked.withdraw(self.context, who, request)
+        return leaving.withdraw(self.context, who, request)
 
     def readmit(self, node: str, actor: str = "operator") -> None:
         culprits.readmit(self.context, node, actor)

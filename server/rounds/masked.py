@@ -33,8 +33,8 @@ restart resumes the phase it was in; a round that fails leaves the
 self-masks on (nothing released can be differenced: see the node's ledger).
 The in-memory records (``MaskState``, ``UploadDigests``) live in ``mask_state``.
 A member that leaves (a signed withdrawal) may get the round re-formed without it
-(§2.1, :func:`withdraw`, :func:`reform`); the step deadlines are in ``deadlines`` and
-the members named for a failure in ``culprits`` (§10).
+(§2.1, ``leaving``); the step deadlines are in ``deadlines`` and the members named for a
+failure in ``culprits`` (§10).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from cipherhive.secagg import masking
 from cipherhive.secagg.commit import Commit, self_mask_digest, upload_digests
 from cipherhive.secagg.roster import Enrolment, RoundBinding, roster_hash
 from cipherhive.secagg.wire import WireError, fields
-from cipherhive.secagg.withdrawal import REPLACED_ROSTER, Withdrawal
+from cipherhive.secagg.withdrawal import REPLACED_ROSTER
 from cipherhive.server.ingest.running_sum import MaskedSum
 from cipherhive.server.rounds import culprits
 from cipherhive.server.rounds.context import OpenRound, RoundContext, Verdict
@@ -134,7 +134,7 @@ def _check_entry(ctx: RoundContext, who: Caller, number: int, nonce: bytes, data
 def enrol(ctx: RoundContext, who: Caller, request: pb.EnrolRequest) -> pb.EnrolReply:
     """Enrol: record a member's signed enrolment for the open round (idempotent)."""
     with ctx.lock:
-        current, mask = _open_masked(ctx, request.round)
+        current, mask = open_masked(ctx, request.round)
         if who.name not in ctx.joined:
             raise refuse(grpc.StatusCode.FAILED_PRECONDITION, "join the federation before enrolling")
         previous = mask.enrolled.get(who.name)
@@ -181,7 +181,7 @@ def _enrol_reply(current: OpenRound, mask: MaskState) -> pb.EnrolReply:
     return pb.EnrolReply(enrolled=len(mask.enrolled), roster_deadline_unix=current.row.enrol_deadline)
 
 
-def _open_masked(ctx: RoundContext, number: int) -> tuple[OpenRound, MaskState]:
+def open_masked(ctx: RoundContext, number: int) -> tuple[OpenRound, MaskState]:
     """The open round if it is ``number`` and masked (caller holds the lock)."""
     current = ctx.open
     if current is None or current.closing or current.number != number:
@@ -213,7 +213,7 @@ def roster_due(current: OpenRound, now: float) -> bool:
 def fix_roster(ctx: RoundContext, number: int) -> str:
     """Fix the open round's roster; returns "" or why the round must fail instead."""
     with ctx.lock:
-        current, mask = _open_masked(ctx, number)
+        current, mask = open_masked(ctx, number)
         if mask.phase != "enrol":
             return ""
         floor = max(current.row.min_participants or ctx.config.min_participants, 2)
@@ -332,7 +332,7 @@ def submit_commit(ctx: RoundContext, who: Caller, request: pb.CommitRequest) -> 
     commit re-checks whether every member has committed, so no crash leaves a round holding
     every commit but never announcing COMMITS (README, "Masked rounds", step 5)."""
     with ctx.lock:
-        current, mask = _open_masked(ctx, request.round)
+        current, mask = open_masked(ctx, request.round)
         entry = mask.roster.get(who.name)
         if entry is None:
             raise refuse(
@@ -362,7 +362,7 @@ def submit_commit(ctx: RoundContext, who: Caller, request: pb.CommitRequest) -> 
                 culprits.record(ctx, current.number, who.name, "commit", exc.message)
             raise
     with ctx.lock:
-        current, mask = _open_masked(ctx, request.round)
+        current, mask = open_masked(ctx, request.round)
         new = who.name not in mask.commits
         everyone = set(mask.roster) <= set(mask.commits) | {who.name} and mask.phase == "upload"
         if new:
@@ -423,7 +423,7 @@ def _checked_commit(
 def release_seed(ctx: RoundContext, who: Caller, request: pb.ReleaseRequest) -> pb.ReleaseReply:
     """ReleaseSeed: record a member's self-mask seed once it matches its commitment."""
     with ctx.lock:
-        current, mask = _open_masked(ctx, request.round)
+        current, mask = open_masked(ctx, request.round)
         if who.name not in mask.roster:
             raise refuse(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -485,133 +485,6 @@ def failure(current: OpenRound) -> Verdict:
     return Verdict(
         "release", f"{', '.join(missing)} withheld the self-mask seed; the sum stays masked", tuple(missing)
     )
-
-
-def floor_of(ctx: RoundContext, current: OpenRound) -> int:
-    return max(current.row.min_participants or ctx.config.min_participants, 2)
-
-
-def can_reform(ctx: RoundContext, current: OpenRound, leaving: set[str]) -> bool:
-    """A round may be re-formed without ``leaving`` only before anything was uploaded, once,
-    and with the floor still met (docs/spec/masked-round.md §2.1; caller holds the lock)."""
-    mask = current.mask
-    return (
-        mask is not None
-        and mask.phase == "upload"
-        and not mask.reformed
-        and not current.accepted
-        and not current.uploads
-        and len(set(mask.roster) - leaving) >= floor_of(ctx, current)
-    )
-
-
-def _reform_locked(ctx: RoundContext, current: OpenRound, leaving: set[str]) -> None:
-    """The roster without ``leaving``, durable, with its new hash (caller holds the lock)."""
-    mask = current.mask
-    assert mask is not None
-    remaining = {n: e for n, e in mask.roster.items() if n not in leaving}
-    digest = roster_hash(sorted(e.encoded for e in remaining.values()), mask.nonce)
-    ctx.state.reform_roster(current.number, sorted(remaining), digest)
-    mask.superseded.add(mask.roster_hash)
-    mask.roster, mask.roster_hash, mask.reformed = remaining, digest, True
-    row = ctx.state.round(current.number)
-    assert row is not None
-    current.row = row
-
-
-def reform(ctx: RoundContext, number: int, leaving: set[str], why: str) -> bool:
-    """Re-form the open round without ``leaving`` and send the new roster; False if it may not be."""
-    with ctx.lock:
-        current, mask = _open_masked(ctx, number)
-        if not can_reform(ctx, current, leaving):
-            return False
-        _reform_locked(ctx, current, leaving)
-    audit(
-        "roster re-formed",
-        "scheduler",
-        round=number,
-        without=sorted(leaving),
-        members=sorted(mask.roster),
-        why=why,
-        hash=mask.roster_hash.hex()[:16],
-    )
-    ctx.bus.publish(roster_event(ctx, current))
-    return True
-
-
-def withdraw(ctx: RoundContext, who: Caller, request: pb.WithdrawRequest) -> pb.WithdrawReply:
-    """Withdraw: a member leaves the round it enrolled in, on its own signed word (§2.1).
-
-    Enrolling: it is forgotten and not waited for. In the roster, before any upload: the
-    round is re-formed without it (once). Otherwise the round cannot finish: it fails at
-    the scheduler's next step, charged to the member."""
-    published = charged = False
-    with ctx.lock:
-        current, mask = _open_masked(ctx, request.round)
-        if who.name in mask.withdrawn:
-            return pb.WithdrawReply(round_continues=True)
-        entry = mask.enrolled.get(who.name)
-        if entry is None:
-            raise refuse(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{who.name!r} is not enrolled in round {current.number}; there is nothing to withdraw from",
-            )
-        try:
-            withdrawal = Withdrawal.decode(request.withdrawal)
-        except WireError as exc:
-            raise refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed withdrawal ({exc})") from None
-        if (
-            withdrawal.round != current.number
-            or withdrawal.nonce != mask.nonce
-            or withdrawal.cert_fingerprint != entry.cert_fingerprint
-        ):
-            raise refuse(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the withdrawal was made for another round or another member",
-            )
-        if not withdrawal.verify(entry.enrol_key):
-            raise refuse(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the withdrawal is not signed by this member's enrolment key",
-            )
-        if mask.phase == "enrol":
-            del mask.enrolled[who.name]
-            mask.withdrawn.add(who.name)
-            ctx.state.drop_enrolment(current.number, who.name)
-            outcome, continues = "left before the roster was fixed", True
-        elif who.name not in mask.roster:
-            outcome, continues = "not in the roster", True
-        elif can_reform(ctx, current, {who.name}):
-            _reform_locked(ctx, current, {who.name})
-            mask.withdrawn.add(who.name)
-            outcome, continues, published, charged = "the roster is re-formed without it", True, True, True
-        else:
-            if current.verdict is None:
-                current.verdict = Verdict(
-                    "withdraw",
-                    f"{who.name} withdrew ({withdrawal.reason}) when the round could no longer go on "
-                    f"without it (phase {mask.phase})",
-                    (who.name,),
-                )
-            outcome, continues, charged = "the round fails", False, True
-    audit("withdrew", who.name, round=current.number, reason=withdrawal.reason, outcome=outcome)
-    if charged:
-        # Leaving a roster costs the others a re-forming or the round: named and left out of the
-        # next rosters like a missed step (§10), so one member cannot do it every round.
-        culprits.record(ctx, current.number, who.name, "withdraw", f"withdrew: {withdrawal.reason}")
-    if published:
-        audit(
-            "roster re-formed",
-            "scheduler",
-            round=current.number,
-            without=[who.name],
-            members=sorted(mask.roster),
-            why="withdrawal",
-            hash=mask.roster_hash.hex()[:16],
-        )
-        ctx.bus.publish(roster_event(ctx, current))
-    ctx.wake()
-    return pb.WithdrawReply(round_continues=continues)
 
 
 def unmask(current: OpenRound) -> None:

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 
-from cipherhive.server.rounds import deadlines, masked
+from cipherhive.server.rounds import deadlines, leaving, masked
 from cipherhive.server.rounds.context import RoundContext, RoundControl, Verdict
 from cipherhive.server.rounds.errors import RoundError
 
@@ -53,7 +53,7 @@ def tick(ctx: RoundContext, control: RoundControl) -> None:
             )
         return
     if isinstance(step, deadlines.Reform) and current is not None:
-        if not masked.reform(ctx, current.number, set(step.leaving), step.why):
+        if not leaving.reform(ctx, current.number, set(step.leaving), step.why):
             control.close_round(current.number, "step deadline", verdict=Verdict("upload", step.why))
         return
     if isinstance(step, Verdict) and current is not None:
