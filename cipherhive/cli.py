@@ -30,26 +30,29 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _server(args: argparse.Namespace) -> int:
     from cipherhive.runtime import config, logs
-    from cipherhive.runtime.fsutil import exclusive_state_dir
     from cipherhive.server.config import ServerConfig
     from cipherhive.server.daemon import Server
 
     cfg = config.load(ServerConfig, args)
     logs.setup(cfg.log_level, cfg.log_json, cfg.audit_file)
-    with exclusive_state_dir(cfg.state_dir, "server"):
-        return Server(cfg).serve_forever()
+    return Server(cfg).serve_forever()  # it holds its state directory (StateDirLock)
 
 
 def _node(args: argparse.Namespace) -> int:
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.daemon import Node
     from cipherhive.runtime import config, logs
-    from cipherhive.runtime.fsutil import exclusive_state_dir
+    from cipherhive.runtime.fsutil import StateDirInUse, exclusive_state_dir
 
     cfg = config.load(NodeConfig, args)
     logs.setup(cfg.log_level, cfg.log_json)
-    with exclusive_state_dir(cfg.state_dir, "node"):
-        return Node(cfg).serve_forever()
+    node = Node(cfg)  # refuses a bad configuration before anything is held
+    try:
+        with exclusive_state_dir(cfg.state_dir, "node"):
+            return node.serve_forever()  # which closes the node
+    except StateDirInUse:
+        node.close()  # its crypto workers
+        raise
 
 
 def _demo(args: argparse.Namespace) -> int:

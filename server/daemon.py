@@ -85,7 +85,9 @@ class Server:
             except (OSError, codec.CodecError) as exc:
                 raise StartupError(str(exc)) from exc
             self.fingerprint = keys.fingerprint_of_file(config.public_context)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        # Held for this process's life, before anything in the directory is touched: a second
+        # server would otherwise recover and serve the same round.
+        self._state_lock = fsutil.StateDirLock(config.state_dir, "server")
         self.state = State(config.state_dir / "state.db")
         stored = self.state.get_meta("key_fingerprint")
         if stored is not None and stored != self.fingerprint:

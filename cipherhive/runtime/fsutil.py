@@ -130,31 +130,44 @@ class StateDirInUse(UserError):
     """Another daemon holds the state directory."""
 
 
-@contextmanager
-def exclusive_state_dir(state_dir: Path, what: str) -> Iterator[None]:
-    """Hold ``state_dir`` for this daemon's life: a second daemon on it is refused, naming the first.
+class StateDirLock:
+    """A daemon's hold on its state directory: a second daemon on it is refused, naming the first.
 
     Two daemons on one state directory would each resend, commit and release from the same
-    round files and ledgers as if alone, and two servers would serve one database. The lock is
-    ``flock`` on :data:`LOCK_FILE`: the kernel drops it when the process ends, however it ends,
-    so a crash never leaves a stale lock behind.
+    round files and ledgers as if alone, and two servers would recover and serve one database.
+    The lock is ``flock`` on :data:`LOCK_FILE`: the kernel drops it when the process ends,
+    however it ends, so a crash never leaves a stale lock behind.
     """
-    import fcntl
 
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its pid is unknown"
-        os.close(fd)
-        raise StateDirInUse(
-            f"{state_dir} is in use by another cipherhive {what} ({holder}); stop that one first, "
-            f"or give this {what} a state directory of its own"
-        ) from None
-    try:
+    def __init__(self, state_dir: Path, what: str) -> None:
+        import fcntl
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its pid is unknown"
+            os.close(fd)
+            raise StateDirInUse(
+                f"{state_dir} is in use by another cipherhive {what} ({holder}); stop that one first, "
+                f"or give this {what} a state directory of its own"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@contextmanager
+def exclusive_state_dir(state_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``state_dir`` (:class:`StateDirLock`) while the block runs."""
+    lock = StateDirLock(state_dir, what)
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
