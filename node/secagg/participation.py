@@ -222,8 +222,9 @@ class Participation:
         if previous is not None and roster.hash != previous.hash:
             # docs/spec/masked-round.md §2.1: one re-forming, to a strict subset, before the upload
             # was acknowledged; an update masked for the first roster is masked again.
-            kept = {m.cert_fingerprint for m in previous.members}
-            mine = {m.cert_fingerprint for m in roster.members}
+            # Whole signed entries, not fingerprints: a member kept must keep the key it enrolled.
+            kept = {m.encoded for m in previous.members}
+            mine = {m.encoded for m in roster.members}
             if self.receipt or self._x25519 is None:
                 raise RosterError("the server re-formed the roster after this node's upload was accepted")
             if self.reformed or not mine < kept:
