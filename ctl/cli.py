@@ -20,8 +20,24 @@ Exit codes:
 `round wait N` exits with the round's outcome: 0 published, 1 failed or
 withdrawn, 3 the server could not be reached or --timeout passed first.
 
-Environment: CIPHERHIVE_CTL_SERVER, CIPHERHIVE_CTL_CERT, CIPHERHIVE_CTL_KEY and
-CIPHERHIVE_CTL_CA stand in for --server, --cert, --key and --ca.
+With --json, a failure is one JSON object on stdout (nothing on stderr), with
+the same exit code: {"error": {"code": "NOT_FOUND", "message": "...",
+"exit_code": 1, "hint": "..."}}; `round wait` and `health` add this "error"
+key to their usual JSON when the exit code is not 0.
+
+Environment (a flag given wins over its variable):
+  CIPHERHIVE_CTL_SERVER       --server
+  CIPHERHIVE_CTL_SERVER_NAME  --server-name
+  CIPHERHIVE_CTL_CERT         --cert
+  CIPHERHIVE_CTL_KEY          --key
+  CIPHERHIVE_CTL_CA           --ca
+  CIPHERHIVE_CTL_INSECURE     --insecure (1/0, true/false, yes/no, on/off)
+  CIPHERHIVE_CTL_TIMEOUT      --timeout
+
+Connection flags and --json may go before or after the sub-command, at any
+level (`ctl --json round show 2` = `ctl round show 2 --json`); `round start`
+and `round wait` have a --timeout of their own, so there the call deadline
+goes before the sub-command (or in CIPHERHIVE_CTL_TIMEOUT).
 
 Example:
   cipherhive ctl --server agg.example.com:7443 --cert operator/operator.crt \\
@@ -35,17 +51,23 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cipherhive.ctl import render
 from cipherhive.ctl.client import (
+    CODE_INTERRUPTED,
+    CODE_STREAM_ENDED,
     DEFAULT_SERVER,
+    DEFAULT_TIMEOUT,
     ENV_CA,
     ENV_CERT,
+    ENV_INSECURE,
     ENV_KEY,
     ENV_SERVER,
+    ENV_SERVER_NAME,
+    ENV_TIMEOUT,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -53,15 +75,19 @@ from cipherhive.ctl.client import (
     Client,
     CtlError,
     Target,
+    usage_error,
 )
 from cipherhive.ctl.report import render_report
-from cipherhive.ctl.wait import outcome, wait_for_round
+from cipherhive.ctl.wait import outcome, outcome_error, wait_for_round
 from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.v1 import federation_pb2 as pb
 
 Handler = Callable[[Client, argparse.Namespace], int]
 
 PROG = "cipherhive ctl"
+
+#: Namespace attributes of the connection flags; each is absent unless its flag was given.
+CONNECTION = ("server", "server_name", "cert", "key", "ca", "insecure", "timeout")
 
 
 def _epilog() -> str:
@@ -97,50 +123,141 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _add_connection(parser: argparse.ArgumentParser) -> None:
-    """Flags of `ctl` itself, given before the sub-command (`round start` has its own --timeout)."""
-    group = parser.add_argument_group("connection")
+# ---------------------------------------------------------------- parsers
+
+
+def _asks_json(words: Sequence[str]) -> bool:
+    """Whether --json is among ``words`` (as an option: not after a ``--``)."""
+    for word in words:
+        if word == "--":
+            return False
+        if word == "--json":
+            return True
+    return False
+
+
+class CtlParser(argparse.ArgumentParser):
+    """The parser of each ctl sub-command: under --json, its usage errors are the JSON error too.
+
+    Its sub-commands are :class:`_Commands`, which tell it before it parses whether --json
+    was given anywhere on the line (docs/reference/cli.md#cipherhive-ctl).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Commands)
+        self.json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:
+            problem = usage_error(message, hint=f"see `{self.prog} --help`")
+            print(render.dumps({"error": problem.as_dict()}))
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
+if TYPE_CHECKING:
+    _SubCommands = argparse._SubParsersAction[CtlParser]
+else:  # not subscriptable at run time
+    _SubCommands = argparse._SubParsersAction
+
+
+class _Commands(_SubCommands):
+    """Sub-commands that learn, before they parse, whether --json was asked for.
+
+    argparse parses a sub-command into a namespace of its own, so without this a sub-command
+    would not know of a --json given before it when it reports a usage error; and an
+    unrecognized argument would be reported by the top-level `cipherhive` parser, as text.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        words = [str(v) for v in values] if isinstance(values, list) else []
+        chosen = self.choices.get(words[0]) if isinstance(self.choices, dict) and words else None
+        wants_json = (
+            bool(getattr(namespace, "json", False))
+            or bool(getattr(parser, "json_errors", False))
+            or _asks_json(words[1:])
+        )
+        if isinstance(chosen, CtlParser):
+            chosen.json_errors = wants_json
+        super().__call__(parser, namespace, values, option_string)
+        extras = getattr(namespace, argparse._UNRECOGNIZED_ARGS_ATTR, None)
+        if wants_json and extras and isinstance(chosen, CtlParser):
+            chosen.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def _options(call_timeout: bool = True) -> CtlParser:
+    """The connection flags and --json, for `ctl` and every sub-command (argparse parents).
+
+    Every default is SUPPRESS: a flag not given leaves no attribute, so a sub-command never
+    resets what was given before it, and :class:`Target` applies variable, then default.
+    """
+    parser = CtlParser(add_help=False, argument_default=argparse.SUPPRESS)
+    group = parser.add_argument_group("connection (before or after the sub-command)")
     group.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help=f"aggregator address (env {ENV_SERVER}, default {DEFAULT_SERVER})",
+        help=f"aggregator address (env {ENV_SERVER}; default {DEFAULT_SERVER})",
+    )
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help=f"host name to expect in the server certificate, if not the one in --server "
+        f"(env {ENV_SERVER_NAME})",
     )
     group.add_argument("--cert", metavar="FILE", help=f"admin certificate, PEM (env {ENV_CERT})")
     group.add_argument("--key", metavar="FILE", help=f"admin private key, PEM (env {ENV_KEY})")
     group.add_argument("--ca", metavar="FILE", help=f"federation CA certificate, PEM (env {ENV_CA})")
     group.add_argument(
-        "--server-name",
-        metavar="NAME",
-        default="",
-        help="host name to expect in the server certificate, if not the one in --server",
-    )
-    group.add_argument(
         "--insecure",
+        action=argparse.BooleanOptionalAction,
+        help="plaintext, no certificates: a server started with --insecure, or its health_listen "
+        f"port (env {ENV_INSECURE}=1; --no-insecure overrides it)",
+    )
+    if call_timeout:
+        group.add_argument(
+            "--timeout",
+            metavar="SECONDS",
+            help=f"deadline of each call (env {ENV_TIMEOUT}; default {DEFAULT_TIMEOUT:g})",
+        )
+    parser.add_argument(
+        "--json",
         action="store_true",
-        help="plaintext, no certificates (a server started with --insecure, or its health_listen port)",
+        help="print JSON for scripts, errors included (before or after the sub-command)",
     )
-    group.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        type=_positive_float,
-        default=10.0,
-        help="deadline of each call (default 10)",
-    )
-    _add_json(parser, default=False)
-
-
-def _add_json(parser: argparse.ArgumentParser, default: object) -> None:
-    # After the sub-command the default is SUPPRESS, so it cannot reset a --json given before it.
-    parser.add_argument("--json", action="store_true", default=default, help="print JSON for scripts")
+    return parser
 
 
 def _leaf(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help_text: str
-) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
-    _add_json(parser, default=argparse.SUPPRESS)
-    parser.set_defaults(func=_command(handler))
+    sub: argparse._SubParsersAction[CtlParser],
+    name: str,
+    handler: Handler,
+    help_text: str,
+    *,
+    call_timeout: bool = True,
+    lines: bool = False,
+) -> CtlParser:
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text[:1].upper() + help_text[1:] + ".",
+        parents=[_options(call_timeout)],
+    )
+    parser.set_defaults(func=_command(handler, lines=lines))
     return parser
+
+
+def _group(
+    sub: argparse._SubParsersAction[CtlParser], name: str, help_text: str, description: str
+) -> CtlParser:
+    """A sub-command with actions of its own (`round`, `federation`); it takes the flags too."""
+    return sub.add_parser(name, help=help_text, description=description, parents=[_options()])
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -151,9 +268,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Query and steer a running aggregator through its Admin gRPC service.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_options()],
     )
-    _add_connection(ctl)
-    sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+    sub = ctl.add_subparsers(
+        dest="ctl_command", metavar="COMMAND", required=True, parser_class=CtlParser, action=_Commands
+    )
 
     _leaf(sub, "status", _status, "show the server's version, settings, nodes online and latest rounds")
     nodes_parser = _leaf(
@@ -173,13 +292,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--limit", type=_int_at_least(0), default=0, metavar="N", help="most recent N (default: all)"
     )
 
-    round_parser = sub.add_parser(
-        "round", help="show, start, close or withdraw one round", description="One round."
-    )
+    round_parser = _group(sub, "round", "show, start, close or withdraw one round", "One round.")
     round_sub = round_parser.add_subparsers(dest="round_command", metavar="ACTION", required=True)
     p = _leaf(round_sub, "show", _round_show, "show a round's details and each node's submission")
     p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number")
-    p = _leaf(round_sub, "start", _round_start, "open a round now (refused while one is open)")
+    p = _leaf(
+        round_sub, "start", _round_start, "open a round now (refused while one is open)", call_timeout=False
+    )
     p.add_argument(
         "--timeout",
         dest="round_timeout",
@@ -199,6 +318,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "wait",
         _round_wait,
         "wait until a round ends; exit 0 published, 1 failed or withdrawn, 3 unreachable or timed out",
+        call_timeout=False,
     )
     p.add_argument("number", type=_int_at_least(1), metavar="N", help="round number (may not be open yet)")
     p.add_argument(
@@ -223,10 +343,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--reason", required=True, metavar="TEXT", help="why, 1-200 characters (shown to every node)"
     )
 
-    fed_parser = sub.add_parser(
+    fed_parser = _group(
+        sub,
         "federation",
-        help="pin or reset the federation's model layout",
-        description="The federation's model layout, pinned by the operator.",
+        "pin or reset the federation's model layout",
+        "The federation's model layout, pinned by the operator.",
     )
     fed_sub = fed_parser.add_subparsers(dest="federation_command", metavar="ACTION", required=True)
     p = _leaf(
@@ -245,7 +366,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         fed_sub, "reset", _federation_reset, "forget the pinned layout (refused once a round was published)"
     )
 
-    p = _leaf(sub, "watch", _watch, "follow round events live, one line each (Ctrl-C stops, exit 0)")
+    p = _leaf(
+        sub, "watch", _watch, "follow round events live, one line each (Ctrl-C stops, exit 0)", lines=True
+    )
     p.add_argument(
         "--since",
         type=_int_at_least(0),
@@ -259,6 +382,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=0,
         metavar="K",
         help="stop after K events, heartbeats not counted (default: follow until Ctrl-C)",
+    )
+    p.add_argument(
+        "--with-blobs",
+        action="store_true",
+        help="with --json, keep each masked round's roster entries and commits (base64, a few KB "
+        "per event); by default they are left out, replaced by their counts and the roster hash",
     )
 
     p = _leaf(sub, "health", _health, "check grpc.health.v1: exit 0 if SERVING, else 1")
@@ -274,31 +403,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 # ---------------------------------------------------------------- dispatch
 
 
-def _fail(exc: CtlError) -> int:
+def _fail(exc: CtlError, as_json: bool, lines: bool = False) -> int:
+    """Text on stderr for people; under --json one object on stdout, where the script reads."""
+    if as_json:
+        print(render.dumps({"error": exc.as_dict()}, lines=lines), flush=True)
+        return exc.exit_code
     print(f"{PROG}: error: {exc.message}", file=sys.stderr)
     if exc.hint:
         print(f"{PROG}: hint: {exc.hint}", file=sys.stderr)
     return exc.exit_code
 
 
-def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
-    """Resolve the connection, run ``handler``, turn every CtlError into its exit code."""
+def _command(handler: Handler, lines: bool = False) -> Callable[[argparse.Namespace], int]:
+    """Resolve the connection, run ``handler``, turn every CtlError into its exit code.
+
+    ``lines``: the command prints JSON Lines (watch), so its error is one line too.
+    """
 
     def run(args: argparse.Namespace) -> int:
+        args.json = bool(getattr(args, "json", False))
+        given = {name: getattr(args, name) for name in CONNECTION if hasattr(args, name)}
         try:
-            target = Target.resolve(
-                server=args.server,
-                cert=args.cert,
-                key=args.key,
-                ca=args.ca,
-                server_name=args.server_name,
-                insecure=args.insecure,
-                timeout=args.timeout,
-            )
+            target = Target.resolve(**given)
             with Client(target) as client:
                 return handler(client, args)
         except CtlError as exc:
-            return _fail(exc)
+            return _fail(exc, args.json, lines)
         except BrokenPipeError:
             # `ctl watch | head -1`: the reader has what it wanted; no traceback for that.
             _silence_stdout()
@@ -367,7 +497,7 @@ def _federation_init(client: Client, args: argparse.Namespace) -> int:
     try:
         layout = Layout.read_file(args.layout)
     except LayoutError as exc:
-        raise CtlError(f"--layout: {exc}", EXIT_USAGE) from None
+        raise usage_error(f"--layout: {exc}") from None
     reply = client.set_layout(layout.to_proto(), args.replace)
     if args.json:
         print(render.dumps(render.message_dict(reply)))
@@ -388,10 +518,16 @@ def _round_wait(client: Client, args: argparse.Namespace) -> int:
     try:
         info = wait_for_round(client, args.number, args.wait_timeout)
     except KeyboardInterrupt:
-        raise CtlError(f"interrupted before round {args.number} ended", EXIT_UNREACHABLE) from None
+        raise CtlError(
+            CODE_INTERRUPTED, f"interrupted before round {args.number} ended", EXIT_UNREACHABLE
+        ) from None
     word, code = outcome(info)
     if args.json:
-        print(render.dumps({**render.round_dict(info), "outcome": word}))
+        data = {**render.round_dict(info), "outcome": word}
+        failed = outcome_error(info)
+        if failed is not None:
+            data["error"] = failed.as_dict()
+        print(render.dumps(data))
     else:
         render.print_round(render.make_console(), info)
     return code
@@ -411,7 +547,9 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
             if event.kind == pb.RoundEvent.HEARTBEAT:
                 continue
             line = (
-                render.dumps(render.event_dict(event), lines=True) if args.json else render.event_line(event)
+                render.dumps(render.event_dict(event, with_blobs=args.with_blobs), lines=True)
+                if args.json
+                else render.event_line(event)
             )
             print(line, flush=True)
             seen += 1
@@ -421,25 +559,31 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stream.cancel()
         return EXIT_OK
-    raise CtlError("the server ended the event stream (is it shutting down?)", EXIT_UNREACHABLE)
+    raise CtlError(
+        CODE_STREAM_ENDED, "the server ended the event stream (is it shutting down?)", EXIT_UNREACHABLE
+    )
 
 
 def _health(client: Client, args: argparse.Namespace) -> int:
     status = client.health(args.service)
+    code = EXIT_OK if status == "SERVING" else EXIT_REFUSED
     if args.json:
-        print(render.dumps({"service": args.service, "status": status}))
+        data: dict[str, Any] = {"service": args.service, "status": status}
+        if code != EXIT_OK:
+            data["error"] = CtlError(status, f"service {args.service!r} is {status}", code).as_dict()
+        print(render.dumps(data))
     else:
         print(status)
-    return EXIT_OK if status == "SERVING" else EXIT_REFUSED
+    return code
 
 
 def _report(client: Client, args: argparse.Namespace) -> int:
     out: Path = args.out
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise CtlError(f"--out: directory {str(folder)!r} does not exist", EXIT_USAGE)
+        raise usage_error(f"--out: directory {str(folder)!r} does not exist")
     if out.is_dir():
-        raise CtlError(f"--out: {str(out)!r} is a directory; give a file name", EXIT_USAGE)
+        raise usage_error(f"--out: {str(out)!r} is a directory; give a file name")
     status = client.status()
     rounds = client.rounds(args.limit)
     document = render_report(rounds, status)
@@ -464,4 +608,4 @@ def _write_atomically(path: Path, text: str) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise CtlError(f"--out: cannot write {str(path)!r}: {exc.strerror or exc}", EXIT_USAGE) from exc
+        raise usage_error(f"--out: cannot write {str(path)!r}: {exc.strerror or exc}") from exc

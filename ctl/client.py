@@ -7,8 +7,9 @@ never has to inspect gRPC status codes itself.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,21 @@ EXIT_USAGE = 2  # bad arguments or local files
 EXIT_UNREACHABLE = 3  # no answer: network, TLS handshake, deadline
 
 DEFAULT_SERVER = "127.0.0.1:7443"
+DEFAULT_TIMEOUT = 10.0
+#: One variable per connection flag (docs/reference/cli.md#cipherhive-ctl); a flag given wins.
 ENV_SERVER = "CIPHERHIVE_CTL_SERVER"
+ENV_SERVER_NAME = "CIPHERHIVE_CTL_SERVER_NAME"
 ENV_CERT = "CIPHERHIVE_CTL_CERT"
 ENV_KEY = "CIPHERHIVE_CTL_KEY"
 ENV_CA = "CIPHERHIVE_CTL_CA"
+ENV_INSECURE = "CIPHERHIVE_CTL_INSECURE"
+ENV_TIMEOUT = "CIPHERHIVE_CTL_TIMEOUT"
+
+#: ``error.code`` of failures that carry no gRPC status (docs/reference/cli.md#cipherhive-ctl).
+CODE_USAGE = "USAGE"
+CODE_TIMEOUT = "TIMEOUT"
+CODE_INTERRUPTED = "INTERRUPTED"
+CODE_STREAM_ENDED = "STREAM_ENDED"
 
 #: Rounds asked for per ListRounds call (the server's own limit is 500).
 PAGE_SIZE = 200
@@ -39,13 +51,65 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class CtlError(Exception):
-    """A failure to report as one line on stderr, with the exit code it maps to."""
+    """A failure to report (a line on stderr, or the JSON error object), with its exit code.
 
-    def __init__(self, message: str, exit_code: int, hint: str = "") -> None:
+    ``code`` is the gRPC status name when the call failed (NOT_FOUND, UNAVAILABLE, ...) or one
+    of the ``CODE_*`` words, so a script can branch on it without parsing ``message``.
+    """
+
+    def __init__(self, code: str, message: str, exit_code: int, hint: str = "") -> None:
         super().__init__(message)
+        self.code = code
         self.message = message
         self.exit_code = exit_code
         self.hint = hint
+
+    def as_dict(self) -> dict[str, object]:
+        """The ``--json`` form: one object whatever failed (docs/reference/cli.md#cipherhive-ctl)."""
+        return {
+            "code": self.code,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "hint": self.hint,
+        }
+
+
+def usage_error(message: str, hint: str = "") -> CtlError:
+    return CtlError(CODE_USAGE, message, EXIT_USAGE, hint)
+
+
+def _chosen(flag_value: str | None, environ: Mapping[str, str], env: str) -> tuple[str | None, str]:
+    """The value and where it came from: the flag if given, else a non-empty variable."""
+    if flag_value is not None:
+        return flag_value, ""
+    value = environ.get(env) or None
+    return value, env if value is not None else ""
+
+
+def _timeout(flag_value: str | None, environ: Mapping[str, str]) -> float:
+    """Checked here rather than by argparse so the variable and the flag fail alike (exit 2)."""
+    text, source = _chosen(flag_value, environ, ENV_TIMEOUT)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise usage_error(f"{source or '--timeout'}: must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _insecure(flag_value: bool | None, environ: Mapping[str, str]) -> bool:
+    """The spellings ``cipherhive server`` accepts for its boolean variables."""
+    if flag_value is not None:
+        return flag_value
+    text = environ.get(ENV_INSECURE, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise usage_error(f"{ENV_INSECURE}: expected true or false (1/0, yes/no, on/off), got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -59,36 +123,45 @@ class Target:
     @classmethod
     def resolve(
         cls,
-        server: str | None,
-        cert: str | None,
-        key: str | None,
-        ca: str | None,
-        server_name: str,
-        insecure: bool,
-        timeout: float,
+        server: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        ca: str | None = None,
+        server_name: str | None = None,
+        insecure: bool | None = None,
+        timeout: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> Target:
-        """Check the certificate files up front so a typo is reported by name, not as a TLS failure."""
-        address = server or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
-        if insecure:
-            return cls(address, None, timeout)
+        """Flags (None: not given) win over ``environ`` (default: os.environ), then the defaults.
+
+        The certificate files are checked up front so a typo is reported by name, the flag's or
+        the variable's, not as a TLS failure.
+        """
+        env = os.environ if environ is None else environ
+        address = _chosen(server, env, ENV_SERVER)[0] or DEFAULT_SERVER
+        seconds = _timeout(timeout, env)
+        if _insecure(insecure, env):
+            return cls(address, None, seconds)
         paths: dict[str, Path] = {}
-        for flag, value, env in (("--cert", cert, ENV_CERT), ("--key", key, ENV_KEY), ("--ca", ca, ENV_CA)):
-            chosen = value or os.environ.get(env)
+        for flag, value, var in (("--cert", cert, ENV_CERT), ("--key", key, ENV_KEY), ("--ca", ca, ENV_CA)):
+            chosen, source = _chosen(value, env, var)
             if not chosen:
-                raise CtlError(
-                    f"{flag} is required (or {env}): the admin certificate, key and federation CA "
-                    "from `cipherhive certs issue --role admin`; use --insecure for a plaintext server",
-                    EXIT_USAGE,
+                raise usage_error(
+                    f"{flag} is required: pass {flag} FILE or set {var} (the admin certificate, key "
+                    "and federation CA from `cipherhive certs issue --role admin`); use --insecure "
+                    f"or {ENV_INSECURE}=1 for a plaintext server"
                 )
+            name = source or flag
             path = Path(chosen).expanduser()
             if not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a file"
-                raise CtlError(f"{flag} file {str(path)!r} {what}", EXIT_USAGE)
+                raise usage_error(f"{name} file {str(path)!r} {what}")
             if not os.access(path, os.R_OK):
-                raise CtlError(f"{flag} file {str(path)!r} is not readable", EXIT_USAGE)
+                raise usage_error(f"{name} file {str(path)!r} is not readable")
             paths[flag] = path
-        tls = ClientTLS(paths["--cert"], paths["--key"], paths["--ca"], server_name)
-        return cls(address, tls, timeout)
+        expected_name = _chosen(server_name, env, ENV_SERVER_NAME)[0] or ""
+        tls = ClientTLS(paths["--cert"], paths["--key"], paths["--ca"], expected_name)
+        return cls(address, tls, seconds)
 
 
 #: ctl's names for the TLS settings, so a diagnosis names the flag to change.
@@ -103,22 +176,30 @@ def rpc_error(exc: grpc.RpcError, address: str, tls: ClientTLS | None = None) ->
     then names the cause and the flag to change.
     """
     code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     if code in _UNREACHABLE:
         problem = diagnose_tls(address, tls, CTL_TLS_SETTINGS) if tls is not None else None
         if problem is not None:
             return CtlError(
+                name,
                 f"{describe_rpc_error(exc)} (TLS handshake with {address} fails: {problem.cause})",
                 EXIT_UNREACHABLE,
                 hint=problem.fix,
             )
+        tls_files = (
+            ", and the TLS files (--cert/--key/--ca must come from the server's CA; "
+            "--server-name must match its certificate)"
+            if tls is not None
+            else ""
+        )
         return CtlError(
+            name,
             describe_rpc_error(exc),
             EXIT_UNREACHABLE,
             hint=f"could not reach the server at {address}: check --server, that the server is "
-            "running, and the TLS files (--cert/--key/--ca must come from the server's CA; "
-            "--server-name must match its certificate)",
+            f"running{tls_files}",
         )
-    return CtlError(describe_rpc_error(exc), EXIT_REFUSED)
+    return CtlError(name, describe_rpc_error(exc), EXIT_REFUSED)
 
 
 class Client:
@@ -129,11 +210,11 @@ class Client:
         try:
             self._channel: grpc.Channel = channel(target.address, target.tls)
         except FileNotFoundError as exc:  # read after the check above, e.g. removed meanwhile
-            raise CtlError(str(exc), EXIT_USAGE) from exc
+            raise usage_error(str(exc)) from exc
         except PermissionError as exc:  # a private key readable by group or others
-            raise CtlError(str(exc), EXIT_USAGE) from exc
+            raise usage_error(str(exc)) from exc
         except ValueError as exc:  # grpc refuses malformed addresses and PEM files this way
-            raise CtlError(f"cannot set up the connection: {exc}", EXIT_USAGE) from exc
+            raise usage_error(f"cannot set up the connection: {exc}") from exc
         self._admin = pb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -215,6 +296,7 @@ class Client:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:  # the health service sends no details
                 raise CtlError(
+                    "NOT_FOUND",
                     f"NOT_FOUND: the server reports no health for service {service!r} (known: '' for the "
                     "whole server, cipherhive.v1.Admin, cipherhive.v1.Aggregation)",
                     EXIT_REFUSED,

@@ -139,8 +139,28 @@ def rounds_dict(rounds: Sequence[pb.RoundInfo]) -> dict[str, Any]:
     return {"rounds": [round_dict(r) for r in rounds]}
 
 
-def event_dict(event: pb.RoundEvent) -> dict[str, Any]:
-    return message_dict(event)
+#: RoundEvent fields `watch --json` leaves out unless --with-blobs: a masked round's roster
+#: entries and commits, a few KB of base64 per event that no operator reads.
+BLOB_FIELDS = ("roster", "commits")
+
+
+def event_dict(event: pb.RoundEvent, *, with_blobs: bool = False) -> dict[str, Any]:
+    """The event, with counts and the roster hash in place of the blobs (unless ``with_blobs``).
+
+    ``roster_hash`` is the protocol's hash of the roster (docs/spec/masked-round.md §2), the
+    one the server's audit line `roster fixed` and the members' uploads name; "" without one.
+    """
+    # Imported here: only `watch` needs it, and every other ctl call starts faster without it.
+    from cipherhive.secagg.roster import roster_hash
+
+    data = message_dict(event)
+    if not with_blobs:
+        for name in BLOB_FIELDS:
+            data.pop(name, None)
+    data["roster_count"] = len(event.roster)
+    data["roster_hash"] = roster_hash(list(event.roster), event.nonce).hex() if event.roster else ""
+    data["commits_count"] = len(event.commits)
+    return data
 
 
 def dumps(data: Any, *, lines: bool = False) -> str:
@@ -242,6 +262,7 @@ def print_status(console: Console, status: pb.StatusReply, now: float | None = N
         ("min participants", str(s.min_participants)),
         ("max participants", str(s.max_participants)),
         ("round timeout", fmt_seconds(s.round_timeout_seconds)),
+        ("masked rounds", "on" if s.masked else "off"),
         ("optimizer", _optimizer(s.optimizer)),
         ("key fingerprint", s.key_fingerprint or DASH),
         (

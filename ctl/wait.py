@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from cipherhive.ctl.client import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Client, CtlError
+from cipherhive.ctl.client import CODE_TIMEOUT, EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, Client, CtlError
 from cipherhive.v1 import federation_pb2 as pb
 
 #: Round states that end a wait, with the word scripts and people see and the exit code.
@@ -39,7 +39,7 @@ def wait_for_round(client: Client, number: int, timeout: float | None, poll: flo
                 return info
             last_problem = ""
         except CtlError as exc:
-            if exc.exit_code == EXIT_REFUSED and exc.message.startswith("NOT_FOUND"):
+            if exc.code == "NOT_FOUND":
                 last_problem = ""
             elif exc.exit_code == EXIT_UNREACHABLE and deadline is not None:
                 last_problem = exc.message
@@ -48,6 +48,7 @@ def wait_for_round(client: Client, number: int, timeout: float | None, poll: flo
         if deadline is not None and time.monotonic() + poll > deadline:
             why = f" (last error: {last_problem})" if last_problem else ""
             raise CtlError(
+                CODE_TIMEOUT,
                 f"round {number} did not end within {timeout:g}s{why}",
                 EXIT_UNREACHABLE,
                 hint="wait longer (--timeout), or look at it with `cipherhive ctl round show "
@@ -59,3 +60,17 @@ def wait_for_round(client: Client, number: int, timeout: float | None, poll: flo
 def outcome(info: pb.RoundInfo) -> tuple[str, int]:
     """The word and exit code for an ended round (one table, so text, JSON and code agree)."""
     return OUTCOMES.get(info.state, ("open", EXIT_UNREACHABLE))
+
+
+def outcome_error(info: pb.RoundInfo) -> CtlError | None:
+    """A failed or withdrawn round as the error ``--json`` adds to it (None: published).
+
+    A script then tells success from failure the same way for every command: an ``error``
+    key in the JSON (docs/reference/cli.md#cipherhive-ctl).
+    """
+    word, code = outcome(info)
+    if code == EXIT_OK:
+        return None
+    why = info.withdrawn_reason if info.state == pb.ROUND_WITHDRAWN else info.reason
+    detail = f": {why}" if why else ""
+    return CtlError(f"ROUND_{word.upper()}", f"round {info.round} {word}{detail}", code)

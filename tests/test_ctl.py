@@ -31,9 +31,18 @@ from cipherhive.federation.layout import Layout, TensorSpec
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.slow
+#: Every test has its own limit; the first one to use the module's federation builds it (about a minute).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-ENV_VARS = ("CIPHERHIVE_CTL_SERVER", "CIPHERHIVE_CTL_CERT", "CIPHERHIVE_CTL_KEY", "CIPHERHIVE_CTL_CA")
+ENV_VARS = (
+    "CIPHERHIVE_CTL_SERVER",
+    "CIPHERHIVE_CTL_SERVER_NAME",
+    "CIPHERHIVE_CTL_CERT",
+    "CIPHERHIVE_CTL_KEY",
+    "CIPHERHIVE_CTL_CA",
+    "CIPHERHIVE_CTL_INSECURE",
+    "CIPHERHIVE_CTL_TIMEOUT",
+)
 
 
 @dataclass(frozen=True)
@@ -178,12 +187,13 @@ def test_status(ctl: Ctl, federation: LocalFederation) -> None:
     assert "latest published sum  2" in table
     assert "nodes online / known  3 / 3" in table
     assert "max rounds            2" in table
+    assert "masked rounds         on" in table  # not only in --json
     data = _ok(ctl("--json", "status")).json()
     assert data["latest_sum_round"] == 2 and data["latest_round"] == 2
     assert data["nodes_known"] == 3 and data["open_round"] == 0  # zero fields are present
     assert data["max_rounds"] == 2 and data["auto_start"] is True
     settings = data["settings"]
-    assert isinstance(settings, dict) and settings["min_participants"] == 3
+    assert isinstance(settings, dict) and settings["min_participants"] == 3 and settings["masked"] is True
     assert isinstance(data["uptime_seconds"], float) and data["uptime_seconds"] > 0
     # --json is also accepted after the sub-command.
     assert _ok(ctl("status", "--json")).json()["latest_sum_round"] == 2
@@ -194,16 +204,121 @@ def test_status(ctl: Ctl, federation: LocalFederation) -> None:
     assert f"layout                {pinned.hash} ({pinned.num_params} values)" in table
 
 
-def test_connection_from_environment(
-    raw: Ctl, federation: LocalFederation, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    flags = _admin_flags(federation)
+def _as_env(flags: list[str]) -> dict[str, str]:
+    """The variables that stand in for ``_admin_flags``' flags (docs/reference/cli.md)."""
     values = dict(zip(flags[0::2], flags[1::2], strict=True))
-    monkeypatch.setenv("CIPHERHIVE_CTL_SERVER", values["--server"])
-    monkeypatch.setenv("CIPHERHIVE_CTL_CERT", values["--cert"])
-    monkeypatch.setenv("CIPHERHIVE_CTL_KEY", values["--key"])
-    monkeypatch.setenv("CIPHERHIVE_CTL_CA", values["--ca"])
-    assert _ok(raw("--server-name", "localhost", "--json", "status")).json()["latest_sum_round"] == 2
+    return {f"CIPHERHIVE_CTL_{flag[2:].replace('-', '_').upper()}": value for flag, value in values.items()}
+
+
+def test_connection_from_environment(
+    raw: Ctl, federation: LocalFederation, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every connection flag has a variable, server name included; a flag given wins over it."""
+    variables = _as_env(_admin_flags(federation))
+    assert set(variables) == {
+        "CIPHERHIVE_CTL_SERVER",
+        "CIPHERHIVE_CTL_CERT",
+        "CIPHERHIVE_CTL_KEY",
+        "CIPHERHIVE_CTL_CA",
+        "CIPHERHIVE_CTL_SERVER_NAME",
+    }
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CIPHERHIVE_CTL_TIMEOUT", "20")
+    assert _ok(raw("--json", "status")).json()["latest_sum_round"] == 2  # no flag at all
+
+    # The server name: the variable is used (a wrong one fails the handshake), the flag wins.
+    monkeypatch.setenv("CIPHERHIVE_CTL_SERVER_NAME", "not-the-server.example")
+    wrong = raw("status")
+    assert wrong.code == 3 and "not valid for 'not-the-server.example'" in wrong.err
+    _ok(raw("--server-name", "localhost", "status"))
+    _ok(raw("status", "--server-name", "localhost"))
+    monkeypatch.setenv("CIPHERHIVE_CTL_SERVER_NAME", "localhost")
+
+    # The deadline: a bad variable is a usage error that names it; the flag wins.
+    monkeypatch.setenv("CIPHERHIVE_CTL_TIMEOUT", "soon")
+    bad = raw("status")
+    assert bad.code == 2
+    assert bad.err == (
+        "cipherhive ctl: error: CIPHERHIVE_CTL_TIMEOUT: must be a positive number of seconds, got 'soon'\n"
+    )
+    _ok(raw("--timeout", "20", "status"))
+    bad_flag = raw("--timeout", "0", "status")
+    assert bad_flag.code == 2 and "--timeout: must be a positive number of seconds" in bad_flag.err
+    monkeypatch.delenv("CIPHERHIVE_CTL_TIMEOUT")
+
+    # Plaintext: the variable is used (a TLS server does not answer it), --no-insecure wins.
+    monkeypatch.setenv("CIPHERHIVE_CTL_INSECURE", "1")
+    plaintext = raw("--timeout", "3", "status")
+    assert plaintext.code == 3, plaintext
+    _ok(raw("--no-insecure", "status"))
+    monkeypatch.setenv("CIPHERHIVE_CTL_INSECURE", "perhaps")
+    assert "CIPHERHIVE_CTL_INSECURE: expected true or false" in raw("status").err
+    monkeypatch.delenv("CIPHERHIVE_CTL_INSECURE")
+
+    # A file named by a variable is reported by the variable's name; the flag's file wins.
+    missing = tmp_path / "gone.crt"
+    monkeypatch.setenv("CIPHERHIVE_CTL_CERT", str(missing))
+    gone = raw("status")
+    assert gone.code == 2
+    assert gone.err == f"cipherhive ctl: error: CIPHERHIVE_CTL_CERT file {str(missing)!r} does not exist\n"
+    _ok(raw("--cert", variables["CIPHERHIVE_CTL_CERT"], "status"))
+
+    # A missing value names both the flag and the variable to set.
+    monkeypatch.delenv("CIPHERHIVE_CTL_CERT")
+    unset = raw("status")
+    assert unset.code == 2
+    assert unset.err.startswith(
+        "cipherhive ctl: error: --cert is required: pass --cert FILE or set CIPHERHIVE_CTL_CERT"
+    )
+
+
+def test_help_names_each_flags_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` shows every connection flag with its variable, at every level."""
+    pairs = {
+        "--server HOST:PORT": "CIPHERHIVE_CTL_SERVER;",
+        "--server-name NAME": "CIPHERHIVE_CTL_SERVER_NAME",
+        "--cert FILE": "CIPHERHIVE_CTL_CERT",
+        "--key FILE": "CIPHERHIVE_CTL_KEY",
+        "--ca FILE": "CIPHERHIVE_CTL_CA",
+        "--insecure, --no-insecure": "CIPHERHIVE_CTL_INSECURE",
+        "--timeout SECONDS": "CIPHERHIVE_CTL_TIMEOUT",
+    }
+    for argv in (["ctl"], ["ctl", "status"], ["ctl", "round"], ["ctl", "round", "show"]):
+        with pytest.raises(SystemExit) as stopped:
+            _parser().parse_args([*argv, "--help"])
+        assert stopped.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # unwrapped
+        for flag, variable in pairs.items():
+            assert f"{flag} " in text and variable in text.split(f"{flag} ", 1)[1][:160], (argv, flag)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["ctl", "round", "wait", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "CIPHERHIVE_CTL_SERVER_NAME" in text and "give up after SECONDS" in text
+
+
+def test_flags_before_and_after_the_sub_command(raw: Ctl, federation: LocalFederation) -> None:
+    """Connection flags and --json at any level; a later level never resets an earlier flag."""
+    flags = _admin_flags(federation)
+    assert _ok(raw("status", *flags, "--json")).json()["latest_sum_round"] == 2
+    assert _ok(raw("round", *flags, "show", "1", "--json")).json()["round"] == 1
+    assert _ok(raw("round", "show", "1", *flags)).out.startswith("round ")
+    assert _ok(raw("nodes", "readmit", "node-3", *flags, "--json")).json()["nodes"][0]["name"] == "node-3"
+    # Split: the certificates before, the address after; --json before, not repeated after.
+    before, after = flags[2:], flags[:2]
+    assert _ok(raw("--json", *before, "rounds", "--limit", "1", *after)).json()["rounds"][0]["round"] == 2
+    assert _ok(raw(*after, "--json", "round", *before, "wait", "1")).json()["outcome"] == "published"
+
+    parsed = _parser().parse_args(["ctl", "--server", "a:1", "--json", "round", "wait", "3", "--cert", "c"])
+    assert (parsed.server, parsed.cert, parsed.json, parsed.number) == ("a:1", "c", True, 3)
+    assert not hasattr(parsed, "key") and not hasattr(parsed, "timeout")  # not given: variable, default
+    # `round wait` and `round start` keep their own --timeout; the call deadline goes before them.
+    parsed = _parser().parse_args(["ctl", "round", "--timeout", "4", "wait", "3", "--timeout", "60"])
+    assert (parsed.timeout, parsed.wait_timeout) == ("4", 60.0)
+    parsed = _parser().parse_args(["ctl", "--timeout", "4", "round", "start", "--timeout", "60"])
+    assert (parsed.timeout, parsed.round_timeout) == ("4", 60.0)
+    parsed = _parser().parse_args(["ctl", "--server", "a:1", "status", "--server", "b:2"])
+    assert parsed.server == "b:2"  # given twice: the later one, as argparse does for any flag
 
 
 def test_nodes(ctl: Ctl) -> None:
@@ -483,6 +598,76 @@ def test_node_certificate_is_refused_exit_1(raw: Ctl, federation: LocalFederatio
     )
 
 
+# ---------------------------------------------------------------- errors under --json
+
+
+def _json_error(result: Result, code: str, exit_code: int) -> dict[str, Any]:
+    """The one JSON object a failure prints under --json: on stdout, nothing on stderr."""
+    assert result.code == exit_code and result.err == "", result
+    data = result.json()
+    assert set(data) == {"error"}, data
+    error = data["error"]
+    assert set(error) == {"code", "message", "exit_code", "hint"}
+    assert error["code"] == code and error["exit_code"] == exit_code, error
+    assert isinstance(error["message"], str) and isinstance(error["hint"], str)
+    return dict(error)
+
+
+def test_errors_under_json_are_one_json_object(
+    ctl: Ctl, raw: Ctl, federation: LocalFederation, tmp_path: Path
+) -> None:
+    """Refusals (1), usage and local files (2), unreachable and timeouts (3): same codes as text."""
+    error = _json_error(ctl("--json", "round", "close", "999"), "NOT_FOUND", 1)
+    assert error["message"] == "NOT_FOUND: round 999 does not exist"
+    _json_error(ctl("round", "show", "999", "--json"), "NOT_FOUND", 1)
+    _json_error(ctl("--json", "health", "--service", "no.such.Service"), "NOT_FOUND", 1)
+    denied = raw(*_admin_flags(federation, "node-1", "node-1"), "--json", "status")
+    _json_error(denied, "PERMISSION_DENIED", 1)
+
+    late = _json_error(ctl("round", "wait", "3", "--timeout", "1", "--json"), "TIMEOUT", 3)
+    assert late["message"].startswith("round 3 did not end within 1s") and "--timeout" in late["hint"]
+
+    flags = _admin_flags(federation)
+    flags[1] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for argv in (("--timeout", "2", "--json", "status"), ("--timeout", "2", "watch", "--json")):
+        result = raw(*flags, *argv)
+        assert len(result.out.splitlines()) == (1 if "watch" in argv else len(result.out.splitlines()))
+        unreachable = _json_error(result, result.json()["error"]["code"], 3)
+        assert (
+            unreachable["code"] in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+            and "check --server" in unreachable["hint"]
+        )
+
+    flags = _admin_flags(federation)
+    flags[3] = str(tmp_path / "operator.crt")
+    missing = _json_error(raw(*flags, "status", "--json"), "USAGE", 2)
+    assert missing["message"] == f"--cert file {str(tmp_path / 'operator.crt')!r} does not exist"
+    no_dir = ctl("--json", "report", "--out", str(tmp_path / "no" / "report.html"))
+    assert "does not exist" in _json_error(no_dir, "USAGE", 2)["message"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--json", "round", "show", "0"), "argument N: must be at least 1, got 0"),
+        (("round", "show", "0", "--json"), "argument N: must be at least 1, got 0"),
+        (("round", "--json", "wait"), "the following arguments are required: N"),
+        (("--json", "status", "--bogus"), "unrecognized arguments: --bogus"),
+        (("--json", "round", "withdraw", "2"), "the following arguments are required: --reason"),
+    ],
+)
+def test_usage_errors_under_json(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    """argparse's own errors too, wherever --json stands (no server needed: parsing fails first)."""
+    with pytest.raises(SystemExit) as stopped:
+        _parser().parse_args(["ctl", *argv])
+    assert stopped.value.code == 2
+    out, err = capsys.readouterr()
+    error = _json_error(Result(2, out, err), "USAGE", 2)
+    assert error["message"] == message and error["hint"].startswith("see `cipherhive ctl ")
+
+
 # ---------------------------------------------------------------- generic gRPC client
 
 
@@ -532,6 +717,66 @@ def test_watch_exits_0_on_ctrl_c(federation: LocalFederation) -> None:
             proc.wait(timeout=PROCESS_TIMEOUT)
 
 
+def _watch_until_published(fed: LocalFederation, *extra: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "cipherhive", "ctl", *_admin_flags(fed), "--json", "watch", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _events(proc: subprocess.Popen[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(line, event) until the round's SUM_READY, then Ctrl-C."""
+    assert proc.stdout is not None
+    events: list[tuple[str, dict[str, Any]]] = []
+    while not events or events[-1][1]["kind"] != "SUM_READY":
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=PROCESS_TIMEOUT)
+        events.append((line, json.loads(line)))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=PROCESS_TIMEOUT) == 0
+    return events
+
+
+def test_watch_json_leaves_the_blobs_out(tmp_path: Path) -> None:
+    """A live masked round: without --with-blobs, counts and the roster hash replace the base64."""
+    import base64
+
+    from cipherhive.secagg.roster import roster_hash
+
+    fed = LocalFederation(tmp_path / "live", nodes=3, node_options={"epochs": 1}, rounds={"max_rounds": 1})
+    fed.setup()
+    watchers: list[subprocess.Popen[str]] = []
+    try:
+        fed.start_server()
+        fed.wait_serving()
+        # Started before the nodes: the round opens only once they have joined.
+        watchers = [_watch_until_published(fed), _watch_until_published(fed, "--with-blobs")]
+        for i in range(fed.nodes):
+            fed.start_node(i)
+        slim, full = (_events(w) for w in watchers)
+    finally:
+        for w in watchers:
+            if w.poll() is None:
+                w.kill()
+                w.communicate(timeout=PROCESS_TIMEOUT)
+        fed.stop_all()
+    kinds = {e["kind"]: (line, e) for line, e in slim}
+    blobs = {e["kind"]: (line, e) for line, e in full}
+    assert {"ROSTER", "COMMITS", "SUM_READY"} <= set(kinds) and set(kinds) == set(blobs)
+    for kind in ("ROSTER", "COMMITS"):
+        line, event = kinds[kind]
+        full_line, full_event = blobs[kind]
+        assert "roster" not in event and "commits" not in event
+        assert event["roster_count"] == 3 and len(full_event["roster"]) == 3
+        entries = [base64.b64decode(entry) for entry in full_event["roster"]]
+        expected = roster_hash(entries, base64.b64decode(full_event["nonce"])).hex()
+        assert event["roster_hash"] == full_event["roster_hash"] == expected
+        assert len(line) < 1000 < len(full_line), (len(line), len(full_line))
+    assert kinds["COMMITS"][1]["commits_count"] == 3 and len(blobs["COMMITS"][1]["commits"]) == 3
+    assert kinds["ROSTER"][1]["commits_count"] == 0
+    # The hash the server's audit line names when it fixes the roster.
+    assert f"hash={kinds['ROSTER'][1]['roster_hash'][:16]}" in fed.log("server")
+
+
 def test_start_and_close_a_round(raw: Ctl, stopped: LocalFederation) -> None:
     """With the nodes stopped, round 3 stays open until closed, then fails for lack of nodes."""
     ctl = _bound(raw, stopped)
@@ -546,8 +791,15 @@ def test_start_and_close_a_round(raw: Ctl, stopped: LocalFederation) -> None:
     assert started.out.startswith("round 3 opened: base round 2, expects 0 node(s), deadline ")
 
     again = ctl("--json", "round", "start")
-    assert again.code == 1 and again.out == ""
-    assert again.err == "cipherhive ctl: error: FAILED_PRECONDITION: round 3 is still open; close it first\n"
+    assert again.code == 1 and again.err == ""  # under --json the error is JSON on stdout
+    assert again.json() == {
+        "error": {
+            "code": "FAILED_PRECONDITION",
+            "message": "FAILED_PRECONDITION: round 3 is still open; close it first",
+            "exit_code": 1,
+            "hint": "",
+        }
+    }
     assert _ok(ctl("--json", "status")).json()["open_round"] == 3
 
     closed = _ok(ctl("--json", "round", "close", "3")).json()
@@ -557,6 +809,9 @@ def test_start_and_close_a_round(raw: Ctl, stopped: LocalFederation) -> None:
     # The other output forms: start in JSON, close as a line of text.
     waiting = ctl("--json", "round", "wait", "3")
     assert waiting.code == 1 and waiting.json()["outcome"] == "failed"
+    # A non-zero exit under --json always comes with an "error" key, here beside the round.
+    assert waiting.json()["error"]["code"] == "ROUND_FAILED" and waiting.json()["error"]["exit_code"] == 1
+    assert waiting.json()["error"]["message"].startswith("round 3 failed: ")
     opened = _ok(ctl("--json", "round", "start", "--timeout", "120", "--force")).json()
     assert opened["round"] == 4 and opened["state"] == "ROUND_OPEN" and opened["base_round"] == 2
     assert opened["duration_seconds"] is None and opened["deadline_unix"] > opened["opened_unix"]
@@ -627,6 +882,12 @@ def test_withdraw_a_round(raw: Ctl, stopped: LocalFederation, tmp_path: Path) ->
     assert status["rounds_withdrawn"] == 1 and status["latest_sum_round"] == 1
     withdrawn = ctl("--json", "round", "wait", "2")
     assert withdrawn.code == 1 and withdrawn.json()["outcome"] == "withdrawn"
+    assert withdrawn.json()["error"] == {
+        "code": "ROUND_WITHDRAWN",
+        "message": "round 2 withdrawn: spoiled sum\\nforged: line",
+        "exit_code": 1,
+        "hint": "",
+    }
 
     # Refusals: already withdrawn, failed, unknown, no reason.
     for argv, code, text in [
