@@ -113,19 +113,90 @@ def test_unknown_section(tmp_path: Path) -> None:
     path = _toml(tmp_path / "s.toml", INSECURE + "[bogus]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"unknown section \[bogus\]") as info:
         _server(["--config", str(path)])
+    assert str(path) in str(info.value)
     assert "rounds" in str(info.value)  # lists the known ones
+    assert "did you mean" not in str(info.value)  # nothing is close to "bogus"
+
+
+def test_misspelt_section_gets_a_did_you_mean(tmp_path: Path) -> None:
+    path = _toml(tmp_path / "s.toml", INSECURE + "[round]\nmax_rounds = 3\n")
+    with pytest.raises(ConfigError) as info:
+        _server(["--config", str(path)])
+    assert str(info.value).startswith(
+        f"{path}: unknown section [round]; did you mean [rounds]? (known sections:"
+    )
+
+
+def test_key_as_a_section_header(tmp_path: Path) -> None:
+    path = _toml(tmp_path / "s.toml", INSECURE + "[min_participants]\nx = 3\n")
+    with pytest.raises(ConfigError, match=r"'min_participants' is a key of \[rounds\], not a section"):
+        _server(["--config", str(path)])
 
 
 def test_unknown_key(tmp_path: Path) -> None:
     path = _toml(tmp_path / "s.toml", INSECURE + "[rounds]\nmin_participant = 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'min_participant' in \[rounds\]"):
+    with pytest.raises(ConfigError) as info:
         _server(["--config", str(path)])
+    # The file, the section, the key and the closest valid key.
+    assert str(info.value) == (
+        f"{path}: unknown key 'min_participant' in [rounds]; did you mean 'min_participants'?"
+    )
+
+
+def test_unknown_key_close_to_a_key_of_another_section(tmp_path: Path) -> None:
+    path = _toml(tmp_path / "s.toml", INSECURE + "[rounds]\nrequests_per_secnd = 3\n")
+    with pytest.raises(ConfigError) as info:
+        _server(["--config", str(path)])
+    assert str(info.value) == (
+        f"{path}: unknown key 'requests_per_secnd' in [rounds]; "
+        "did you mean 'requests_per_second' in [limits]?"
+    )
+
+
+def test_unknown_key_with_nothing_close_lists_the_sections_keys(tmp_path: Path) -> None:
+    path = _toml(tmp_path / "s.toml", INSECURE + "[log]\nverbosity = 3\n")
+    with pytest.raises(ConfigError) as info:
+        _server(["--config", str(path)])
+    assert str(info.value).startswith(f"{path}: unknown key 'verbosity' in [log] (keys of [log]: ")
+    assert "log_level" in str(info.value) and "did you mean" not in str(info.value)
 
 
 def test_key_in_wrong_section(tmp_path: Path) -> None:
     path = _toml(tmp_path / "s.toml", INSECURE + "min_participants = 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'min_participants' in \[server\]"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'min_participants' in \[server\]; it belongs in \[rounds\]"
+    ):
         _server(["--config", str(path)])
+
+
+def test_key_outside_any_section(tmp_path: Path) -> None:
+    path = _toml(tmp_path / "s.toml", "min_participants = 3\n" + INSECURE)
+    with pytest.raises(ConfigError) as info:
+        _server(["--config", str(path)])
+    assert str(info.value) == f"{path}: 'min_participants' is outside any [section]; it belongs in [rounds]"
+    path = _toml(tmp_path / "t.toml", "insecur = true\n" + INSECURE)
+    with pytest.raises(ConfigError, match=r"did you mean 'insecure' in \[server\]\?"):
+        _server(["--config", str(path)])
+
+
+def test_node_toml_unknown_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    """The same loader reads node.toml: its keys and sections are the ones suggested."""
+    path = _toml(
+        tmp_path / "node.toml",
+        '[node]\ninsecure = true\nname = "n1"\nmin_particpants = 4\n[trainer]\nplugin = "m:o"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(NodeConfig, _parser(NodeConfig).parse_args(["--config", str(path)]), environ={})
+    assert (
+        str(info.value)
+        == f"{path}: unknown key 'min_particpants' in [node]; did you mean 'min_participants'?"
+    )
+    path = _toml(
+        tmp_path / "node2.toml",
+        '[node]\ninsecure = true\nname = "n1"\n[trainer]\nplugin = "m:o"\n[trainer.option]\nlr = 0.1\n',
+    )
+    with pytest.raises(ConfigError, match=r"unknown key 'option' in \[trainer\]; did you mean 'options'\?"):
+        config.load(NodeConfig, _parser(NodeConfig).parse_args(["--config", str(path)]), environ={})
 
 
 def test_missing_and_invalid_file(tmp_path: Path) -> None:

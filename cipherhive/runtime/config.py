@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -131,16 +132,15 @@ def load(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[
             raise ConfigError(f"{config_path} is not valid TOML: {exc}") from exc
         base = config_path.resolve().parent
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        sections = {f.metadata["section"] for f in known.values()}
+        home = {name: f.metadata["section"] for name, f in known.items()}
         for section, table in document.items():
-            if section not in sections or not isinstance(table, dict):
-                raise ConfigError(
-                    f"{config_path}: unknown section [{section}]; known: {', '.join(sorted(sections))}"
-                )
+            if not isinstance(table, dict):
+                raise ConfigError(_outside_sections(config_path, section, home))
+            if section not in home.values():
+                raise ConfigError(_unknown_section(config_path, section, home))
             for key, value in table.items():
-                field = known.get(key)
-                if field is None or field.metadata["section"] != section:
-                    raise ConfigError(f"{config_path}: unknown key {key!r} in [{section}]")
+                if home.get(key) != section:
+                    raise ConfigError(_unknown_key(config_path, section, key, home))
                 values[key] = (value, f"{config_path} [{section}] {key}")
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         name = env_name(field)
@@ -164,6 +164,64 @@ def load(cls: type[T], args: argparse.Namespace | None = None, environ: Mapping[
         return cls(**converted)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------- names the file does not know
+# A misspelt key would otherwise be one more round of reading docs/reference/configuration.md:
+# the error names the closest valid spelling (difflib), or the section a valid key belongs in.
+
+
+#: How alike (difflib's ratio) a name must be to be suggested, and how far behind the closest
+#: one a second suggestion may be: "min_participant" suggests min_participants, not max_participants.
+_CUTOFF = 0.6
+_WINDOW = 0.05
+
+
+def _closest(name: str, candidates: list[str]) -> list[str]:
+    scores = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in candidates}
+    best = max(scores.values(), default=0.0)
+    close = [c for c, score in scores.items() if score >= max(_CUTOFF, best - _WINDOW)]
+    return sorted(close, key=lambda c: -scores[c])[:3]
+
+
+def _key_hint(key: str, section: str, home: dict[str, str]) -> str:
+    """``; did you mean 'k'?``, naming the section of a suggestion that is not ``section``."""
+    close = _closest(key, sorted(home))
+    if not close:
+        return ""
+    named = [repr(c) if home[c] == section else f"{c!r} in [{home[c]}]" for c in close]
+    return f"; did you mean {' or '.join(named)}?"
+
+
+def _unknown_section(path: Path, section: str, home: dict[str, str]) -> str:
+    sections = sorted(set(home.values()))
+    close = _closest(section, sections)
+    hint = f"; did you mean {' or '.join(f'[{s}]' for s in close)}?" if close else ""
+    if section in home:  # a key written as a table header: [min_participants]
+        hint = f"; {section!r} is a key of [{home[section]}], not a section"
+    return f"{path}: unknown section [{section}]{hint} (known sections: {', '.join(sections)})"
+
+
+def _unknown_key(path: Path, section: str, key: str, home: dict[str, str]) -> str:
+    where = f"{path}: unknown key {key!r} in [{section}]"
+    if key in home:
+        return f"{where}; it belongs in [{home[key]}]"
+    hint = _key_hint(key, section, home)
+    if hint:
+        return where + hint
+    own = sorted(name for name, s in home.items() if s == section)
+    return f"{where} (keys of [{section}]: {', '.join(own)})"
+
+
+def _outside_sections(path: Path, key: str, home: dict[str, str]) -> str:
+    """A key before the first [section] header: say which section it belongs in."""
+    where = f"{path}: {key!r} is outside any [section]"
+    if key in home:
+        return f"{where}; it belongs in [{home[key]}]"
+    hint = _key_hint(key, "", home)
+    if hint:
+        return f"{where} and is not a known key{hint}"
+    return f"{where} and is not a known key (known sections: {', '.join(sorted(set(home.values())))})"
 
 
 def reference(cls: type) -> str:

@@ -101,6 +101,7 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
 
 #: OpenSSL verify codes (X509_V_ERR_*) a client sees for the server's certificate.
 _HOSTNAME_MISMATCH = 62
+_IP_MISMATCH = 64
 _EXPIRED = 10
 _NOT_YET_VALID = 9
 _UNKNOWN_ISSUER = (2, 18, 19, 20, 21)
@@ -237,6 +238,8 @@ def _server_certificate_problem(
     timeout: float,
 ) -> Diagnosis:
     code = exc.verify_code
+    if code == _IP_MISMATCH:
+        return _ip_mismatch(expected, _server_names(address, timeout), names)
     if code == _HOSTNAME_MISMATCH:
         found = _server_names(address, timeout)
         listed = f" (it names: {', '.join(found)})" if found else ""
@@ -263,6 +266,25 @@ def _server_certificate_problem(
     return Diagnosis(
         f"the server's certificate does not verify: {exc.verify_message}",
         f"check {names.ca} and {names.server_name}",
+    )
+
+
+def _ip_mismatch(expected: str, found: list[str], names: TLSSettings) -> Diagnosis:
+    """Connected by an IP address the server's certificate does not hold: name what it holds.
+
+    A certificate issued for a DNS name and reached through the machine's address is the common
+    case (docs/troubleshooting.md, "TLS: the server name"); the address can stay if the client
+    expects one of the certificate's names instead.
+    """
+    listed = f"it names: {', '.join(found)}" if found else "no name in it could be read"
+    example = f" such as {found[0]!r}" if found else ""
+    return Diagnosis(
+        f"wrong server address: the server's certificate is not valid for the IP address {expected!r} "
+        f"({listed})",
+        f"connect to the server by a name in its certificate{example}, or keep the address and set "
+        f"{names.server_name} to that name, or have the server's operator reissue its certificate with "
+        f"this address too (`cipherhive certs issue --role server --replace --host {expected}`, one "
+        "--host per name and address it is reached by)",
     )
 
 
