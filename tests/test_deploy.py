@@ -1,7 +1,8 @@
 """The deployment files under deploy/ stay valid and consistent with each other and with the code.
 
 Kubernetes manifests are checked against the Kubernetes JSON schemas (kubernetes-validate),
-docker-compose.yml and the Dockerfile structurally (no Docker engine is needed), the systemd
+docker-compose.yml and the two Dockerfiles (one image per role) structurally (no Docker engine is
+needed), the systemd
 units with `systemd-analyze verify` where it exists, and the compose init script is run for
 real: the keys, certificates and TOML files it writes start a server and three nodes that
 finish a round.
@@ -185,7 +186,9 @@ def test_workloads_run_unprivileged_with_limits() -> None:
             assert "add" not in sc["capabilities"], where
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where} {kind}"
-            assert c["image"].split(":")[0] == "cipherhive", where
+            # One image per role: the server's has no PyTorch (deploy/server.Dockerfile).
+            role = "server" if workload["kind"] == "StatefulSet" else "node"
+            assert c["image"].split(":")[0] == f"cipherhive-{role}", where
 
 
 def test_server_statefulset_matches_its_config() -> None:
@@ -319,11 +322,19 @@ def test_kustomize_builds() -> None:
 # --------------------------------------------------------------------------- Dockerfile
 
 
-def _dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+ROLES = ("server", "node")
+
+
+def _dockerfile_path(role: str) -> Path:
+    return DEPLOY / f"{role}.Dockerfile"
+
+
+def _dockerfile(role: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of ``role``'s Dockerfile, continuation lines joined, comments
+    dropped."""
     lines: list[str] = []
     pending = ""
-    for raw in (DEPLOY / "Dockerfile").read_text(encoding="utf-8").splitlines():
+    for raw in _dockerfile_path(role).read_text(encoding="utf-8").splitlines():
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -346,46 +357,91 @@ def _exec_form(args: str) -> list[str]:
     return value
 
 
-def _final_stage() -> list[tuple[str, str]]:
-    instructions = _dockerfile()
+def _final_stage(role: str) -> list[tuple[str, str]]:
+    instructions = _dockerfile(role)
     last_from = max(i for i, (k, _) in enumerate(instructions) if k == "FROM")
     return instructions[last_from:]
 
 
-def test_dockerfile_base_user_and_entrypoint() -> None:
-    instructions = _dockerfile()
+def _installs(role: str) -> list[str]:
+    """Every pip install command in the RUN instructions of ``role``'s Dockerfile."""
+    runs = [rest for kw, rest in _dockerfile(role) if kw == "RUN"]
+    return [cmd for run in runs for cmd in re.split(r"&&|;", run) if re.search(r"\bpip install\b", cmd)]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    """The distribution names of PEP 508 requirement strings."""
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_one_dockerfile_per_role() -> None:
+    """The one shared deploy/Dockerfile made way for one image per role."""
+    assert sorted(p.name for p in DEPLOY.glob("*Dockerfile*")) == sorted(
+        f"{role}.Dockerfile{suffix}" for role in ROLES for suffix in ("", ".dockerignore")
+    )
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_dockerfile_base_user_and_entrypoint(role: str) -> None:
+    instructions = _dockerfile(role)
     args = {k: v for k, v in (rest.split("=", 1) for kw, rest in instructions if kw == "ARG" and "=" in rest)}
     bases = [rest.split()[0] for kw, rest in instructions if kw == "FROM"]
     for base in bases:
         resolved = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
         assert resolved == "python:3.11-slim", base
-    final = _final_stage()
+    final = _final_stage(role)
     users = [rest for kw, rest in final if kw == "USER"]
     assert users and users[-1].split(":")[0] == "10001"
     by_keyword = {kw: rest for kw, rest in final}  # last one wins, as in Docker
     assert _exec_form(by_keyword["ENTRYPOINT"]) == ["cipherhive"]
-    assert _exec_form(by_keyword["CMD"]) == ["server", "--config", "/etc/cipherhive/server.toml"]
-    assert set(by_keyword["EXPOSE"].split()) == {"7443", "7444"}
+    assert _exec_form(by_keyword["CMD"]) == [role, "--config", f"/etc/cipherhive/{role}.toml"]
     assert _exec_form(by_keyword["VOLUME"]) == ["/var/lib/cipherhive"]
     healthcheck = by_keyword["HEALTHCHECK"]
-    assert healthcheck.split()[0].startswith("--")
-    assert _exec_form(healthcheck[healthcheck.index("CMD") + 3 :]) == HEALTH_COMMAND
+    if role == "server":
+        assert set(by_keyword["EXPOSE"].split()) == {"7443", "7444"}
+        assert healthcheck.split()[0].startswith("--")
+        assert _exec_form(healthcheck[healthcheck.index("CMD") + 3 :]) == HEALTH_COMMAND
+    else:  # a node listens on nothing: no port, nothing for a health check to ask
+        assert "EXPOSE" not in by_keyword
+        assert healthcheck == "NONE"
 
 
-def test_dockerfile_installs_through_the_constraints() -> None:
-    runs = [rest for kw, rest in _dockerfile() if kw == "RUN"]
-    installs = [cmd for run in runs for cmd in re.split(r"&&|;", run) if re.search(r"\bpip install\b", cmd)]
+@pytest.mark.parametrize("role", ROLES)
+def test_dockerfile_installs_through_the_constraints(role: str) -> None:
+    installs = _installs(role)
     assert installs
     for cmd in installs:
         assert "-c constraints.txt" in cmd, cmd
-    assert any(re.search(r"pip install -c constraints.txt (--no-deps )?\.\s*$", c.strip()) for c in installs)
+    package = re.compile(r"pip install (--no-compile )?-c constraints.txt (--no-deps )?\.\s*$")
+    assert any(package.search(c.strip()) for c in installs)
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text(encoding="utf-8").split()
 
 
-def test_dockerfile_copies_every_package_folder() -> None:
+def test_server_image_installs_no_node_extra() -> None:
+    """The server image installs the bare package's dependencies only: no `node` extra, no torch.
+
+    Its requirements are pyproject's [project] dependencies, which must hold none of the node
+    extra's packages; the node image adds the node extra's."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    node_extra = _names(pyproject["optional-dependencies"]["node"])
+    assert {"torch", "scikit-learn", "opacus", "safetensors"} <= node_extra
+    assert not _names(pyproject["dependencies"]) & node_extra, "the bare package depends on the node extra"
+
+    for cmd in _installs("server"):
+        assert not re.search(r"\[[^\]]*\]", cmd), f"the server image installs an extra: {cmd}"
+        assert not any(re.search(rf"\b{re.escape(name)}\b", cmd) for name in node_extra), cmd
+    server_runs = " ".join(rest for kw, rest in _dockerfile("server") if kw in ("RUN", "ARG"))
+    assert "['project']['dependencies']" in server_runs
+    assert "optional-dependencies" not in server_runs and "TORCH_INDEX_URL" not in server_runs
+    node_runs = " ".join(rest for kw, rest in _dockerfile("node") if kw == "RUN")
+    assert "['optional-dependencies']['node']" in node_runs
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_dockerfile_copies_every_package_folder(role: str) -> None:
     """COPY sources exist, and every folder pyproject builds a package from is in the image."""
     copied = set()
-    for kw, rest in _dockerfile():
+    for kw, rest in _dockerfile(role):
         if kw != "COPY" or "--from=" in rest:
             continue
         *sources, _dest = shlex.split(rest)
@@ -398,13 +454,14 @@ def test_dockerfile_copies_every_package_folder() -> None:
     assert {"pyproject.toml", "constraints.txt", "README.md"} <= copied
 
 
-def test_dockerignore_sends_what_the_dockerfile_copies() -> None:
-    """deploy/Dockerfile.dockerignore excludes everything but the COPY sources (not .venv, .git)."""
-    lines = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+@pytest.mark.parametrize("role", ROLES)
+def test_dockerignore_sends_what_the_dockerfile_copies(role: str) -> None:
+    """deploy/<role>.Dockerfile.dockerignore excludes everything but the COPY sources (not .venv, .git)."""
+    lines = (DEPLOY / f"{role}.Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert patterns[0] == "*"
     included = {p[1:] for p in patterns if p.startswith("!")}
-    for kw, rest in _dockerfile():
+    for kw, rest in _dockerfile(role):
         if kw == "COPY" and "--from=" not in rest:
             *sources, _dest = shlex.split(rest)
             for source in sources:
@@ -412,9 +469,10 @@ def test_dockerignore_sends_what_the_dockerfile_copies() -> None:
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
-def test_hadolint() -> None:
+@pytest.mark.parametrize("role", ROLES)
+def test_hadolint(role: str) -> None:
     result = subprocess.run(
-        ["hadolint", str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
+        ["hadolint", str(_dockerfile_path(role))], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -430,10 +488,12 @@ def test_compose_services_and_dependencies() -> None:
     services = _compose()["services"]
     nodes = [f"node-{i}" for i in range(1, NODES + 1)]
     assert set(services) == {"init", "server", *nodes}
-    images = {s["image"] for s in services.values()}
-    assert len(images) == 1, "init, server and nodes share one image"
+    # The server runs the image without PyTorch; init (which runs `node layout`) and the nodes
+    # the node image.
     for name, service in services.items():
-        assert service["build"]["dockerfile"] == "deploy/Dockerfile", name
+        role = "server" if name == "server" else "node"
+        assert service["image"].split(":")[0] == f"cipherhive-{role}", name
+        assert service["build"]["dockerfile"] == f"deploy/{role}.Dockerfile", name
         assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file(), name
 
     assert services["server"]["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
@@ -463,7 +523,7 @@ def test_compose_commands_match_what_init_writes() -> None:
     services = compose["services"]
     init = services["init"]
     assert init["entrypoint"][0] == "bash"
-    copy = next(rest for kw, rest in _dockerfile() if kw == "COPY" and "init.sh" in rest)
+    copy = next(rest for kw, rest in _dockerfile("node") if kw == "COPY" and "init.sh" in rest)
     assert shlex.split(copy) == ["deploy/compose/init.sh", init["entrypoint"][1]]
     out = Path(init["environment"]["CIPHERHIVE_INIT_OUT"])
     assert int(init["environment"]["CIPHERHIVE_INIT_NODES"]) == NODES

@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the aggregator and the member nodes; the command picks the role:
+# A member node's image: cipherhive with its `node` extra (PyTorch, scikit-learn, opacus,
+# safetensors). The compose `init` service runs in it too (`cipherhive node layout` loads the
+# trainer's model):
 #
-#   docker build -f deploy/Dockerfile -t cipherhive:0.1.0 .        # from the repository root
-#   docker run ... cipherhive:0.1.0                                 # server --config /etc/cipherhive/server.toml
-#   docker run --no-healthcheck ... cipherhive:0.1.0 node --config /etc/cipherhive/node.toml
+#   docker build -f deploy/node.Dockerfile -t cipherhive-node:0.1.0 .       # from the repository root
+#   docker run ... cipherhive-node:0.1.0                                     # node --config /etc/cipherhive/node.toml
 #
 # Every dependency is installed with `-c constraints.txt`, the same pins as CI.
 # torch from PyPI is a large (CUDA) build on x86_64; where the PyTorch CPU index is
@@ -24,16 +25,17 @@ RUN python -m venv /opt/cipherhive
 ENV PATH=/opt/cipherhive/bin:$PATH
 WORKDIR /src
 
-# Dependencies first (their own layer: it survives source changes). The list is
-# read from pyproject.toml so it cannot drift from the package's own metadata.
+# Dependencies first (their own layer: it survives source changes). The list is read from
+# pyproject.toml, the package's dependencies and its `node` extra, so it cannot drift from
+# the package's own metadata.
 COPY pyproject.toml constraints.txt ./
 ARG TORCH_INDEX_URL=""
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install --index-url "$TORCH_INDEX_URL" -c constraints.txt torch; \
     fi \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['node']))" \
         > /tmp/requirements.txt \
- && pip install -c constraints.txt -r /tmp/requirements.txt
+ && pip install --no-compile -c constraints.txt -r /tmp/requirements.txt
 
 # The package itself (README.md is its long description).
 COPY README.md ./
@@ -44,22 +46,22 @@ COPY node ./node
 COPY ctl ./ctl
 COPY demo ./demo
 COPY bench ./bench
-RUN pip install -c constraints.txt --no-deps . \
+RUN pip install --no-compile -c constraints.txt --no-deps . \
  && cipherhive --version
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE}
 
-LABEL org.opencontainers.image.title="cipherhive" \
-      org.opencontainers.image.description="Secure federated aggregation: aggregator server and member node" \
+LABEL org.opencontainers.image.title="cipherhive-node" \
+      org.opencontainers.image.description="Secure federated aggregation: a member node" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 ENV PATH=/opt/cipherhive/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# A dedicated unprivileged user (uid/gid 10001, matching the Kubernetes
-# securityContext and the compose init script), state owned by it, config by root.
+# A dedicated unprivileged user (uid/gid 10001, matching the Kubernetes securityContext and
+# the compose init script), state owned by it, config by root.
 RUN groupadd --system --gid 10001 cipherhive \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /var/lib/cipherhive --shell /usr/sbin/nologin cipherhive \
@@ -74,16 +76,11 @@ USER 10001:10001
 WORKDIR /var/lib/cipherhive
 VOLUME ["/var/lib/cipherhive"]
 
-# 7443: gRPC with mutual TLS. 7444: plaintext grpc.health.v1 only ([server] health_listen).
-EXPOSE 7443 7444
+# A node serves no port (it dials the server), so there is nothing for a health check to ask.
+HEALTHCHECK NONE
 
-# Asks the server's health-only port; a node container has no such port, so run
-# nodes with --no-healthcheck (compose: `healthcheck: disable: true`).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["cipherhive", "ctl", "--server", "127.0.0.1:7444", "--insecure", "health"]
-
-# SIGTERM (docker stop's default) makes both daemons shut down gracefully; give
-# the server more than [server] grace_seconds: `docker stop -t 30`.
+# The first SIGTERM (docker stop's default) stops the node within a training batch; a second
+# exits at once.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cipherhive"]
-CMD ["server", "--config", "/etc/cipherhive/server.toml"]
+CMD ["node", "--config", "/etc/cipherhive/node.toml"]
