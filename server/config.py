@@ -1,4 +1,5 @@
-"""Settings of `cipherhive server` (TOML sections [server], [tls], [rounds], [privacy], [limits], [log])."""
+"""Settings of `cipherhive server` (TOML sections [server], [state], [tls], [rounds], [privacy],
+[limits], [log])."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ class ServerConfig:
         "", "server", "address:port for the Prometheus metrics endpoint (HTTP); empty: off"
     )
     grace_seconds: float = setting(10.0, "server", "how long shutdown waits for streams in flight")
+    database: str = setting(
+        "",
+        "state",
+        "PostgreSQL URL for the round state, postgresql://user@host:5432/dbname, without a password "
+        "(empty: SQLite in state_dir); spool and sums stay in state_dir",
+    )
+    password_file: Path | None = setting(
+        None, "state", "file (mode 0600) holding the database's password; unset: PGPASSWORD or ~/.pgpass"
+    )
     tls_cert: Path | None = setting(
         None, "tls", "server certificate (PEM) from `cipherhive certs issue --role server`"
     )
@@ -211,6 +221,13 @@ class ServerConfig:
                 f"min_participants = {self.min_participants} would release a single member's "
                 f"update; it must be at least {MIN_PARTICIPANTS_FLOOR}"
             )
+        if self.database:
+            from cipherhive.server.storage.postgres import check_url
+
+            try:
+                check_url(self.database)
+            except ValueError as exc:
+                raise ConfigError(f"[state] database: {exc}") from None
         if self.missed_rounds_limit < 1 or self.keep_sums < 0:
             raise ConfigError("missed_rounds_limit must be at least 1 and keep_sums at least 0")
         if self.ingest_workers < 0 or self.ingest_workers > 256:

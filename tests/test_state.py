@@ -1,4 +1,6 @@
-"""Tests for the server's durable state (cipherhive.server.storage): the SQLite State and the spool."""
+"""Tests for the server's durable state (cipherhive.server.storage): the round store, on both
+databases (the ``state`` fixture: SQLite and PostgreSQL, tests/postgres.py), SQLite's own
+file handling, and the spool. tests/test_state_contract.py holds the rest of the contract."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from cipherhive.server.storage import spool as spool_mod
+from cipherhive.server.storage.rows import RowConflict
 from cipherhive.server.storage.spool import Spool, SpoolError, read_records
+from cipherhive.server.storage.sqlstore import SqlStore
 from cipherhive.server.storage.state import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -21,6 +25,7 @@ from cipherhive.server.storage.state import (
     StateError,
     SubmissionRow,
 )
+from tests import postgres
 
 
 @pytest.fixture()
@@ -28,8 +33,20 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
+@pytest.fixture(params=postgres.BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, SqlStore, str]]:
+    """(database, an empty store on it, where to open it again)."""
+    with postgres.store(request.param, tmp_path) as (store, where):
+        yield request.param, store, where
+
+
 @pytest.fixture()
-def state(db_path: Path) -> Iterator[State]:
+def state(backend: tuple[str, SqlStore, str]) -> SqlStore:
+    return backend[1]
+
+
+@pytest.fixture()
+def sqlite_state(db_path: Path) -> Iterator[State]:
     s = State(db_path)
     yield s
     s.close()
@@ -38,6 +55,24 @@ def state(db_path: Path) -> Iterator[State]:
 def _user_version(path: Path) -> int:
     with sqlite3.connect(path) as db:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _schema_version(kind: str, where: str) -> int:
+    """The schema version a store of ``kind`` at ``where`` records."""
+    if kind == "sqlite":
+        return _user_version(Path(where))
+    import psycopg
+
+    with psycopg.connect(where) as db:
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _conflict_is_the_databases_own(kind: str, error: RowConflict) -> None:
+    """SQLite's RowConflict is still an IntegrityError (callers written before the interface)."""
+    if kind == "sqlite":
+        assert isinstance(error, sqlite3.IntegrityError)
 
 
 def _submission(round_: int, node: str, spool_file: str | None = None, **kw: object) -> SubmissionRow:
@@ -56,7 +91,7 @@ def _submission(round_: int, node: str, spool_file: str | None = None, **kw: obj
 # --------------------------------------------------------------------------- schema
 
 
-def test_migrates_from_empty(state: State, db_path: Path) -> None:
+def test_migrates_from_empty(sqlite_state: State, db_path: Path) -> None:
     assert SCHEMA_VERSION >= 1
     assert _user_version(db_path) == SCHEMA_VERSION
     with sqlite3.connect(db_path) as db:
@@ -64,13 +99,13 @@ def test_migrates_from_empty(state: State, db_path: Path) -> None:
         journal = db.execute("PRAGMA journal_mode").fetchone()[0]
     assert {"meta", "nodes", "rounds", "submissions"} <= tables
     assert journal == "wal"
-    assert state.rounds() == []
-    assert state.open_round_row() is None
-    assert state.latest_sum_round() == 0
+    assert sqlite_state.rounds() == []
+    assert sqlite_state.open_round_row() is None
+    assert sqlite_state.latest_sum_round() == 0
 
 
-def test_reopen_keeps_data(db_path: Path) -> None:
-    s = State(db_path)
+def test_reopen_keeps_data(backend: tuple[str, SqlStore, str]) -> None:
+    kind, s, where = backend
     s.set_meta("fingerprint", "abc")
     s.set_meta("fingerprint", "def")
     s.touch_node("node-a", now=100.0)
@@ -79,9 +114,9 @@ def test_reopen_keeps_data(db_path: Path) -> None:
     s.accept_submission(_submission(row.round, "node-a", "spool/round-1/node-a.ct", accepted=250.0))
     s.close()
 
-    s = State(db_path)
+    s = postgres.reopen(kind, where)
     try:
-        assert _user_version(db_path) == SCHEMA_VERSION
+        assert _schema_version(kind, where) == SCHEMA_VERSION
         assert s.get_meta("fingerprint") == "def"
         assert s.get_meta("missing") is None
         [node] = s.nodes()
@@ -184,7 +219,7 @@ def test_state_files_are_private(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- rounds
 
 
-def test_paging(state: State) -> None:
+def test_paging(state: SqlStore) -> None:
     for number in range(1, 8):
         state.open_round(base_round=0, deadline=0.0, expected=[], min_participants=3)
         state.finish_round(number, state="failed", reason="", participants=0)
@@ -199,7 +234,7 @@ def test_paging(state: State) -> None:
     assert state.round(4).min_participants == 3  # type: ignore[union-attr]
 
 
-def test_outcomes_replace_and_missed_rounds(state: State) -> None:
+def test_outcomes_replace_and_missed_rounds(state: SqlStore) -> None:
     state.touch_node("a")
     state.touch_node("b")
     row = state.open_round(base_round=0, deadline=0.0, expected=["a", "b"])
@@ -215,7 +250,7 @@ def test_outcomes_replace_and_missed_rounds(state: State) -> None:
     assert (outcome.applied, outcome.reason, outcome.reported) == (True, "", 2.0)
 
 
-def test_open_round_numbering(state: State) -> None:
+def test_open_round_numbering(state: SqlStore) -> None:
     first = state.open_round(base_round=0, deadline=time.time() + 60, expected=["b", "a"])
     assert (first.round, first.state, first.base_round) == (1, "open", 0)
     assert first.expected == ["a", "b"]
@@ -239,13 +274,15 @@ def test_open_round_numbering(state: State) -> None:
     assert state.round(99) is None
 
 
-def test_duplicate_submission_is_refused(state: State) -> None:
+def test_duplicate_submission_is_refused(backend: tuple[str, SqlStore, str]) -> None:
+    kind, state, _ = backend
     for name in ("a", "b"):
         state.touch_node(name)
     state.open_round(base_round=0, deadline=0.0, expected=["a", "b"])
     state.accept_submission(_submission(1, "a", submission_id="first"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(RowConflict) as caught:
         state.accept_submission(_submission(1, "a", submission_id="second"))
+    _conflict_is_the_databases_own(kind, caught.value)
 
     # The failed transaction left nothing behind and the database is still usable.
     row = state.round(1)
@@ -259,12 +296,14 @@ def test_duplicate_submission_is_refused(state: State) -> None:
     assert state.submission(1, "c") is None
 
 
-def test_submission_needs_existing_round(state: State) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+def test_submission_needs_existing_round(backend: tuple[str, SqlStore, str]) -> None:
+    kind, state, _ = backend
+    with pytest.raises(RowConflict) as caught:
         state.accept_submission(_submission(42, "a"))
+    _conflict_is_the_databases_own(kind, caught.value)
 
 
-def test_finish_round(state: State) -> None:
+def test_finish_round(state: SqlStore) -> None:
     state.open_round(base_round=0, deadline=0.0, expected=["a", "b"])
     state.accept_submission(_submission(1, "a", "spool/round-1/a.ct"))
     state.accept_submission(_submission(1, "b", "spool/round-1/b.ct"))
@@ -447,11 +486,9 @@ def test_write_sum_failure_keeps_old_file(tmp_path: Path) -> None:
     assert os.listdir(spool.sums_dir) == ["round-1.sum"]
 
 
-def test_a_conflicting_row_is_the_interfaces_error(state: State) -> None:
+def test_a_conflicting_row_is_the_interfaces_error(state: SqlStore) -> None:
     """The round logic catches RowConflict (storage.rows), whatever the database; SQLite's is
     still an IntegrityError."""
-    from cipherhive.server.storage.rows import RowConflict
-
     with pytest.raises(RowConflict):
         state.accept_submission(_submission(77, "a"))  # no such round
 

@@ -1,2 +1,2 @@
-"""The server's durable state: the SQLite store and its migrations, and the ciphertext files
-(the upload spool and the published sums)."""
+"""The server's durable state: the round store (SQLite by default, or PostgreSQL), its SQL and
+migrations, and the ciphertext files (the upload spool and the published sums)."""

@@ -1,7 +1,11 @@
-"""The server database's schema, as migrations: ``MIGRATIONS[i]`` upgrades version i to i+1.
+"""The server database's schema, as migrations, once per database: ``MIGRATIONS[i]`` (SQLite)
+and ``POSTGRES_MIGRATIONS[i]`` (PostgreSQL) upgrade version i to i+1.
 
-Append a migration for every change; never edit one that has shipped (a
-database that ran it would not run it again). Statements are split on ";".
+Append a migration for every change to both lists, as the same version; never edit one that
+has shipped (a database that ran it would not run it again). Statements are split on ";".
+The two must leave the same tables, columns, defaults and keys (tests/test_state_contract.py
+compares them); PostgreSQL spells SQLite's 64-bit INTEGER as BIGINT, REAL as DOUBLE PRECISION
+and BLOB as BYTEA.
 """
 
 from __future__ import annotations
@@ -120,3 +124,106 @@ MIGRATIONS: list[str] = [
     CREATE INDEX offences_by_node ON offences (node, round);
     """,
 ]
+
+#: The tables of the round state, parents before the tables that reference them (the order
+#: `cipherhive server migrate-state` copies them in).
+TABLES: tuple[str, ...] = ("meta", "nodes", "rounds", "submissions", "outcomes", "members", "offences")
+
+POSTGRES_MIGRATIONS: list[str] = [
+    # 0 -> 1: the first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        last_round BIGINT NOT NULL DEFAULT 0,
+        submissions BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE rounds (
+        round BIGINT PRIMARY KEY,
+        state TEXT NOT NULL CONSTRAINT rounds_state CHECK (state IN ('open', 'sum_ready', 'failed')),
+        base_round BIGINT NOT NULL,
+        opened DOUBLE PRECISION NOT NULL,
+        deadline DOUBLE PRECISION NOT NULL,
+        closed DOUBLE PRECISION,
+        expected TEXT NOT NULL,
+        participants BIGINT NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '',
+        sum_file TEXT,
+        num_ciphertexts BIGINT NOT NULL DEFAULT 0,
+        num_values BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE submissions (
+        round BIGINT NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        submission_id TEXT NOT NULL,
+        receipt TEXT NOT NULL,
+        accepted DOUBLE PRECISION NOT NULL,
+        num_bytes BIGINT NOT NULL,
+        spool_file TEXT,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (round, node)
+    );
+    """,
+    # 1 -> 2: as SQLite's; PostgreSQL alters the CHECK constraint in place of rebuilding `rounds`.
+    """
+    ALTER TABLE rounds DROP CONSTRAINT rounds_state;
+    ALTER TABLE rounds ADD CONSTRAINT rounds_state
+        CHECK (state IN ('open', 'sum_ready', 'failed', 'withdrawn'));
+    ALTER TABLE rounds
+        ADD COLUMN min_participants BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN withdrawn_reason TEXT NOT NULL DEFAULT '',
+        ADD COLUMN withdrawn_unix DOUBLE PRECISION NOT NULL DEFAULT 0;
+    CREATE INDEX rounds_by_state ON rounds (state, round);
+    ALTER TABLE nodes ADD COLUMN missed_rounds BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE outcomes (
+        round BIGINT NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        applied BIGINT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        reported DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (round, node)
+    );
+    """,
+    # 2 -> 3: masked rounds, as SQLite's.
+    """
+    ALTER TABLE rounds
+        ADD COLUMN masked BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN nonce BYTEA,
+        ADD COLUMN phase TEXT NOT NULL DEFAULT '',
+        ADD COLUMN enrol_deadline DOUBLE PRECISION NOT NULL DEFAULT 0,
+        ADD COLUMN roster_hash BYTEA;
+    CREATE TABLE members (
+        round BIGINT NOT NULL REFERENCES rounds(round),
+        node TEXT NOT NULL,
+        enrolment BYTEA NOT NULL,
+        in_roster BIGINT NOT NULL DEFAULT 0,
+        commit_bytes BYTEA,
+        seed BYTEA,
+        PRIMARY KEY (round, node)
+    );
+    """,
+    # 3 -> 4: step deadlines and named culprits, as SQLite's.
+    """
+    ALTER TABLE rounds
+        ADD COLUMN failed_step TEXT NOT NULL DEFAULT '',
+        ADD COLUMN culprits TEXT NOT NULL DEFAULT '[]',
+        ADD COLUMN reformed BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN readmitted_round BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE offences (
+        round BIGINT NOT NULL,
+        node TEXT NOT NULL,
+        step TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        excluded_until BIGINT NOT NULL,
+        PRIMARY KEY (round, node)
+    );
+    CREATE INDEX offences_by_node ON offences (node, round);
+    """,
+]
+
+#: The version both databases are migrated to.
+SCHEMA_VERSION = len(MIGRATIONS)
+assert len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION, "every migration is written for both databases"

@@ -1,6 +1,7 @@
 """The interface of the server's round state, as Flower keeps its link state behind one: the
-round logic and the API speak to a :class:`RoundStore`; ``state.State`` (SQLite) is the one
-implementation today, and another database implements the same methods.
+round logic and the API speak to a :class:`RoundStore`; ``state.State`` (SQLite) and
+``postgres.PostgresState`` implement it with the same statements (``sqlstore``), and
+tests/test_state_contract.py holds both to it.
 
 Every method is one transaction: nothing a method writes is visible, or acknowledged, before it
 returns.
