@@ -8,6 +8,7 @@ The end-to-end versions, against real processes, are in tests/test_sum_checks.py
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.daemon import Node
 from cipherhive.node.state.checkpoint import Checkpoint, NodeState, kept_name
-from cipherhive.node.sums.receive import SessionEnd
+from cipherhive.node.sums.receive import CATCH_UP_SUMS_PER_SECOND, SessionEnd
 from cipherhive.node.training.update import leading
 from cipherhive.server.ingest.running_sum import RunningSum
 from cipherhive.v1 import federation_pb2 as pb
@@ -213,12 +214,19 @@ def _values(node: Node) -> np.ndarray:
     return node.flat.read().copy()
 
 
+def _took_part(node: Node, number: int) -> None:
+    """Record an acknowledged upload to round ``number`` (as the first honest member, weight 0.4):
+    only a round's participants report on its sum."""
+    node.store.mark_submitted(number, f"submission-{number}", f"receipt-{number}", 0.4)
+
+
 def test_node_rejects_remembers_and_rolls_back(key_files: keys.KeyFiles, tmp_path: Path) -> None:
     node = _node(key_files, tmp_path / "state", keep_checkpoints=3)
     stub = FakeStub(node.layout.hash, node.layout.num_values)
     initial = _values(node)
     for number in (1, 2):
         _publish(key_files, stub, number, _honest(node, number))
+        _took_part(node, number)
         node._handle(stub, _sum_ready(number, number - 1))  # type: ignore[arg-type]
         assert node.applied_round == number
     after = {1: None, 2: _values(node)}
@@ -230,6 +238,7 @@ def test_node_rejects_remembers_and_rolls_back(key_files: keys.KeyFiles, tmp_pat
     hostile[1] = 1.0  # counts itself in the check slot, so the weight check is what catches it
     _publish(key_files, stub, 3, [*_honest(node, 3), hostile], participants=4)
     before = metrics.SUMS_REJECTED.labels("bad_weight")._value.get()
+    _took_part(node, 3)
     node._handle(stub, _sum_ready(3, 2, participants=4))  # type: ignore[arg-type]
     assert node.applied_round == 2
     np.testing.assert_array_equal(_values(node), after[2])
@@ -295,10 +304,33 @@ def test_node_rejects_too_few_participants_without_fetching(key_files: keys.KeyF
     node = _node(key_files, tmp_path / "state")
     stub = FakeStub(node.layout.hash, node.layout.num_values, outcome_unimplemented=True)
     _publish(key_files, stub, 1, _honest(node, 1)[:2], participants=2)
+    _took_part(node, 1)
     node._handle(stub, _sum_ready(1, 0, participants=2))  # type: ignore[arg-type]
     assert node.applied_round == 0 and stub.fetches == []
     assert node.store.rejections()[1]["reason"] == "too_few_participants"
     assert node.sums.outcome_unimplemented  # tolerated, asked once
+    node.close()
+
+
+def test_a_catching_up_node_reports_only_its_own_rounds_and_paces_its_replay(
+    key_files: keys.KeyFiles, tmp_path: Path
+) -> None:
+    """Replayed sums of rounds it did not take part in: applied, not reported (the server would
+    refuse the reports, docs/spec/sum-checks.md §4), and fetched at most CATCH_UP_SUMS_PER_SECOND."""
+    node = _node(key_files, tmp_path / "state")
+    stub = FakeStub(node.layout.hash, node.layout.num_values)
+    for number in (1, 2, 3, 4):
+        _publish(key_files, stub, number, _honest(node, number))
+    _took_part(node, 4)
+    started = time.monotonic()
+    for number in (1, 2, 3):
+        replayed = _sum_ready(number, number - 1)
+        replayed.replay = True
+        node._handle(stub, replayed)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 2 / CATCH_UP_SUMS_PER_SECOND
+    node._handle(stub, _sum_ready(4, 3))  # type: ignore[arg-type]
+    assert node.applied_round == 4 and stub.fetches == [1, 2, 3, 4]
+    assert stub.reports == [(4, True, "")]
     node.close()
 
 

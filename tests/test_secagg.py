@@ -11,6 +11,7 @@ Spec: docs/spec/masked-round.md.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from cipherhive.ckks import codec, seal_format
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.federation.layout import LEADING_VALUES, Layout
+from cipherhive.node.state.checkpoint import REJECTED
 from cipherhive.secagg import masking
 from cipherhive.server.ingest.running_sum import MaskedSum
 from cipherhive.server.storage.spool import encode_records, read_records
@@ -81,16 +83,23 @@ def _log_has(fed: LocalFederation, key: str, pattern: str) -> bool:
 
 
 def _carries_on_after_rejecting(fed: LocalFederation, name: str, number: int) -> None:
-    """After rejecting round ``number``'s sum, the node's last step is to report that to the server
-    (which refuses it here: the node did not take part in the round); then it keeps following the
-    federation: still running, it stops cleanly (exit 0) when asked."""
-    fed.wait_for(
-        lambda: _log_has(fed, name, rf"could not report the outcome of round {number}\b"),
-        60,
-        f"{name} to report the rejection",
-    )
+    """After rejecting round ``number``'s sum, the node's last step is to record that nothing is
+    left to report (it did not take part in the round: only participants report on a sum,
+    docs/spec/sum-checks.md §4); then it keeps following the federation: still running, sending
+    no report the server would refuse, it stops cleanly (exit 0) when asked."""
+    fed.wait_for(lambda: _rejection_settled(fed, name, number), 60, f"{name} to finish with the rejection")
+    assert "could not report" not in fed.log(name)
     assert fed.procs[name].poll() is None, f"{name} exited:\n{fed.log(name)[-2000:]}"
     assert fed.stop(name) == 0, f"{name} did not stop cleanly:\n{fed.log(name)[-2000:]}"
+
+
+def _rejection_settled(fed: LocalFederation, name: str, number: int) -> bool:
+    path = fed.workdir / f"{name}-state" / REJECTED
+    try:
+        record = json.loads(path.read_text()).get(str(number), {})
+    except (OSError, ValueError):
+        return False
+    return bool(record.get("reported"))
 
 
 # --------------------------------------------------------------------------- one round, five members

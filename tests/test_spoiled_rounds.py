@@ -264,8 +264,9 @@ def test_two_hundred_spoiled_rounds_leave_bounded_state(
             assert now["withdrawn"] <= KEEP_WITHDRAWN
             assert now["rejections"] <= 1
             assert now["round files"] == 0, sorted(p.name for p in member.state_dir.iterdir())
-            # checkpoint.pt, the kept ones, chain.json, pending.json, rejected.json, the ledger.
-            assert now["files"] <= 5 + KEEP_CHECKPOINTS, sorted(p.name for p in member.state_dir.iterdir())
+            # checkpoint.pt, the kept ones, chain.json, pending.json, rejected.json, the ledger, and
+            # history.json (its newest round_history.MAX_ROUNDS rounds).
+            assert now["files"] <= 6 + KEEP_CHECKPOINTS, sorted(p.name for p in member.state_dir.iterdir())
 
     assert strict.records()["ledger"] == lax.records()["ledger"] == 1 + len(GOOD_AFTER)
     assert max(strict.node.state.withdrawn) == max(withdrawn)

@@ -32,6 +32,7 @@ from cipherhive.node import metrics
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.secagg.sum_proof import check_seed_hashes, verify_proof
 from cipherhive.node.session import Services
+from cipherhive.node.state import round_history
 from cipherhive.node.state.checkpoint import Checkpoint
 from cipherhive.node.state.model_state import ModelState
 from cipherhive.node.sums.checks import (
@@ -62,6 +63,11 @@ log = logging.getLogger("cipherhive.node")
 ATTEMPTS = 3
 #: The server accepts at most this many characters of reason.
 MAX_REASON = 200
+#: Replayed sums fetched per second at most while catching up. Each costs two calls (the round's
+#: proof and its sum), so a catch-up of any length stays at half the server's default per-member
+#: call rate (``[limits] requests_per_second`` = 20) instead of draining its burst: a small model
+#: decrypts in milliseconds (docs/explanation/reliability.md, "Dropouts").
+CATCH_UP_SUMS_PER_SECOND = 5.0
 
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
@@ -98,6 +104,8 @@ class SumApplier:
         self._state = state
         #: The server does not take outcome reports (asked once, then not sent again).
         self.outcome_unimplemented = False
+        #: When the next replayed sum may be fetched (time.monotonic), see CATCH_UP_SUMS_PER_SECOND.
+        self._next_replay = 0.0
 
     def on_sum(self, stub: pb_grpc.AggregationStub, ev: pb.RoundEvent) -> None:
         """A published sum beyond the applied round: skipped, rejected before, or applied."""
@@ -117,14 +125,32 @@ class SumApplier:
                 **fields,
             )
         elif not self._rejected_before(stub, ev):
+            if ev.replay:
+                self._pace_catch_up()
             self._apply_sum(stub, ev)
+
+    def _pace_catch_up(self) -> None:
+        """Space replayed sums (CATCH_UP_SUMS_PER_SECOND); live ones come at the rounds' own pace."""
+        now = time.monotonic()
+        if self._next_replay > now:
+            time.sleep(self._next_replay - now)
+        self._next_replay = max(now, self._next_replay) + 1.0 / CATCH_UP_SUMS_PER_SECOND
 
     # ------------------------------------------------------------ reporting
 
     def _report(
         self, stub: pb_grpc.AggregationStub, round_number: int, applied: bool, reason: str = ""
     ) -> bool:
-        """Best effort: tell the server whether this node applied the round's sum (True if it heard)."""
+        """Best effort: tell the server whether this node applied the round's sum.
+
+        Only a round's participants report on its sum (docs/spec/sum-checks.md §4): a member
+        that catches up on rounds it did not take part in sends nothing, since the server would
+        refuse it, and would count it against this node's call rate. True once nothing is left to
+        report (the server heard, or there was nothing to tell it).
+        """
+        if self._state.store.submitted_round() != round_number:
+            log.debug("not reporting on round %d: this node did not take part in it", round_number)
+            return True
         if self.outcome_unimplemented:
             return False
         try:
@@ -162,6 +188,13 @@ class SumApplier:
         )
         self._state.store.remember_rejection(
             round_number, exc.reason, exc.message, checks_key(self._services.config)
+        )
+        round_history.record_outcome(
+            self._services.config.state_dir,
+            round_number,
+            round_history.REJECTED,
+            uploaded=self._state.store.own_weight(round_number) > 0,
+            reason=f"{exc.reason}: {exc.message}",
         )
         if self._report(stub, round_number, False, f"round {round_number} rejected: {exc.message}"):
             self._state.store.mark_reported(round_number)
@@ -237,6 +270,15 @@ class SumApplier:
         # nothing goes to the server.
         evaluation = federated_eval.show(
             applier.leading, self._state.settings.weight_unit, ev.base_round, fields
+        )
+        round_history.record_outcome(  # for `cipherhive node report`: the figures as logged
+            self._services.config.state_dir,
+            ev.round,
+            round_history.APPLIED,
+            participants=ev.participants,
+            uploaded=self._state.store.own_weight(ev.round) > 0,
+            evaluation=evaluation,
+            of_round=ev.base_round,
         )
         event(log, "applied round sum", **fields, fetch_decrypt_apply_s=round(time.perf_counter() - t0, 3))
         self._report(stub, ev.round, True)

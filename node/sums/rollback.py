@@ -23,6 +23,7 @@ import torch
 from cipherhive.node import metrics
 from cipherhive.node.secagg.participation import Participation
 from cipherhive.node.session import Services
+from cipherhive.node.state import round_history
 from cipherhive.node.state.checkpoint import Checkpoint
 from cipherhive.node.state.model_state import ModelState
 from cipherhive.node.sums.optimizers import OptimizerError
@@ -59,6 +60,7 @@ class RollbackHandler:
         self._state.withdrawn.add(ev.round)
         self._state.store.forget_rejection(ev.round)  # nothing left to remember about it
         self._forget_files(ev.round)
+        round_history.record_undone(self._services.config.state_dir, ev.round, ev.reason or "withdrawn")
         event(
             log, "round withdrawn", logging.WARNING, node=self._state.name, round=ev.round, reason=ev.reason
         )
@@ -125,6 +127,7 @@ class RollbackHandler:
         self._reset_chain(checkpoint)
         metrics.APPLIED_ROUND.set(target)
         metrics.ROLLBACKS.inc()
+        round_history.record_undone(self._services.config.state_dir, withdrawn, why, target)
         event(
             log,
             f"rolled back to round {target}: round {withdrawn} was withdrawn ({why})",

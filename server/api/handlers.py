@@ -3,11 +3,14 @@
 They know nothing of gRPC servicers or contexts, so the same functions serve
 a thread-pool servicer or an asyncio one: a handler identifies the caller,
 calls one function here, and turns a :class:`RoundError` into its status.
-Every refusal is audited here with the caller's name.
+Every refusal is audited here with the caller's name (outcome reports on rounds the caller did
+not take part in: once per node).
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -19,6 +22,7 @@ from cipherhive.federation.layout import Layout, LayoutError
 from cipherhive.runtime.logs import audit
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
+from cipherhive.server.rounds.withdrawal import NotAParticipant
 from cipherhive.server.storage.rows import NodeRow, OutcomeRow, RoundRow, SubmissionRow
 from cipherhive.v1 import federation_pb2 as pb
 
@@ -29,6 +33,7 @@ MAX_PAGE = 500
 #: JoinReply.withdrawn_rounds lists at most this many (the newest).
 MAX_WITHDRAWN_LISTED = 1000
 R = TypeVar("R")
+log = logging.getLogger("cipherhive.server.api")
 
 
 @contextmanager
@@ -127,9 +132,27 @@ def join_reply(manager: RoundManager, node: str, request: pb.JoinRequest) -> pb.
     )
 
 
+#: Per server, the nodes whose outcome report on a round they did not take part in was already
+#: audited: a node from before such reports stopped sends one per round it catches up on, and the
+#: refusal is logged once with who sent it, not once per round (docs/spec/sum-checks.md §4).
+_NOT_PARTICIPANTS: weakref.WeakKeyDictionary[RoundManager, set[str]] = weakref.WeakKeyDictionary()
+
+
 def report_outcome(manager: RoundManager, node: str, request: pb.OutcomeReport) -> pb.OutcomeAck:
-    with refusals_audited("outcome report", node, round=request.round):
+    try:
         withdrawn = manager.report_outcome(node, request.round, request.applied, request.reason)
+    except NotAParticipant as exc:
+        told = _NOT_PARTICIPANTS.setdefault(manager, set())
+        if node in told:
+            log.debug("refused %s (again from node %r)", exc.message, node)
+            raise
+        told.add(node)
+        reason = f"{exc.message}; its further reports on rounds it did not take part in are refused unlogged"
+        audit("outcome report refused", node, code=exc.code.name, reason=reason, round=request.round)
+        raise
+    except RoundError as exc:
+        audit("outcome report refused", node, code=exc.code.name, reason=exc.message, round=request.round)
+        raise
     return pb.OutcomeAck(withdrawn=withdrawn)
 
 

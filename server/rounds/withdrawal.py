@@ -35,6 +35,12 @@ log = logging.getLogger("cipherhive.server.rounds")
 MAX_REASON_CHARS = 200
 
 
+class NotAParticipant(RoundError):
+    """An outcome report on a round the node did not take part in (docs/spec/sum-checks.md §4):
+    refused, and told apart so that the handler logs it once per node rather than once per round
+    of a catch-up."""
+
+
 def clean_text(text: str, what: str, *, required: bool = False) -> str:
     """A client-supplied reason, safe for logs and tables: bounded, control characters escaped.
 
@@ -70,7 +76,7 @@ def report_outcome(
             grpc.StatusCode.FAILED_PRECONDITION, f"round {number} has no published sum (it is {row.state})"
         )
     if ctx.state.submission(number, node) is None:
-        raise RoundError(
+        raise NotAParticipant(
             grpc.StatusCode.PERMISSION_DENIED,
             f"node {node!r} did not submit to round {number}; only its participants report on its sum",
         )
