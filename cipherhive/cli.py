@@ -1,7 +1,9 @@
 """The `cipherhive` command: one entry point, one sub-command per job.
 
 Heavy imports (torch, the daemons) happen inside each sub-command so that
-`cipherhive --help` and `cipherhive keygen` start fast. Every error a user
+`cipherhive --help` and `cipherhive keygen` start fast, and so that the server,
+`ctl`, `keygen` and `certs` run on the bare package, without the `node` extra
+(torch); a command that needs it says so up front (cipherhive.extras). Every error a user
 can fix is printed as one line, ``cipherhive <command>: error: …``, with
 exit code 2; tracebacks are kept for bugs.
 """
@@ -9,11 +11,13 @@ exit code 2; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from cipherhive import __version__
+from cipherhive import __version__, extras
 from cipherhive.pki import certs
 from cipherhive.runtime.errors import UserError
 
@@ -28,14 +32,36 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_start_up_guard(words: Sequence[str]) -> threading.Event | None:
+    """For `cipherhive server`: a stop signal during start-up (parsing, imports, recovery,
+    starting the ingest workers) is kept, and honoured once the server is built: exit 0, its
+    workers ended (docs/reference/exit-codes.md). Installed before anything slow."""
+    if not words or words[0] != "server" or "migrate-state" in words[1:]:
+        return None
+    stopped = threading.Event()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda _s, _f: stopped.set())
+    return stopped
+
+
 def _server(args: argparse.Namespace) -> int:
+    stopped: threading.Event = getattr(args, "stopped", None) or threading.Event()
     from cipherhive.runtime import config, logs
     from cipherhive.server.config import ServerConfig
     from cipherhive.server.daemon import Server
 
     cfg = config.load(ServerConfig, args)
     logs.setup(cfg.log_level, cfg.log_json, cfg.audit_file)
-    return Server(cfg).serve_forever()  # it holds its state directory (StateDirLock)
+    if stopped.is_set():
+        return 0
+    server = Server(cfg)  # it holds its state directory (StateDirLock)
+    return server.serve_forever(stopped)
+
+
+def _server_migrate_state(args: argparse.Namespace) -> int:
+    from cipherhive.server.storage.migrate_state import run
+
+    return run(args)
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -172,6 +198,29 @@ def _node_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_report(args: argparse.Namespace) -> int:
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.report import render_node_report
+    from cipherhive.node.report_figures import read_figures
+    from cipherhive.runtime import config, logs
+    from cipherhive.runtime.fsutil import atomic_write
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    out: Path = args.out
+    if not out.parent.is_dir():
+        raise UserError(f"--out: directory {str(out.parent)!r} does not exist")
+    if out.is_dir():
+        raise UserError(f"--out: {str(out)!r} is a directory; give a file name")
+    # Reads only, without the state directory's lock: the running node keeps it.
+    figures = read_figures(cfg)
+    # 0600: the decrypted figures are the member's, like its log.
+    atomic_write(out, render_node_report(figures).encode("utf-8"), mode=0o600)
+    count = len(figures.rounds)
+    print(f"wrote {out} ({count} round{'s' if count != 1 else ''})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cipherhive.bench.run import run_bench
 
@@ -202,16 +251,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("server", help="run the aggregator daemon")
+    p = sub.add_parser("server", help="run the aggregator daemon (or: server migrate-state)")
     config.add_arguments(p, ServerConfig)
     p.set_defaults(func=_server)
+    m = p.add_subparsers(dest="server_command", metavar="[migrate-state]").add_parser(
+        "migrate-state", help="move a stopped server's round state from SQLite to an empty PostgreSQL"
+    )
+    config.add_arguments(m, ServerConfig)
+    m.add_argument(
+        "--to",
+        metavar="URL",
+        help="the empty PostgreSQL database, postgresql://user@host:5432/dbname (default: [state] "
+        "database); the password comes from [state] password_file or PGPASSWORD",
+    )
+    m.set_defaults(func=_server_migrate_state)
 
     p = sub.add_parser(
-        "node", help="run a member node daemon (or: node export|layout|bootstrap|privacy-init|privacy)"
+        "node",
+        help="run a member node daemon (or: node export|layout|bootstrap|privacy-init|privacy|report)",
     )
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
-    node_sub = p.add_subparsers(dest="node_command", metavar="[export|layout|bootstrap|privacy-init|privacy]")
+    node_sub = p.add_subparsers(
+        dest="node_command", metavar="[export|layout|bootstrap|privacy-init|privacy|report]"
+    )
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
     e.add_argument("--out", type=Path, required=True, help="folder to write the model to")
@@ -249,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         b = node_sub.add_parser(name, help=text)
         config.add_arguments(b, NodeConfig)
         b.set_defaults(func=_node_privacy)
+    r = node_sub.add_parser(
+        "report",
+        help="write this member's own report (HTML): the evaluation it decrypted, ε, applied and "
+        "rejected rounds; runs beside the node",
+    )
+    config.add_arguments(r, NodeConfig)
+    r.add_argument("--out", type=Path, required=True, help="HTML file to write the report to")
+    r.set_defaults(func=_node_report)
 
     p = sub.add_parser("demo", help="run a local federation of three nodes on real data")
     add_demo_arguments(p)
@@ -272,17 +343,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that train or run member nodes: they need the `node` extra (torch and the rest); the
+#: server, `ctl`, `keygen` and `certs` run on the bare package.
+NODE_ROLE_COMMANDS = frozenset({"node", "demo", "simulate", "bench"})
+
+
+#: `cipherhive node`'s one-off sub-commands; any other `cipherhive node …` runs the daemon.
+NODE_TOOLS = frozenset({"export", "layout", "bootstrap", "privacy-init", "privacy", "report"})
+
+
+def _runs_node_daemon(words: Sequence[str]) -> bool:
+    return bool(words) and words[0] == "node" and not NODE_TOOLS.intersection(words[1:])
+
+
+def _interrupted(interrupt: KeyboardInterrupt, node_daemon: bool) -> int:
+    """Ctrl-C before a command's own handling: 130, but the node daemon exits cleanly (0)."""
+    if not node_daemon:
+        return 130
+    from cipherhive.node import stopping
+
+    return stopping.stopped_at_start_up(interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    node_daemon = _runs_node_daemon(sys.argv[1:] if argv is None else argv)
+    server_stopped = _server_start_up_guard(sys.argv[1:] if argv is None else argv)
+    if node_daemon:  # stop signals handled before the slow imports (docs/reference/exit-codes.md)
+        from cipherhive.node import stopping
+
+        stopping.guard_start_up()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(interrupt, node_daemon)
+    if server_stopped is not None:
+        args.stopped = server_stopped
+    try:
+        if args.command in NODE_ROLE_COMMANDS:  # before they import torch
+            task = getattr(args, "task", "")
+            extras.require("lora" if task == "lora" else "node", "this command")
         code: int = args.func(args)
         return code
     except (UserError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"cipherhive {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(interrupt, node_daemon)
 
 
 if __name__ == "__main__":

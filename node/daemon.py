@@ -41,7 +41,7 @@ from cipherhive.ckks import codec, keys
 from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics, stopping
 from cipherhive.node.config import NodeConfig
-from cipherhive.node.connect import check_handshake, refusal_with_fix
+from cipherhive.node.connect import Reconnects, check_handshake, refusal_with_fix
 from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.privacy.ledger import PrivacyLedgerError
@@ -73,7 +73,7 @@ from cipherhive.node.training.update import (
 )
 from cipherhive.runtime.errors import UserError
 from cipherhive.runtime.logs import event
-from cipherhive.runtime.transport import NODE_NAME_METADATA, ClientTLS, channel, describe_rpc_error
+from cipherhive.runtime.transport import NODE_NAME_METADATA, ClientTLS, channel
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -113,6 +113,7 @@ class Node:
         self._stop = threading.Event()
         self._stream: Any = None
         self._rng = random.Random()
+        self._reconnects = Reconnects(config.server, config.max_backoff_seconds, self._rng)
         self.services = Services(
             config=config,
             fingerprint=choice.fingerprint,
@@ -262,20 +263,18 @@ class Node:
         if self.services.config.metrics_listen:
             metrics.serve(self.services.config.metrics_listen)
         metrics.APPLIED_ROUND.set(self.state.applied_round)
-        backoff = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
+            # When to try again and what to log: node/connect.py (a restarting server: every second).
+            wait: float | None = None
+            clean = False  # the session ended as the round-event stream did: with OK
             try:
                 self._session()
+                clean = True
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
-                log.warning(
-                    "connection to %s lost (%s); reconnecting in %.1fs",
-                    self.services.config.server,
-                    describe_rpc_error(exc),
-                    backoff,
-                )
+                wait = self._reconnects.lost(exc, self.services.events.take_stream_error(), started)
             except NodeError as exc:
                 log.error("%s", exc)
                 return 2
@@ -290,10 +289,12 @@ class Node:
             if self.state.resync and not self._stop.is_set():
                 self.state.resync = False  # rolled back: follow the federation again at once
                 continue
-            if time.monotonic() - started > 60:
-                backoff = 1.0
-            self._stop.wait(backoff * (0.5 + self._rng.random()))
-            backoff = min(backoff * 2, self.services.config.max_backoff_seconds)
+            if self._stop.is_set():
+                break
+            if wait is None:
+                ended = self.services.events.take_stream_error()
+                wait = self._reconnects.ended(ended, started, clean=clean)
+            self._stop.wait(wait)
         event(log, "node stopped", applied_round=self.state.applied_round)
         return 0
 
@@ -316,7 +317,7 @@ class Node:
             assert cfg.tls_cert and cfg.tls_key and cfg.tls_ca
             tls = ClientTLS(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_server_name)
         with channel(cfg.server, tls) as ch:
-            check_handshake(ch, cfg.server, tls)
+            check_handshake(ch, cfg.server, tls, self._reconnects.quick())
             stub = pb_grpc.AggregationStub(ch)
             try:
                 reply = stub.Join(
@@ -334,6 +335,7 @@ class Node:
                 if exc.code() in TRANSIENT or self._stop.is_set():
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
+            self._reconnects.joined()
             self.state.name, self.state.settings = reply.node_name, reply.settings
             try:
                 self.privacy.accept(reply.settings, self.state.applied_round)
@@ -358,7 +360,14 @@ class Node:
                 node=self.state.name,
                 latest_sum_round=reply.latest_sum_round,
                 applied_round=self.state.applied_round,
-                min_participants=self.state.settings.min_participants,
+                # This node's own floor ([node] min_participants), which it enforces on rounds and
+                # rosters whatever the server says; the server's only beside it, and only if it differs.
+                min_participants=cfg.min_participants,
+                **(
+                    {"server_min_participants": reply.settings.min_participants}
+                    if reply.settings.min_participants not in (0, cfg.min_participants)
+                    else {}
+                ),
                 optimizer=self.state.optimizer.spec.describe(),
             )
             self.state.withdrawn.update(reply.withdrawn_rounds)
@@ -371,6 +380,8 @@ class Node:
                 pb.WatchRequest(since_round=self.state.applied_round), metadata=self._metadata()
             )
             self._stream = stream
+            if self._stop.is_set():  # asked to stop before there was a stream to cancel
+                stream.cancel()
             self.services.events.open(stream)
             try:
                 while (ev := self.services.events.next()) is not None:

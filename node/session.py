@@ -32,20 +32,33 @@ class RoundEvents:
         self._queue: queue.Queue[pb.RoundEvent | BaseException | None] | None = None
         self._pending: deque[pb.RoundEvent] = deque()
         self._error: BaseException | None = None
+        self._ended: list[BaseException] = []
 
     def open(self, stream: Iterable[pb.RoundEvent]) -> None:
         inbox: queue.Queue[pb.RoundEvent | BaseException | None] = queue.Queue()
+        ended: list[BaseException] = []  # this stream's own: a late error of an old one stays there
 
         def pump() -> None:
             try:
                 for ev in stream:
                     inbox.put(ev)
             except BaseException as exc:  # handed to the reader, raised where it reads next
+                ended.append(exc)
                 inbox.put(exc)
             inbox.put(None)
 
-        self._queue, self._pending, self._error = inbox, deque(), None
+        self._queue, self._pending, self._error, self._ended = inbox, deque(), None, ended
         threading.Thread(target=pump, name="round-events", daemon=True).start()
+
+    def take_stream_error(self) -> BaseException | None:
+        """The error the last stream ended with, even if no step has read it yet; once.
+
+        A server that stops ends the stream with a status saying so while the node may be busy
+        in another call that then fails for a plainer reason (a refused connection); the
+        reconnect logic asks here what really happened (docs/troubleshooting.md#the-server-is-restarting).
+        """
+        ended, self._ended = self._ended, []
+        return ended[0] if ended else None
 
     def close(self) -> None:
         self._queue = None

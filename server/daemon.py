@@ -29,8 +29,8 @@ from cipherhive.server.api.servicers import AdminService, AggregationService
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.ingest.workers import IngestWorkers
 from cipherhive.server.rounds.manager import RoundManager
+from cipherhive.server.storage.backend import open_store
 from cipherhive.server.storage.spool import Spool
-from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
@@ -88,7 +88,7 @@ class Server:
         # Held for this process's life, before anything in the directory is touched: a second
         # server would otherwise recover and serve the same round.
         self._state_lock = fsutil.StateDirLock(config.state_dir, "server")
-        self.state = State(config.state_dir / "state.db")
+        self.state = open_store(config.state_dir, config.database, config.password_file)
         stored = self.state.get_meta("key_fingerprint")
         if stored is not None and stored != self.fingerprint:
             raise StartupError(
@@ -102,9 +102,17 @@ class Server:
         self._done = threading.Event()
         self.fatal = ""
         workers = config.ingest_workers or len(os.sched_getaffinity(0))
-        if workers > 1 and isinstance(self.codec, codec.PublicCodec):
-            self.rounds.ingest = IngestWorkers(workers, self.codec.upload_parser(), self._ingest_lost)
-        self.rounds.recover()
+        try:
+            if workers > 1 and isinstance(self.codec, codec.PublicCodec):
+                self.rounds.ingest = IngestWorkers(workers, self.codec.upload_parser(), self._ingest_lost)
+            self.rounds.recover()
+        except BaseException:
+            # The ingest workers ignore stop signals (runtime.child_signals): a start-up that
+            # fails or is interrupted here must end them itself, or exit would wait on them.
+            self.rounds.close()
+            self.state.close()
+            self._state_lock.release()
+            raise
         self._stop = threading.Event()
         self._revocations: certs.RevocationList | None = None
         if not config.insecure and config.tls_crl is not None:
@@ -171,6 +179,7 @@ class Server:
             cfg.admin_reserved_rpcs,
         )
         guard = Guard(auth, admission, idle=cfg.stream_idle_seconds, min_rate=cfg.min_upload_bytes_per_second)
+        self.guard = guard
         # The guard enforces the precise caps (with the admin reserve); gRPC's own cap is
         # only a backstop above them.
         server = grpc.aio.server(
@@ -267,8 +276,14 @@ class Server:
         )
 
     async def _stop_async(self) -> None:
+        """Tell every client first, then stop: each open stream to a client (round events,
+        downloads, health watches) ends at once with UNAVAILABLE "the server is shutting down",
+        which nodes take as a restart and reconnect to within seconds
+        (docs/how-to/operator.md#restart-the-server). Only uploads keep ``grace_seconds`` to
+        finish: one acknowledged in that time is durable, one cut after it is rolled back."""
         await self.health.enter_graceful_shutdown()
         self._stop.set()
+        self.guard.end_streams()
         self.rounds.bus.close_all()
         await self.grpc_server.stop(self.config.grace_seconds)
         if self.health_server is not None:
@@ -319,7 +334,15 @@ class Server:
         event(log, "reloaded", fingerprint=fingerprint[:16])
         return True
 
-    def serve_forever(self) -> int:
+    def abandon(self) -> None:
+        """Close a server that was built but never started (stopped during start-up)."""
+        self.run.shutdown()
+        self.rounds.close()
+        self.state.close()
+        self._state_lock.release()
+
+    def serve_forever(self, stopped: threading.Event | None = None) -> int:
+        """Serve until SIGTERM or SIGINT; ``stopped``: set by a stop signal during start-up."""
         done = self._done
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -329,6 +352,10 @@ class Server:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, lambda _s, _f: self.reload())
+        if stopped is not None and stopped.is_set():
+            event(log, "stopped during start-up, before serving")
+            self.abandon()
+            return 0
         self.start()
         done.wait()
         self.stop()

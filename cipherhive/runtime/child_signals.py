@@ -1,37 +1,39 @@
 """Worker processes that a stop signal meant for their parent does not kill.
 
 Ctrl-C in a terminal sends SIGINT to the whole foreground process group, and a service manager
-may signal every process of a unit: the daemons' worker processes get the signal too. A worker
-that dies of it mid-task looks to its daemon like a crashed worker. So a daemon starts its
-workers with the stop signals ignored: an ignored disposition survives the spawn's exec, and
-Python leaves an ignored SIGINT alone at start-up, so the worker is never interrupted, not even
-while it imports. The daemon stops its workers itself.
+(or ``timeout``) may signal every process of a unit: the daemons' worker processes get the signal
+too. A worker that dies of it mid-task looks to its daemon like a crashed worker, and a task it
+never finishes can leave the daemon waiting. So a daemon starts its workers with the stop signals
+*blocked*: the mask survives the spawn's exec, so a signal that reaches a worker before its first
+instruction waits, and the worker's first step ignores the signals, which discards it. The daemon
+stops its workers itself (a message or closing their queue, then SIGKILL after a grace period;
+SIGTERM no longer works on them). See docs/reference/exit-codes.md.
+
+Blocking, not ignoring, in the parent: a signal that arrives while the parent starts its workers
+is delivered to it once the block ends (or at once to another of its threads), never lost.
 """
 
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import resource_tracker
 
 __all__ = ["ignored_in_children"]
 
 
 @contextmanager
 def ignored_in_children(*signals: signal.Signals) -> Iterator[None]:
-    """Ignore ``signals`` while the block starts child processes, then restore the handlers.
+    """Start the block's child processes with ``signals`` blocked; each must ignore them first thing.
 
-    Python handles signals in the main thread only; from another thread this does nothing
-    (the worker then ignores them as its first step instead). A signal that arrives in the
-    few milliseconds of the block is lost to the parent too: the operator presses again.
+    Works in any thread (the mask is the calling thread's). The resource tracker is started
+    first, outside the block: multiprocessing starts it on first use with the stop signals
+    blocked and then *unblocks* them, which would undo this block.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

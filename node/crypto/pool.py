@@ -18,11 +18,15 @@ by :meth:`CryptoPool.clear_mask_plan` once the upload is encrypted.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import multiprocessing
 import os
 import signal
 import struct
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from multiprocessing.pool import AsyncResult, Pool
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cipherhive.ckks.codec import NodeCodec, SecretCodec
+from cipherhive.node import stopping
 from cipherhive.node.crypto import slots
 from cipherhive.runtime.child_signals import ignored_in_children
 from cipherhive.secagg import masking
@@ -56,9 +61,12 @@ def make_codec(factory: str, key: bytes) -> NodeCodec:
 
 def _init_worker(factory: str, key: bytes, area: Any = None, slot_area: Any = None) -> None:
     global _worker_codec, _worker_area
-    # Ctrl-C in a terminal reaches the whole process group: a worker interrupted in the middle of
-    # a task would leave the node waiting for it. The node stops its workers itself (close).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C in a terminal, or SIGTERM to the unit or group, reaches the workers too: one killed in
+    # the middle of a task would leave the node waiting for it. They started with both blocked
+    # (runtime.child_signals); ignoring them discards any that came meanwhile. The node closes its
+    # workers itself (close), or kills them on a forced exit (node.stopping).
+    for stop_signal in stopping.STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
     _worker_codec = make_codec(factory, key)
     _worker_area = area
     slots.attach(slot_area)
@@ -132,6 +140,17 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+#: Seconds :meth:`CryptoPool.close` lets the workers finish the task in hand before killing them.
+CLOSE_GRACE = 5.0
+#: Seconds it then keeps killing workers (and any the pool started in their place) until all are gone.
+KILL_WAIT = 5.0
+
+
+def _processes(pool: Pool) -> list[Any]:
+    """The pool's worker processes (``Pool`` keeps them in ``_pool``; it has no public accessor)."""
+    return list(getattr(pool, "_pool", []))
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -153,13 +172,15 @@ class CryptoPool:
             self._area = ctx.RawArray("B", _PLAN_AREA) if isinstance(self._local, SecretCodec) else None
             # Enough slots for every block in flight: the window, plus the task being filled.
             self._slots = slots.Slots(ctx, (WINDOW_PER_WORKER * self.workers + 1) * BATCH)
-            # SIGINT only: close() ends the workers with SIGTERM (runtime.child_signals).
-            with ignored_in_children(signal.SIGINT):
+            # A stop at start-up waits until the workers are registered for closing (atexit: a
+            # pool left open would hang the exit, as multiprocessing ends workers with SIGTERM).
+            with stopping.deferred(), ignored_in_children(*stopping.STOP_SIGNALS):
                 self._pool = ctx.Pool(
                     self.workers,
                     initializer=_init_worker,
                     initargs=(factory, secret_context, self._area, self._slots.area),
                 )
+                atexit.register(self.close)
 
     @property
     def modulus(self) -> int:
@@ -252,10 +273,34 @@ class CryptoPool:
                 shared.reset()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        """End the workers; never hangs (at most :data:`CLOSE_GRACE` + :data:`KILL_WAIT` seconds).
+
+        They ignore SIGTERM (runtime.child_signals), so ``Pool.terminate`` alone would wait for
+        them forever: each is given the rest of its task in hand to exit by itself, then killed.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        atexit.unregister(self.close)
+        pool.close()  # no more tasks: an idle worker exits at once, a busy one after its task
+        deadline = time.monotonic() + CLOSE_GRACE
+        for worker in _processes(pool):
+            worker.join(max(0.0, deadline - time.monotonic()))
+        # terminate() stops the pool from replacing workers and joins its threads; it runs in a
+        # thread of its own because it waits for the workers, which ignore its SIGTERM: this one
+        # kills those still alive (any the pool started in their place too). If it waits on a
+        # lock a killed worker held, it is left behind, a daemon thread, the workers gone.
+        finisher = threading.Thread(target=pool.terminate, name="crypto-pool-close", daemon=True)
+        finisher.start()
+        deadline = time.monotonic() + KILL_WAIT
+        while time.monotonic() < deadline:
+            alive = [w for w in _processes(pool) if w.exitcode is None]
+            for worker in alive:
+                with contextlib.suppress(OSError):
+                    worker.kill()
+            finisher.join(0.05)
+            if not alive and not finisher.is_alive():
+                return
 
     def __enter__(self) -> CryptoPool:
         return self

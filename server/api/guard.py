@@ -7,6 +7,12 @@ limits, puts a read deadline on every client stream, and hands the caller to
 the servicer through the :data:`CALLER` context variable. No servicer repeats
 these checks, and none can forget them: a service added later is guarded too.
 
+At shutdown the guard also ends every stream it serves to a client (round events,
+downloads, health's Watch, reflection) with UNAVAILABLE :data:`SHUTTING_DOWN`
+(:meth:`Guard.end_streams`), so none holds the server for its whole grace period and
+nodes know at once that the server is restarting. Uploads are not cut: they keep the
+grace period to finish, so one acknowledged by then is durable.
+
 gRPC's asyncio ``HandlerCallDetails`` carries no auth context, so the guard
 wraps the *behaviours* of the handler that ``continuation`` returns; the
 ``context`` passed to a behaviour has the peer's certificate. Each method is
@@ -45,6 +51,20 @@ CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("cipherhive_call
 
 #: Client-streaming methods held to a minimum byte rate as well as the idle deadline.
 RATED_STREAMS = frozenset({"/cipherhive.v1.Aggregation/SubmitUpdate"})
+
+#: The details of the UNAVAILABLE status that ends every open stream to a client when the server
+#: stops. Nodes recognise these exact words as "the server is restarting" and reconnect quickly
+#: (docs/troubleshooting.md#the-server-is-restarting); changing them breaks that for deployed nodes.
+SHUTTING_DOWN = "the server is shutting down"
+
+
+#: What a stream's next step returns once the stream has ended.
+_END = object()
+
+
+def shutting_down() -> Refusal:
+    """The refusal that ends a stream (or a call arriving) while the server stops."""
+    return Refusal(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
 
 def required_role(method: str) -> str:
@@ -150,6 +170,38 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.admission = admission
         self.idle = idle
         self.min_rate = min_rate
+        self._closing = asyncio.Event()
+
+    def end_streams(self) -> None:
+        """Shutdown (on the server's event loop): end every open stream to a client, and any
+        that starts later, with UNAVAILABLE :data:`SHUTTING_DOWN` (uploads go on)."""
+        self._closing.set()
+
+    async def _until_closing(self, call: Awaitable[Any]) -> Any:
+        """Serve ``call`` unless the server stops first: then cancel it and refuse.
+
+        Cancelling runs the stream's own clean-up (a download's transfer slot, a watcher's
+        online mark); what it sent needs no keeping: a node resumes a cut download, and
+        replays round events, once it has reconnected.
+        """
+        work = asyncio.ensure_future(call)  # a task copies the context: CALLER stays set
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((work, closing), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: cut the work, let its clean-up run
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((work,))
+            raise
+        finally:
+            closing.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        await asyncio.wait((work,))
+        if not work.cancelled():
+            work.exception()  # whatever it raised while being cut, the status is the shutdown's
+        raise shutting_down()
 
     async def intercept_service(
         self,
@@ -243,14 +295,20 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         behaviour = handler.unary_stream if single else handler.stream_stream
         if inspect.isasyncgenfunction(behaviour):
             return grpc.stream_stream_rpc_method_handler(self._generator(behaviour, method, single), **ser)
-        # A coroutine that writes with context.write (health Watch, FetchAggregate).
-        return grpc.stream_stream_rpc_method_handler(self._unary(behaviour, method, single), **ser)
+        # A coroutine that writes with context.write (health Watch, FetchAggregate): ended at shutdown.
+        return grpc.stream_stream_rpc_method_handler(
+            self._unary(behaviour, method, single, ends_at_shutdown=True), **ser
+        )
 
-    def _unary(self, behaviour: Callable[..., Any], method: str, single: bool) -> Callable[..., Any]:
+    def _unary(
+        self, behaviour: Callable[..., Any], method: str, single: bool, *, ends_at_shutdown: bool = False
+    ) -> Callable[..., Any]:
         async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             who, request = await self._begin(requests, context, method, single)
             try:
                 result = behaviour(request, context)
+                if ends_at_shutdown and inspect.isawaitable(result):
+                    return await self._until_closing(result)
                 # The generated base servicer's stubs are plain functions (UNIMPLEMENTED).
                 return await result if inspect.isawaitable(result) else result
             except (RoundError, Refusal) as exc:
@@ -267,12 +325,18 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             who, request = await self._begin(requests, context, method, single)
+            stream = behaviour(request, context)
             try:
-                async for reply in behaviour(request, context):
+                # Each step raced against shutdown: the round-event streams end by themselves
+                # then (EventBus.close_all), but a stream waiting on its client (reflection) would not.
+                while (reply := await self._until_closing(anext(stream, _END))) is not _END:
                     yield reply
             except (RoundError, Refusal) as exc:
                 await context.abort(exc.code, exc.message)
             finally:
-                self.admission.leave(who)
+                try:
+                    await stream.aclose()  # its clean-up now, not whenever it is collected
+                finally:
+                    self.admission.leave(who)
 
         return guarded

@@ -23,7 +23,7 @@ import grpc
 from cipherhive.runtime.logs import audit, event
 from cipherhive.server import metrics
 from cipherhive.server.api import handlers
-from cipherhive.server.api.guard import Runner, caller
+from cipherhive.server.api.guard import Runner, caller, shutting_down
 from cipherhive.server.api.identity import Authenticator, Refusal
 from cipherhive.server.api.limits import Transfers
 from cipherhive.server.api.sum_stream import stream_sum
@@ -191,7 +191,11 @@ async def follow_events(
     since_round: int,
     stopping: Callable[[], bool],
 ) -> AsyncIterator[pb.RoundEvent]:
-    """History after ``since_round``, then live events, with heartbeats, until the call ends."""
+    """History after ``since_round``, then live events, with heartbeats, until the call ends.
+
+    It never ends with OK: at shutdown (``EventBus.close_all`` wakes it) it ends with
+    UNAVAILABLE ``SHUTTING_DOWN``, which nodes take as "the server is restarting".
+    """
     who = caller()
     sub = manager.bus.subscribe()
     try:
@@ -209,11 +213,12 @@ async def follow_events(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "this stream fell too far behind (not reading events); reconnect",
                     )
-                return
+                break  # woken for shutdown
             revoked = auth.revoked(who)
             if revoked:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, revoked)
             yield got
+        raise shutting_down()
     finally:
         manager.bus.unsubscribe(sub)
 
