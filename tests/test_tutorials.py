@@ -20,7 +20,8 @@
 The only differences from the pages, made explicit where they happen: the port 7443 becomes a
 free port (in the tutorial's blocks and the copied example files), and the how-to guides'
 production names (``agg.example.com``, ``/var/lib/cipherhive``, ``/backup``) become the tutorial
-federation's.
+federation's, and their database (``db.example``, its ``cipherhive`` database, the password file)
+a database of the throwaway PostgreSQL cluster of tests/postgres.py.
 """
 
 from __future__ import annotations
@@ -31,20 +32,24 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
 import torch
 
 from cipherhive.demo.federation import free_port
 from cipherhive.node.export import load_export
+from tests import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -64,6 +69,8 @@ NEEDS = {
     "several machines": "it runs on, or copies files between, hosts of their own",
     "grpcurl": "grpcurl is not installed where the tests run; tests/test_ctl.py calls the same "
     "reflection and Admin services",
+    "a database administrator": "it creates a PostgreSQL role and database as the cluster's "
+    "superuser, asking for a password; tests/postgres.py does the same for the state tests",
 }
 #: Deadline of one foreground block (the tutorial's `round wait` included) and of a daemon's stop.
 BLOCK_TIMEOUT = 240.0
@@ -90,9 +97,10 @@ class Runs:
 REGISTRY = (
     Runs(
         "tutorials/demo.md",
-        "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . && .venv/bin/cipherhive demo",
-        # CI installs the same way (with the dev extra) before any test; the test runs the demo
-        # with fewer rounds.
+        "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[node]' "
+        "&& .venv/bin/cipherhive demo",
+        # CI installs the same way (with the dev extra, which holds the node's) before any test;
+        # the test runs the demo with fewer rounds.
         (".ci/run", "tests/test_simulate.py::test_demo_json_output_and_flags_still_work"),
     ),
     Runs(
@@ -101,12 +109,20 @@ REGISTRY = (
         '--options \'{"shards": 3, "epochs": 10}\' \\',
         ("tests/test_simulate.py::test_tutorial_command_line_example_runs",),
     ),
-    Runs(TUTORIAL, "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e .", (".ci/run",)),
+    Runs(
+        TUTORIAL,
+        "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[node]'",
+        (".ci/run",),
+    ),
     Runs(TUTORIAL, EVERY_OTHER_BLOCK, (STEP_BY_STEP,)),
     Runs(
         OPERATOR,
         f"cipherhive server --config server.toml          {LONG_RUNNING} (Ctrl-C)",
-        (STEP_BY_STEP, f"{THIS}::test_the_how_to_daemon_commands_are_the_tutorials"),
+        (
+            STEP_BY_STEP,
+            f"{THIS}::test_the_how_to_daemon_commands_are_the_tutorials",
+            f"{THIS}::test_operator_moves_the_state_to_postgresql",
+        ),
     ),
     Runs(
         OPERATOR,
@@ -133,6 +149,16 @@ REGISTRY = (
         OPERATOR,
         'sqlite3 /var/lib/cipherhive/state.db ".backup /backup/state.db"',
         (f"{THIS}::test_operator_backs_up_a_running_server",),
+    ),
+    Runs(
+        OPERATOR,
+        "cipherhive server migrate-state --config server.toml   # or --to postgresql://...",
+        (f"{THIS}::test_operator_moves_the_state_to_postgresql",),
+    ),
+    Runs(
+        OPERATOR,
+        'pg_dump --format=custom --file=/backup/rounds.dump "postgresql://cipherhive@db.example/cipherhive"',
+        (f"{THIS}::test_operator_moves_the_state_to_postgresql",),
     ),
     Runs(MEMBER, "chmod 0600 secret.ctx acme.key acme.enrol.key", (f"{THIS}::test_member_key_modes",)),
     Runs(
@@ -380,17 +406,29 @@ class Federation:
 
     def stop(self) -> dict[str, int | None]:
         """Ctrl-C in every terminal, the nodes first; exit codes (None: killed after STOP_TIMEOUT)."""
-        codes: dict[str, int | None] = {}
-        for name in sorted(self.daemons, key=lambda n: n == "server"):
-            proc = self.daemons[name].proc
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-            try:
-                codes[name] = proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                codes[name] = None
+        codes = {name: self.interrupt(name) for name in sorted(self.daemons, key=lambda n: n == "server")}
         self.kill()
         return codes
+
+    def interrupt(self, name: str) -> int | None:
+        """Ctrl-C in one daemon's terminal; its exit code (None: still running after STOP_TIMEOUT)."""
+        proc = self.daemons[name].proc
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            return proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def retire(self, name: str) -> int | None:
+        """Stop one daemon (Ctrl-C, then SIGKILL to what is left of its group) and forget it, so
+        that the other daemons run on; its exit code (None: killed after STOP_TIMEOUT)."""
+        code = self.interrupt(name)
+        daemon = self.daemons.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait(STOP_TIMEOUT)
+        return code
 
     def kill(self) -> None:
         """SIGKILL whatever is left of each daemon's process group (workers included)."""
@@ -494,10 +532,11 @@ def test_every_command_block_is_run_or_marked() -> None:
 
 
 def test_the_install_ci_runs_is_the_pages() -> None:
-    """What REGISTRY credits to .ci/run: the pages' install line is CI's, but for the dev extra."""
+    """What REGISTRY credits to .ci/run: the pages' install line is CI's, but for the dev extra
+    (which holds the node extra the pages install: tests/test_install.py checks the server's)."""
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    install = "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e ."
-    assert install.replace("-e .", "-e '.[dev]'") in ci
+    install = "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[node]'"
+    assert install.replace("'.[node]'", "'.[dev]'") in ci
     for runs in REGISTRY:
         if ".ci/run" in runs.by:
             assert runs.line.startswith(install), runs
@@ -645,6 +684,114 @@ def test_operator_backs_up_a_running_server(tutorial: Federation) -> None:
     finally:
         state.close()
     assert all(row is not None and row.state == "sum_ready" for row in rows), rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # includes the module's federation, if no test made it before
+def test_operator_moves_the_state_to_postgresql(tutorial: Federation) -> None:
+    """The how-to's "State in PostgreSQL" on a server that ran on SQLite: a stopped copy of the
+    tutorial's server folder, its state taken as "Back up" says (the tutorial's server keeps
+    running on SQLite for the other tests), is moved with the page's `migrate-state` block to a
+    database of the test's cluster and served from it on a port of its own; then the page's
+    `pg_dump` block backs it up while it runs."""
+    cluster = postgres.cluster()
+    if cluster.tcp is None:
+        pytest.skip("needs the throwaway cluster's TCP login (CIPHERHIVE_TEST_POSTGRES is set)")
+    host, pg_port = cluster.tcp
+    server, backup = tutorial.root / "server-pg", tutorial.root / "pg-backup"
+    shutil.copytree(tutorial.folder / "server", server, ignore=shutil.ignore_patterns("state"))
+    state = server / "state"
+    state.mkdir(mode=0o700)
+    running = tutorial.folder / "server" / "state"
+    with (
+        contextlib.closing(sqlite3.connect(running / "state.db")) as source,
+        contextlib.closing(sqlite3.connect(state / "state.db")) as copy,
+    ):
+        source.backup(copy)  # a consistent snapshot, as `sqlite3 ... ".backup ..."` takes it
+    for folder in ("sums", "spool"):
+        shutil.copytree(running / folder, state / folder)
+    port = free_port()
+    toml = server / "server.toml"
+    toml.write_text(
+        substituted(toml.read_text(encoding="utf-8"), {f"localhost:{tutorial.port}": f"localhost:{port}"}),
+        encoding="utf-8",
+    )
+    page = (DOCS / OPERATOR).read_text(encoding="utf-8")
+    shown = re.search(r"^( *)```toml\n\1\[state\]\n.*?^\1```$", page, re.S | re.M)
+    assert shown, "the operator how-to shows no [state] settings for server.toml"
+    settings = textwrap.dedent(shown.group(0)).split("\n", 1)[1].removesuffix("```")
+    with postgres.database(owner=postgres.LOGIN_ROLE) as dsn:
+        dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+        assert isinstance(dbname, str)
+        url = f"postgresql://{postgres.LOGIN_ROLE}@{host}:{pg_port}/{dbname}"
+        # The page's database, "cipherhive" on db.example, becomes the test's (the role is the
+        # cluster's login role, cipherhive too); its password file, one beside server.toml.
+        password = server / "database.pw"
+        password.write_text(cluster.login_password + "\n", encoding="utf-8")
+        password.chmod(0o600)
+        with open(toml, "a", encoding="utf-8") as out:
+            out.write(
+                "\n"
+                + substituted(
+                    settings,
+                    {
+                        "postgresql://cipherhive@db.example:5432/cipherhive": url,
+                        "/etc/cipherhive/database.pw": str(password),
+                    },
+                )
+            )
+
+        migrate = one_block(
+            OPERATOR, "cipherhive server migrate-state --config server.toml   # or --to postgresql://..."
+        )
+        output = tutorial.run(migrate.text, str(migrate), server)
+        assert "rounds: 2 rows (counts match)" in output and "members: " in output, output
+        assert not (state / "state.db").exists() and (state / "state.db.migrated").is_file()
+
+        start = one_block(
+            OPERATOR, f"cipherhive server --config server.toml          {LONG_RUNNING} (Ctrl-C)"
+        )
+        daemon = tutorial.start(start.text, "server-pg", server)
+        try:
+            tutorial.wait_for_log(daemon, "server listening")
+            ctl = substituted(
+                one_block(OPERATOR, "export CIPHERHIVE_CTL_SERVER=agg.example.com:7443").text,
+                {"agg.example.com:7443": f"localhost:{port}"},
+            )
+            shown_rounds = json.loads(
+                tutorial.run(ctl + "cipherhive ctl --json rounds\n", "ctl rounds", tutorial.folder)
+            )
+            assert {
+                int(r["round"]): (r["state"], int(r["participants"])) for r in shown_rounds["rounds"]
+            } == {1: ("ROUND_SUM_READY", 3), 2: ("ROUND_SUM_READY", 3)}, shown_rounds
+            with psycopg.connect(dsn) as db:
+                rows = db.execute("SELECT round, state FROM rounds ORDER BY round").fetchall()
+            assert rows == [(1, "sum_ready"), (2, "sum_ready")]
+            assert not (state / "state.db").exists()  # it serves from PostgreSQL, not a new SQLite
+
+            dump = one_block(
+                OPERATOR,
+                'pg_dump --format=custom --file=/backup/rounds.dump "postgresql://cipherhive@db.example/cipherhive"',
+            )
+            backup.mkdir()
+            script = substituted(
+                dump.text,
+                {
+                    "postgresql://cipherhive@db.example/cipherhive": url,
+                    "/var/lib/cipherhive": str(state),
+                    "/backup": str(backup),
+                },
+            )
+            # The pg_dump beside the cluster's initdb first on PATH: its own version (Debian's
+            # /usr/bin/pg_dump is a wrapper that may pick another, or be missing).
+            path = f"{postgres._bindir()}{os.pathsep}{tutorial.env()['PATH']}"
+            tutorial.run(script, str(dump), env={"PGPASSWORD": cluster.login_password, "PATH": path})
+        finally:
+            code = tutorial.retire("server-pg")
+        assert code == 0, daemon.output()[-3000:]
+    assert (backup / "rounds.dump").read_bytes().startswith(b"PGDMP")  # pg_dump's custom format
+    assert sorted(p.name for p in (backup / "sums").glob("*.sum")) == ["round-1.sum", "round-2.sum"]
+    assert (backup / "spool").is_dir()
 
 
 @pytest.mark.slow
