@@ -11,6 +11,7 @@ exit code 2; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -48,13 +49,19 @@ def _server(args: argparse.Namespace) -> int:
     stopped: threading.Event = getattr(args, "stopped", None) or threading.Event()
     from cipherhive.runtime import config, logs
     from cipherhive.server.config import ServerConfig
-    from cipherhive.server.daemon import Server
+    from cipherhive.server.daemon import Server, StoppedInStandby
 
     cfg = config.load(ServerConfig, args)
     logs.setup(cfg.log_level, cfg.log_json, cfg.audit_file)
     if stopped.is_set():
         return 0
-    server = Server(cfg)  # it holds its state directory (StateDirLock)
+    try:
+        # It holds its state directory (StateDirLock), or with PostgreSQL the lease, for
+        # which a standby waits here (docs/how-to/operator.md#standby-server).
+        server = Server(cfg, stopped=stopped)
+    except StoppedInStandby:
+        logs.event(logging.getLogger("cipherhive.server"), "stopped while standby")
+        return 0
     return server.serve_forever(stopped)
 
 

@@ -567,14 +567,26 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
 def _health(client: Client, args: argparse.Namespace) -> int:
     status = client.health(args.service)
     code = EXIT_OK if status == "SERVING" else EXIT_REFUSED
+    # A standby server (docs/how-to/operator.md#standby-server) is not serving, on purpose.
+    standby = code != EXIT_OK and not args.service and _is_standby(client)
     if args.json:
         data: dict[str, Any] = {"service": args.service, "status": status}
+        if standby:
+            data["standby"] = True
         if code != EXIT_OK:
-            data["error"] = CtlError(status, f"service {args.service!r} is {status}", code).as_dict()
+            why = " (a standby, waiting for the lease)" if standby else ""
+            data["error"] = CtlError(status, f"service {args.service!r} is {status}{why}", code).as_dict()
         print(render.dumps(data))
     else:
-        print(status)
+        print(f"{status} (standby: waiting for the lease)" if standby else status)
     return code
+
+
+def _is_standby(client: Client) -> bool:
+    try:
+        return client.health("cipherhive.standby") == "SERVING"
+    except CtlError:
+        return False
 
 
 def _report(client: Client, args: argparse.Namespace) -> int:

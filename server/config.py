@@ -36,7 +36,11 @@ class ServerConfig:
     metrics_listen: str = setting(
         "", "server", "address:port for the Prometheus metrics endpoint (HTTP); empty: off"
     )
-    grace_seconds: float = setting(10.0, "server", "how long shutdown waits for streams in flight")
+    grace_seconds: float = setting(
+        10.0,
+        "server",
+        "how long shutdown waits for uploads in flight (other streams end at once, UNAVAILABLE)",
+    )
     database: str = setting(
         "",
         "state",
@@ -45,6 +49,12 @@ class ServerConfig:
     )
     password_file: Path | None = setting(
         None, "state", "file (mode 0600) holding the database's password; unset: PGPASSWORD or ~/.pgpass"
+    )
+    lease_seconds: float = setting(
+        5.0,
+        "state",
+        "with a database: how long the active server's lease lasts unrenewed (renewed every fifth of "
+        "it); a standby server on the same database takes over once it expires",
     )
     tls_cert: Path | None = setting(
         None, "tls", "server certificate (PEM) from `cipherhive certs issue --role server`"
@@ -228,6 +238,8 @@ class ServerConfig:
                 check_url(self.database)
             except ValueError as exc:
                 raise ConfigError(f"[state] database: {exc}") from None
+        if not 1.0 <= self.lease_seconds <= 600.0:
+            raise ConfigError("[state] lease_seconds must be 1 to 600")
         if self.missed_rounds_limit < 1 or self.keep_sums < 0:
             raise ConfigError("missed_rounds_limit must be at least 1 and keep_sums at least 0")
         if self.ingest_workers < 0 or self.ingest_workers > 256:

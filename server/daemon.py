@@ -29,17 +29,28 @@ from cipherhive.server.api.servicers import AdminService, AggregationService
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.ingest.workers import IngestWorkers
 from cipherhive.server.rounds.manager import RoundManager
+from cipherhive.server.standby import LeaseKeeper, holder_id, wait_for_lease
 from cipherhive.server.storage.backend import open_store
+from cipherhive.server.storage.postgres import PostgresState
 from cipherhive.server.storage.spool import Spool
 from cipherhive.v1 import federation_pb2 as pb
 from cipherhive.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cipherhive.server")
 R = TypeVar("R")
+#: The health service a standby reports SERVING (and every other NOT_SERVING) on ``health_listen``.
+STANDBY_HEALTH = "cipherhive.standby"
+#: SERVING while the process is alive, active or standby: what a liveness probe asks
+#: (deploy/kubernetes-standby), where readiness asks "" (SERVING only while active).
+LIVE_HEALTH = "cipherhive.live"
 
 
 class StartupError(UserError, RuntimeError):
     """The server cannot start; the message says what to fix."""
+
+
+class StoppedInStandby(Exception):
+    """A stop signal ended the server while it waited as a standby: it held nothing (exit 0)."""
 
 
 def _read(path: Path | None, what: str) -> bytes:
@@ -70,9 +81,15 @@ class Server:
     blocking calls, as they were with the threaded server.
     """
 
-    def __init__(self, config: ServerConfig, baseline: tuple[codec.ServerCodec, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        baseline: tuple[codec.ServerCodec, str] | None = None,
+        stopped: threading.Event | None = None,
+    ) -> None:
         """``baseline`` (codec, fingerprint) is for `cipherhive bench` only: it replaces the
-        product's encoding with a benchmark baseline; no command of the product sets it."""
+        product's encoding with a benchmark baseline; no command of the product sets it.
+        ``stopped``: set by a stop signal; it ends a standby's wait (:class:`StoppedInStandby`)."""
         self.config = config
         self._check_tls_files()
         self.codec: codec.ServerCodec
@@ -86,21 +103,32 @@ class Server:
                 raise StartupError(str(exc)) from exc
             self.fingerprint = keys.fingerprint_of_file(config.public_context)
         # Held for this process's life, before anything in the directory is touched: a second
-        # server would otherwise recover and serve the same round.
-        self._state_lock = fsutil.StateDirLock(config.state_dir, "server")
-        self.state = open_store(config.state_dir, config.database, config.password_file)
-        stored = self.state.get_meta("key_fingerprint")
-        if stored is not None and stored != self.fingerprint:
-            raise StartupError(
-                f"{config.public_context} is not the key this state directory was created with "
-                f"(fingerprint {self.fingerprint[:16]}… vs {stored[:16]}…); its stored sums could "
-                "not be decrypted by the members. Use the original public.ctx or a new --state-dir."
-            )
-        self.state.set_meta("key_fingerprint", self.fingerprint)
-        self.spool = Spool(config.state_dir)
-        self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
+        # server would otherwise recover and serve the same round. With PostgreSQL the lease in
+        # the database takes its place (docs/how-to/operator.md#standby-server): an active
+        # server and its standby share one state directory, and a paused former leader would
+        # keep a flock for ever, where its lease expires and its writes are fenced.
+        self._state_lock = None if config.database else fsutil.StateDirLock(config.state_dir, "server")
         self._done = threading.Event()
         self.fatal = ""
+        self._lease: LeaseKeeper | None = None
+        self._lease_gone = False
+        self.state = open_store(config.state_dir, config.database, config.password_file)
+        if isinstance(self.state, PostgresState):
+            self._take_lease(self.state, stopped)
+        try:
+            stored = self.state.get_meta("key_fingerprint")
+            if stored is not None and stored != self.fingerprint:
+                raise StartupError(
+                    f"{config.public_context} is not the key this state directory was created with "
+                    f"(fingerprint {self.fingerprint[:16]}… vs {stored[:16]}…); its stored sums could "
+                    "not be decrypted by the members. Use the original public.ctx or a new --state-dir."
+                )
+            self.state.set_meta("key_fingerprint", self.fingerprint)
+            self.spool = Spool(config.state_dir)
+            self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
+        except BaseException:
+            self._close_store()  # gives the lease back: a standby need not wait for it
+            raise
         workers = config.ingest_workers or len(os.sched_getaffinity(0))
         try:
             if workers > 1 and isinstance(self.codec, codec.PublicCodec):
@@ -110,8 +138,7 @@ class Server:
             # The ingest workers ignore stop signals (runtime.child_signals): a start-up that
             # fails or is interrupted here must end them itself, or exit would wait on them.
             self.rounds.close()
-            self.state.close()
-            self._state_lock.release()
+            self._close_store()
             raise
         self._stop = threading.Event()
         self._revocations: certs.RevocationList | None = None
@@ -123,6 +150,70 @@ class Server:
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+
+    def _take_lease(self, store: PostgresState, stopped: threading.Event | None) -> None:
+        """Wait as a standby until this server holds the lease, then keep it renewed. A
+        standby serves nothing but, on ``health_listen``, NOT_SERVING (so that a probe keeps
+        it out of the Service), and the status ``cipherhive.standby`` SERVING."""
+        try:
+            standby_health = self._standby_health()
+        except BaseException:
+            store.close()
+            raise
+        try:
+            taken = wait_for_lease(store, holder_id(), self.config.lease_seconds, stopped)
+        except BaseException:
+            store.close()
+            raise
+        finally:
+            if standby_health is not None:
+                standby_health.stop(0).wait()
+        if not taken:
+            store.close()
+            raise StoppedInStandby()
+        store.on_fenced = self._lease_lost
+        self._lease = LeaseKeeper(store, self.config.lease_seconds, self._lease_lost)
+        self._lease.start()
+
+    def _standby_health(self) -> grpc.Server | None:
+        if not self.config.health_listen:
+            return None
+        from concurrent import futures
+
+        servicer = health.HealthServicer()
+        for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin"):
+            servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        servicer.set(STANDBY_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        servicer.set(LIVE_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), maximum_concurrent_rpcs=64)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        _bind(
+            lambda: server.add_insecure_port(self.config.health_listen),
+            self.config.health_listen,
+            "health_listen",
+        )
+        server.start()
+        return server
+
+    def _lease_lost(self, why: str) -> None:
+        """Another server holds the lease now: stop serving at once, loudly (exit 1); the
+        store already refuses every write (``Fenced``)."""
+        if not self.fatal:
+            self.fatal = why
+            log.critical("%s; stopping", why)
+        self._lease_gone = True
+        self._done.set()
+
+    def _close_store(self) -> None:
+        """Stop renewing and give the lease back (a standby takes over at once), then close."""
+        if self._lease is not None:
+            self._lease.stop()
+            self._lease = None
+        if isinstance(self.state, PostgresState):
+            self.state.release_lease()
+        self.state.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     def _ingest_lost(self, why: str) -> None:
         """An ingest worker died: the round's shared sum may be half-added, so stop loudly.
@@ -234,7 +325,7 @@ class Server:
             )
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin"):
+        for service in ("", "cipherhive.v1.Aggregation", "cipherhive.v1.Admin", LIVE_HEALTH):
             await self.health.set(service, status)
 
     def _on_loop(self, coro: Coroutine[Any, Any, R]) -> R:
@@ -285,7 +376,8 @@ class Server:
         self._stop.set()
         self.guard.end_streams()
         self.rounds.bus.close_all()
-        await self.grpc_server.stop(self.config.grace_seconds)
+        # Fenced: no upload can be acknowledged any more, so none is waited for.
+        await self.grpc_server.stop(0 if self._lease_gone else self.config.grace_seconds)
         if self.health_server is not None:
             await self.health_server.stop(0)
 
@@ -305,7 +397,7 @@ class Server:
         self._scheduler.join(timeout=5)
         self.run.shutdown()
         self.rounds.close()
-        self.state.close()
+        self._close_store()
         event(log, "server stopped")
 
     def reload(self) -> bool:
@@ -338,8 +430,7 @@ class Server:
         """Close a server that was built but never started (stopped during start-up)."""
         self.run.shutdown()
         self.rounds.close()
-        self.state.close()
-        self._state_lock.release()
+        self._close_store()
 
     def serve_forever(self, stopped: threading.Event | None = None) -> int:
         """Serve until SIGTERM or SIGINT; ``stopped``: set by a stop signal during start-up."""

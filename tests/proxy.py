@@ -26,6 +26,7 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _ABORTIVE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -38,6 +39,9 @@ class TcpProxy:
     target_port: int
     port: int = 0
     cuts: int = 0
+    #: Chooses the port of each new connection (None: refuse it), in place of ``target_port``:
+    #: a Service in front of an active server and its standby (tests/test_standby.py).
+    route: Callable[[], int | None] | None = None
     _listener: socket.socket = field(init=False)
     _accepting: threading.Thread = field(init=False)
     _conns: set[socket.socket] = field(default_factory=set)
@@ -107,8 +111,12 @@ class TcpProxy:
             except OSError:
                 return
             self._flowing.wait()
+            target = self.route() if self.route is not None else self.target_port
+            if target is None:
+                _abort(client)
+                continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream = socket.create_connection(("127.0.0.1", target), timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 _abort(client)

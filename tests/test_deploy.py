@@ -860,3 +860,76 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     ours = [line for line in (result.stdout + result.stderr).splitlines() if "cipherhive" in line]
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Kubernetes: a standby
+
+STANDBY = DEPLOY / "kubernetes-standby"
+
+
+def _standby_rendered() -> list[dict[str, Any]]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(STANDBY)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_standby_overlay_files_match_the_kubernetes_schema() -> None:
+    """The overlay's own resource validates without kubectl; its patches, rendered, below."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    doc = yaml.safe_load((STANDBY / "server-state-pvc.yaml").read_text(encoding="utf-8"))
+    kubernetes_validate.validate(doc, desired_version=version, strict=True)
+    assert doc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_standby_overlay_renders_two_replicas_over_postgresql_and_one_shared_volume() -> None:
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    docs = _standby_rendered()
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, desired_version=version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} {where}: {exc.message}")
+    assert len(docs) == len(_k8s_docs()) + 1  # the base's, and the shared claim
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["spec"]["replicas"] == 2 and "volumeClaimTemplates" not in sts["spec"]
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (cm,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cipherhive-server-config"
+    ]
+    cfg = _load_text(ServerConfig, cm["data"]["server.toml"])
+    assert cfg.database.startswith("postgresql://") and cfg.password_file is not None
+
+    # The state directory is the shared ReadWriteMany claim.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = volumes[mounts[str(cfg.state_dir)]]["persistentVolumeClaim"]["claimName"]
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    # The password file is a 0600 copy in the memory-backed volume, made by the init container.
+    assert volumes[mounts[str(cfg.password_file.parent)]]["emptyDir"]["medium"] == "Memory"
+    (init,) = pod["initContainers"]
+    script = "\n".join(init["command"] + init["args"])
+    installed = {path: mode for mode, path in re.findall(r"install -m (0[0-7]{3}) \S+ (\S+)", script)}
+    assert installed[str(cfg.password_file)] == "0600"
+    assert installed[str(cfg.tls_key)] == "0600"
+
+    # Readiness asks the default service (SERVING only while active): the Service sends the
+    # standby nothing. Liveness and start-up ask one a standby reports SERVING too.
+    from cipherhive.server.daemon import LIVE_HEALTH
+
+    assert "service" not in container["readinessProbe"]["grpc"]
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"] == {"port": 7444, "service": LIVE_HEALTH}, probe
+    (public,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "cipherhive-server"]
+    assert public["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]

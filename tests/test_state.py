@@ -141,29 +141,28 @@ def test_refuses_newer_schema(db_path: Path) -> None:
     assert _user_version(db_path) == SCHEMA_VERSION + 1
 
 
+#: The first schema's rows of a server with one published round and one open, with an upload in
+#: flight (both databases' migration tests start from them).
+SCHEMA_1_ROWS = (
+    "INSERT INTO meta VALUES ('receipt_key', 'abcd')",
+    "INSERT INTO nodes (name, first_seen, last_seen, last_round, submissions) VALUES ('a', 1, 2, 1, 1)",
+    "INSERT INTO rounds (round, state, base_round, opened, deadline, closed, expected, participants, "
+    "reason, sum_file, num_ciphertexts, num_values) "
+    "VALUES (1, 'sum_ready', 0, 10, 20, 15, '[\"a\"]', 3, 'done', 'sums/round-1.sum', 2, 99)",
+    "INSERT INTO rounds (round, state, base_round, opened, deadline, expected) "
+    "VALUES (2, 'open', 1, 30, 40, '[]')",
+    "INSERT INTO submissions (round, node, submission_id, receipt, accepted, num_bytes, spool_file) "
+    "VALUES (2, 'a', 'sub-a', 'r', 31, 10, 'spool/round-2/a.ct')",
+)
+
+
 def _schema_1(path: Path) -> None:
     """A database exactly as the first schema left it, with an open round in flight."""
     with sqlite3.connect(path) as db:
         db.executescript(MIGRATIONS[0])
         db.execute("PRAGMA user_version = 1")
-        db.execute("INSERT INTO meta VALUES ('receipt_key', 'abcd')")
-        db.execute(
-            "INSERT INTO nodes (name, first_seen, last_seen, last_round, submissions) "
-            "VALUES ('a', 1, 2, 1, 1)"
-        )
-        db.execute(
-            "INSERT INTO rounds (round, state, base_round, opened, deadline, closed, expected, participants, "
-            "reason, sum_file, num_ciphertexts, num_values) "
-            "VALUES (1, 'sum_ready', 0, 10, 20, 15, '[\"a\"]', 3, 'done', 'sums/round-1.sum', 2, 99)"
-        )
-        db.execute(
-            "INSERT INTO rounds (round, state, base_round, opened, deadline, expected) "
-            "VALUES (2, 'open', 1, 30, 40, '[]')"
-        )
-        db.execute(
-            "INSERT INTO submissions (round, node, submission_id, receipt, accepted, num_bytes, spool_file) "
-            "VALUES (2, 'a', 'sub-a', 'r', 31, 10, 'spool/round-2/a.ct')"
-        )
+        for row in SCHEMA_1_ROWS:
+            db.execute(row)
 
 
 def test_migrates_from_schema_1(db_path: Path) -> None:
@@ -171,7 +170,7 @@ def test_migrates_from_schema_1(db_path: Path) -> None:
     _schema_1(db_path)
     s = State(db_path)
     try:
-        assert _user_version(db_path) == SCHEMA_VERSION == 4
+        assert _user_version(db_path) == SCHEMA_VERSION == 5
         one, two = s.rounds()
         assert (one.state, one.participants, one.sum_file, one.num_values) == (
             "sum_ready",

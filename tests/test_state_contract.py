@@ -31,6 +31,7 @@ from cipherhive.server.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from cipherhive.server.storage.sqlstore import SqlStore
 from cipherhive.server.storage.state import State
 from tests import postgres
+from tests.test_state import SCHEMA_1_ROWS
 
 NONCE = b"n" * 32
 
@@ -346,27 +347,11 @@ def test_postgres_migrates_from_schema_1(pg_dsn: str) -> None:
         for statement in POSTGRES_MIGRATIONS[0].split(";"):
             if statement.strip():
                 db.execute(statement)
-        db.execute("INSERT INTO meta VALUES ('receipt_key', 'abcd')")
-        db.execute(
-            "INSERT INTO nodes (name, first_seen, last_seen, last_round, submissions) "
-            "VALUES ('a', 1, 2, 1, 1)"
-        )
-        db.execute(
-            "INSERT INTO rounds (round, state, base_round, opened, deadline, closed, expected, participants, "
-            "reason, sum_file, num_ciphertexts, num_values) "
-            "VALUES (1, 'sum_ready', 0, 10, 20, 15, '[\"a\"]', 3, 'done', 'sums/round-1.sum', 2, 99)"
-        )
-        db.execute(
-            "INSERT INTO rounds (round, state, base_round, opened, deadline, expected) "
-            "VALUES (2, 'open', 1, 30, 40, '[]')"
-        )
-        db.execute(
-            "INSERT INTO submissions (round, node, submission_id, receipt, accepted, num_bytes, spool_file) "
-            "VALUES (2, 'a', 'sub-a', 'r', 31, 10, 'spool/round-2/a.ct')"
-        )
+        for row in SCHEMA_1_ROWS:
+            db.execute(row)
     s = PostgresState(pg_dsn)
     try:
-        assert _version(pg_dsn) == SCHEMA_VERSION == 4
+        assert _version(pg_dsn) == SCHEMA_VERSION == 5
         one, two = s.rounds()
         assert (one.state, one.participants, one.sum_file, one.num_values) == (
             "sum_ready",

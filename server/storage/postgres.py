@@ -9,11 +9,21 @@ time, as SQLite's single writer lock did. The schema has the same versions as SQ
 (``schema.POSTGRES_MIGRATIONS``), recorded in ``schema_version``, and migrations run one at a
 time under an advisory lock. The password never comes from the URL: ``[state] password_file``,
 or libpq's own ``PGPASSWORD`` / ``~/.pgpass``.
+
+Two servers may share one database, one active and one standby
+(docs/how-to/operator.md#standby-server): the active one holds the lease in the ``leader`` row
+(:meth:`PostgresState.take_lease`, renewed by ``lease.LeaseKeeper``), and once it holds it every
+write transaction first locks that row and checks that its fencing token is still there
+(:meth:`PostgresState._tx`). A standby that took the lease over incremented the token, so a
+former leader resumed after a pause writes nothing: its transaction raises :class:`Fenced`.
+The lease lives on a connection of its own, so that renewing it never waits behind a slow
+read of the store's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,17 +33,29 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from cipherhive.runtime import fsutil
-from cipherhive.server.storage.rows import RowConflict, StateError
+from cipherhive.server.storage.rows import Fenced, RowConflict, StateError
 from cipherhive.server.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from cipherhive.server.storage.sqlstore import SqlStore, Tx
 
-__all__ = ["PostgresRowConflict", "PostgresState", "check_url", "describe", "read_password"]
+__all__ = [
+    "LeaseState",
+    "PostgresRowConflict",
+    "PostgresState",
+    "check_url",
+    "describe",
+    "read_password",
+]
 
 #: pg_advisory_xact_lock key of schema migrations (two servers starting at once migrate once).
 _MIGRATION_LOCK = 0x43485356  # "CHSV"
 #: Seconds a connection attempt may take unless the URL says (libpq's default is forever).
 CONNECT_TIMEOUT = 10
 _SCHEMES = ("postgresql://", "postgres://")
+#: How long a session may sit idle inside a transaction before PostgreSQL ends it (ms).
+IDLE_IN_TRANSACTION_MS = 3000
+#: The database's clock, in seconds since the epoch: the lease's expiry is judged by one clock
+#: (the database's), never by two servers' clocks that may disagree.
+_DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
 class PostgresRowConflict(RowConflict):
@@ -93,6 +115,15 @@ def _sql(statement: str) -> str:
     return statement.replace("?", "%s")
 
 
+class LeaseState:
+    """The ``leader`` row as a standby sees it: who holds the lease, and for how much longer."""
+
+    def __init__(self, holder: str, token: int, seconds_left: float) -> None:
+        self.holder = holder
+        self.token = token
+        self.seconds_left = seconds_left
+
+
 class _PgTx:
     """``sqlstore.Tx`` over a cursor inside an open transaction."""
 
@@ -116,6 +147,14 @@ class PostgresState(SqlStore):
         super().__init__()
         self._conninfo = conninfo
         self._password = password
+        #: The fencing token of the lease this store holds (None: it holds none; nothing is fenced).
+        self._token: int | None = None
+        self._holder = ""
+        self._lease_seconds = 0.0
+        self._lease_conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._lease_lock = threading.Lock()
+        #: Called once with the reason when a write finds the lease gone (the server stops).
+        self.on_fenced: Callable[[str], None] | None = None
         self._conn = self._connect()
         try:
             self._migrate()
@@ -135,6 +174,11 @@ class PostgresState(SqlStore):
             # a stronger setting (remote_apply for a standby) is kept.
             if conn.execute("SHOW synchronous_commit").fetchone() == {"synchronous_commit": "off"}:
                 conn.execute("SET synchronous_commit = on")
+            # A server paused (SIGSTOP) or cut off inside a transaction would hold the
+            # ``leader`` row's lock, and with it a standby's takeover, for as long as its TCP
+            # session lives: PostgreSQL ends such a session instead. A store's transactions
+            # never wait on their client for this long.
+            conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
             return conn
         except psycopg.Error as exc:
             reason = str(exc).strip().replace("\n", " ")
@@ -186,10 +230,106 @@ class PostgresState(SqlStore):
 
     @contextmanager
     def _tx(self) -> Iterator[_PgTx]:
+        """With a lease held, the transaction starts by locking the ``leader`` row FOR SHARE
+        with this store's token: a standby's takeover (an UPDATE of that row) waits until the
+        transaction ends, and a transaction that finds the token gone writes nothing."""
         with self._lock:
             conn = self._connection()
             with conn.transaction(), conn.cursor() as cursor:
-                yield _PgTx(cursor)
+                tx = _PgTx(cursor)
+                if self._token is not None:
+                    held = tx.rows(
+                        "SELECT token FROM leader WHERE id = 1 AND token = ? FOR SHARE", (self._token,)
+                    )
+                    if not held:
+                        raise self._fenced()
+                yield tx
+
+    def _fenced(self) -> Fenced:
+        """The lease is gone: tell the server once (it stops serving) and refuse the write."""
+        why = self.lease_lost_reason()
+        callback, self.on_fenced = self.on_fenced, None
+        if callback is not None:
+            callback(why)
+        return Fenced(why)
+
+    def lease_lost_reason(self) -> str:
+        return (
+            f"fenced: this server ({self._holder}) no longer holds the lease of the round state "
+            f"in {describe(self._conninfo)} (fencing token {self._token} was replaced: a standby "
+            "took over); it writes nothing more"
+        )
+
+    # ------------------------------------------------------------ the lease
+
+    def _lease_connection(self) -> psycopg.Connection[dict[str, Any]]:
+        if self._lease_conn is None or self._lease_conn.closed or self._lease_conn.broken:
+            self._lease_conn = self._connect()
+        return self._lease_conn
+
+    def take_lease(self, holder: str, seconds: float) -> LeaseState | None:
+        """Take the lease if it is free or expired (by the database's clock), incrementing the
+        fencing token; None if taken (this store now fences its writes), else who holds it.
+
+        A takeover waits at most a second for the row lock: a former leader paused inside a
+        transaction holds it until PostgreSQL ends that session
+        (``idle_in_transaction_session_timeout``, 3 s, set on every connection)."""
+        with self._lease_lock:
+            conn = self._lease_connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    tx = _PgTx(cur)
+                    tx.run("SET LOCAL lock_timeout = '1s'")
+                    taken = tx.rows(
+                        f"UPDATE leader SET holder = ?, token = token + 1, expires_at = {_DB_NOW} + ? "
+                        f"WHERE id = 1 AND expires_at < {_DB_NOW} RETURNING token",
+                        (holder, seconds),
+                    )
+                    row = tx.rows(
+                        f"SELECT holder, token, expires_at - {_DB_NOW} AS seconds_left "
+                        "FROM leader WHERE id = 1"
+                    )[0]
+            except psycopg.errors.LockNotAvailable:
+                # The holder is inside a write: it is alive, or PostgreSQL ends its session soon.
+                return LeaseState("(busy)", -1, seconds)
+        if taken:
+            with self._lock:
+                self._token = int(taken[0]["token"])
+                self._holder = holder
+                self._lease_seconds = seconds
+            return None
+        return LeaseState(str(row["holder"]), int(row["token"]), float(row["seconds_left"]))
+
+    def renew_lease(self) -> None:
+        """Extend the lease by its length from now (the database's clock); :class:`Fenced` if
+        the token is no longer this store's."""
+        with self._lease_lock:
+            conn = self._lease_connection()
+            with conn.transaction(), conn.cursor() as cur:
+                renewed = _PgTx(cur).rows(
+                    f"UPDATE leader SET expires_at = {_DB_NOW} + ? "
+                    "WHERE id = 1 AND token = ? RETURNING token",
+                    (self._lease_seconds, self._token),
+                )
+        if not renewed:
+            raise self._fenced()
+
+    def release_lease(self) -> None:
+        """On a clean stop: expire the lease now, so that a standby takes over at once."""
+        with self._lease_lock:
+            if self._token is None:
+                return
+            try:
+                conn = self._lease_connection()
+                conn.execute("UPDATE leader SET expires_at = 0 WHERE id = 1 AND token = %s", (self._token,))
+            except psycopg.Error:
+                pass  # it expires on its own within the lease
+            with self._lock:
+                self._token = None
+
+    @property
+    def fencing_token(self) -> int | None:
+        return self._token
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -206,6 +346,9 @@ class PostgresState(SqlStore):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._lease_lock:
+            if self._lease_conn is not None:
+                self._lease_conn.close()
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cipherhive.runtime.errors import UserError
 
 __all__ = [
+    "Fenced",
     "MemberRow",
     "NodeRow",
     "OffenceRow",
@@ -113,6 +114,12 @@ class OffenceRow:
 
 class StateError(UserError, RuntimeError):
     """The state directory cannot be used (newer schema, corrupt database)."""
+
+
+class Fenced(StateError):
+    """This server no longer holds the lease of the round state (a standby took it over while
+    this one was paused or cut off): it must write nothing more and stop serving at once
+    (docs/explanation/reliability.md#the-active-server-fails)."""
 
 
 class RowConflict(Exception):

@@ -123,10 +123,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX offences_by_node ON offences (node, round);
     """,
+    # 4 -> 5: the lease of the active server (docs/how-to/operator.md#standby-server): who
+    # holds it, its fencing token and when it expires (seconds since the epoch, by the
+    # database's clock). Only PostgreSQL uses it (SQLite has no standby); the table is the same
+    # in both so that their schemas stay one.
+    """
+    CREATE TABLE leader (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    INSERT INTO leader (id, holder, token, expires_at) VALUES (1, '', 0, 0);
+    """,
 ]
 
 #: The tables of the round state, parents before the tables that reference them (the order
-#: `cipherhive server migrate-state` copies them in).
+#: `cipherhive server migrate-state` copies them in). Not ``leader``: a lease belongs to the
+#: database it was taken in, and each database starts with an unheld one.
 TABLES: tuple[str, ...] = ("meta", "nodes", "rounds", "submissions", "outcomes", "members", "offences")
 
 POSTGRES_MIGRATIONS: list[str] = [
@@ -221,6 +235,16 @@ POSTGRES_MIGRATIONS: list[str] = [
         PRIMARY KEY (round, node)
     );
     CREATE INDEX offences_by_node ON offences (node, round);
+    """,
+    # 4 -> 5: the lease of the active server, as SQLite's.
+    """
+    CREATE TABLE leader (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        holder TEXT NOT NULL,
+        token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    INSERT INTO leader (id, holder, token, expires_at) VALUES (1, '', 0, 0);
     """,
 ]
 
