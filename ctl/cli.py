@@ -47,13 +47,18 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
 
 from cipherhive.ctl import render
 from cipherhive.ctl.client import (
@@ -539,26 +544,59 @@ def _round_close(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _cancelled_on_ctrl_c(stream: Any) -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) or SIGTERM ends a watch by cancelling its stream, from another thread.
+
+    Python's default raises KeyboardInterrupt wherever the main thread is, possibly inside
+    gRPC's stream code while it holds the stream's lock; the cancel that followed then waited
+    for that lock for ever. The handler only starts the cancel; the loop ends with CANCELLED.
+    """
+    interrupted = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        if not interrupted.is_set():
+            interrupted.set()
+            threading.Thread(target=stream.cancel, name="cancel-watch", daemon=True).start()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupted
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _watch(client: Client, args: argparse.Namespace) -> int:
     stream = client.watch(args.since)
     seen = 0
-    try:
-        for event in stream:
-            if event.kind == pb.RoundEvent.HEARTBEAT:
-                continue
-            line = (
-                render.dumps(render.event_dict(event, with_blobs=args.with_blobs), lines=True)
-                if args.json
-                else render.event_line(event)
-            )
-            print(line, flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                stream.cancel()
+    with _cancelled_on_ctrl_c(stream) as interrupted:
+        try:
+            for event in stream:
+                if event.kind == pb.RoundEvent.HEARTBEAT:
+                    continue
+                line = (
+                    render.dumps(render.event_dict(event, with_blobs=args.with_blobs), lines=True)
+                    if args.json
+                    else render.event_line(event)
+                )
+                print(line, flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    stream.cancel()
+                    return EXIT_OK
+        except KeyboardInterrupt:  # not in the main thread: no handler of ours
+            stream.cancel()
+            return EXIT_OK
+        except grpc.RpcError:
+            if interrupted.is_set():
                 return EXIT_OK
-    except KeyboardInterrupt:
-        stream.cancel()
-        return EXIT_OK
+            raise
+        if interrupted.is_set():
+            return EXIT_OK
     raise CtlError(
         CODE_STREAM_ENDED, "the server ended the event stream (is it shutting down?)", EXIT_UNREACHABLE
     )
