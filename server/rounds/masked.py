@@ -233,6 +233,7 @@ def fix_roster(ctx: RoundContext, number: int) -> str:
         encoded = sorted(e.encoded for e in agreeing.values())
         digest = roster_hash(encoded, mask.nonce)
         ctx.state.fix_roster(number, sorted(agreeing), digest)
+        failpoints.hit("server.roster")  # tests: a crash once the roster is durable, before any upload
         mask.roster = agreeing
         mask.roster_hash = digest
         mask.phase = "upload"
@@ -449,6 +450,7 @@ def release_seed(ctx: RoundContext, who: Caller, request: pb.ReleaseRequest) -> 
             culprits.record(ctx, current.number, who.name, "release", why)
             raise refuse(grpc.StatusCode.INVALID_ARGUMENT, why)
         ctx.state.set_seed(current.number, who.name, request.seed)
+        failpoints.hit("server.released")  # tests: a crash once a self-mask seed is durable
         mask.seeds[who.name] = request.seed
         released = len(mask.seeds)
         everyone = set(mask.roster) <= set(mask.seeds)
