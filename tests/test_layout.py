@@ -32,6 +32,8 @@ PROGRAMS = ("server", "node", "ctl", "bench", "demo")
 NOT_MODULES = {
     "cipherhive.audit",  # the audit trail's logger name
     "cipherhive.json",  # a file name
+    "cipherhive.live",  # gRPC health service names (server/daemon.py: LIVE_HEALTH, STANDBY_HEALTH)
+    "cipherhive.standby",
     "cipherhive.svc",  # Kubernetes DNS names (cipherhive.svc.cluster.local)
     "cipherhive.svc.cluster.local",
 }
