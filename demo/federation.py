@@ -133,6 +133,9 @@ class LocalFederation:
     node_privacy: dict[str, Any] = field(default_factory=dict)
     #: Extra keys for every node's [masking] section.
     masking_settings: dict[str, Any] = field(default_factory=dict)
+    #: The server's [state] section (empty: SQLite in its state directory); e.g. ``database`` and
+    #: ``password_file`` for round state in PostgreSQL.
+    state_settings: dict[str, Any] = field(default_factory=dict)
     #: Masked rounds (docs/spec/masked-round.md); off only for tests that play members sending
     #: unmasked uploads.
     masked: bool = True
@@ -253,6 +256,7 @@ class LocalFederation:
                 "rounds": rounds,
                 **({"optimizer": self.optimizer} if self.optimizer else {}),
                 **({"privacy": self.server_privacy} if self.server_privacy else {}),
+                **({"state": self.state_settings} if self.state_settings else {}),
             },
         )
 

@@ -24,7 +24,7 @@ import psycopg
 
 from cipherhive.runtime.logs import event
 from cipherhive.server.storage.postgres import LeaseState, PostgresState
-from cipherhive.server.storage.rows import Fenced
+from cipherhive.server.storage.rows import DatabaseUnavailable, Fenced
 
 __all__ = ["LeaseKeeper", "holder_id", "wait_for_lease"]
 
@@ -46,7 +46,7 @@ def wait_for_lease(
         held: LeaseState | None
         try:
             held = store.take_lease(holder, seconds)
-        except psycopg.Error as exc:
+        except (psycopg.Error, DatabaseUnavailable) as exc:
             log.warning("standby: cannot reach the database to take the lease (%s); retrying", exc)
             held = LeaseState("(the database is unreachable)", -1, seconds / 5)
         if held is None:
@@ -92,8 +92,10 @@ class LeaseKeeper:
             except Fenced as exc:
                 self._lost(str(exc))
                 return
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseUnavailable) as exc:
                 log.warning("cannot renew the lease: %s", str(exc).strip())
+            except Exception:  # the thread must outlive any one failed renewal
+                log.exception("lease renewal failed; retrying")
             if time.monotonic() - last > self._seconds:
                 self._lost(
                     f"lease lost: this server could not renew its lease for {self._seconds:g} s "

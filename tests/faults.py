@@ -31,7 +31,7 @@ def settle(fed: LocalFederation) -> None:
                     admin.CloseRound(pb.CloseRoundRequest(round=info.round), timeout=60)
 
     def caught_up() -> bool:
-        last = max(acknowledged(fed.workdir), default=0)
+        last = max(acknowledged(fed), default=0)
         rounds = []
         for i in range(fed.nodes):
             path = fed.workdir / f"{fed.node_name(i)}-state" / "checkpoint.pt"
@@ -41,19 +41,36 @@ def settle(fed: LocalFederation) -> None:
     fed.wait_for(caught_up, 120, "every node to apply the last sum")
 
 
-def acknowledged(workdir: Path) -> dict[int, list[str]]:
-    """Rounds with a published sum -> the nodes whose submissions the server acknowledged."""
-    db = sqlite3.connect(workdir / "server-state" / "state.db")
-    try:
-        rounds = [
-            r for (r,) in db.execute("SELECT round FROM rounds WHERE state = 'sum_ready' ORDER BY round")
-        ]
-        return {
-            r: [n for (n,) in db.execute("SELECT node FROM submissions WHERE round = ? ORDER BY node", (r,))]
-            for r in rounds
-        }
-    finally:
-        db.close()
+def acknowledged(fed: LocalFederation) -> dict[int, list[str]]:
+    """Rounds with a published sum -> the nodes whose submissions the server acknowledged, read
+    from the server's round state: its SQLite file, or the PostgreSQL database its [state]
+    section names (with the password from its ``password_file``)."""
+    database = fed.state_settings.get("database")
+    if database:
+        import psycopg
+
+        secret = fed.state_settings.get("password_file")
+        password = Path(secret).read_text(encoding="utf-8").strip() if secret else None
+        with psycopg.connect(database, password=password) as pg:
+            rows = pg.execute(
+                "SELECT r.round, s.node FROM rounds r LEFT JOIN submissions s ON s.round = r.round "
+                "WHERE r.state = 'sum_ready' ORDER BY r.round, s.node"
+            ).fetchall()
+    else:
+        db = sqlite3.connect(fed.workdir / "server-state" / "state.db")
+        try:
+            rows = db.execute(
+                "SELECT r.round, s.node FROM rounds r LEFT JOIN submissions s ON s.round = r.round "
+                "WHERE r.state = 'sum_ready' ORDER BY r.round, s.node"
+            ).fetchall()
+        finally:
+            db.close()
+    rounds: dict[int, list[str]] = {}
+    for number, node in rows:
+        rounds.setdefault(int(number), [])
+        if node is not None:
+            rounds[int(number)].append(str(node))
+    return rounds
 
 
 def check_fedavg(fed: LocalFederation) -> dict[str, int]:
@@ -61,7 +78,7 @@ def check_fedavg(fed: LocalFederation) -> dict[str, int]:
     every node ends with the same model. Every discrepancy is collected and reported in one
     assertion; returns counts for the closing report."""
     records = fed.workdir / "records"
-    acked = acknowledged(fed.workdir)
+    acked = acknowledged(fed)
     assert acked, "no round was published"
     problems: list[str] = []
     for number, nodes in acked.items():

@@ -48,6 +48,8 @@ class Cluster:
     tcp: tuple[str, int] | None = None
     #: The password of LOGIN_ROLE over TCP (our own cluster only).
     login_password: str = ""
+    #: How to stop and start it again (our own cluster only): pg_ctl and its arguments.
+    control: list[str] | None = None
 
 
 class Unavailable(Exception):
@@ -113,7 +115,22 @@ def _start() -> Cluster:
     login_password = secrets.token_hex(16)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {LOGIN_ROLE} LOGIN CREATEDB PASSWORD '{login_password}'")
-    return Cluster(admin, ("127.0.0.1", port), login_password)
+    control = _as_owner([*start, "-o", options], owner)
+    return Cluster(admin, ("127.0.0.1", port), login_password, control)
+
+
+@contextlib.contextmanager
+def outage() -> Iterator[None]:
+    """PostgreSQL is down inside the block: stopped fast (open sessions are cut) and started
+    again on the same port with the same data when the block ends."""
+    control = cluster().control
+    if control is None:
+        pytest.skip("needs the throwaway cluster (CIPHERHIVE_TEST_POSTGRES is set)")
+    _run([*control, "-m", "fast", "stop"], "pg_ctl stop")
+    try:
+        yield
+    finally:
+        _run([*control, "start"], "pg_ctl start")
 
 
 def _run(args: list[str], what: str, log: Path | None = None) -> None:

@@ -9,16 +9,20 @@ SIGKILL from outside. The random soak (tests/soak.py) takes ``CIPHERHIVE_SOAK_SE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from cipherhive.demo.federation import LocalFederation, free_port
 from cipherhive.v1 import federation_pb2 as pb
+from tests import postgres
 from tests.faults import check_fedavg, settle
 from tests.proxy import TcpProxy
 from tests.soak import (
@@ -55,14 +59,17 @@ def _wait_exit(fed: LocalFederation, key: str, timeout: float = 90.0) -> int:
     raise TimeoutError(f"{key} did not reach its failpoint:\n{fed.log(key)[-2000:]}")
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[tuple[LocalFederation, TcpProxy]]:
+@contextlib.contextmanager
+def _federation(
+    workdir: Path, state: dict[str, Any] | None = None
+) -> Iterator[tuple[LocalFederation, TcpProxy]]:
     fed = LocalFederation(
-        tmp_path,
+        workdir,
         nodes=3,
         # hidden=256: three ciphertexts per update, so "mid-upload" is a real point in a stream.
-        node_options={"epochs": 1, "hidden": 256, "record_dir": str(tmp_path / "records")},
+        node_options={"epochs": 1, "hidden": 256, "record_dir": str(workdir / "records")},
         rounds={"timeout_seconds": 25.0, "interval_seconds": 0.3},
+        state_settings=state or {},
     )
     fed.port = free_port()
     proxy = TcpProxy(fed.port)
@@ -75,13 +82,46 @@ def federation(tmp_path: Path) -> Iterator[tuple[LocalFederation, TcpProxy]]:
         fed.stop_all()
 
 
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[tuple[LocalFederation, TcpProxy]]:
+    with _federation(tmp_path) as pair:
+        yield pair
+
+
+#: How long a killed server's lease outlives it on PostgreSQL: its restart (a new holder) waits
+#: that long before it may serve.
+PG_LEASE_SECONDS = 2.0
+
+
+@pytest.fixture
+def pg_federation(tmp_path: Path) -> Iterator[tuple[LocalFederation, TcpProxy]]:
+    """The same federation with its round state in a real PostgreSQL (tests/postgres.py), reached
+    as an operator configures it: a URL without a password, the password in a 0600 file."""
+    cluster = postgres.cluster()
+    if cluster.tcp is None:
+        pytest.skip("needs the throwaway cluster's TCP login (CIPHERHIVE_TEST_POSTGRES is set)")
+    host, port = cluster.tcp
+    with postgres.database(owner=postgres.LOGIN_ROLE) as dsn:
+        dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+        password = tmp_path / "database.pw"
+        password.write_text(cluster.login_password + "\n", encoding="utf-8")
+        password.chmod(0o600)
+        state = {
+            "database": f"postgresql://{postgres.LOGIN_ROLE}@{host}:{port}/{dbname}",
+            "password_file": str(password),
+            "lease_seconds": PG_LEASE_SECONDS,
+        }
+        with _federation(tmp_path, state) as pair:
+            yield pair
+
+
 SERVER_POINTS = ["server.upload:2", "server.acknowledged:1", "server.publishing:1", "server.published:1"]
 NODE_POINTS = ["node.upload:2", "node.download:1", "node.applying:1"]
 
 
-def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProxy]) -> None:
-    fed, proxy = federation
-    faults: list[str] = []
+def _survive_server_kills(fed: LocalFederation, faults: list[str]) -> None:
+    """Start the server and the nodes, then kill -9 the server at each of SERVER_POINTS in turn:
+    after each restart the round it died in (or its successor) publishes."""
     fed.start_server(env={"CIPHERHIVE_FAILPOINTS": SERVER_POINTS[0]})
     fed.wait_serving()
     for i in range(fed.nodes):
@@ -95,6 +135,12 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
         fed.start_server()
         fed.wait_serving()
         fed.wait_for(lambda t=target: _published(fed) >= t, 120, f"round {target} after {point}")
+
+
+def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProxy]) -> None:
+    fed, proxy = federation
+    faults: list[str] = []
+    _survive_server_kills(fed, faults)
     for index, point in enumerate(NODE_POINTS):
         name = fed.node_name(index)
         fed.stop(name)
@@ -121,6 +167,68 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
     assert all(c == 0 for c in codes.values()), codes
     summary = check_fedavg(fed)
     print(f"\nfault injection: {len(faults)} faults injected and survived: {faults}; {summary}")
+
+
+@pytest.mark.timeout(600)
+def test_server_kill_points_with_round_state_in_postgresql(
+    pg_federation: tuple[LocalFederation, TcpProxy],
+) -> None:
+    """The server-kill half of the fault test with the round state in PostgreSQL: kill -9 at
+    each server failpoint and once from outside during an open round. Each restart (a new
+    holder, so it first waits out the dead server's lease) resumes from the database; every
+    published round is exact FedAvg over the submissions the database acknowledged."""
+    fed, _ = pg_federation
+    faults: list[str] = []
+    _survive_server_kills(fed, faults)
+    number = fed.wait_for(lambda: _open_round(fed), 60, "a round to open")
+    fed.stop("server", signal.SIGKILL)
+    faults.append(f"server SIGKILL from outside in round {number}")
+    fed.start_server()
+    fed.wait_serving()
+    target = _published(fed) + 1
+    fed.wait_for(lambda: _published(fed) >= target, 180, "a round after the outside kill")
+    settle(fed)
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    summary = check_fedavg(fed)
+    assert not (fed.workdir / "server-state" / "state.db").exists(), "round state went to SQLite"
+    print(f"\nPostgreSQL fault injection: {len(faults)} server kills survived: {faults}; {summary}")
+
+
+@pytest.mark.timeout(600)
+def test_the_federation_rides_out_a_database_outage(
+    pg_federation: tuple[LocalFederation, TcpProxy],
+) -> None:
+    """PostgreSQL goes down (stopped fast: sessions cut) while a round's uploads are in flight and
+    comes back within the lease: the server neither crashes nor counts anything twice, and rounds
+    publish again without anyone restarting it."""
+    fed, _ = pg_federation
+    fed.start_server()
+    fed.wait_serving()
+    for i in range(fed.nodes):
+        fed.start_node(i)
+    fed.wait_for(lambda: _published(fed) >= 1, 120, "a first round")
+    number = fed.wait_for(lambda: _open_round(fed), 60, "a round to open")
+    server = fed.procs["server"]
+    with postgres.outage():
+        time.sleep(PG_LEASE_SECONDS / 2)
+        assert server.poll() is None, fed.log("server")[-3000:]
+    target = _published(fed) + 2
+    fed.wait_for(lambda: _published(fed) >= target, 180, f"two rounds after the outage in round {number}")
+    assert server.poll() is None, "the server stopped: " + fed.log("server")[-3000:]
+    # It still renews its lease (a standby would otherwise take over for no reason).
+    time.sleep(2 * PG_LEASE_SECONDS)
+    password = Path(fed.state_settings["password_file"]).read_text(encoding="utf-8").strip()
+    with psycopg.connect(fed.state_settings["database"], password=password) as db:
+        left = db.execute("SELECT expires_at - EXTRACT(EPOCH FROM clock_timestamp()) FROM leader").fetchone()
+    assert left is not None and float(left[0]) > 0, f"the lease lapsed after the outage: {left}"
+    log = fed.log("server")
+    assert "the round state database is unreachable" in log, log[-3000:]
+    assert "Exception in thread" not in log and "Unexpected [" not in log, log[-5000:]
+    settle(fed)
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    check_fedavg(fed)
 
 
 def test_a_crash_right_after_the_last_commit_still_publishes_the_round(

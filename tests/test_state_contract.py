@@ -26,7 +26,14 @@ from cipherhive.runtime.config import ConfigError
 from cipherhive.server.config import ServerConfig
 from cipherhive.server.storage.backend import open_store
 from cipherhive.server.storage.postgres import PostgresState, check_url, read_password
-from cipherhive.server.storage.rows import OffenceRow, OutcomeRow, RowConflict, StateError, SubmissionRow
+from cipherhive.server.storage.rows import (
+    DatabaseUnavailable,
+    OffenceRow,
+    OutcomeRow,
+    RowConflict,
+    StateError,
+    SubmissionRow,
+)
 from cipherhive.server.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION, TABLES
 from cipherhive.server.storage.sqlstore import SqlStore
 from cipherhive.server.storage.state import State
@@ -445,7 +452,7 @@ def test_a_lost_connection_fails_one_call_not_every_later_one(pg_dsn: str) -> No
                 "WHERE application_name = 'cipherhive-server' AND datname = %s",
                 (psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"],),
             )
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(DatabaseUnavailable, match="lost the connection to PostgreSQL"):
             s.set_meta("k", "v")
         s.set_meta("k", "v")
         assert s.get_meta("k") == "v"

@@ -42,6 +42,7 @@ from cipherhive.server import metrics
 from cipherhive.server.api.identity import ANY_ROLE, Authenticator, Caller, Refusal
 from cipherhive.server.api.limits import Admission
 from cipherhive.server.rounds.manager import RoundError
+from cipherhive.server.storage.rows import DatabaseUnavailable
 
 log = logging.getLogger("cipherhive.server")
 R = TypeVar("R")
@@ -65,6 +66,34 @@ _END = object()
 def shutting_down() -> Refusal:
     """The refusal that ends a stream (or a call arriving) while the server stops."""
     return Refusal(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+
+#: When the last "database unreachable" warning was logged: one a few seconds is enough to say
+#: it, however many calls an outage fails.
+_outage_logged = [0.0]
+OUTAGE_LOG_SECONDS = 5.0
+
+
+def database_unavailable(exc: DatabaseUnavailable, method: str, who: Caller) -> tuple[grpc.StatusCode, str]:
+    """A call that needed the round state while its database was unreachable: UNAVAILABLE, which
+    nodes retry; nothing of the call was kept (docs/explanation/reliability.md#the-database-fails)."""
+    metrics.CALLS_REFUSED.labels("unavailable").inc()
+    now = time.monotonic()
+    if now - _outage_logged[0] >= OUTAGE_LOG_SECONDS:
+        _outage_logged[0] = now
+        log.warning(
+            "the round state database is unreachable; calls fail with UNAVAILABLE until it is "
+            "back (%s by %s %s): %s",
+            method,
+            who.role,
+            who.name,
+            exc,
+        )
+    return (
+        grpc.StatusCode.UNAVAILABLE,
+        "the server cannot reach its round state database right now; nothing of this call was "
+        "kept: retry in a few seconds",
+    )
 
 
 def required_role(method: str) -> str:
@@ -192,6 +221,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait((work,))
+            if not work.cancelled():
+                work.exception()  # it failed as it was cut: nobody is left to tell
             raise
         finally:
             closing.cancel()
@@ -313,6 +344,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return await result if inspect.isawaitable(result) else result
             except (RoundError, Refusal) as exc:
                 await context.abort(exc.code, exc.message)
+            except DatabaseUnavailable as exc:
+                await context.abort(*database_unavailable(exc, method, who))
             except NotImplementedError:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"this server does not implement {method}")
             finally:
@@ -333,6 +366,8 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     yield reply
             except (RoundError, Refusal) as exc:
                 await context.abort(exc.code, exc.message)
+            except DatabaseUnavailable as exc:
+                await context.abort(*database_unavailable(exc, method, who))
             finally:
                 try:
                     await stream.aclose()  # its clean-up now, not whenever it is collected

@@ -10,6 +10,7 @@ import time
 from cipherhive.server.rounds import deadlines, leaving, masked
 from cipherhive.server.rounds.context import RoundContext, RoundControl, Verdict
 from cipherhive.server.rounds.errors import RoundError
+from cipherhive.server.storage.rows import DatabaseUnavailable
 
 log = logging.getLogger("cipherhive.server.rounds")
 
@@ -22,6 +23,9 @@ def run(ctx: RoundContext, control: RoundControl, stop: threading.Event) -> None
             tick(ctx, control)
         except RoundError as exc:
             log.debug("scheduler: %s", exc.message)
+        except DatabaseUnavailable as exc:
+            log.warning("scheduler step waits for the round state database: %s", exc)
+            stop.wait(1.0)
         except Exception:
             log.exception("scheduler step failed; retrying")
             stop.wait(1.0)

@@ -33,7 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from cipherhive.runtime import fsutil
-from cipherhive.server.storage.rows import Fenced, RowConflict, StateError
+from cipherhive.server.storage.rows import DatabaseUnavailable, Fenced, RowConflict, StateError
 from cipherhive.server.storage.schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from cipherhive.server.storage.sqlstore import SqlStore, Tx
 
@@ -182,7 +182,7 @@ class PostgresState(SqlStore):
             return conn
         except psycopg.Error as exc:
             reason = str(exc).strip().replace("\n", " ")
-            raise StateError(
+            raise DatabaseUnavailable(
                 f"cannot connect to PostgreSQL at {describe(self._conninfo)} ([state] database): {reason}. "
                 "Check the URL's host, port and database name, that the server is running and accepts "
                 "this host (pg_hba.conf), and the password ([state] password_file, PGPASSWORD or ~/.pgpass)"
@@ -235,15 +235,29 @@ class PostgresState(SqlStore):
         transaction ends, and a transaction that finds the token gone writes nothing."""
         with self._lock:
             conn = self._connection()
-            with conn.transaction(), conn.cursor() as cursor:
-                tx = _PgTx(cursor)
-                if self._token is not None:
-                    held = tx.rows(
-                        "SELECT token FROM leader WHERE id = 1 AND token = ? FOR SHARE", (self._token,)
-                    )
-                    if not held:
-                        raise self._fenced()
-                yield tx
+            try:
+                with conn.transaction(), conn.cursor() as cursor:
+                    tx = _PgTx(cursor)
+                    if self._token is not None:
+                        held = tx.rows(
+                            "SELECT token FROM leader WHERE id = 1 AND token = ? FOR SHARE", (self._token,)
+                        )
+                        if not held:
+                            raise self._fenced()
+                    yield tx
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                # The connection died under the transaction (PostgreSQL restarting, a cut): it
+                # rolled back; the next call connects again.
+                if conn.broken or conn.closed:
+                    raise self._unavailable(exc) from None
+                raise
+
+    def _unavailable(self, exc: psycopg.Error) -> DatabaseUnavailable:
+        reason = str(exc).strip().replace("\n", " ")
+        return DatabaseUnavailable(
+            f"lost the connection to PostgreSQL at {describe(self._conninfo)} ([state] database): "
+            f"{reason}; nothing of the interrupted write was kept"
+        )
 
     def _fenced(self) -> Fenced:
         """The lease is gone: tell the server once (it stops serving) and refuse the write."""
@@ -305,12 +319,17 @@ class PostgresState(SqlStore):
         the token is no longer this store's."""
         with self._lease_lock:
             conn = self._lease_connection()
-            with conn.transaction(), conn.cursor() as cur:
-                renewed = _PgTx(cur).rows(
-                    f"UPDATE leader SET expires_at = {_DB_NOW} + ? "
-                    "WHERE id = 1 AND token = ? RETURNING token",
-                    (self._lease_seconds, self._token),
-                )
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    renewed = _PgTx(cur).rows(
+                        f"UPDATE leader SET expires_at = {_DB_NOW} + ? "
+                        "WHERE id = 1 AND token = ? RETURNING token",
+                        (self._lease_seconds, self._token),
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if conn.broken or conn.closed:
+                    raise self._unavailable(exc) from None
+                raise
         if not renewed:
             raise self._fenced()
 

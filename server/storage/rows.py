@@ -116,6 +116,12 @@ class StateError(UserError, RuntimeError):
     """The state directory cannot be used (newer schema, corrupt database)."""
 
 
+class DatabaseUnavailable(StateError):
+    """The round state's database cannot be reached right now (restarting, a network cut): the
+    call that needed it fails, nothing of it was committed, and the caller retries
+    (docs/explanation/reliability.md#the-database-fails)."""
+
+
 class Fenced(StateError):
     """This server no longer holds the lease of the round state (a standby took it over while
     this one was paused or cut off): it must write nothing more and stop serving at once
