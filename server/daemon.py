@@ -124,7 +124,8 @@ class Server:
                     "not be decrypted by the members. Use the original public.ctx or a new --state-dir."
                 )
             self.state.set_meta("key_fingerprint", self.fingerprint)
-            self.spool = Spool(config.state_dir)
+            token = self.state.fencing_token if isinstance(self.state, PostgresState) else None
+            self.spool = Spool(config.state_dir, token)
             self.rounds = RoundManager(config, self.state, self.spool, self.codec, self.fingerprint)
         except BaseException:
             self._close_store()  # gives the lease back: a standby need not wait for it

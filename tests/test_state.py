@@ -373,6 +373,33 @@ def test_writer_discard(tmp_path: Path) -> None:
     assert not writer.partial.exists() and not writer.final.exists()
 
 
+def test_files_of_a_fenced_writer_never_take_the_names_of_the_current_one(tmp_path: Path) -> None:
+    """Two servers on one shared state directory, a former leader (token 1) and the one that took
+    its lease (token 2): the former one, resumed mid-write, finishes files under names no round
+    record of the new one refers to, and cannot replace the new one's files."""
+    old, new = Spool(tmp_path, fencing_token=1), Spool(tmp_path, fencing_token=2)
+    ours = new.writer(4, "node-a")
+    ours.append(b"new")
+    stale = old.writer(4, "node-a")
+    stale.append(b"old")
+    assert stale.commit() == "spool/round-4/node-a.t1.ct"
+    assert ours.commit() == "spool/round-4/node-a.t2.ct"
+    assert list(read_records(new.path("spool/round-4/node-a.t2.ct"))) == [b"new"]
+    new_sum, _ = new.write_sum(4, [b"sum of 2"])
+    new.write_seeds(4, [b"seeds of 2"])
+    old.write_sum(4, [b"sum of 1"])
+    old.write_seeds(4, [b"seeds of 1"])
+    assert new_sum == "sums/round-4.t2.sum"
+    assert list(read_records(new.path(new_sum))) == [b"sum of 2"]
+    assert list(read_records(new.path(new_sum).with_suffix(".seeds"))) == [b"seeds of 2"]
+    # On its next start the server drops the sums no record names (here: the stale ones).
+    removed = new.drop_unnamed_sums([new_sum])
+    assert [p.name for p in removed] == ["round-4.t1.seeds", "round-4.t1.sum"]
+    assert sorted(p.name for p in new.sums_dir.iterdir()) == ["round-4.t2.seeds", "round-4.t2.sum"]
+    # SQLite's single server keeps the plain names.
+    assert Spool(tmp_path / "solo").write_sum(4, [b"s"])[0] == "sums/round-4.sum"
+
+
 @pytest.mark.parametrize("name", ["../evil", "a/b", "", "x" * 65, "bad name"])
 def test_writer_refuses_unsafe_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(SpoolError, match="unsafe"):

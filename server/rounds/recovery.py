@@ -17,6 +17,8 @@ def recover(ctx: RoundContext, control: RoundControl) -> OpenRound | None:
     """The open round as it was acknowledged before the restart (None: no round was open)."""
     for path in ctx.spool.drop_partials():
         event(log, "discarded an unacknowledged upload from before the restart", path=str(path))
+    for path in ctx.spool.drop_unnamed_sums(f for _, f in ctx.state.kept_sums()):
+        event(log, "discarded a sum file no round record names", path=str(path))
     for done in ctx.state.rounds():
         if done.state != "open":
             ctx.spool.drop_round(done.round)

@@ -5,6 +5,13 @@ Layout under the state directory::
     spool/round-<R>/<node>.partial   an upload in progress (discarded on restart)
     spool/round-<R>/<node>.ct        an acknowledged submission (until the sum is final)
     sums/round-<R>.sum               a published encrypted sum (kept for catch-up)
+    sums/round-<R>.seeds             a masked round's per-block seeds, beside its sum
+
+With the round state in PostgreSQL, every name carries the writer's fencing token
+(``<node>.t<token>.ct``, ``round-<R>.t<token>.sum``): the database names the files it
+counts, so a former leader that was paused while a standby took over, and resumes in the middle
+of writing a file, can only write names no row refers to, and never replaces a file of the
+server that now holds the lease (docs/explanation/reliability.md#the-active-server-fails).
 
 A file is in the one ciphertext file format (``cipherhive.runtime.records``).
 A submission becomes ``.ct`` only after fsync, and only then is it
@@ -47,8 +54,9 @@ def read_records(path: Path, skip: int = 0) -> Iterator[bytes]:
 class Spool:
     """Owns the ``spool/`` and ``sums/`` folders of one state directory."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, fencing_token: int | None = None) -> None:
         self.root = state_dir
+        self._suffix = "" if fencing_token is None else f".t{fencing_token}"
         self.spool_dir = state_dir / "spool"
         self.sums_dir = state_dir / "sums"
         # Private: sums and spooled updates are ciphertexts, but nobody else's business.
@@ -61,14 +69,14 @@ class Spool:
     def writer(self, number: int, node: str) -> SubmissionWriter:
         if not _SAFE_NAME.match(node):
             raise SpoolError(f"unsafe node name {node!r}")
-        return SubmissionWriter(self.round_dir(number), node, self.root)
+        return SubmissionWriter(self.round_dir(number), node + self._suffix, self.root)
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
     def write_sum(self, number: int, blobs: Iterable[bytes]) -> tuple[str, int]:
         """Durably write a round's sum; returns (path relative to the state dir, bytes)."""
-        path = self.sums_dir / f"round-{number}.sum"
+        path = self.sums_dir / f"round-{number}{self._suffix}.sum"
         size = atomic_write(path, encode_records(blobs), mode=0o600)
         return str(path.relative_to(self.root)), size
 
@@ -79,7 +87,7 @@ class Spool:
         return path
 
     def seeds_path(self, number: int) -> Path:
-        return self.sums_dir / f"round-{number}.seeds"
+        return self.sums_dir / f"round-{number}{self._suffix}.seeds"
 
     def delete_sum(self, relative: str) -> None:
         """Remove a published sum (pruned, or its round withdrawn), and its seeds if masked."""
@@ -93,6 +101,23 @@ class Spool:
         """Delete every individual submission of a round (its sum is final)."""
         shutil.rmtree(self.round_dir(number), ignore_errors=True)
         fsync_dir(self.spool_dir)
+
+    def drop_unnamed_sums(self, named: Iterable[str]) -> list[Path]:
+        """Remove sum and seeds files no round record names: written by a server that died (or
+        was fenced) between writing a sum and recording it; the round is published again."""
+        keep = {self.path(relative) for relative in named}
+        keep |= {path.with_suffix(".seeds") for path in keep}
+        removed = sorted(
+            path
+            for pattern in ("round-*.sum", "round-*.seeds")
+            for path in self.sums_dir.glob(pattern)
+            if path not in keep
+        )
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            fsync_dir(self.sums_dir)
+        return removed
 
     def drop_partials(self) -> list[Path]:
         """Remove uploads that were never acknowledged (after a crash)."""
