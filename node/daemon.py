@@ -33,7 +33,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import tenseal as ts
 import torch
 
 from cipherhive import __version__
@@ -100,7 +99,7 @@ class Node:
         try:
             if choice is None:
                 secret = keys.read_secret_context(config.secret_context)
-                choice = CodecChoice(DEFAULT_CODEC, secret, keys.fingerprint(ts.context_from(secret)))
+                choice = CodecChoice(DEFAULT_CODEC, secret, keys.verified_fingerprint(secret))
             pool = CryptoPool(choice.key, config.workers, choice.factory)
         except codec.CodecError as exc:
             raise NodeError(f"{config.secret_context}: {exc}") from exc

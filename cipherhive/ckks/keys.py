@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tenseal as ts
 
 from cipherhive.ckks import codec
@@ -35,6 +36,47 @@ def fingerprint(ctx: ts.Context) -> str:
     digest.update(mem.saved(parms))
     digest.update(mem.saved(ctx.public_key().data))
     return digest.hexdigest()
+
+
+#: Values of the key-pair probe: few enough to cost one encryption, random so that a wrong secret
+#: key cannot decrypt them by chance.
+_PROBE_VALUES = 64
+_PROBE_TOLERANCE = 1e-3
+
+
+def check_key_pair(ctx: ts.Context) -> None:
+    """Refuse a secret context whose secret key does not decrypt what its own public key encrypts.
+
+    The fingerprint covers the parameters and the public key only, so a context assembled
+    from the right public key and some other secret key (damaged, or handed over by someone
+    hostile) would pass every join check and then decrypt every sum to noise. Encrypting
+    random values under the public key alone and decrypting them with the secret key catches
+    it: with another secret key the result is uniformly wrong.
+    """
+    if not ctx.has_secret_key():
+        raise codec.CodecError(
+            "context has no secret key; a member node needs secret.ctx from `cipherhive keygen`"
+        )
+    public = ctx.copy()
+    public.make_context_public()
+    probe = [float(x) for x in np.random.default_rng().uniform(-1.0, 1.0, _PROBE_VALUES)]
+    sealed = ts.ckks_vector(public, probe).serialize()
+    opened = ts.ckks_vector_from(ctx, sealed).decrypt()
+    error = max(abs(a - b) for a, b in zip(opened, probe, strict=True))
+    if not error < _PROBE_TOLERANCE:
+        raise codec.CodecError(
+            "its secret key does not belong to its public key: values encrypted under the public "
+            f"key decrypt wrong (off by {error:.3g}), so every sum would decrypt to noise. The file "
+            "was damaged or assembled from two keys; replace it with the federation's secret.ctx "
+            "from a trusted member or from `cipherhive keygen`"
+        )
+
+
+def verified_fingerprint(secret_context: bytes) -> str:
+    """The fingerprint of a member's secret context, after :func:`check_key_pair`."""
+    ctx = ts.context_from(secret_context)
+    check_key_pair(ctx)
+    return fingerprint(ctx)
 
 
 def fingerprint_of_file(path: Path) -> str:
