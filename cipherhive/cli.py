@@ -205,6 +205,26 @@ def _node_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_key(args: argparse.Namespace) -> int:
+    from cipherhive.node.config import NodeConfig
+    from cipherhive.node.crypto import federation_key
+    from cipherhive.pki.key_transfer import KeyTransferError
+    from cipherhive.runtime import config, logs
+
+    cfg = config.load(NodeConfig, args)
+    logs.setup(cfg.log_level, cfg.log_json)
+    try:
+        if args.node_command == "key-request":
+            print(federation_key.request(cfg, args.public_context, args.out))
+        elif args.node_command == "key-grant":
+            print(federation_key.grant(cfg, args.request, args.out))
+        else:
+            print(federation_key.accept(cfg, args.grant, args.public_context))
+    except KeyTransferError as exc:
+        raise UserError(f"refused: {exc}") from None
+    return 0
+
+
 def _node_report(args: argparse.Namespace) -> int:
     from cipherhive.node.config import NodeConfig
     from cipherhive.node.report import render_node_report
@@ -275,12 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "node",
-        help="run a member node daemon (or: node export|layout|bootstrap|privacy-init|privacy|report)",
+        help="run a member node daemon (or: node export|layout|bootstrap|privacy-init|privacy|report|"
+        "key-request|key-grant|key-accept)",
     )
     config.add_arguments(p, NodeConfig)
     p.set_defaults(func=_node)
     node_sub = p.add_subparsers(
-        dest="node_command", metavar="[export|layout|bootstrap|privacy-init|privacy|report]"
+        dest="node_command",
+        metavar="[export|layout|bootstrap|privacy-init|privacy|report|key-request|key-grant|key-accept]",
     )
     e = node_sub.add_parser("export", help="write the node's current global model to a folder")
     config.add_arguments(e, NodeConfig)
@@ -319,6 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
         b = node_sub.add_parser(name, help=text)
         config.add_arguments(b, NodeConfig)
         b.set_defaults(func=_node_privacy)
+    k = node_sub.add_parser(
+        "key-request",
+        help="a new member asks for the federation key: write a signed request (then key-accept)",
+    )
+    config.add_arguments(k, NodeConfig)
+    k.add_argument("--public-context", type=Path, required=True, help="the federation's public.ctx")
+    k.add_argument("--out", type=Path, required=True, help="the request file to give a member")
+    k.set_defaults(func=_node_key)
+    k = node_sub.add_parser(
+        "key-grant", help="seal this member's federation key to a new member's checked request"
+    )
+    config.add_arguments(k, NodeConfig)
+    k.add_argument("--request", type=Path, required=True, help="the new member's request file")
+    k.add_argument("--out", type=Path, required=True, help="the grant file to give back")
+    k.set_defaults(func=_node_key)
+    k = node_sub.add_parser(
+        "key-accept", help="open and check a grant; write secret.ctx ([node] secret_context)"
+    )
+    config.add_arguments(k, NodeConfig)
+    k.add_argument("--grant", type=Path, required=True, help="the grant file a member wrote")
+    k.add_argument("--public-context", type=Path, required=True, help="the federation's public.ctx")
+    k.set_defaults(func=_node_key)
     r = node_sub.add_parser(
         "report",
         help="write this member's own report (HTML): the evaluation it decrypted, ε, applied and "
@@ -356,7 +400,19 @@ NODE_ROLE_COMMANDS = frozenset({"node", "demo", "simulate", "bench"})
 
 
 #: `cipherhive node`'s one-off sub-commands; any other `cipherhive node …` runs the daemon.
-NODE_TOOLS = frozenset({"export", "layout", "bootstrap", "privacy-init", "privacy", "report"})
+NODE_TOOLS = frozenset(
+    {
+        "export",
+        "layout",
+        "bootstrap",
+        "privacy-init",
+        "privacy",
+        "report",
+        "key-request",
+        "key-grant",
+        "key-accept",
+    }
+)
 
 
 def _runs_node_daemon(words: Sequence[str]) -> bool:

@@ -41,6 +41,7 @@ from cipherhive.federation.layout import Layout
 from cipherhive.node import metrics, stopping
 from cipherhive.node.config import NodeConfig
 from cipherhive.node.connect import Reconnects, check_handshake, refusal_with_fix
+from cipherhive.node.crypto.federation_key import sender_note
 from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.privacy.ledger import PrivacyLedgerError
@@ -102,7 +103,7 @@ class Node:
                 choice = CodecChoice(DEFAULT_CODEC, secret, keys.verified_fingerprint(secret))
             pool = CryptoPool(choice.key, config.workers, choice.factory)
         except codec.CodecError as exc:
-            raise NodeError(f"{config.secret_context}: {exc}") from exc
+            raise NodeError(f"{config.secret_context}: {exc}{sender_note(config.secret_context)}") from exc
         try:
             trainer = load_trainer(config.plugin, config.options, config.python_path)
             model = trainer.build_model()
