@@ -18,6 +18,12 @@ federated accuracy of a round's base model equals the test accuracy the demo
 measured for that model (to CKKS error and rounding), which makes it easy to
 check; the training data is unchanged by it.
 
+**Client drift.** ``proximal_mu`` > 0 trains FedProx's proximal objective (Li et al.,
+MLSys 2020) through :mod:`cipherhive.node.training.drift`, with and without DP;
+``scaffold = true`` trains with SCAFFOLD's control variates (Karimireddy et al., ICML 2020),
+which adds a control block to the layout (every member must set it alike). With momentum
+0.9 the control variates are computed with the effective step ``lr / (1 - 0.9)``.
+
 ``record_dir`` is for the demo only: it lets the demo, which runs every
 party itself, compare the decrypted average with the plaintext one (and the
 federated evaluation with the members' own, in ``shard-K.evaluations.jsonl``).
@@ -35,8 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cipherhive.federation.layout import CONTROL_PREFIX
 from cipherhive.node.trainer import AppliedRound, RoundInfo, TrainResult
+from cipherhive.node.training.drift import ProximalTerm, Scaffold, ScaffoldRound, check_mu, scaffold_lr
 
+MOMENTUM = 0.9
 TEST_FRACTION = 0.25
 DIRICHLET_ALPHA = 0.5
 MIN_SHARD = 30
@@ -101,11 +110,15 @@ class DigitsTrainer:
         record_dir: str = "",
         hidden: int = 64,
         dp_lr: float = 0.5,
+        proximal_mu: float = 0.0,
+        scaffold: bool = False,
     ) -> None:
         if not 0 <= shard < shards:
             raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
         self.seed, self.epochs, self.lr, self.batch_size = seed, epochs, lr, batch_size
         self.hidden, self.dp_lr = hidden, dp_lr
+        self.proximal_mu = check_mu(proximal_mu)
+        self.scaffold = Scaffold() if scaffold else None
         # One thread: training is then bit-for-bit repeatable, so a node that retrains a
         # round after a crash sends the same update (the fault-injection tests rely on it).
         torch.set_num_threads(1)
@@ -122,6 +135,19 @@ class DigitsTrainer:
     def build_model(self) -> nn.Module:
         return build_model(self.seed, self.hidden)
 
+    def federated_tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """Every parameter (the node's default); with SCAFFOLD, then their control variates."""
+        params: list[tuple[str, torch.Tensor]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad
+        ]
+        tensors = params + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        return tensors if self.scaffold is None else tensors + self.scaffold.control_tensors(params)
+
+    def attach_state_dir(self, state_dir: str) -> None:
+        """The node's state directory, where SCAFFOLD keeps this member's control variate."""
+        if self.scaffold is not None:
+            self.scaffold.attach_state_dir(state_dir)
+
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         start = _flat(model) if self.record_dir else None
         if info.privacy is not None:
@@ -130,7 +156,9 @@ class DigitsTrainer:
                 self._record(info.round, start, model, 1)  # uniform weights under DP
             return result
         generator = torch.Generator().manual_seed(self.seed * 1000 + info.round * 10 + self.shard)
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=MOMENTUM)
+        prox = ProximalTerm(model.parameters(), self.proximal_mu)
+        scaffold = self._begin_scaffold(model, info)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
         total_loss = 0.0
@@ -145,8 +173,13 @@ class DigitsTrainer:
                 optimizer.zero_grad()
                 loss = loss_fn(model(self.x[batch]), self.y[batch])
                 loss.backward()
+                prox.apply()
+                if scaffold is not None:
+                    scaffold.apply()
                 optimizer.step()
                 total_loss += float(loss) * len(batch)
+        if scaffold is not None:
+            scaffold.finish(scaffold_lr("sgd", self.lr, MOMENTUM))
         n = len(self.y)
         acc = accuracy(model, self.x.numpy(), self.y.numpy())
         if self.record_dir is not None and start is not None:
@@ -160,17 +193,32 @@ class DigitsTrainer:
         from cipherhive.node.dp_sgd import private_training
 
         optimizer = torch.optim.SGD(model.parameters(), lr=self.dp_lr)
+        prox = ProximalTerm(model.parameters(), self.proximal_mu)
+        scaffold = self._begin_scaffold(model, info)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
         with private_training(model, optimizer, TensorDataset(self.x, self.y), info.privacy) as dp:
+            if prox.active:
+                dp.add_gradient_correction(prox.apply)
+            if scaffold is not None:
+                dp.add_gradient_correction(scaffold.apply)  # after clipping and noise
             for inputs, target in dp.loader:
                 if info.should_stop():
                     return TrainResult(num_samples=0)
                 dp.optimizer.zero_grad()
                 loss_fn(dp.model(inputs), target).backward()
                 dp.optimizer.step()
+        if scaffold is not None:
+            scaffold.finish(self.dp_lr)
         # Accuracy on the member's own training data: it stays in the node's log.
         return TrainResult(len(self.y), {"accuracy": accuracy(model, self.x.numpy(), self.y.numpy())})
+
+    def _begin_scaffold(self, model: nn.Module, info: RoundInfo) -> ScaffoldRound | None:
+        if self.scaffold is None:
+            return None
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.scaffold.control_tensors(params)
+        return self.scaffold.begin(params, info.round, info.base_round)
 
     def _record(self, round_number: int, start: torch.Tensor, model: nn.Module, weight: int) -> None:
         assert self.record_dir is not None
@@ -198,7 +246,9 @@ class DigitsTrainer:
     def after_round(self, model: nn.Module, applied: AppliedRound) -> None:
         self._applied = applied.round
         if self.record_dir is not None:
-            mean = torch.cat([t.reshape(-1) for t in applied.mean_update.values()])
+            mean = torch.cat(
+                [t.reshape(-1) for n, t in applied.mean_update.items() if not n.startswith(CONTROL_PREFIX)]
+            )
             _save(
                 self.record_dir / f"round-{applied.round}" / f"shard-{self.shard}.applied.pt",
                 {

@@ -106,6 +106,9 @@ class Node:
             raise NodeError(f"{config.secret_context}: {exc}{sender_note(config.secret_context)}") from exc
         try:
             trainer = load_trainer(config.plugin, config.options, config.python_path)
+            attach = getattr(trainer, "attach_state_dir", None)
+            if attach is not None:  # state a trainer keeps per member (SCAFFOLD's control variate)
+                attach(str(config.state_dir))
             model = trainer.build_model()
         except TrainerError:
             pool.close()

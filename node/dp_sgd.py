@@ -132,6 +132,9 @@ class CryptoDPOptimizer(DPOptimizer):  # type: ignore[misc]
         )
         self._privacy = privacy
         self._tally = tally
+        #: Run after clipping, noise and scaling, before the step
+        #: (:meth:`PrivateTraining.add_gradient_correction`).
+        self.corrections: list[Callable[[], None]] = []
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
         try:
@@ -144,6 +147,9 @@ class CryptoDPOptimizer(DPOptimizer):  # type: ignore[misc]
                 "are used outside its own forward, or a parameter the model did not use): "
                 "freeze it or train it in a layer Opacus supports"
             ) from exc
+        if result:
+            for correct in self.corrections:
+                correct()
         return result
 
     def add_noise(self) -> None:
@@ -168,6 +174,15 @@ class PrivateTraining:
     optimizer: CryptoDPOptimizer
     loader: DataLoader[Any]
     num_records: int
+
+    def add_gradient_correction(self, correct: Callable[[], None]) -> None:
+        """Run ``correct`` at every step once Opacus has set ``p.grad`` to the clipped, noised,
+        averaged gradient, just before the optimizer uses it. For data-independent corrections
+        (FedProx's proximal term, SCAFFOLD's control variates: :mod:`cipherhive.node.training.drift`),
+        which a loss term cannot carry because Opacus rebuilds ``.grad`` from per-record
+        gradients. A correction must not read the batch: it is post-processing of the noisy
+        gradient only when it depends on nothing but the model's values and public state."""
+        self.optimizer.corrections.append(correct)
 
 
 def check_model(model: nn.Module) -> None:

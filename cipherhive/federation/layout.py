@@ -10,6 +10,15 @@ starts from the same model. It is pinned and checked beside the layout hash, not
 folded into it: the hash ties sums, submissions and checkpoints to the shapes, and
 federations pinned before the fingerprint existed keep their published sums and
 their members' checkpoints.
+
+**Control block (SCAFFOLD).** Tensors named with :data:`CONTROL_PREFIX` are SCAFFOLD's
+control variates (Karimireddy et al., ICML 2020, Algorithm 1), one per trainable federated
+parameter, after all model tensors. They are ordinary layout entries, so the layout hash
+covers them (a member that disagrees on SCAFFOLD is refused at join like any other layout
+mismatch) and a layout without them is byte for byte the layout of before. What differs is
+how the vector carries them: the control block holds ``Δc`` unweighted, and a node divides
+its sum by the number of contributors instead of ``Σw`` and applies it without the server-side
+optimizer (:attr:`Layout.control_start`; docs/reference/client-drift.md).
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ EVAL_SLOT = 2
 EVAL_METRICS = ("loss", "accuracy")
 EVAL_VALUES = 2 * len(EVAL_METRICS)
 LEADING_VALUES = EVAL_SLOT + EVAL_VALUES
+
+#: Names of SCAFFOLD's control-variate tensors start with this (``control:`` + the parameter's
+#: name); a ``:`` never appears in a PyTorch parameter name, so no model tensor can collide.
+CONTROL_PREFIX = "control:"
 
 
 class LayoutError(UserError, ValueError):
@@ -136,6 +149,25 @@ class Layout:
     @property
     def num_params(self) -> int:
         return sum(t.size for t in self.tensors)
+
+    @property
+    def control_values(self) -> int:
+        """Values of the control block (SCAFFOLD's control variates); 0 without SCAFFOLD."""
+        return sum(t.size for t in self.tensors if t.name.startswith(CONTROL_PREFIX))
+
+    @property
+    def control_start(self) -> int:
+        """Index, among the parameters (after the leading values), where the control block
+        starts: :attr:`num_params` when there is none. Control tensors must come last."""
+        seen_control = False
+        for t in self.tensors:
+            control = t.name.startswith(CONTROL_PREFIX)
+            if seen_control and not control:
+                raise LayoutError(
+                    f"tensor {_shown(t.name)} follows a control tensor; control tensors come last"
+                )
+            seen_control = seen_control or control
+        return self.num_params - self.control_values
 
     @property
     def num_values(self) -> int:

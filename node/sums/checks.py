@@ -41,6 +41,10 @@ The checks, and why each bound is what it is:
   as noise; a value more than a quarter step off the grid (CKKS error is
   ~1e-9, a step at least ~1e-6) means a contributor did not follow the grid
   (``off_grid``). The total weight, a count of contributors then, is rounded too.
+* **SCAFFOLD's control block** (a layout with control tensors): divided by the
+  participants (checked against the check slot) instead of ``Σw``, bounded by
+  the same ``max_update_value``, and applied as the plain mean: the server-side
+  optimizer steps the model only.
 * **the stream**: the round and layout asked for, the number of blocks (see
   :mod:`cipherhive.node.transfer.fetch` for chunk order and counts).
 
@@ -180,8 +184,11 @@ class CheckedApplier:
         limits: SumLimits,
         mean: np.ndarray | None = None,
         step: Step | None = None,
+        control_start: int | None = None,
     ) -> None:
         self.global_ = global_
+        #: Where SCAFFOLD's control block starts among the values (none: the end).
+        self.control_start = global_.shape[0] if control_start is None else control_start
         self.step = step
         self.out = out
         self.per_block = per_block
@@ -257,7 +264,10 @@ class CheckedApplier:
             values = block[first : first + hi - lo]
             if limits.grid_bits:
                 values = self._to_grid(values)
-            part = values / self.total_weight
+            split = min(max(self.control_start, lo), hi)  # model values lo:split, control split:hi
+            part = np.empty(hi - lo)
+            part[: split - lo] = values[: split - lo] / self.total_weight
+            part[split - lo :] = values[split - lo :] / max(1, limits.participants)
             if part.size and float(np.abs(part).max()) > limits.max_update:
                 raise SumRejected(
                     "update_too_large",
@@ -265,7 +275,12 @@ class CheckedApplier:
                 )
             if self.mean is not None:
                 self.mean[lo:hi] = part
-            change = part if self.step is None else self.step(lo, hi, part)
+            change = part
+            if self.step is not None and split == hi:  # no control value in this block
+                change = self.step(lo, hi, part)
+            elif self.step is not None and split > lo:
+                change = part.copy()
+                change[: split - lo] = self.step(lo, split, part[: split - lo])
             self.out[lo:hi] = self.global_[lo:hi] + change
             self._written = hi
         self.blocks += 1

@@ -329,6 +329,7 @@ class SumApplier:
                 limits,
                 mean,
                 self._state.optimizer.step,
+                self._state.layout.control_start,
             )
             digest = SumDigest()
             try:

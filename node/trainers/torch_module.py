@@ -19,6 +19,8 @@ plug-in: they name a model factory and a data factory and pick an optimizer.
     loss = "cross_entropy"                        # cross_entropy | mse
     seed = 0
     federate = "trainable"                        # or a list of tensor-name globs
+    proximal_mu = 0.0                             # FedProx's μ (0: off)
+    scaffold = false                              # SCAFFOLD's control variates (sgd only)
 
 **Model.** ``model`` is called with ``model_kwargs`` after ``torch.manual_seed(seed)``,
 so every member builds the same initial model (the federation only exchanges
@@ -60,6 +62,18 @@ Poisson-sampled steps instead of ``epochs``. The model must not contain
 BatchNorm. Training metrics are then measured on the Poisson batches as they are
 trained on; they stay in the node's own log.
 
+**Client drift.** ``proximal_mu = μ > 0`` trains FedProx's local objective
+(Li et al., MLSys 2020): ``μ (w - w_global)`` is added to every trainable parameter's
+gradient before each step, also under DP-SGD where it is added after clipping and noise
+(:mod:`cipherhive.node.training.drift`). μ is a member's own choice (it only changes how
+the member trains), but the federation gets FedProx only when every member uses it.
+``scaffold = true`` trains with SCAFFOLD's control variates (Karimireddy et al., ICML 2020,
+Algorithm 1, option II; optimizer ``sgd``): the global control variates become federated
+tensors after the model's (``control:<name>``), so the layout and its hash change and every
+member must set it alike (a member that does not is refused at join); each member's own
+control variate is kept in the node's state directory. See
+:class:`cipherhive.node.training.drift.Scaffold`.
+
 **Metrics** (rounded before they leave the node): ``loss`` and, for
 ``cross_entropy``, ``accuracy`` over the last local epoch; ``val_loss`` and
 ``val_accuracy`` on the validation loader when there is one.
@@ -81,8 +95,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cipherhive.federation.layout import CONTROL_PREFIX
 from cipherhive.node.trainer import RoundInfo, TrainerError, TrainResult
 from cipherhive.node.trainers._common import call_with, import_object, patterns, round_seed, select
+from cipherhive.node.training.drift import ProximalTerm, Scaffold, ScaffoldRound, check_mu, scaffold_lr
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse")
@@ -93,6 +109,12 @@ def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     tensors: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
     return tensors
+
+
+def _scaffolded(model: nn.Module, chosen: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The federated tensors SCAFFOLD corrects: trainable parameters (buffers get no gradient)."""
+    params = {id(p) for p in model.parameters() if p.requires_grad}
+    return [(n, t) for n, t in chosen if id(t) in params]
 
 
 def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -122,6 +144,8 @@ class TorchModuleTrainer:
         shard: int | None = None,
         shards: int | None = None,
         threads: int = 0,
+        proximal_mu: float = 0.0,
+        scaffold: bool = False,
     ) -> None:
         if optimizer.lower() not in OPTIMIZERS:
             raise TrainerError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -141,6 +165,9 @@ class TorchModuleTrainer:
         self.optimizer, self.lr, self.momentum = optimizer.lower(), lr, momentum
         self.weight_decay, self.epochs, self.loss, self.seed = weight_decay, epochs, loss, seed
         self.shard, self.shards = shard, shards
+        self.proximal_mu = check_mu(proximal_mu)
+        self.scaffold = Scaffold() if scaffold else None
+        self._scaffold_lr = scaffold_lr(self.optimizer, lr, momentum) if scaffold else 0.0
         self._loaders: tuple[Iterable[Any], Iterable[Any] | None] | None = None
         if threads > 0:
             torch.set_num_threads(threads)
@@ -156,17 +183,25 @@ class TorchModuleTrainer:
 
     def federated_tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         candidates = trainable_tensors(model)
-        if self._patterns is None:
-            return candidates
-        return select(candidates, self._patterns, "federate")
+        chosen = candidates if self._patterns is None else select(candidates, self._patterns, "federate")
+        if self.scaffold is None:
+            return chosen
+        return chosen + self.scaffold.control_tensors(_scaffolded(model, chosen))
+
+    def attach_state_dir(self, state_dir: str) -> None:
+        """The node's state directory, where SCAFFOLD keeps this member's control variate."""
+        if self.scaffold is not None:
+            self.scaffold.attach_state_dir(state_dir)
 
     def train(self, model: nn.Module, info: RoundInfo) -> TrainResult:
         train_loader, val_loader = self._data()
         torch.manual_seed(round_seed(self.seed, info.round, self.shard or 0))
         optimizer = self._make_optimizer(model)
+        prox = ProximalTerm(model.parameters(), self.proximal_mu)  # anchored at the global model
+        scaffold = self._begin_scaffold(model, info)
         model.train()
         if info.privacy is not None:
-            return self._train_private(model, optimizer, info, train_loader, val_loader)
+            return self._train_private(model, optimizer, info, train_loader, val_loader, prox, scaffold)
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(self.epochs):
             loss_sum, correct, seen = 0.0, 0, 0
@@ -179,6 +214,9 @@ class TorchModuleTrainer:
                 output = model(*inputs)
                 loss = self._loss(output, target)
                 loss.backward()  # type: ignore[no-untyped-call]
+                prox.apply()
+                if scaffold is not None:
+                    scaffold.apply()
                 optimizer.step()
                 n = int(target.shape[0])
                 loss_sum += float(loss.detach()) * n
@@ -187,6 +225,8 @@ class TorchModuleTrainer:
                     correct += int((output.detach().argmax(dim=1) == target).sum())
         if seen == 0:
             raise TrainerError("the training loader yielded no batches")
+        if scaffold is not None:
+            scaffold.finish(self._scaffold_lr)
         metrics = {"loss": loss_sum / seen}
         if self.loss == "cross_entropy":
             metrics["accuracy"] = correct / seen
@@ -203,6 +243,8 @@ class TorchModuleTrainer:
         info: RoundInfo,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None,
+        prox: ProximalTerm,
+        scaffold: ScaffoldRound | None,
     ) -> TrainResult:
         """One round of DP-SGD on the training loader's dataset (see "Differential privacy")."""
         from torch.utils.data import DataLoader
@@ -215,6 +257,10 @@ class TorchModuleTrainer:
         with private_training(
             model, optimizer, train_loader.dataset, info.privacy, collate_fn=train_loader.collate_fn
         ) as dp:
+            if prox.active:
+                dp.add_gradient_correction(prox.apply)  # after clipping and noise, before the step
+            if scaffold is not None:
+                dp.add_gradient_correction(scaffold.apply)
             for batch in dp.loader:
                 if info.should_stop():
                     return TrainResult(num_samples=0)
@@ -231,6 +277,8 @@ class TorchModuleTrainer:
                     if self.loss == "cross_entropy":
                         correct += int((output.detach().argmax(dim=1) == target).sum())
             records = dp.num_records
+        if scaffold is not None:
+            scaffold.finish(self._scaffold_lr)
         metrics = {"loss": loss_sum / seen} if seen else {}
         if seen and self.loss == "cross_entropy":
             metrics["accuracy"] = correct / seen
@@ -239,6 +287,12 @@ class TorchModuleTrainer:
         return TrainResult(num_samples=records, metrics=metrics)
 
     # ------------------------------------------------------------ helpers
+
+    def _begin_scaffold(self, model: nn.Module, info: RoundInfo) -> ScaffoldRound | None:
+        if self.scaffold is None:
+            return None
+        chosen = [(n, t) for n, t in self.federated_tensors(model) if not n.startswith(CONTROL_PREFIX)]
+        return self.scaffold.begin(_scaffolded(model, chosen), info.round, info.base_round)
 
     def evaluate(self, model: nn.Module) -> tuple[int, dict[str, float]]:
         """The trainer interface's evaluation: :meth:`measure` on the validation loader, if any."""

@@ -28,6 +28,7 @@ from cipherhive.node.training.update import (
     UpdateError,
     check_update,
     rounded_metrics,
+    unweight_control,
     weighted_blocks,
 )
 from cipherhive.node.transfer.upload import submit_requests
@@ -82,6 +83,11 @@ class LocalTraining:
             local = self._privacy.privatize(
                 self._state.flat.read(), self._state.global_values
             )  # member-level DP
+            # SCAFFOLD's control block travels unweighted (after member-level DP, which clips and
+            # noises update and control block as one vector; its weight is 1, so this is a no-op there).
+            local = unweight_control(
+                local, self._state.global_values, weight, self._state.layout.control_start
+            )
             check_update(local, self._state.global_values, weight, self._state.settings.max_participants)
         except UpdateError as exc:
             event(log, f"not submitting: {exc}", logging.ERROR, **fields)

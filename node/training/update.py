@@ -10,6 +10,14 @@ is the *check slot* (docs/spec/sum-checks.md §1): the sum holds the number of c
 so a server that lies about a round's participants is caught after decryption
 (:func:`cipherhive.node.sums.checks.check_participant_slot`).
 
+With SCAFFOLD the layout ends with a control block
+(:attr:`~cipherhive.federation.layout.Layout.control_start`) that carries each member's
+``Δc`` *unweighted*, ``[w, 1.0, e…, w·Δ…, Δc…]``: its sum is divided by the number of
+contributors (the check slot), not by ``Σw`` (SCAFFOLD averages control variates uniformly,
+Karimireddy et al., ICML 2020, Algorithm 1 line 17). The node gets there without a second
+code path: :func:`unweight_control` stores ``Δc / w`` in the values it hands over, and the
+weighting below multiplies it back to ``Δc``.
+
 The weight, the check slot and the evaluation slots come *first* so that a node can divide and apply
 each decrypted block as it arrives, and the update is produced block by block from the
 model's float32 values: neither side ever holds a float64 copy of the whole
@@ -125,6 +133,19 @@ def check_update(local: np.ndarray, global_: np.ndarray, weight: float, max_part
     return peak
 
 
+def unweight_control(local: np.ndarray, global_: np.ndarray, weight: float, control_start: int) -> np.ndarray:
+    """``local`` with its control block replaced by ``global + Δc / w`` (float64), so that
+    :func:`weighted_blocks`, which multiplies every difference by ``w``, sends ``Δc`` itself.
+    Returns ``local`` unchanged when the layout has no control block or ``w`` is 1; otherwise a
+    float64 copy of the whole vector (SCAFFOLD's one exception to "no float64 copy")."""
+    if control_start >= local.shape[0] or weight == 1.0:
+        return local
+    out = local.astype(np.float64)  # a copy: ``local`` may be a view of the model's buffer
+    base = global_[control_start:].astype(np.float64)
+    out[control_start:] = base + (out[control_start:] - base) / weight
+    return out
+
+
 def sample_weight(num_samples: int, weight_unit: float) -> float:
     if num_samples <= 0:
         raise UpdateError(f"trainer reported {num_samples} samples; an update needs at least one")
@@ -179,23 +200,31 @@ def weighted_vector(
     weight_unit: float,
     max_participants: int,
     evaluation: np.ndarray | None = None,
+    control_start: int | None = None,
 ) -> np.ndarray:
-    """``[w, 1.0, e…, w·Δ…]`` as one vector (for small updates and tests), after the same checks."""
+    """``[w, 1.0, e…, w·Δ…, Δc…]`` as one vector (for small updates and tests), after the same
+    checks; values from ``control_start`` on are the unweighted control block (SCAFFOLD)."""
     if not np.isfinite(global_).all():
         raise UpdateError("update contains NaN or infinite values; training diverged, nothing was sent")
     weight = sample_weight(num_samples, weight_unit)
+    if control_start is not None:
+        local = unweight_control(local, global_, weight, control_start)
     check_update(local, global_, weight, max_participants)
     size = local.shape[0] + LEADING_VALUES
     return np.concatenate(list(weighted_blocks(local, global_, weight, size, evaluation)))
 
 
-def mean_from_sum(summed: np.ndarray, num_params: int) -> np.ndarray:
+def mean_from_sum(summed: np.ndarray, num_params: int, control_start: int | None = None) -> np.ndarray:
     """Divide the decrypted ``Σ w·Δ`` by ``Σ w`` (the first value; the check and evaluation
-    slots after it are skipped); the daemon uses
-    :class:`cipherhive.node.sums.checks.CheckedApplier`, which also
+    slots after it are skipped) and a control block ``Σ Δc`` by the contributors (the check
+    slot); the daemon uses :class:`cipherhive.node.sums.checks.CheckedApplier`, which also
     checks the check slot and every value."""
     total_weight = _total_weight(float(summed[WEIGHT_SLOT]))
-    return summed[LEADING_VALUES : LEADING_VALUES + num_params] / total_weight
+    out = summed[LEADING_VALUES : LEADING_VALUES + num_params] / total_weight
+    if control_start is not None and control_start < num_params:
+        count = float(round(float(summed[CHECK_SLOT])))
+        out[control_start:] = summed[LEADING_VALUES + control_start : LEADING_VALUES + num_params] / count
+    return out
 
 
 def _total_weight(value: float) -> float:
