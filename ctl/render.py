@@ -292,6 +292,7 @@ def print_nodes(console: Console, nodes: Sequence[pb.NodeInfo]) -> None:
         "missed",
         "offences",
         "excluded until",
+        "revoked",
     )
     for n in nodes:
         table.add_row(
@@ -305,8 +306,13 @@ def print_nodes(console: Console, nodes: Sequence[pb.NodeInfo]) -> None:
             str(n.missed_rounds),
             str(n.offences),
             f"round {n.excluded_until_round}" if n.excluded_until_round else DASH,
+            "REVOKED" if n.revoked else "no",
         )
     emit(console, table)
+    # A revoked member's calls are refused; say which certificate the server's CRL names.
+    for n in nodes:
+        if n.revoked:
+            emit(console, f"{n.name}: {n.revoked_reason or 'certificate revoked'} (on the server's CRL)")
     named = [n for n in nodes if n.offences]
     if named:
         emit(console, "")

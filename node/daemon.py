@@ -46,6 +46,7 @@ from cipherhive.node.crypto.pool import DEFAULT_CODEC, CryptoPool
 from cipherhive.node.errors import NodeError
 from cipherhive.node.privacy.ledger import PrivacyLedgerError
 from cipherhive.node.privacy.record_level import PrivacyGuard, ScheduleRefused
+from cipherhive.node.secagg.crl_update import update_crl
 from cipherhive.node.secagg.masked_round import (
     MaskedRoundDriver,
     load_chain,
@@ -339,6 +340,7 @@ class Node:
                     raise
                 raise NodeError(f"server refused this node: {refusal_with_fix(exc)}") from exc
             self._reconnects.joined()
+            update_crl(stub, cfg, reply.node_name)  # verified before use (node/secagg/crl_update.py)
             self.state.name, self.state.settings = reply.node_name, reply.settings
             try:
                 self.privacy.accept(reply.settings, self.state.applied_round)
@@ -483,6 +485,7 @@ class Node:
             )
             return
         if ev.masked:
+            update_crl(stub, self.services.config, self.state.name)  # before the roster is checked
             self.masked.run(stub, ev)
             return
         try:

@@ -324,17 +324,18 @@ def test_flags_before_and_after_the_sub_command(raw: Ctl, federation: LocalFeder
 def test_nodes(ctl: Ctl) -> None:
     lines = _ok(ctl("nodes")).out.splitlines()
     assert lines[0].split()[:3] == ["node", "online", "expected"]
-    assert lines[0].split()[-4:] == ["missed", "offences", "excluded", "until"]
+    assert lines[0].split()[-5:] == ["missed", "offences", "excluded", "until", "revoked"]
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(rows) == {"node-1", "node-2", "node-3"}
-    # last round, submissions, missed, offences, excluded until
-    assert all(row[-5:] == ["2", "2", "0", "0", "—"] for row in rows.values())
+    # last round, submissions, missed, offences, excluded until, revoked
+    assert all(row[-6:] == ["2", "2", "0", "0", "—", "no"] for row in rows.values())
     assert all(row[1:3] == ["yes", "yes"] for row in rows.values())  # joined, watching: expected
     nodes = _ok(ctl("--json", "nodes")).json()["nodes"]
     assert isinstance(nodes, list)
     assert {n["name"] for n in nodes} == {"node-1", "node-2", "node-3"}
     assert all(n["submissions"] == 2 and n["last_round"] == 2 and n["first_seen_unix"] > 0 for n in nodes)
     assert all(n["missed_rounds"] == 0 and n["expected"] and n["online"] for n in nodes)
+    assert all(n["revoked"] is False and n["revoked_reason"] == "" for n in nodes)
 
 
 def test_readmit_a_member(ctl: Ctl) -> None:

@@ -170,7 +170,7 @@ def test_migrates_from_schema_1(db_path: Path) -> None:
     _schema_1(db_path)
     s = State(db_path)
     try:
-        assert _user_version(db_path) == SCHEMA_VERSION == 5
+        assert _user_version(db_path) == SCHEMA_VERSION == 6
         one, two = s.rounds()
         assert (one.state, one.participants, one.sum_file, one.num_values) == (
             "sum_ready",

@@ -358,7 +358,7 @@ def test_postgres_migrates_from_schema_1(pg_dsn: str) -> None:
             db.execute(row)
     s = PostgresState(pg_dsn)
     try:
-        assert _version(pg_dsn) == SCHEMA_VERSION == 5
+        assert _version(pg_dsn) == SCHEMA_VERSION == 6
         one, two = s.rounds()
         assert (one.state, one.participants, one.sum_file, one.num_values) == (
             "sum_ready",

@@ -71,6 +71,8 @@ from cipherhive.pki.ca_store import (
     write_index,
     write_new,
 )
+from cipherhive.pki.crl_check import crl_number
+from cipherhive.runtime.logs import event
 
 __all__ = [
     "CA_CERT",
@@ -554,6 +556,9 @@ class RevocationList:
         self._interval = max(0.0, check_interval)
         self._lock = threading.Lock()
         self._revoked: frozenset[int] = frozenset()
+        self._revoked_at: dict[int, datetime] = {}
+        self._pem = b""
+        self._number: int | None = None
         self._stamp: tuple[int, int, int] | None = None
         self._loaded = False
         self._warned_missing = False
@@ -586,6 +591,22 @@ class RevocationList:
         with self._lock:
             return self._revoked
 
+    def revoked_at(self, serial: int) -> datetime | None:
+        """When ``serial`` was revoked, per the CRL as last loaded (None: not on it)."""
+        with self._lock:
+            return self._revoked_at.get(serial)
+
+    def pem(self) -> bytes:
+        """The exact bytes of the CRL as last loaded (empty before any), re-checking the file
+        if it is due: what the server serves to members, who verify it themselves
+        (docs/how-to/member.md#keep-the-revocation-list-current)."""
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self._interval
+                self._refresh_locked(initial=False)
+            return self._pem
+
     def _refresh_locked(self, *, initial: bool) -> None:
         try:
             st = os.stat(self._path)
@@ -612,7 +633,7 @@ class RevocationList:
             return
         self._warned_missing = False
         try:
-            revoked = self._load()
+            data, crl = self._load()
         except (CertificateError, OSError) as exc:
             if initial:
                 raise
@@ -620,11 +641,26 @@ class RevocationList:
             self._stamp = stamp
             log.warning("ignoring unusable CRL %s (%s); keeping the previous list", self._path, exc)
             return
+        revoked_at = {r.serial_number: r.revocation_date_utc for r in crl}
+        revoked = frozenset(revoked_at)
+        number = crl_number(crl)
+        # One line per load, so an operator sees a revocation take effect (docs/how-to/operator.md).
+        event(
+            log,
+            "CRL loaded" if not self._loaded else "CRL reloaded",
+            path=str(self._path),
+            number=number if number is not None else "none",
+            revoked=len(revoked),
+            new=len(revoked - self._revoked) if self._loaded else len(revoked),
+        )
         self._revoked = revoked
+        self._revoked_at = revoked_at
+        self._pem = data
+        self._number = number
         self._stamp = stamp
         self._loaded = True
 
-    def _load(self) -> frozenset[int]:
+    def _load(self) -> tuple[bytes, x509.CertificateRevocationList]:
         data = self._path.read_bytes()
         try:
             crl = x509.load_pem_x509_crl(data)
@@ -642,7 +678,7 @@ class RevocationList:
                 self._path,
                 next_update.isoformat(),
             )
-        return frozenset(r.serial_number for r in crl)
+        return data, crl
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import grpc
 
 from cipherhive import __version__
 from cipherhive.federation.layout import Layout, LayoutError
+from cipherhive.pki import certs
+from cipherhive.pki.enrolment_certs import RevocationCheck
 from cipherhive.runtime.logs import audit
 from cipherhive.server.rounds.errors import RoundError
 from cipherhive.server.rounds.manager import STATE_NAMES, RoundManager
@@ -116,11 +118,16 @@ def layout_reply(layout: Layout | None) -> pb.LayoutReply:
 # ---------------------------------------------------------------- Aggregation
 
 
-def join_reply(manager: RoundManager, node: str, request: pb.JoinRequest) -> pb.JoinReply:
-    """Join: bounds-check the layout before anything is sized from it, then admit the node."""
+def join_reply(manager: RoundManager, node: str, request: pb.JoinRequest, serial: int = 0) -> pb.JoinReply:
+    """Join: bounds-check the layout before anything is sized from it, then admit the node.
+
+    The serial of the certificate it joined with is kept, so ``ctl nodes`` can mark a member
+    the CRL revokes (docs/how-to/operator.md); 0 (insecure mode) records nothing."""
     with refusals_audited("join", node):
         layout = Layout.checked_from_proto(request.layout)
         manager.join(node, request.key_fingerprint, layout)
+    if serial:
+        manager.state.set_node_serial(node, f"{serial:x}")
     audit("join", node, version=request.software_version[:40])  # the log formatter escapes it
     withdrawn = manager.state.withdrawn_rounds(MAX_WITHDRAWN_LISTED)
     return pb.JoinReply(
@@ -195,6 +202,8 @@ def node_info(manager: RoundManager, n: NodeRow, online: set[str], expected: set
         offences=len(offences),
         excluded_until_round=excluding.excluded_until if excluding is not None else 0,
     )
+    info.revoked_reason = revoked_reason(manager.revocations, n.cert_serial)
+    info.revoked = bool(info.revoked_reason)
     if offences:
         last = offences[-1]
         info.last_offence_round, info.last_offence_step, info.last_offence_reason = (
@@ -203,6 +212,27 @@ def node_info(manager: RoundManager, n: NodeRow, online: set[str], expected: set
             last.reason,
         )
     return info
+
+
+def revoked_reason(revocations: RevocationCheck | None, serial_hex: str) -> str:
+    """Why the member's last certificate is revoked, per the server's CRL ("": it is not, or the
+    serial is unknown)."""
+    if revocations is None or not serial_hex:
+        return ""
+    try:
+        serial = int(serial_hex, 16)
+    except ValueError:
+        return ""
+    if not revocations.is_revoked(serial):
+        return ""
+    when = revocations.revoked_at(serial) if isinstance(revocations, certs.RevocationList) else None
+    return f"certificate {serial_hex} revoked" + (f" on {when:%Y-%m-%d %H:%M:%S} UTC" if when else "")
+
+
+def revocation_list(crl: certs.RevocationList | None) -> pb.RevocationList:
+    """The CRL file as the server loaded it, bytes unchanged: members check it themselves
+    (docs/how-to/member.md#keep-the-revocation-list-current), so the server adds nothing."""
+    return pb.RevocationList(crl_pem=crl.pem() if crl is not None else b"")
 
 
 def list_nodes(manager: RoundManager) -> pb.ListNodesReply:

@@ -92,6 +92,11 @@ class Authenticator:
             )
         return caller
 
+    @property
+    def revocation_list(self) -> certs.RevocationList | None:
+        """The CRL the server checks callers against (None: insecure, or run without one)."""
+        return None if self.insecure else self._revocations
+
     def revoked(self, caller: Caller) -> str:
         """A reason to refuse or end ``caller``'s call if its certificate is revoked, else ""."""
         if self.insecure or self._revocations is None or not caller.serial:

@@ -66,7 +66,8 @@ class AggregationService(pb_grpc.AggregationServicer):
             self.transfers.release(who, kind, context)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        return await self.run(handlers.join_reply, self.m, caller().name, request)
+        who = caller()
+        return await self.run(handlers.join_reply, self.m, who.name, request, who.serial)
 
     async def ReportOutcome(
         self, request: pb.OutcomeReport, context: grpc.aio.ServicerContext
@@ -97,6 +98,11 @@ class AggregationService(pb_grpc.AggregationServicer):
         self, request: pb.ProofRequest, context: grpc.aio.ServicerContext
     ) -> pb.RoundProof:
         return await self.run(self.m.round_proof, request.round)
+
+    async def GetRevocationList(
+        self, request: pb.RevocationListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevocationList:
+        return await self.run(handlers.revocation_list, self.auth.revocation_list)
 
     async def _masked(self, what: str, body: Callable[..., Reply], request: Any) -> Reply:
         """Run one masked-round step; a refusal is audited with who made it."""

@@ -97,6 +97,8 @@ class NodeRow:
     missed_rounds: int = 0
     #: The operator readmitted it after this round: earlier offences no longer count.
     readmitted_round: int = 0
+    #: Serial (hex) of the TLS certificate it last joined with ("": not known, e.g. insecure).
+    cert_serial: str = ""
 
 
 @dataclass

@@ -136,6 +136,12 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO leader (id, holder, token, expires_at) VALUES (1, '', 0, 0);
     """,
+    # 5 -> 6: the serial (hex) of the TLS certificate each member last joined with, so the
+    # operator sees which members the CRL revokes (`cipherhive ctl nodes`; docs/how-to/operator.md).
+    # Text, not INTEGER: a certificate serial has up to 159 bits.
+    """
+    ALTER TABLE nodes ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 #: The tables of the round state, parents before the tables that reference them (the order
@@ -245,6 +251,10 @@ POSTGRES_MIGRATIONS: list[str] = [
         expires_at DOUBLE PRECISION NOT NULL
     );
     INSERT INTO leader (id, holder, token, expires_at) VALUES (1, '', 0, 0);
+    """,
+    # 5 -> 6: the serial of each member's TLS certificate, as SQLite's.
+    """
+    ALTER TABLE nodes ADD COLUMN cert_serial TEXT NOT NULL DEFAULT '';
     """,
 ]
 

@@ -149,6 +149,10 @@ class SqlStore(ABC):
                 (name, now, now),
             )
 
+    def set_node_serial(self, name: str, serial: str) -> None:
+        with self._tx() as db:
+            db.run("UPDATE nodes SET cert_serial = ? WHERE name = ?", (serial, name))
+
     def nodes(self) -> list[NodeRow]:
         return [NodeRow(**r) for r in self._read("SELECT * FROM nodes ORDER BY name")]
 

@@ -37,6 +37,10 @@ class RoundStore(Protocol):
 
     def touch_node(self, name: str, now: float | None = None) -> None: ...
 
+    def set_node_serial(self, name: str, serial: str) -> None:
+        """Record the serial (hex) of the certificate ``name`` joined with."""
+        ...
+
     def nodes(self) -> list[NodeRow]: ...
 
     def open_round(

@@ -126,6 +126,16 @@ class ServerOptimizer(_message.Message):
     tau: float
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., tau: _Optional[float] = ...) -> None: ...
 
+class RevocationListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RevocationList(_message.Message):
+    __slots__ = ("crl_pem",)
+    CRL_PEM_FIELD_NUMBER: _ClassVar[int]
+    crl_pem: bytes
+    def __init__(self, crl_pem: _Optional[bytes] = ...) -> None: ...
+
 class WithdrawRequest(_message.Message):
     __slots__ = ("round", "withdrawal")
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -448,7 +458,7 @@ class StatusReply(_message.Message):
     def __init__(self, version: _Optional[str] = ..., started_unix: _Optional[float] = ..., settings: _Optional[_Union[FederationSettings, _Mapping]] = ..., nodes_known: _Optional[int] = ..., nodes_online: _Optional[int] = ..., open_round: _Optional[int] = ..., latest_round: _Optional[int] = ..., latest_sum_round: _Optional[int] = ..., rounds_failed: _Optional[int] = ..., auto_start: _Optional[bool] = ..., max_rounds: _Optional[int] = ..., layout_hash: _Optional[str] = ..., layout_params: _Optional[int] = ..., rounds_withdrawn: _Optional[int] = ..., oldest_kept_round: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions", "missed_rounds", "expected", "offences", "last_offence_round", "last_offence_step", "last_offence_reason", "excluded_until_round")
+    __slots__ = ("name", "online", "first_seen_unix", "last_seen_unix", "last_round", "submissions", "missed_rounds", "expected", "offences", "last_offence_round", "last_offence_step", "last_offence_reason", "excluded_until_round", "revoked", "revoked_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -462,6 +472,8 @@ class NodeInfo(_message.Message):
     LAST_OFFENCE_STEP_FIELD_NUMBER: _ClassVar[int]
     LAST_OFFENCE_REASON_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_UNTIL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     online: bool
     first_seen_unix: float
@@ -475,7 +487,9 @@ class NodeInfo(_message.Message):
     last_offence_step: str
     last_offence_reason: str
     excluded_until_round: int
-    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ..., missed_rounds: _Optional[int] = ..., expected: _Optional[bool] = ..., offences: _Optional[int] = ..., last_offence_round: _Optional[int] = ..., last_offence_step: _Optional[str] = ..., last_offence_reason: _Optional[str] = ..., excluded_until_round: _Optional[int] = ...) -> None: ...
+    revoked: bool
+    revoked_reason: str
+    def __init__(self, name: _Optional[str] = ..., online: _Optional[bool] = ..., first_seen_unix: _Optional[float] = ..., last_seen_unix: _Optional[float] = ..., last_round: _Optional[int] = ..., submissions: _Optional[int] = ..., missed_rounds: _Optional[int] = ..., expected: _Optional[bool] = ..., offences: _Optional[int] = ..., last_offence_round: _Optional[int] = ..., last_offence_step: _Optional[str] = ..., last_offence_reason: _Optional[str] = ..., excluded_until_round: _Optional[int] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

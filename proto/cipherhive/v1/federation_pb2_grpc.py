@@ -86,6 +86,11 @@ class AggregationStub:
                 request_serializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.SerializeToString,
                 response_deserializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.FromString,
                 _registered_method=True)
+        self.GetRevocationList = channel.unary_unary(
+                '/cipherhive.v1.Aggregation/GetRevocationList',
+                request_serializer=cipherhive_dot_v1_dot_federation__pb2.RevocationListRequest.SerializeToString,
+                response_deserializer=cipherhive_dot_v1_dot_federation__pb2.RevocationList.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -170,6 +175,17 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocationList(self, request, context):
+        """The federation's revocation list, exactly as the server loaded it (its
+        [tls] tls_crl). The server is not trusted with revocations: a member
+        verifies the CRL itself before replacing its own crl.pem (signed by the
+        federation CA, not past its nextUpdate, a CRL number strictly greater than
+        the one it holds) and refuses it otherwise (docs/how-to/member.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +238,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.Withdraw,
                     request_deserializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.FromString,
                     response_serializer=cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.SerializeToString,
+            ),
+            'GetRevocationList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocationList,
+                    request_deserializer=cipherhive_dot_v1_dot_federation__pb2.RevocationListRequest.FromString,
+                    response_serializer=cipherhive_dot_v1_dot_federation__pb2.RevocationList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -496,6 +517,33 @@ class Aggregation:
             '/cipherhive.v1.Aggregation/Withdraw',
             cipherhive_dot_v1_dot_federation__pb2.WithdrawRequest.SerializeToString,
             cipherhive_dot_v1_dot_federation__pb2.WithdrawReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRevocationList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cipherhive.v1.Aggregation/GetRevocationList',
+            cipherhive_dot_v1_dot_federation__pb2.RevocationListRequest.SerializeToString,
+            cipherhive_dot_v1_dot_federation__pb2.RevocationList.FromString,
             options,
             channel_credentials,
             insecure,
