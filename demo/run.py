@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cipherhive.demo.digits import accuracy, build_model, load_data, load_flat
-from cipherhive.demo.options import optimizer_section
+from cipherhive.demo.options import EPOCHS, TIMEOUT, drift_options, optimizer_section
 from cipherhive.demo.round_figures import progress_bar, round_figures
 from cipherhive.demo.sim_result import RoundRecord, SimulationError
 from cipherhive.demo.simulation import simulate
@@ -30,6 +30,14 @@ from cipherhive.runtime.fsutil import removed_on_error
 
 def run_demo(args: argparse.Namespace) -> int:
     """The digits demo: `cipherhive.simulate` of the digits trainer, checked after every round."""
+    if getattr(args, "epochs", None) is None:
+        args.epochs = EPOCHS
+    if getattr(args, "timeout", None) is None:
+        args.timeout = TIMEOUT
+    if getattr(args, "drift_table", False):
+        from cipherhive.bench.drift_table import run_drift_table
+
+        return run_drift_table(args)
     if getattr(args, "dp", False):
         from cipherhive.demo.dp_demo import run_dp_demo
 
@@ -94,6 +102,7 @@ def _digits_demo(args: argparse.Namespace, workdir: Path) -> int:
                 "epochs": args.epochs,
                 "record_dir": str(records),
                 "shards": args.nodes,
+                **drift_options(args),
             },
             node_options=[{"shard": i} for i in range(args.nodes)],
             workdir=workdir,

@@ -39,7 +39,10 @@ base was saved with.
 files and ``config.json`` (sorted by name; name, size and content of each),
 computed once, at the first call. Copy the directory to every member rather
 than re-saving it (a re-save may change ``config.json``). Tokenizer files are
-not covered: distribute them with the base.
+not covered: distribute them with the base. ``base_model_sha256`` (optional)
+pins the base to a known file: the SHA-256 that ``model.safetensors`` must
+have, checked before anything loads it (a damaged or swapped file is refused
+with its path, instead of training on weights nobody chose).
 
 **What is trained.** The LoRA matrices (``lora_dropout`` is fixed at 0, so a
 member's update does not depend on dropout masks in the adapters) and, with
@@ -143,6 +146,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+#: The weights file ``base_model_sha256`` pins.
+PINNED_WEIGHTS = "model.safetensors"
 HEAD_PATTERN = "*.modules_to_save.*"
 LORA_PATTERN = "*lora_*"
 
@@ -206,8 +211,10 @@ class LoraTrainer:
         shards: int = 1,
         threads: int = 0,
         history_dir: str = "",
+        base_model_sha256: str = "",
     ) -> None:
         self.base_dir = Path(base_model).expanduser()
+        self.base_model_sha256 = base_model_sha256.strip().lower()
         if not (self.base_dir / "config.json").is_file():
             raise TrainerError(
                 f"base_model {base_model!r} is not a local model directory (no config.json); "
@@ -237,6 +244,7 @@ class LoraTrainer:
 
     def build_model(self) -> nn.Module:
         """The base (frozen) wrapped with fresh adapters; identical on every member with the same seed."""
+        self._check_weights()
         torch.manual_seed(self.seed)
         # Single-label classification whatever the base was trained for (its loss is computed here).
         extra: dict[str, Any] = {"problem_type": "single_label_classification"}
@@ -284,6 +292,23 @@ class LoraTrainer:
                 if ".modules_to_save." in name:
                     param.requires_grad_(False)
         return model
+
+    def _check_weights(self) -> None:
+        if not self.base_model_sha256:
+            return
+        weights = self.base_dir / PINNED_WEIGHTS
+        if not weights.is_file():
+            raise TrainerError(f"base_model_sha256 is set but {weights} does not exist")
+        digest = hashlib.sha256()
+        with weights.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != self.base_model_sha256:
+            raise TrainerError(
+                f"{weights} has SHA-256 {digest.hexdigest()}, not base_model_sha256 = "
+                f"{self.base_model_sha256}: the file is damaged or another model; put the intended "
+                "base model there (or correct base_model_sha256) and start again"
+            )
 
     def federated_tensors(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
