@@ -1,11 +1,14 @@
 """Fixtures several test modules share: one federation key per module, and its two codecs; and
 logging put back after every test, so no test depends on the order they run in. The ``stopper`` fixture
-stops every local federation a test appends to it."""
+stops every local federation a test appends to it. ``state`` is an empty round store on each
+backend in turn (SQLite, PostgreSQL), and ``pg_dsn`` an empty PostgreSQL database
+(tests/postgres.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from cipherhive.ckks import keys
 from cipherhive.ckks.codec import PublicCodec, SecretCodec
 from cipherhive.demo.federation import LocalFederation
 from cipherhive.runtime import logs
+from cipherhive.server.storage.sqlstore import SqlStore
+from tests import postgres
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +59,16 @@ def stopper() -> Iterator[list[LocalFederation]]:
     yield feds
     for fed in feds:
         fed.stop_all()
+
+
+@pytest.fixture(params=postgres.BACKENDS)
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
+    with postgres.store(request.param, tmp_path) as (store, _):
+        yield store
+
+
+@pytest.fixture()
+def pg_dsn() -> Iterator[str]:
+    """An empty PostgreSQL database of its own."""
+    with postgres.database() as dsn:
+        yield dsn

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,22 +20,9 @@ from cipherhive.server.storage.schema import MIGRATIONS, POSTGRES_MIGRATIONS, SC
 from cipherhive.server.storage.sqlstore import SqlStore
 from cipherhive.server.storage.state import State
 from cipherhive.v1 import federation_pb2 as pb
-from tests import postgres
 from tests.test_state import SCHEMA_1_ROWS
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(params=postgres.BACKENDS)
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    with postgres.store(request.param, tmp_path) as (store, _):
-        yield store
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    with postgres.database() as dsn:
-        yield dsn
 
 
 def test_a_nodes_serial_is_kept_and_replaced(state: SqlStore) -> None:

@@ -137,6 +137,24 @@ def _survive_server_kills(fed: LocalFederation, faults: list[str]) -> None:
         fed.wait_for(lambda t=target: _published(fed) >= t, 120, f"round {target} after {point}")
 
 
+def _kill_from_outside(fed: LocalFederation, faults: list[str], what: str, rounds_after: int) -> None:
+    """kill -9 the server from outside, restart it, and wait for ``rounds_after`` more rounds."""
+    fed.stop("server", signal.SIGKILL)
+    faults.append(what)
+    fed.start_server()
+    fed.wait_serving()
+    target = _published(fed) + rounds_after
+    fed.wait_for(lambda: _published(fed) >= target, 180, f"{rounds_after} more round(s) after: {what}")
+
+
+def _finish(fed: LocalFederation) -> dict[str, int]:
+    """Settle, stop every process cleanly, and check every published round was exact FedAvg."""
+    settle(fed)
+    codes = fed.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    return check_fedavg(fed)
+
+
 def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProxy]) -> None:
     fed, proxy = federation
     faults: list[str] = []
@@ -156,16 +174,8 @@ def test_kill_points_and_network_cuts(federation: tuple[LocalFederation, TcpProx
     faults.append(f"network cut in round {number}")
     # kill -9 from outside at an arbitrary moment of an open round.
     fed.wait_for(lambda: _open_round(fed) > number, 120, "the next round")
-    fed.stop("server", signal.SIGKILL)
-    faults.append("server SIGKILL from outside")
-    fed.start_server()
-    fed.wait_serving()
-    target = _published(fed) + 2
-    fed.wait_for(lambda: _published(fed) >= target, 180, "two more rounds")
-    settle(fed)
-    codes = fed.stop_all()
-    assert all(c == 0 for c in codes.values()), codes
-    summary = check_fedavg(fed)
+    _kill_from_outside(fed, faults, "server SIGKILL from outside", rounds_after=2)
+    summary = _finish(fed)
     print(f"\nfault injection: {len(faults)} faults injected and survived: {faults}; {summary}")
 
 
@@ -181,16 +191,8 @@ def test_server_kill_points_with_round_state_in_postgresql(
     faults: list[str] = []
     _survive_server_kills(fed, faults)
     number = fed.wait_for(lambda: _open_round(fed), 60, "a round to open")
-    fed.stop("server", signal.SIGKILL)
-    faults.append(f"server SIGKILL from outside in round {number}")
-    fed.start_server()
-    fed.wait_serving()
-    target = _published(fed) + 1
-    fed.wait_for(lambda: _published(fed) >= target, 180, "a round after the outside kill")
-    settle(fed)
-    codes = fed.stop_all()
-    assert all(c == 0 for c in codes.values()), codes
-    summary = check_fedavg(fed)
+    _kill_from_outside(fed, faults, f"server SIGKILL from outside in round {number}", rounds_after=1)
+    summary = _finish(fed)
     assert not (fed.workdir / "server-state" / "state.db").exists(), "round state went to SQLite"
     print(f"\nPostgreSQL fault injection: {len(faults)} server kills survived: {faults}; {summary}")
 
@@ -225,10 +227,7 @@ def test_the_federation_rides_out_a_database_outage(
     log = fed.log("server")
     assert "the round state database is unreachable" in log, log[-3000:]
     assert "Exception in thread" not in log and "Unexpected [" not in log, log[-5000:]
-    settle(fed)
-    codes = fed.stop_all()
-    assert all(c == 0 for c in codes.values()), codes
-    check_fedavg(fed)
+    _finish(fed)
 
 
 def test_a_crash_right_after_the_last_commit_still_publishes_the_round(
@@ -247,10 +246,7 @@ def test_a_crash_right_after_the_last_commit_still_publishes_the_round(
     info = fed.wait_round(1, 120)
     assert info.state == pb.ROUND_SUM_READY, (info.reason, fed.log("server")[-3000:])
     assert info.participants == fed.nodes
-    settle(fed)
-    codes = fed.stop_all()
-    assert all(c == 0 for c in codes.values()), codes
-    check_fedavg(fed)
+    _finish(fed)
 
 
 # How long after a fault is lifted a failed round may still be its doing: a restarted node

@@ -3,7 +3,6 @@ and with record-level DP-SGD (where it is added after clipping and noise)."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Iterator
 from types import ModuleType
@@ -16,6 +15,7 @@ from cipherhive.node.privacy.round_info import DPRound
 from cipherhive.node.trainer import RoundInfo, TrainerError
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
 from cipherhive.node.training.drift import ProximalTerm
+from tests.plugin_module import imported
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,13 +41,8 @@ FIXTURES = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("fedprox_fixtures")
-    (folder / f"{PLUGIN}.py").write_text(FIXTURES, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
-        sys.modules.pop(PLUGIN, None)
-        yield __import__(PLUGIN)
-        sys.modules.pop(PLUGIN, None)
+    with imported(tmp_path_factory.mktemp("fedprox_fixtures"), PLUGIN, FIXTURES) as module:
+        yield module
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:

@@ -17,32 +17,7 @@ import tenseal as ts
 
 from cipherhive.ckks import codec, keys
 from cipherhive.demo.federation import LocalFederation
-
-
-def _fields(data: bytes) -> dict[int, bytes]:
-    """The top-level fields of a serialized TenSEAL context (protobuf wire format), raw."""
-    out: dict[int, bytes] = {}
-    i = 0
-
-    def varint() -> int:
-        nonlocal i
-        value, shift = 0, 0
-        while True:
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while i < len(data):
-        start = i
-        key = varint()
-        assert key & 7 == 2, "TenSEAL's context fields are all length-delimited"
-        length = varint()  # read before i moves past it
-        i += length
-        out[key >> 3] = data[start:i]
-    return out
+from cipherhive.pki import key_transfer
 
 
 def _serialized(ctx: ts.Context, secret: bool) -> bytes:
@@ -52,11 +27,9 @@ def _serialized(ctx: ts.Context, secret: bool) -> bytes:
 
 
 def forged_secret_context(right: ts.Context, wrong: ts.Context) -> bytes:
-    """``right``'s parameters and public key with ``wrong``'s secret key."""
-    public_fields = _fields(_serialized(right, secret=False))
-    secret_fields = _fields(_serialized(wrong, secret=True))
-    (secret_field,) = set(secret_fields) - set(public_fields)  # the secret key is one field
-    return _serialized(right, secret=False) + secret_fields[secret_field]
+    """``right``'s parameters and public key with ``wrong``'s secret key: the one serialized
+    field a secret context holds beyond its public part, appended to ``right``'s public part."""
+    return _serialized(right, secret=False) + key_transfer.secret_key_field(_serialized(wrong, secret=True))
 
 
 def test_a_secret_key_of_another_key_pair_is_refused() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from cipherhive.node.trainer import RoundInfo, TrainerError, federated_tensors
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
 from cipherhive.node.training.drift import LOCAL_CONTROL_FILE, Scaffold
 from cipherhive.node.training.update import FlatParams, layout_of, mean_from_sum, weighted_vector
+from tests.plugin_module import imported
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,13 +56,8 @@ LR, STEPS, MEMBERS, ROUNDS, UNIT = 0.3, 4, 3, 3, 100.0
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("scaffold_fixtures")
-    (folder / f"{PLUGIN}.py").write_text(FIXTURES, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
-        sys.modules.pop(PLUGIN, None)
-        yield __import__(PLUGIN)
-        sys.modules.pop(PLUGIN, None)
+    with imported(tmp_path_factory.mktemp("scaffold_fixtures"), PLUGIN, FIXTURES) as module:
+        yield module
 
 
 def _trainer(shard: int, scaffold: bool = True) -> TorchModuleTrainer:

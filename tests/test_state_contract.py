@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +41,6 @@ from tests import postgres
 from tests.test_state import SCHEMA_1_ROWS
 
 NONCE = b"n" * 32
-
-
-@pytest.fixture(params=postgres.BACKENDS)
-def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    with postgres.store(request.param, tmp_path) as (store, _):
-        yield store
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    """An empty PostgreSQL database of its own."""
-    with postgres.database() as dsn:
-        yield dsn
 
 
 def _submission(round_: int, node: str, accepted: float = 10.0) -> SubmissionRow:

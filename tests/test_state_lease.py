@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,15 +17,8 @@ from cipherhive.server.standby import LeaseKeeper, wait_for_lease
 from cipherhive.server.storage.postgres import PostgresState
 from cipherhive.server.storage.rows import Fenced
 from cipherhive.server.storage.state import State
-from tests import postgres
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture()
-def pg_dsn() -> Iterator[str]:
-    with postgres.database() as dsn:
-        yield dsn
 
 
 def _leader(dsn: str) -> tuple[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from collections.abc import Iterator
 from types import ModuleType
@@ -18,6 +17,7 @@ from cipherhive.node.trainer import (
     federated_tensors,
     load_trainer,
 )
+from tests.plugin_module import imported
 
 PLUGIN = "cipherhive_test_plugins"
 
@@ -79,13 +79,8 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("plugins")
-    (folder / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
-        sys.modules.pop(PLUGIN, None)
-        yield __import__(PLUGIN)
-        sys.modules.pop(PLUGIN, None)
+    with imported(tmp_path_factory.mktemp("plugins"), PLUGIN, PLUGIN_SOURCE) as module:
+        yield module
 
 
 # --------------------------------------------------------------------------- load_trainer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from cipherhive.node.state.checkpoint import Checkpoint, NodeState
 from cipherhive.node.trainer import RoundInfo, TrainerError, federated_tensors, load_trainer
 from cipherhive.node.trainers.torch_module import TorchModuleTrainer
 from cipherhive.node.training.update import layout_of
+from tests.plugin_module import imported
 
 PLUGIN = "cipherhive_torch_module_fixtures"
 SPEC = "cipherhive.node.trainers.torch_module:TorchModuleTrainer"
@@ -76,13 +76,8 @@ FIXTURES = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    folder = tmp_path_factory.mktemp("torch_module_fixtures")
-    (folder / f"{PLUGIN}.py").write_text(FIXTURES, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
-        sys.modules.pop(PLUGIN, None)
-        yield __import__(PLUGIN)
-        sys.modules.pop(PLUGIN, None)
+    with imported(tmp_path_factory.mktemp("torch_module_fixtures"), PLUGIN, FIXTURES) as module:
+        yield module
 
 
 def _trainer(**options: object) -> TorchModuleTrainer:
