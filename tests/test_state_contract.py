@@ -430,18 +430,27 @@ def test_commits_are_durable_even_where_the_database_says_otherwise(pg_dsn: str)
         s.close()
 
 
+def _cut_sessions(pg_dsn: str) -> None:
+    with psycopg.connect(postgres.cluster().admin, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'cipherhive-server' AND datname = %s",
+            (psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"],),
+        )
+
+
 def test_a_lost_connection_fails_one_call_not_every_later_one(pg_dsn: str) -> None:
+    """A write and a read whose connection died each fail as DatabaseUnavailable (the server
+    answers UNAVAILABLE), and the next call connects again."""
     s = PostgresState(pg_dsn)
     try:
-        with psycopg.connect(postgres.cluster().admin, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'cipherhive-server' AND datname = %s",
-                (psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"],),
-            )
+        _cut_sessions(pg_dsn)
         with pytest.raises(DatabaseUnavailable, match="lost the connection to PostgreSQL"):
             s.set_meta("k", "v")
         s.set_meta("k", "v")
+        _cut_sessions(pg_dsn)
+        with pytest.raises(DatabaseUnavailable, match="lost the connection to PostgreSQL"):
+            s.get_meta("k")
         assert s.get_meta("k") == "v"
     finally:
         s.close()

@@ -256,7 +256,7 @@ class PostgresState(SqlStore):
         reason = str(exc).strip().replace("\n", " ")
         return DatabaseUnavailable(
             f"lost the connection to PostgreSQL at {describe(self._conninfo)} ([state] database): "
-            f"{reason}; nothing of the interrupted write was kept"
+            f"{reason}; nothing of the interrupted call was kept"
         )
 
     def _fenced(self) -> Fenced:
@@ -352,7 +352,13 @@ class PostgresState(SqlStore):
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            return self._connection().execute(_sql(sql), params).fetchall()
+            conn = self._connection()
+            try:
+                return conn.execute(_sql(sql), params).fetchall()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if conn.broken or conn.closed:
+                    raise self._unavailable(exc) from None
+                raise
 
     def _conflicts(self) -> AbstractContextManager[None]:
         return _conflicts()
