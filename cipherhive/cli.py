@@ -440,6 +440,20 @@ def _interrupted(interrupt: KeyboardInterrupt, node_daemon: bool) -> int:
     return stopping.stopped_at_start_up(interrupt)
 
 
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The stop signal behind an ImportError, if one caused it: a signal that lands while a C
+    extension initialises (TenSEAL's, torch's) surfaces as "initialization failed", and the
+    module's fallback import then fails again; the signal is in the chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     node_daemon = _runs_node_daemon(sys.argv[1:] if argv is None else argv)
     server_stopped = _server_start_up_guard(sys.argv[1:] if argv is None else argv)
@@ -452,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except KeyboardInterrupt as interrupt:
         return _interrupted(interrupt, node_daemon)
+    except ImportError as exc:
+        if (behind := _interrupt_behind(exc)) is None:
+            raise
+        return _interrupted(behind, node_daemon)
     if server_stopped is not None:
         args.stopped = server_stopped
     try:
@@ -465,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         return _interrupted(interrupt, node_daemon)
+    except ImportError as exc:
+        if (behind := _interrupt_behind(exc)) is None:
+            raise
+        return _interrupted(behind, node_daemon)
 
 
 if __name__ == "__main__":

@@ -289,3 +289,25 @@ def test_every_activity_names_code_that_exists() -> None:
         for part in qualname.split("."):
             target = getattr(target, part)
         assert callable(target), key
+
+
+def test_a_stop_signal_inside_a_c_extensions_start_is_still_a_clean_stop() -> None:
+    """On a loaded machine a SIGTERM landed while TenSEAL's C extension initialised: pybind11
+    reported the handler's exception as "initialization failed", the package's fallback import
+    then raised ModuleNotFoundError, and the node exited 1. The stop is in the chain of causes."""
+    from cipherhive.cli import _interrupt_behind, _interrupted
+
+    stop = stopping.StopAtStartup("SIGTERM", "starting up: importing modules")
+    try:
+        try:
+            try:
+                raise stop
+            except stopping.StopAtStartup as cause:
+                raise ImportError("initialization failed") from cause
+        except ImportError:
+            raise ModuleNotFoundError("No module named 'tenseal._tenseal_cpp'") from None
+    except ImportError as exc:
+        # ``from None`` hides the cause from the traceback, not from __context__.
+        assert _interrupt_behind(exc) is stop
+    assert _interrupted(stop, node_daemon=True) == 0
+    assert _interrupt_behind(ImportError("No module named 'nothing'")) is None
